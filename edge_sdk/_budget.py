@@ -1,0 +1,151 @@
+"""The memory budget a device offers for training a sub-network.
+
+``usable`` is what weights, gradients, optimizer state and activations may occupy together
+(design.md section 3); the runtime's own footprint and a safety margin are already taken out:
+
+    ceiling = min(available + runtime, cgroup headroom + runtime)   (the most this process may hold)
+    usable  = ceiling - margin - runtime
+
+This is the issue's "min(available, cgroup limit) - margin - runtime footprint" written for the
+moment the figures are read: ``available`` is read after the runtime is imported, so it already
+excludes the runtime's resident set; adding it back before subtracting it keeps it from being
+counted twice. The cgroup headroom is the limit minus the cgroup's current usage (which includes
+this process); when the usage cannot be read the limit itself is the cap.
+
+Pools: "system" (CPU training), "unified" (an integrated GPU such as Jetson's, which shares system
+RAM: the same figures as "system", never the GPU's free-memory call), and "cuda" (a discrete GPU:
+its free memory, and no host runtime footprint since that lives in host RAM).
+
+Sources: "detected"; "override" (``--memory-budget``: the user's figure is ``usable`` as given);
+"profile:<name>" (``--profile``: the device class's installed memory x usable fraction stands for
+``available``; the runtime footprint measured here is assumed for that device too).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ._errors import ConfigError
+from ._profile import DeviceProfile
+from ._profiles import DeviceClass, load_device_class
+from ._units import format_bytes, parse_size
+
+__all__ = [
+    "DEFAULT_MARGIN_FRACTION",
+    "DEFAULT_MARGIN_MIN",
+    "MemoryBudget",
+    "budget_for_device_class",
+    "compute_budget",
+    "default_margin",
+]
+
+log = logging.getLogger(__name__)
+
+# Headroom for what the training-memory formula does not count: allocator fragmentation and
+# per-thread arenas, the data loader's batches and page cache, temporaries of the optimizer step,
+# and other processes growing meanwhile. 10 % of what the process may hold, at least 128 MiB.
+DEFAULT_MARGIN_FRACTION = 0.10
+DEFAULT_MARGIN_MIN = 128 * 1024**2
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A training-memory budget in bytes and where it comes from."""
+
+    total: int  # memory of the pool (system RAM, or the discrete GPU's memory)
+    available: int  # what the pool had free (psutil "available", GPU free memory, or class estimate)
+    cgroup_limit: int | None  # tightest cgroup memory limit; None: none set
+    runtime_footprint: int  # resident set of the runtime (Python, torch, tokenizer) in this pool
+    ceiling: int  # the most this process may hold in all (see the module docstring)
+    margin: int  # safety margin taken off
+    usable: int  # for weights + gradients + optimizer state + activations
+    source: str  # "detected" | "override" | "profile:<name>"
+    pool: str  # "system" | "unified" | "cuda"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"{format_bytes(self.usable)} usable ({self.source}, {self.pool} memory)"
+
+
+def default_margin(ceiling: int) -> int:
+    """The default safety margin for a process that may hold ``ceiling`` bytes."""
+    return max(DEFAULT_MARGIN_MIN, int(ceiling * DEFAULT_MARGIN_FRACTION))
+
+
+def _finish(*, total: int, available: int, cgroup_limit: int | None, runtime: int, ceiling: int,
+            margin: int | None, source: str, pool: str) -> MemoryBudget:
+    if margin is not None and margin < 0:
+        raise ConfigError(f"the safety margin must not be negative, got {margin}")
+    taken = default_margin(ceiling) if margin is None else margin
+    usable = ceiling - taken - runtime
+    if usable <= 0:
+        log.warning("no memory left for training: ceiling %s - margin %s - runtime %s",
+                    format_bytes(ceiling), format_bytes(taken), format_bytes(runtime))
+    return MemoryBudget(total, available, cgroup_limit, runtime, ceiling, taken, max(0, usable), source, pool)
+
+
+def budget_for_device_class(device_class: DeviceClass, runtime_footprint: int,
+                            margin: int | None = None) -> MemoryBudget:
+    """The budget a device of ``device_class`` would offer to a runtime of ``runtime_footprint`` bytes."""
+    if runtime_footprint < 0:
+        raise ConfigError(f"the runtime footprint must not be negative, got {runtime_footprint}")
+    available = device_class.available_bytes
+    pool = "unified" if device_class.unified_memory else "system"
+    # The class's "available" is measured before this runtime starts: it is already the ceiling.
+    return _finish(total=device_class.memory, available=available, cgroup_limit=None,
+                   runtime=runtime_footprint, ceiling=available, margin=margin,
+                   source=f"profile:{device_class.name}", pool=pool)
+
+
+def _detected(profile: DeviceProfile, margin: int | None) -> MemoryBudget:
+    acc = profile.accelerator
+    if acc is not None and not acc.unified_memory and acc.free_memory is not None:
+        total = acc.total_memory if acc.total_memory is not None else acc.free_memory
+        return _finish(total=total, available=acc.free_memory, cgroup_limit=None, runtime=0,
+                       ceiling=acc.free_memory, margin=margin, source="detected", pool="cuda")
+    runtime = profile.runtime_rss
+    ceiling = profile.memory_available + runtime
+    if profile.cgroup_available is not None:
+        ceiling = min(ceiling, profile.cgroup_available + runtime)
+    elif profile.cgroup_limit is not None:
+        ceiling = min(ceiling, profile.cgroup_limit)
+    pool = "unified" if acc is not None and acc.unified_memory else "system"
+    return _finish(total=profile.memory_total, available=profile.memory_available,
+                   cgroup_limit=profile.cgroup_limit, runtime=runtime, ceiling=ceiling, margin=margin,
+                   source="detected", pool=pool)
+
+
+def compute_budget(
+    profile: DeviceProfile,
+    override: int | str | None = None,
+    named_profile: DeviceClass | str | None = None,
+    margin: int | None = None,
+) -> MemoryBudget:
+    """The training budget of ``profile``'s device, or of a named device class, or the user's figure.
+
+    ``override`` (bytes, or a size such as ``"1.5GB"``) is the usable budget as given;
+    ``named_profile`` (a :class:`DeviceClass` or its name) replaces detection; give at most one.
+    ``margin`` (bytes) replaces :func:`default_margin`.
+    """
+    if override is not None and named_profile is not None:
+        raise ConfigError("give a memory budget or a device profile, not both")
+    if named_profile is not None:
+        device_class = (
+            load_device_class(named_profile) if isinstance(named_profile, str) else named_profile
+        )
+        return budget_for_device_class(device_class, profile.runtime_rss, margin)
+    detected = _detected(profile, margin)
+    if override is None:
+        return detected
+    usable = parse_size(override) if isinstance(override, str) else override
+    if isinstance(usable, bool) or not isinstance(usable, int) or usable <= 0:
+        raise ConfigError(f"the memory budget must be a positive size, got {override!r}")
+    if usable > detected.usable:
+        log.warning("memory budget %s exceeds the %s this device appears to offer",
+                    format_bytes(usable), format_bytes(detected.usable))
+    return MemoryBudget(detected.total, detected.available, detected.cgroup_limit,
+                        detected.runtime_footprint, detected.ceiling, 0, usable, "override", detected.pool)

@@ -1,0 +1,53 @@
+"""BERT and RoBERTa: the same layer layout under different backbone names."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._family import Family, LayerMap
+
+if TYPE_CHECKING:
+    from torch import nn
+
+_LAYER = LayerMap(
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    output="attention.output.dense",
+    up="intermediate.dense",
+    down="output.dense",
+    attention="attention.self",
+)
+_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "hidden": "hidden_size",
+    "ffn": "intermediate_size",
+}
+
+
+def _set_heads(attention: nn.Module, heads: int, head_dim: int) -> None:
+    # BertSelfAttention / RobertaSelfAttention reshape with these two attributes.
+    attention.num_attention_heads = heads
+    attention.all_head_size = heads * head_dim
+
+
+BERT = Family(
+    name="bert",
+    model_types=("bert",),
+    task_classes={"text-classification": "BertForSequenceClassification"},
+    layers_path={"text-classification": "bert.encoder.layer"},
+    layer=_LAYER,
+    config_keys=_KEYS,
+    set_heads=_set_heads,
+)
+
+ROBERTA = Family(
+    name="roberta",
+    model_types=("roberta", "xlm-roberta"),
+    task_classes={"text-classification": "RobertaForSequenceClassification"},
+    layers_path={"text-classification": "roberta.encoder.layer"},
+    layer=_LAYER,
+    config_keys=_KEYS,
+    set_heads=_set_heads,
+)

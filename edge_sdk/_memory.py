@@ -1,0 +1,134 @@
+"""The memory model: predicted peak bytes of training, or serving, a sub-network.
+
+Training, fp32 weights and AdamW, P trainable parameters (``../shared/design.md`` section 3)::
+
+    weights 4P + gradients 4P + Adam moments 8P + activations + runtime footprint
+
+Activations per post-LN encoder layer (batch b, sequence s, element bytes beta, kept attention width
+d_a = heads x head_dim, kept FFN width d_ff, heads a)::
+
+    beta*s*b*(4h + 4 d_a + 2 d_ff) + mask_bytes*2*s*b*h + [eager] (2 beta + mask_bytes)*a*s^2*b
+
+plus the embeddings and task head: ``3*beta*s*b*h`` (sum, LayerNorm and dropout) and a few values
+per token and per sequence, measured against what autograd saves (``tests/test_memory.py``).
+
+Inference keeps the weights and a transient working set of one layer at a time; the runtime
+(ONNX Runtime, or torch) is a separate, measured footprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._spec import SubnetSpec
+
+__all__ = [
+    "INFERENCE_RUNTIME_BYTES",
+    "TRAINING_RUNTIME_BYTES",
+    "MemoryEstimate",
+    "Workload",
+    "activation_bytes",
+    "inference_estimate",
+    "training_estimate",
+]
+
+# Resident bytes of the runtime itself, measured on x86-64 Linux, CPython 3.11, torch 2.13 (a device
+# measures its own: ``edge-sdk profile``): python + torch + transformers + the model's modeling code
+# imported, and python + onnxruntime + tokenizers imported.
+TRAINING_RUNTIME_BYTES = 415_000_000
+INFERENCE_RUNTIME_BYTES = 55_000_000
+
+# What a training step holds beyond weights, gradients, Adam moments and saved activations: the
+# allocator's retained free blocks, autograd's temporaries (attention scores, gradient buffers of
+# the backward pass) and AdamW's per-parameter temporaries. Fitted to the peak RSS of fresh processes
+# training MiniLM sub-networks (7 shapes, batch 8-64, sequence 32-256: least squares gave
+# 192 MB + 0.13 x activations + 0.8 x weights, within 6 %), then rounded *up* so that the
+# prediction is an upper bound: a budget is a promise that the device does not swap or crash.
+_TRANSIENT_FIXED = 250_000_000
+_TRANSIENT_PER_ACTIVATION = 0.25
+_TRANSIENT_PER_WEIGHT = 1.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one step processes: batch size, sequence length, and how tensors are stored."""
+
+    batch: int
+    seq: int
+    bytes_per_elem: int = 4  # fp32
+    mask_bytes: int = 4  # dropout masks are kept as fp32 on CPU
+    eager_attention: bool = True  # attention probabilities saved for backward (a*s^2 per sequence)
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.seq < 1:
+            raise ValueError(f"batch and sequence length must be positive, got {self.batch} and {self.seq}")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted resident bytes, by part."""
+
+    params: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    transient: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.transient + self.runtime
+
+
+def activation_bytes(spec: SubnetSpec, work: Workload) -> int:
+    """Bytes autograd saves for backward in one training step."""
+    h, d = spec.parent.hidden, spec.parent.head_dim
+    b, s, beta, mask = work.batch, work.seq, work.bytes_per_elem, work.mask_bytes
+    total = 0
+    for layer in spec.layers:
+        d_a = layer.heads * d
+        total += beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn) + mask * 2 * s * b * h
+        if work.eager_attention:
+            total += (2 * beta + mask) * layer.heads * s * s * b
+    # embeddings (sum, LayerNorm, dropout mask) and per-token/per-sequence odds and ends
+    total += 3 * beta * s * b * h + 32 * beta * s * b + 3 * beta * b * h
+    return total
+
+
+def training_estimate(spec: SubnetSpec, params: int, work: Workload, runtime: int = TRAINING_RUNTIME_BYTES) -> MemoryEstimate:
+    """Peak bytes of training ``spec`` (``params`` trainable fp32 parameters) with AdamW."""
+    weights = 4 * params
+    activations = activation_bytes(spec, work)
+    return MemoryEstimate(
+        params=params,
+        weights=weights,
+        gradients=4 * params,
+        optimizer=8 * params,
+        activations=activations,
+        transient=int(
+            _TRANSIENT_FIXED + _TRANSIENT_PER_ACTIVATION * activations + _TRANSIENT_PER_WEIGHT * weights
+        ),
+        runtime=runtime,
+    )
+
+
+def inference_estimate(
+    spec: SubnetSpec, params: int, work: Workload, runtime: int = INFERENCE_RUNTIME_BYTES
+) -> MemoryEstimate:
+    """Peak bytes of serving ``spec``: weights plus the largest single layer's working set."""
+    h, d = spec.parent.hidden, spec.parent.head_dim
+    b, s, beta = work.batch, work.seq, work.bytes_per_elem
+    per_layer = [
+        beta * s * b * (3 * h + 3 * layer.heads * d + layer.ffn) + 2 * beta * layer.heads * s * s * b
+        for layer in spec.layers
+    ]
+    return MemoryEstimate(
+        params=params,
+        weights=4 * params,
+        gradients=0,
+        optimizer=0,
+        activations=max(per_layer),
+        transient=2 * beta * s * b * h,
+        runtime=runtime,
+    )

@@ -1,0 +1,273 @@
+"""The coordinator's side of one device's connection (see ``_machine`` for the sans-I/O contract)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import ClassVar, TypeVar
+
+import numpy as np
+
+from .._errors import ProtocolError
+from ._events import (
+    DeployResultReceived,
+    ErrorReceived,
+    EvalResultReceived,
+    Event,
+    HelloReceived,
+    UpdateReceived,
+    UpdateRejected,
+)
+from ._machine import MAX_ERROR_TEXT, BaseConnection, ConnectionState, TaskMessage, error_code_for, kind_of
+from ._messages import (
+    Deploy,
+    DeployResult,
+    Error,
+    ErrorCode,
+    EvalResult,
+    EvalSettings,
+    EvaluateTask,
+    Hello,
+    InferenceSettings,
+    Message,
+    TrainSettings,
+    TrainTask,
+    Update,
+    Welcome,
+    WireLimits,
+)
+from ._tensors import check_tensor_values
+from ._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
+
+__all__ = ["CoordinatorConnection"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T", TrainTask, EvaluateTask, Deploy)
+_RESULT_FOR: dict[type[Message], type[Message]] = {
+    TrainTask: Update,
+    EvaluateTask: EvalResult,
+    Deploy: DeployResult,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outstanding:
+    task: TaskMessage
+    max_norm: float | None
+
+
+class CoordinatorConnection(BaseConnection):
+    """The coordinator's side of one device's connection."""
+
+    _side: ClassVar[str] = "coordinator"
+    _transfer_error_code: ClassVar[str] = ErrorCode.BAD_UPDATE
+
+    def __init__(self, *, limits: WireLimits | None = None) -> None:
+        super().__init__(limits, ConnectionState.AWAITING_HELLO)
+        self._hello: Hello | None = None
+        self._outstanding: _Outstanding | None = None
+        self._update: Update | None = None
+
+    @property
+    def hello(self) -> Hello | None:
+        """The device's Hello, once received."""
+        return self._hello
+
+    @property
+    def outstanding_task(self) -> TaskMessage | None:
+        """The task sent and not answered yet."""
+        return self._outstanding.task if self._outstanding is not None else None
+
+    def send_welcome(
+        self, *, run_id: str, round: int, server_time: float, device_id: str | None = None
+    ) -> Welcome:
+        """Accept the device (after HelloReceived); ``device_id`` defaults to the one in its Hello."""
+        self._require_state("send_welcome", ConnectionState.HELLO_RECEIVED)
+        assert self._hello is not None
+        welcome = Welcome(
+            run_id=run_id,
+            device_id=device_id if device_id is not None else self._hello.device_id,
+            round=round,
+            server_time=server_time,
+            limits=self._limits,
+        )
+        self._queue(welcome)
+        self._state = ConnectionState.READY
+        return welcome
+
+    def send_train_task(
+        self,
+        *,
+        task_id: str,
+        round: int,
+        spec: JSONObject,
+        model_config: JSONObject,
+        settings: TrainSettings,
+        tensors: Mapping[str, np.ndarray],
+        max_update_norm: float | None = None,
+    ) -> TrainTask:
+        """Send a training task; the Update must return the same tensor names, shapes and dtypes.
+
+        ``max_update_norm``: bound on the global L2 norm of the returned tensors (for delta updates).
+        """
+        self._require_state("send_train_task", ConnectionState.READY)
+        manifest, frames = self._encode_for_peer(tensors, f"train task {task_id!r}")
+        task = TrainTask(
+            task_id=task_id,
+            round=round,
+            spec=spec,
+            model_config=model_config,
+            settings=settings,
+            weights=manifest,
+        )
+        return self._send_task(task, frames, max_update_norm)
+
+    def send_evaluate_task(
+        self,
+        *,
+        task_id: str,
+        round: int,
+        spec: JSONObject,
+        model_config: JSONObject,
+        settings: EvalSettings,
+        tensors: Mapping[str, np.ndarray],
+    ) -> EvaluateTask:
+        """Send an evaluation task; the device answers with an EvalResult."""
+        self._require_state("send_evaluate_task", ConnectionState.READY)
+        manifest, frames = self._encode_for_peer(tensors, f"evaluate task {task_id!r}")
+        task = EvaluateTask(
+            task_id=task_id,
+            round=round,
+            spec=spec,
+            model_config=model_config,
+            settings=settings,
+            weights=manifest,
+        )
+        return self._send_task(task, frames, None)
+
+    def send_deploy(
+        self,
+        *,
+        task_id: str,
+        round: int,
+        spec: JSONObject,
+        model_config: JSONObject,
+        settings: InferenceSettings,
+        tensors: Mapping[str, np.ndarray],
+    ) -> Deploy:
+        """Send a sub-network for deployment (ONNX export on the device); it answers with a DeployResult."""
+        self._require_state("send_deploy", ConnectionState.READY)
+        manifest, frames = self._encode_for_peer(tensors, f"deploy {task_id!r}")
+        task = Deploy(
+            task_id=task_id,
+            round=round,
+            spec=spec,
+            model_config=model_config,
+            settings=settings,
+            weights=manifest,
+        )
+        return self._send_task(task, frames, None)
+
+    def _send_task(self, task: _T, frames: list[bytes], max_norm: float | None) -> _T:
+        self._queue(task)
+        self._outgoing.extend(frames)
+        self._outstanding = _Outstanding(task=task, max_norm=max_norm)
+        self._state = ConnectionState.AWAITING_RESULT
+        return task
+
+    # -------------------------------------------------------------------------------- receiving
+
+    def _on_message(self, message: Message) -> list[Event]:
+        if isinstance(message, Hello):
+            if self._state is not ConnectionState.AWAITING_HELLO:
+                return self._unexpected(message)
+            self._hello = message
+            self._peer_limits = message.limits
+            self._state = ConnectionState.HELLO_RECEIVED
+            return [HelloReceived(hello=message)]
+        if self._state is ConnectionState.AWAITING_HELLO:
+            return self._violation(
+                f"expected Hello first, got {kind_of(message)}", CLOSE_PROTOCOL_ERROR, ErrorCode.UNEXPECTED
+            )
+        if isinstance(message, Error):
+            outstanding = self._outstanding
+            if outstanding is not None and message.task_id == outstanding.task.task_id:
+                logger.info(
+                    "coordinator: device reports task %r failed: %s", message.task_id, message.message
+                )
+                self._outstanding = None
+                self._state = ConnectionState.READY
+            return [ErrorReceived(error=message)]
+        if isinstance(message, (Update, EvalResult, DeployResult)) and self._state in (
+            ConnectionState.READY,
+            ConnectionState.AWAITING_RESULT,
+        ):
+            return self._on_result(message)
+        return self._unexpected(message)
+
+    def _on_result(self, message: Update | EvalResult | DeployResult) -> list[Event]:
+        outstanding = self._outstanding
+        task_id = message.task_id
+        if outstanding is None or task_id != outstanding.task.task_id:
+            known = (
+                f"the outstanding task is {outstanding.task.task_id!r}"
+                if outstanding
+                else "no task is outstanding"
+            )
+            return self._violation(
+                f"{kind_of(message)} for unknown task {task_id!r} ({known})",
+                CLOSE_POLICY_VIOLATION,
+                ErrorCode.UNKNOWN_TASK,
+                task_id,
+            )
+        task = outstanding.task
+        if not isinstance(message, _RESULT_FOR[type(task)]):
+            return self._violation(
+                f"{kind_of(message)} for task {task_id!r}, which is a {kind_of(task)} answered by"
+                f" {_RESULT_FOR[type(task)].__name__}",
+                CLOSE_PROTOCOL_ERROR,
+                ErrorCode.UNEXPECTED,
+                task_id,
+            )
+        if isinstance(message, Update):
+            try:
+                self._open_transfer(message.weights, task.weights.entries, f"update for task {task_id!r}")
+            except ProtocolError as exc:
+                return self._violation(
+                    str(exc), exc.close_code, error_code_for(exc.close_code, ErrorCode.BAD_UPDATE), task_id
+                )
+            self._update = message
+            self._state = ConnectionState.RECEIVING
+            return []
+        self._outstanding = None
+        self._state = ConnectionState.READY
+        if isinstance(message, EvalResult):
+            return [EvalResultReceived(result=message)]
+        return [DeployResultReceived(result=message)]
+
+    def _on_transfer_complete(self, tensors: dict[str, np.ndarray]) -> list[Event]:
+        update, outstanding = self._update, self._outstanding
+        assert update is not None and outstanding is not None
+        self._update = None
+        self._outstanding = None
+        self._state = ConnectionState.READY
+        try:
+            norm = check_tensor_values(
+                tensors, max_norm=outstanding.max_norm, what=f"update for task {update.task_id!r}"
+            )
+        except ProtocolError as exc:
+            logger.warning("coordinator: rejected the update for task %r: %s", update.task_id, exc)
+            self._queue(
+                Error(task_id=update.task_id, code=ErrorCode.BAD_UPDATE, message=str(exc)[:MAX_ERROR_TEXT])
+            )
+            return [UpdateRejected(task_id=update.task_id, reason=str(exc))]
+        return [UpdateReceived(update=update, tensors=tensors, norm=norm)]
+
+    def _pending_task_id(self) -> str | None:
+        return self._outstanding.task.task_id if self._outstanding is not None else None
+
+    def _forget_task(self) -> None:
+        self._outstanding = None
+        self._update = None

@@ -1,0 +1,334 @@
+"""Connection state machines, sans-I/O: websocket messages in, events and outgoing messages out.
+
+This module holds what both sides share; ``CoordinatorConnection`` (``_coordinator``) and
+``DeviceConnection`` (``_device``) build on :class:`BaseConnection`.
+
+Modelled on the ``websockets`` library's protocol objects. Nothing here touches a socket, a loop,
+a thread or a clock. The caller's loop is::
+
+    events = conn.receive(message)          # str for a text frame, bytes for a binary frame
+    for outgoing in conn.data_to_send():    # str -> send as text, bytes -> send as binary
+        await ws.send(outgoing)
+    ...                                     # act on events; on ProtocolViolation close the websocket
+                                            # with event.close_code, event.close_reason
+
+``send_*`` methods queue messages (a JSON text frame, then a tensor transfer's binary chunk frames)
+for :meth:`data_to_send` and return the message they built. They raise ProtocolError when called in
+the wrong state or when the message would exceed the peer's limits: that is a bug on this side and
+nothing is queued. :meth:`receive` never raises: a peer's fault queues an ``Error`` for the peer
+(naming the task when there is one), moves the machine to CLOSED and returns a
+:class:`ProtocolViolation` with the websocket close code to use.
+
+One task at a time per connection: the coordinator sends a task, the device answers it (Update,
+EvalResult, DeployResult, or an Error naming it) before the next task may be sent.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+
+from .._errors import ProtocolError
+from ._assembler import TensorAssembler
+from ._events import ByeReceived, ConnectionLost, Event, ProtocolViolation
+from ._messages import (
+    MAX_TEXT_BYTES,
+    Bye,
+    Deploy,
+    DeployResult,
+    Error,
+    ErrorCode,
+    EvalResult,
+    EvaluateTask,
+    Hello,
+    Message,
+    TrainTask,
+    Update,
+    Welcome,
+    WireLimits,
+    check_version,
+    encode_message,
+    message_from_json,
+    parse_text_frame,
+)
+from ._tensors import (
+    CHUNK_HEADER_BYTES,
+    MIN_CHUNK_BYTES,
+    TensorEntry,
+    TensorManifest,
+    decode_chunk,
+    encode_tensors,
+)
+from ._wire import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNSUPPORTED_DATA,
+)
+
+__all__ = ["MAX_ERROR_TEXT", "BaseConnection", "ConnectionState", "TaskMessage", "error_code_for", "kind_of"]
+
+logger = logging.getLogger(__name__)
+
+TaskMessage = TrainTask | EvaluateTask | Deploy
+MAX_ERROR_TEXT = 2000  # characters of a fault's description sent back in an Error
+_TO_DEVICE = (Welcome, TrainTask, EvaluateTask, Deploy)
+_TO_COORDINATOR = (Hello, Update, EvalResult, DeployResult)
+
+
+class ConnectionState(enum.Enum):
+    CONNECTING = "connecting"  # device: Hello not sent yet
+    AWAITING_HELLO = "awaiting_hello"  # coordinator: nothing received yet
+    HELLO_RECEIVED = "hello_received"  # coordinator: the application must send_welcome (or refuse)
+    AWAITING_WELCOME = "awaiting_welcome"  # device: Hello sent
+    READY = "ready"  # idle: the coordinator may send a task
+    AWAITING_RESULT = "awaiting_result"  # coordinator: a task is out, its result is not in yet
+    RECEIVING = "receiving"  # the chunks of an announced tensor transfer are arriving
+    WORKING = "working"  # device: a task was handed to the application, its result not sent yet
+    CLOSED = "closed"
+
+
+def error_code_for(close_code: int, default: str) -> str:
+    return {
+        CLOSE_MESSAGE_TOO_BIG: ErrorCode.TOO_LARGE,
+        CLOSE_UNSUPPORTED_DATA: ErrorCode.UNSUPPORTED,
+        CLOSE_INTERNAL_ERROR: ErrorCode.INTERNAL,
+    }.get(close_code, default)
+
+
+def kind_of(message: Message) -> str:
+    return type(message).__name__
+
+
+class BaseConnection:
+    """What both sides share: framing, limits, the outgoing queue, violations, Bye."""
+
+    _side: ClassVar[str] = "?"
+    _transfer_error_code: ClassVar[str] = ErrorCode.BAD_MESSAGE
+
+    def __init__(self, limits: WireLimits | None, state: ConnectionState) -> None:
+        self._limits = limits if limits is not None else WireLimits()
+        self._peer_limits: WireLimits | None = None
+        self._state = state
+        self._outgoing: list[str | bytes] = []
+        self._assembler: TensorAssembler | None = None
+
+    # ------------------------------------------------------------------------------------ public
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    @property
+    def limits(self) -> WireLimits:
+        """What this side accepts, announced to the peer (websocket ``max_size``: ``max_frame_bytes``)."""
+        return self._limits
+
+    @property
+    def peer_limits(self) -> WireLimits | None:
+        """What the peer accepts, once its Hello/Welcome arrived."""
+        return self._peer_limits
+
+    def data_to_send(self) -> list[str | bytes]:
+        """Take the queued outgoing messages, in order: ``str`` as text frames, ``bytes`` as binary frames."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def receive(self, message: str | bytes) -> list[Event]:
+        """Handle one received websocket message; never raises (faults become ProtocolViolation)."""
+        if self._state is ConnectionState.CLOSED:
+            logger.debug("%s: ignoring a frame received after close", self._side)
+            return []
+        try:
+            if isinstance(message, str):
+                return self._receive_text(message)
+            if isinstance(message, (bytes, bytearray, memoryview)):
+                return self._receive_binary(message)
+            raise ProtocolError(f"unsupported frame of type {type(message).__name__}", CLOSE_UNSUPPORTED_DATA)
+        except ProtocolError as exc:
+            return self._violation(
+                str(exc), exc.close_code, error_code_for(exc.close_code, ErrorCode.BAD_MESSAGE)
+            )
+        except Exception as exc:  # a bug here must not take the server down with it
+            logger.exception("%s: internal error while handling a received frame", self._side)
+            return self._violation(
+                f"internal error: {type(exc).__name__}: {exc}", CLOSE_INTERNAL_ERROR, ErrorCode.INTERNAL
+            )
+
+    def receive_close(self, code: int | None = None, reason: str = "") -> list[Event]:
+        """The websocket closed; reports ConnectionLost unless a Bye or a violation already ended it."""
+        if self._state is ConnectionState.CLOSED:
+            return []
+        event = ConnectionLost(
+            code=code,
+            reason=reason,
+            pending_task_id=self._pending_task_id(),
+            transfer_incomplete=self._assembler is not None,
+        )
+        logger.info(
+            "%s: connection lost (code %s %r), pending task %s",
+            self._side,
+            code,
+            reason,
+            event.pending_task_id,
+        )
+        self._close()
+        return [event]
+
+    def send_error(self, *, code: str, message: str, task_id: str | None = None) -> Error:
+        """Queue an Error for the peer (e.g. ``task_failed`` for a task, ``rejected`` after a Hello)."""
+        self._require_open("send_error")
+        error = Error(task_id=task_id, code=code, message=message)
+        self._queue(error)
+        return error
+
+    def send_bye(self, *, reason: str = "", code: int = 1000) -> Bye:
+        """Queue a Bye and close; then close the websocket with the same code and reason."""
+        self._require_open("send_bye")
+        bye = Bye(reason=reason, code=code)
+        self._queue(bye)
+        self._close()
+        return bye
+
+    # ------------------------------------------------------------------------------- subclasses
+
+    def _on_message(self, message: Message) -> list[Event]:
+        raise NotImplementedError
+
+    def _on_transfer_complete(self, tensors: dict[str, np.ndarray]) -> list[Event]:
+        raise NotImplementedError
+
+    def _pending_task_id(self) -> str | None:
+        raise NotImplementedError
+
+    def _forget_task(self) -> None:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------- framing
+
+    def _receive_text(self, text: str) -> list[Event]:
+        if self._assembler is not None:
+            assembler = self._assembler
+            return self._violation(
+                f"text frame while chunk {assembler.received_chunks} of {assembler.manifest.num_chunks}"
+                f" of transfer {assembler.manifest.transfer_id} was expected (transfer truncated)",
+                CLOSE_UNSUPPORTED_DATA,
+                ErrorCode.UNSUPPORTED,
+            )
+        obj = parse_text_frame(text, max_bytes=self._limits.max_text_bytes)
+        try:
+            check_version(obj)
+        except ProtocolError as exc:
+            return self._violation(str(exc), exc.close_code, ErrorCode.VERSION)
+        message = message_from_json(obj)
+        logger.debug("%s: received %s in state %s", self._side, kind_of(message), self._state.name)
+        if isinstance(message, Bye):
+            pending = self._pending_task_id()
+            self._close()
+            return [ByeReceived(bye=message, pending_task_id=pending)]
+        return self._on_message(message)
+
+    def _receive_binary(self, frame: bytes | bytearray | memoryview) -> list[Event]:
+        limit = self._limits.max_chunk_bytes + CHUNK_HEADER_BYTES
+        if len(frame) > limit:
+            raise ProtocolError(
+                f"binary frame of {len(frame)} bytes exceeds the limit of {limit}", CLOSE_MESSAGE_TOO_BIG
+            )
+        if self._assembler is None:
+            try:
+                transfer_id, index, _ = decode_chunk(frame)
+                what = f"chunk {index} of transfer {transfer_id}"
+            except ProtocolError:
+                what = "binary frame"
+            raise ProtocolError(
+                f"{what} arrived with no transfer open (state {self._state.name})", CLOSE_UNSUPPORTED_DATA
+            )
+        if not self._assembler.add_chunk(frame):
+            return []
+        assembler, self._assembler = self._assembler, None
+        try:
+            tensors = assembler.finish()
+        except ProtocolError as exc:
+            return self._violation(
+                str(exc), exc.close_code, error_code_for(exc.close_code, self._transfer_error_code)
+            )
+        return self._on_transfer_complete(tensors)
+
+    def _open_transfer(
+        self, manifest: TensorManifest, expected: tuple[TensorEntry, ...] | None, what: str
+    ) -> None:
+        """Start receiving an announced transfer (limits and expected tensors are checked here)."""
+        if manifest.num_chunks > 1 and manifest.chunk_bytes < MIN_CHUNK_BYTES:
+            raise ProtocolError(
+                f"{what}: chunks of {manifest.chunk_bytes} bytes are below the minimum of {MIN_CHUNK_BYTES}",
+                CLOSE_POLICY_VIOLATION,
+            )
+        self._assembler = TensorAssembler(
+            manifest,
+            expected=expected,
+            max_total_bytes=self._limits.max_transfer_bytes,
+            max_chunk_bytes=self._limits.max_chunk_bytes,
+            check_values=False,  # values are checked by the side's handler: a bad value is not fatal
+            what=what,
+        )
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _violation(self, reason: str, close_code: int, code: str, task_id: str | None = None) -> list[Event]:
+        """The peer broke the protocol: queue an Error for it, close, report the close code."""
+        if task_id is None:
+            task_id = self._pending_task_id()
+        logger.warning("%s: protocol violation (close code %d, %s): %s", self._side, close_code, code, reason)
+        try:
+            self._queue(Error(task_id=task_id, code=code, message=reason[:MAX_ERROR_TEXT]))
+        except ProtocolError:  # cannot happen with a well-formed reason; never let it escape receive
+            logger.exception("%s: could not queue the Error reply", self._side)
+        self._close()
+        return [ProtocolViolation(close_code=close_code, reason=reason, task_id=task_id)]
+
+    def _unexpected(self, message: Message) -> list[Event]:
+        if isinstance(message, _TO_DEVICE if self._side == "coordinator" else _TO_COORDINATOR):
+            problem = f"{kind_of(message)} is not a message a {self._side} receives"
+        else:
+            problem = f"unexpected {kind_of(message)} in state {self._state.name}"
+        task_id = getattr(message, "task_id", None)
+        return self._violation(problem, CLOSE_PROTOCOL_ERROR, ErrorCode.UNEXPECTED, task_id)
+
+    def _queue(self, message: Message) -> None:
+        peer_text = self._peer_limits.max_text_bytes if self._peer_limits is not None else MAX_TEXT_BYTES
+        self._outgoing.append(encode_message(message, max_bytes=peer_text))
+        logger.debug("%s: queued %s", self._side, kind_of(message))
+
+    def _encode_for_peer(
+        self, tensors: Mapping[str, np.ndarray], what: str
+    ) -> tuple[TensorManifest, list[bytes]]:
+        peer = self._peer_limits
+        assert peer is not None, "tensors are only sent after the handshake"
+        chunk_bytes = min(self._limits.max_chunk_bytes, peer.max_chunk_bytes)
+        manifest, frames = encode_tensors(tensors, chunk_bytes=chunk_bytes)
+        if manifest.total_bytes > peer.max_transfer_bytes:
+            raise ProtocolError(
+                f"{what}: {manifest.total_bytes} bytes of tensors exceed the peer's transfer limit of"
+                f" {peer.max_transfer_bytes}",
+                CLOSE_MESSAGE_TOO_BIG,
+            )
+        return manifest, frames
+
+    def _require_open(self, action: str) -> None:
+        if self._state is ConnectionState.CLOSED:
+            raise ProtocolError(f"cannot {action}: the connection is closed")
+
+    def _require_state(self, action: str, *states: ConnectionState) -> None:
+        if self._state not in states:
+            allowed = " or ".join(state.name for state in states)
+            raise ProtocolError(f"cannot {action} in state {self._state.name} (needs {allowed})")
+
+    def _close(self) -> None:
+        self._state = ConnectionState.CLOSED
+        self._assembler = None
+        self._forget_task()

@@ -1,0 +1,245 @@
+"""Wire basics shared by messages and tensors: close codes, strict JSON, typed frozen records.
+
+A :class:`WireRecord` is a frozen, keyword-only dataclass whose fields are checked against their
+annotations on construction (from Python or from JSON), so a record that exists is a valid one.
+Every fault is a :class:`~edge_sdk.ProtocolError` naming the field (``Update.num_samples: expected an
+integer, got string``). JSON payloads that stay opaque here (a device profile, a sub-network spec, a
+Hugging Face config) are deep-frozen: objects become read-only mappings and arrays become tuples;
+:func:`thaw_json` turns them back into plain ``dict``/``list``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from .._errors import ProtocolError
+
+__all__ = [
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_MESSAGE_TOO_BIG",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_UNSUPPORTED_DATA",
+    "JSONObject",
+    "WireRecord",
+    "dumps_json",
+    "freeze_json",
+    "json_type_name",
+    "loads_json_object",
+    "thaw_json",
+]
+
+# Websocket close codes (RFC 6455, section 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL_ERROR = 1002  # malformed message, wrong version, out-of-order or corrupt data
+CLOSE_UNSUPPORTED_DATA = 1003  # unknown message type, a frame kind not acceptable in this state
+CLOSE_POLICY_VIOLATION = 1008  # well-formed but refused: unknown task, wrong manifest, bad values
+CLOSE_MESSAGE_TOO_BIG = 1009  # a frame or a transfer above the receiver's limit
+CLOSE_INTERNAL_ERROR = 1011  # a bug on this side; the peer did nothing wrong
+
+# A JSON object kept opaque by the protocol (deep-frozen: read-only mappings, tuples for arrays).
+JSONObject = Mapping[str, Any]
+
+_MAX_JSON_DEPTH = 64
+
+_R = TypeVar("_R", bound="WireRecord")
+
+
+def json_type_name(value: object) -> str:
+    """Name ``value``'s type the way a JSON reader thinks of it (for error messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+def _fail(path: str, problem: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> ProtocolError:
+    return ProtocolError(f"{path}: {problem}", close_code)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ProtocolError(f"duplicate JSON key {key!r}", CLOSE_PROTOCOL_ERROR)
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"non-finite JSON number {name} is not allowed", CLOSE_PROTOCOL_ERROR)
+
+
+def loads_json_object(data: str | bytes, what: str) -> dict[str, Any]:
+    """Parse ``data`` as one JSON object: no duplicate keys, no NaN/Infinity, bounded nesting."""
+    try:
+        obj = json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{what}: {exc}", exc.close_code) from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ProtocolError(f"{what}: malformed JSON ({exc})", CLOSE_PROTOCOL_ERROR) from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(
+            f"{what}: expected a JSON object, got {json_type_name(obj)}", CLOSE_PROTOCOL_ERROR
+        )
+    return obj
+
+
+def dumps_json(obj: Mapping[str, Any]) -> str:
+    """Compact ASCII JSON (so its length is its size), refusing NaN/Infinity as the peer would."""
+    return json.dumps(thaw_json(obj), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+def freeze_json(value: object, path: str, _depth: int = 0) -> Any:
+    """Check ``value`` is a JSON value and return it deep-frozen (mappings read-only, arrays tuples)."""
+    if _depth > _MAX_JSON_DEPTH:
+        raise _fail(path, f"nested deeper than {_MAX_JSON_DEPTH} levels")
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _fail(path, f"non-finite number {value!r} is not allowed")
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze_json(item, f"{path}[{i}]", _depth + 1) for i, item in enumerate(value))
+    if isinstance(value, Mapping):
+        frozen: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _fail(path, f"object keys must be strings, got {type(key).__name__}")
+            frozen[key] = freeze_json(item, f"{path}.{key}", _depth + 1)
+        return types.MappingProxyType(frozen)
+    raise _fail(path, f"not a JSON value: {type(value).__name__}")
+
+
+def thaw_json(value: Any) -> Any:
+    """Plain ``dict``/``list`` copy of a frozen JSON value or a :class:`WireRecord`'s JSON form."""
+    if isinstance(value, WireRecord):
+        return value.to_json()
+    if isinstance(value, Mapping):
+        return {key: thaw_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw_json(item) for item in value]
+    return value
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = _FIELD_TYPES.get(cls)
+    if hints is None:
+        hints = _FIELD_TYPES[cls] = get_type_hints(cls)
+    return hints
+
+
+def _coerce(value: object, ann: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``ann`` and return its normalized, frozen form."""
+    if ann is Any:
+        return freeze_json(value, path)
+    if ann is str:
+        if isinstance(value, str):
+            return value
+        raise _fail(path, f"expected a string, got {json_type_name(value)}")
+    if ann is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(path, f"expected a boolean, got {json_type_name(value)}")
+    if ann is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _fail(path, f"expected an integer, got {json_type_name(value)}")
+    if ann is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                raise _fail(path, "number out of range") from None
+            if not math.isfinite(number):
+                raise _fail(path, f"expected a finite number, got {number!r}")
+            return number
+        raise _fail(path, f"expected a number, got {json_type_name(value)}")
+    if isinstance(ann, type) and issubclass(ann, WireRecord):
+        return value if isinstance(value, ann) else ann.from_json(value, path)
+    origin, args = get_origin(ann), get_args(ann)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = (arg for arg in args if arg is not type(None))
+        return _coerce(value, inner, path)
+    if origin is Literal:
+        for choice in args:
+            if type(value) is type(choice) and value == choice:
+                return value
+        raise _fail(path, f"expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise _fail(path, f"expected an array, got {json_type_name(value)}")
+        return tuple(_coerce(item, args[0], f"{path}[{i}]") for i, item in enumerate(value))
+    if origin is Mapping and args and args[0] is str:
+        if not isinstance(value, Mapping):
+            raise _fail(path, f"expected an object, got {json_type_name(value)}")
+        if args[1] is Any:
+            return freeze_json(value, path)
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _fail(path, f"object keys must be strings, got {type(key).__name__}")
+            out[key] = _coerce(item, args[1], f"{path}[{key!r}]")
+        return types.MappingProxyType(out)
+    raise TypeError(f"{path}: unsupported field annotation {ann!r}")  # a bug in a record definition
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WireRecord:
+    """Base of every frozen record that travels as JSON; fields are validated on construction."""
+
+    def __post_init__(self) -> None:
+        hints = _field_types(type(self))
+        name = type(self).__name__
+        for field in dataclasses.fields(self):
+            value = _coerce(getattr(self, field.name), hints[field.name], f"{name}.{field.name}")
+            object.__setattr__(self, field.name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Check constraints across or within fields (ranges, formats); raise ProtocolError."""
+
+    def _invalid(self, field: str, problem: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> ProtocolError:
+        return _fail(f"{type(self).__name__}.{field}", problem, close_code)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as plain JSON-ready ``dict``/``list`` values."""
+        return {field.name: thaw_json(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls: type[_R], obj: object, path: str | None = None) -> _R:
+        """Build the record from a decoded JSON object: exactly the record's fields, each well typed."""
+        path = path or cls.__name__
+        if not isinstance(obj, Mapping):
+            raise _fail(path, f"expected an object, got {json_type_name(obj)}")
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in obj]
+        unknown = sorted(key for key in obj if key not in names)
+        if missing or unknown:
+            problems = [f"missing field {name!r}" for name in missing]
+            problems += [f"unknown field {name!r}" for name in unknown]
+            raise _fail(path, "; ".join(problems))
+        hints = _field_types(cls)
+        values = {name: _coerce(obj[name], hints[name], f"{path}.{name}") for name in names}
+        return cls(**values)
