@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -73,25 +74,22 @@ def merge_deltas(
     return delta, den
 
 
-class ServerOptimizer:
-    """Turns the merged delta into new global weights; state must survive a checkpoint."""
+class ServerOptimizer(Protocol):
+    """Turns the merged delta into new global weights; its state must survive a checkpoint."""
 
     name: str
 
     def step(
         self, weights: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], coverage: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    ) -> dict[str, torch.Tensor]: ...
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        return None
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
 @dataclass
-class FedAvg(ServerOptimizer):
+class FedAvg:
     """x <- x + server_lr * delta where covered (server_lr = 1 is plain FedAvg)."""
 
     server_lr: float = 1.0
@@ -105,9 +103,15 @@ class FedAvg(ServerOptimizer):
             out[n] = (weights[n].float() + self.server_lr * d).to(weights[n].dtype)
         return out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        return None
+
 
 @dataclass
-class FedAdam(ServerOptimizer):
+class FedAdam:
     """Adam on the pseudo-gradient ``-delta`` (Reddi et al. 2021); moments move only where covered."""
 
     lr: float = 1e-3

@@ -1,7 +1,9 @@
 """Export a trained sub-network (held in memory) to a folder ONNX Runtime can serve.
 
-The module imports torch, transformers and (on use) optimum/onnxruntime.quantization; it is never imported
-by ``edge_sdk/__init__.py``, so an inference-only install does not need them.
+This module (with :mod:`edge_sdk._export_graph`, the two exporters, and :mod:`edge_sdk._export_checks`,
+parity / quantization / drift) imports torch, transformers and, on use, optimum and
+onnxruntime.quantization. ``edge_sdk/__init__.py`` never imports it, so an inference-only install (no
+``[export]`` extra) does not need them.
 
 What :func:`export_onnx` writes (the *served folder*, read by :func:`edge_sdk._infer.load`):
 
@@ -31,24 +33,30 @@ import shutil
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from ._errors import ConfigError, EdgeFMError
+from ._errors import ConfigError
+from ._export_checks import (
+    DriftReport,
+    ParityInput,
+    ParityReport,
+    check_parity,
+    measure_drift,
+    quantize_int8,
+)
+from ._export_graph import ExportMethod, export_graph
 from ._infer import (
     MANIFEST_NAME,
     MODEL_FP32,
     MODEL_INT8,
     TOKENIZER_NAME,
-    Predictor,
     load,
     sha256_file,
 )
@@ -56,9 +64,6 @@ from ._infer import (
 __all__ = ["DriftReport", "ExportReport", "ParityReport", "export_onnx"]
 
 logger = logging.getLogger(__name__)
-
-ExportMethod = Literal["auto", "optimum", "torch"]
-ParityInput = Sequence[str] | Mapping[str, Any]
 
 MANIFEST_FORMAT = "edge-fm/onnx-export"
 MANIFEST_VERSION = 1
@@ -88,34 +93,6 @@ _RESERVED_KEYS = frozenset(
         "files",
     }
 )
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    """ONNX fp32 vs torch logits on the parity batch."""
-
-    max_abs_diff: float
-    atol: float
-    batch_size: int
-    sequence_length: int
-
-
-@dataclass(frozen=True)
-class DriftReport:
-    """int8 vs fp32 (both ONNX Runtime) on a held-back slice (or the parity batch when none was given)."""
-
-    source: Literal["drift_texts", "parity_batch"]
-    n: int
-    agreement: float  # share of inputs whose argmax is the same
-    max_abs_logit_diff: float
-    accuracy_fp32: float | None = None  # when labels were given
-    accuracy_int8: float | None = None
-
-    @property
-    def accuracy_drop(self) -> float | None:
-        if self.accuracy_fp32 is None or self.accuracy_int8 is None:
-            return None
-        return self.accuracy_fp32 - self.accuracy_int8
 
 
 @dataclass(frozen=True)
@@ -177,6 +154,7 @@ def export_onnx(
         max_length=max_length,
         drift_texts=drift_texts,
         drift_labels=drift_labels,
+        quantize=quantize,
         manifest_extra=manifest_extra,
         method=method,
     )
@@ -186,15 +164,15 @@ def export_onnx(
         with _eval_mode(model):
             _copy_tokenizer(tok_dir, tmp)
             _write_config(model, tmp)
-            exporter = _export_graph(model, tmp / MODEL_FP32, method, opset, tmp)
+            exporter = export_graph(model, tmp / MODEL_FP32, method, opset, tmp)
             fp32 = load(tmp, prefer_quantized=False, max_length=max_length, verify=False)
-            parity = _parity(model, fp32, parity_batch, parity_atol)
+            parity = check_parity(model, fp32, parity_batch, parity_atol)
             int8_bytes: int | None = None
             drift: DriftReport | None = None
             if quantize:
-                _quantize(tmp / MODEL_FP32, tmp / MODEL_INT8)
+                quantize_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
                 int8 = load(tmp, prefer_quantized=True, max_length=max_length, verify=False)
-                drift = _drift(fp32, int8, parity_batch, texts=drift_texts, labels=drift_labels)
+                drift = measure_drift(fp32, int8, parity_batch, texts=drift_texts, labels=drift_labels)
                 int8_bytes = (tmp / MODEL_INT8).stat().st_size
         manifest = _manifest(
             model,
@@ -234,9 +212,6 @@ def export_onnx(
     return report
 
 
-# -- arguments ----------------------------------------------------------------------------------------
-
-
 def _check_args(
     model: PreTrainedModel,
     tok_dir: Path,
@@ -246,6 +221,7 @@ def _check_args(
     max_length: int,
     drift_texts: Sequence[str] | None,
     drift_labels: Sequence[int] | None,
+    quantize: bool,
     manifest_extra: Mapping[str, Any] | None,
     method: str,
 ) -> dict[str, Any]:
@@ -266,6 +242,8 @@ def _check_args(
         raise ConfigError("parity_batch must be a non-empty list of texts or a mapping of arrays")
     if isinstance(parity_batch, Mapping) and "input_ids" not in parity_batch:
         raise ConfigError("a tokenized parity_batch needs 'input_ids'")
+    if drift_texts is not None and not quantize:
+        raise ConfigError("drift_texts measure the int8 model: pass quantize=True")
     if drift_labels is not None and (drift_texts is None or len(drift_labels) != len(drift_texts)):
         raise ConfigError("drift_labels needs drift_texts of the same length")
     if out.exists() and not out.is_dir():
@@ -294,9 +272,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-# -- folder contents ----------------------------------------------------------------------------------
 
 
 def _copy_tokenizer(tok_dir: Path, dest: Path) -> None:
@@ -431,183 +406,3 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# -- graph --------------------------------------------------------------------------------------------
-
-
-def _input_names(model: PreTrainedModel) -> list[str]:
-    import inspect
-
-    accepted = inspect.signature(model.forward).parameters
-    return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
-
-
-def _export_graph(
-    model: PreTrainedModel, path: Path, method: ExportMethod, opset: int, scratch_parent: Path
-) -> Literal["optimum", "torch"]:
-    if method in ("auto", "optimum"):
-        try:
-            _export_optimum(model, path, opset, scratch_parent)
-            return "optimum"
-        except Exception as exc:  # optimum raises ValueError/KeyError/RuntimeError for models it cannot do
-            if method == "optimum":
-                raise EdgeFMError(f"optimum could not export {type(model).__name__}: {exc}") from exc
-            logger.warning(
-                "optimum could not export %s (%s); using torch.onnx.export", type(model).__name__, exc
-            )
-            path.unlink(missing_ok=True)
-    try:
-        _export_torch(model, path, opset)
-    except Exception as exc:  # torch.onnx raises many types (OnnxExporterError, RuntimeError, ...)
-        raise EdgeFMError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc
-    return "torch"
-
-
-def _export_optimum(model: PreTrainedModel, path: Path, opset: int, scratch_parent: Path) -> None:
-    from optimum.exporters.onnx import onnx_export_from_model
-
-    scratch = Path(tempfile.mkdtemp(prefix="optimum-", dir=scratch_parent))
-    # optimum copies preprocessors from config._name_or_path (a hub id would mean network access):
-    # point it at the empty scratch folder instead.
-    name_or_path = model.config._name_or_path
-    model.config._name_or_path = str(scratch)
-    try:
-        onnx_export_from_model(model, scratch, opset=opset, task="text-classification", do_validation=False)
-        model.eval()
-        written = scratch / MODEL_FP32
-        if not written.is_file():
-            raise EdgeFMError(
-                f"optimum wrote no {MODEL_FP32} (got {sorted(p.name for p in scratch.iterdir())})"
-            )
-        if any(scratch.glob("*.onnx_data")):
-            raise EdgeFMError("the exported graph uses external data (> 2 GB): not supported")
-        os.replace(written, path)
-    finally:
-        model.config._name_or_path = name_or_path
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-class _LogitsOnly(torch.nn.Module):
-    def __init__(self, model: PreTrainedModel, names: Sequence[str]) -> None:
-        super().__init__()
-        self.model = model
-        self.names = tuple(names)
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        out = self.model(**dict(zip(self.names, tensors, strict=True)))
-        return out.logits if hasattr(out, "logits") else out[0]
-
-
-def _export_torch(model: PreTrainedModel, path: Path, opset: int) -> None:
-    names = _input_names(model)
-    # A padded dummy batch, so the traced graph keeps the attention-mask arithmetic.
-    ids = torch.full((2, 16), 1000, dtype=torch.long)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    dummy = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-    device = next(model.parameters()).device
-    axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
-    axes["logits"] = {0: "batch_size"}
-    wrapper = _LogitsOnly(model, names).eval()
-    with warnings.catch_warnings():
-        # Expected: we choose the TorchScript exporter (dynamo=False: 1.7 s vs 19 s), and transformers'
-        # mask helper makes a constant tensor while traced (the parity check covers the result).
-        warnings.filterwarnings(
-            "ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning
-        )
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"transformers\.")
-        torch.onnx.export(
-            wrapper,
-            tuple(dummy[n].to(device) for n in names),
-            str(path),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_axes=axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    model.eval()
-
-
-# -- checks -------------------------------------------------------------------------------------------
-
-
-def _parity_inputs(predictor: Predictor, batch: ParityInput) -> dict[str, np.ndarray]:
-    if isinstance(batch, Mapping):
-        arrays = {
-            k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.int64)
-            for k, v in batch.items()
-        }
-        ids = arrays["input_ids"]
-        arrays.setdefault("attention_mask", np.ones_like(ids))
-        arrays.setdefault("token_type_ids", np.zeros_like(ids))
-        return arrays
-    return predictor.encode(list(batch)).inputs
-
-
-@torch.no_grad()
-def _torch_logits(model: PreTrainedModel, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    device = next(model.parameters()).device
-    names = _input_names(model)
-    out = model(**{n: torch.from_numpy(inputs[n]).to(device) for n in names if n in inputs})
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return np.asarray(logits.float().cpu().numpy())
-
-
-def _parity(model: PreTrainedModel, fp32: Predictor, batch: ParityInput, atol: float) -> ParityReport:
-    inputs = _parity_inputs(fp32, batch)
-    expected = _torch_logits(model, inputs)
-    actual = fp32.forward(inputs)
-    if actual.shape != expected.shape:
-        raise EdgeFMError(f"parity check failed: ONNX logits {actual.shape}, torch {expected.shape}")
-    diff = float(np.max(np.abs(actual - expected)))
-    shape = inputs["input_ids"].shape
-    if not np.isfinite(diff) or diff > atol:
-        raise EdgeFMError(
-            f"parity check failed: ONNX and torch logits differ by up to {diff:.3g} (allowed {atol:.1g}) "
-            f"on a batch of {shape[0]} x {shape[1]} tokens; nothing was written"
-        )
-    logger.info("parity: max |ONNX - torch| = %.3g on %d x %d", diff, shape[0], shape[1])
-    return ParityReport(max_abs_diff=diff, atol=atol, batch_size=int(shape[0]), sequence_length=int(shape[1]))
-
-
-def _quantize(src: Path, dst: Path) -> None:
-    """Dynamic int8, per-channel weights, on the un-optimized graph (quantize first, optimize later)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    try:
-        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
-    except Exception as exc:  # onnxruntime.quantization raises assorted types
-        raise EdgeFMError(f"int8 quantization of {src.name} failed: {exc}") from exc
-
-
-def _drift(
-    fp32: Predictor,
-    int8: Predictor,
-    parity_batch: ParityInput,
-    *,
-    texts: Sequence[str] | None,
-    labels: Sequence[int] | None,
-    batch_size: int = 64,
-) -> DriftReport:
-    if texts is None:
-        inputs = _parity_inputs(fp32, parity_batch)
-        a, b = fp32.forward(inputs), int8.forward(inputs)
-    else:
-        a = fp32.logits(list(texts), batch_size=batch_size)
-        b = int8.logits(list(texts), batch_size=batch_size)
-    pa, pb = a.argmax(axis=-1), b.argmax(axis=-1)
-    acc_a = acc_b = None
-    if labels is not None:
-        gold = np.asarray(labels)
-        acc_a, acc_b = float(np.mean(pa == gold)), float(np.mean(pb == gold))
-    return DriftReport(
-        source="parity_batch" if texts is None else "drift_texts",
-        n=int(a.shape[0]),
-        agreement=float(np.mean(pa == pb)),
-        max_abs_logit_diff=float(np.max(np.abs(a - b))),
-        accuracy_fp32=acc_a,
-        accuracy_int8=acc_b,
-    )

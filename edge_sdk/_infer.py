@@ -112,7 +112,7 @@ class Predictor:
         self.multi_label = multi_label
         self.input_names = tuple(i.name for i in session.get_inputs())
         outputs = [o.name for o in session.get_outputs()]
-        self._output = "logits" if "logits" in outputs else outputs[0]
+        self.output_name = "logits" if "logits" in outputs else outputs[0]
 
     @property
     def quantized(self) -> bool:
@@ -149,7 +149,7 @@ class Predictor:
                 feed[name] = np.zeros_like(ids)
             if feed[name].shape != ids.shape:
                 raise ConfigError(f"{name} has shape {feed[name].shape}, input_ids {ids.shape}")
-        logits = self._session.run([self._output], feed)[0]
+        logits = self._session.run([self.output_name], feed)[0]
         return np.asarray(logits, dtype=np.float32)
 
     def logits(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
@@ -266,7 +266,7 @@ def load(
     unknown = [n for n in predictor.input_names if n not in _SUPPORTED_INPUTS]
     if unknown:
         raise EdgeFMError(f"{model_path} needs inputs this runtime cannot build: {unknown}")
-    out_shape = session.get_outputs()[0].shape
+    out_shape = next(o.shape for o in session.get_outputs() if o.name == predictor.output_name)
     width = out_shape[-1] if out_shape else None
     if isinstance(width, int) and width != len(labels):
         raise EdgeFMError(f"{model_path} outputs {width} logits but {CONFIG_NAME} names {len(labels)} labels")

@@ -2,7 +2,9 @@
 
 Training, fp32 weights and AdamW, P trainable parameters (``../shared/design.md`` section 3)::
 
-    weights 4P + gradients 4P + Adam moments 8P + activations + runtime footprint
+    weights 4P + Adam moments 8P + max(activations, gradients 4P) + transient + runtime footprint
+
+(gradients are freed between steps, so they and a forward pass's activations never coexist).
 
 Activations per post-LN encoder layer (batch b, sequence s, element bytes beta, kept attention width
 d_a = heads x head_dim, kept FFN width d_ff, heads a)::
@@ -38,15 +40,15 @@ __all__ = [
 TRAINING_RUNTIME_BYTES = 415_000_000
 INFERENCE_RUNTIME_BYTES = 55_000_000
 
-# What a training step holds beyond weights, gradients, Adam moments and saved activations: the
-# allocator's retained free blocks, autograd's temporaries (attention scores, gradient buffers of
-# the backward pass) and AdamW's per-parameter temporaries. Fitted to the peak RSS of fresh processes
-# training MiniLM sub-networks (7 shapes, batch 8-64, sequence 32-256: least squares gave
-# 192 MB + 0.13 x activations + 0.8 x weights, within 6 %), then rounded *up* so that the
-# prediction is an upper bound: a budget is a promise that the device does not swap or crash.
-_TRANSIENT_FIXED = 250_000_000
-_TRANSIENT_PER_ACTIVATION = 0.25
-_TRANSIENT_PER_WEIGHT = 1.0
+# Training's peak, measured in fresh processes training MiniLM sub-networks (7 shapes, batch 8-64,
+# sequence 32-256, allocator tuned by ``_alloc.tune_allocator``) is
+#     runtime + weights + Adam moments + max(activations, gradients) + 45..83 MB
+# to within 0.3 % run to run: gradients are freed between steps (``zero_grad(set_to_none=True)``)
+# so they never coexist with a forward pass's saved activations. The fixed part (autograd's and the
+# optimizer's temporaries, tokenized data) is set at the top of that range and a 2 % margin is
+# added, so the prediction is an upper bound: a budget promises the device neither swaps nor dies.
+_TRANSIENT_FIXED = 85_000_000
+_SAFETY = 0.02
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.transient + self.runtime
+        """The peak: gradients and saved activations are not alive at the same time."""
+        return self.runtime + self.weights + self.optimizer + max(self.activations, self.gradients) + self.transient
 
 
 def activation_bytes(spec: SubnetSpec, work: Workload) -> int:
@@ -100,15 +103,14 @@ def training_estimate(spec: SubnetSpec, params: int, work: Workload, runtime: in
     """Peak bytes of training ``spec`` (``params`` trainable fp32 parameters) with AdamW."""
     weights = 4 * params
     activations = activation_bytes(spec, work)
+    held = weights + 8 * params + max(activations, 4 * params) + _TRANSIENT_FIXED
     return MemoryEstimate(
         params=params,
         weights=weights,
         gradients=4 * params,
         optimizer=8 * params,
         activations=activations,
-        transient=int(
-            _TRANSIENT_FIXED + _TRANSIENT_PER_ACTIVATION * activations + _TRANSIENT_PER_WEIGHT * weights
-        ),
+        transient=_TRANSIENT_FIXED + int(_SAFETY * held),
         runtime=runtime,
     )
 

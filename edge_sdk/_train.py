@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._alloc import tune_allocator
+
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "peak_rss_bytes", "proximal_term", "train_local"]
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ class TrainConfig:
     prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss when > 0
     max_grad_norm: float = 1.0
     seed: int = 0
+    tune_allocator: bool = True  # pin glibc's thresholds: smaller, predictable peak memory (_alloc.py)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ def train_local(
     model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]], config: TrainConfig
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` AdamW steps on ``batches`` (dicts with ``labels``)."""
+    if config.tune_allocator:
+        tune_allocator()
     torch.manual_seed(config.seed)
     anchor = (
         {n: p.detach().clone() for n, p in model.named_parameters()} if config.prox_mu > 0 else {}

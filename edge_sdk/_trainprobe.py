@@ -25,7 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-tune-allocator", action="store_true", help="leave glibc's thresholds dynamic")
     args = parser.parse_args(argv)
+
+    from ._alloc import tune_allocator
+
+    if not args.no_tune_allocator:
+        tune_allocator()
 
     import torch
     from safetensors.torch import load_file
@@ -43,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = SubnetSpec.from_json((args.folder / "spec.json").read_text())
     model = build_model(spec, config, load_file(args.folder / "weights.safetensors"))
     data = encode(load_tokenizer(args.tokenizer, args.seq), read_tsv(args.data, limit=args.batch * args.steps))
-    result = train_local(model, iter_batches(data, args.batch, seed=0), TrainConfig(steps=args.steps))
+    result = train_local(model, iter_batches(data, args.batch, seed=0), TrainConfig(steps=args.steps, tune_allocator=not args.no_tune_allocator))
     print(json.dumps({
         "runtime_rss_bytes": runtime,
         "peak_rss_bytes": result.peak_rss_bytes,

