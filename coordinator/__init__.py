@@ -1,5 +1,46 @@
-"""edge-fm coordinator: salience ranking, reordering, budget-matched slicing and aggregation."""
+"""edge-fm coordinator: salience ranking, reordering, budget-matched slicing and aggregation.
+
+The model-scaling core, as plain functions over a :class:`ParentModel` (a pre-trained model's
+family, config, task and state dict)::
+
+    parent = load_parent(resolve_model_dir("all-MiniLM-L6-v2"))
+    parent, salience, _ = reorder(parent, weight_l1(parent))          # function unchanged
+    plan = plan_training(parent, salience, parse_size("1.5GB"), Workload(16, 128))
+    weights = extract(parent, plan.spec)                              # what a device receives
+    parent = aggregate(parent, [ClientUpdate(plan.spec, trained, n)], FedAvg())
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate, merge_deltas
+from ._extract import extract, param_count
+from ._models import resolve_model_dir
+from ._parent import ParentModel, load_parent, parent_from_module
+from ._reorder import Reordering, apply_reordering, plan_reordering, reorder
+from ._salience import Salience, activation_aware, weight_l1
+from ._search import Plan, plan_inference, plan_training
+
+__all__ = [
+    "ClientUpdate",
+    "FedAdam",
+    "FedAvg",
+    "ParentModel",
+    "Plan",
+    "Reordering",
+    "Salience",
+    "ServerOptimizer",
+    "activation_aware",
+    "aggregate",
+    "apply_reordering",
+    "extract",
+    "load_parent",
+    "merge_deltas",
+    "param_count",
+    "parent_from_module",
+    "plan_inference",
+    "plan_reordering",
+    "plan_training",
+    "reorder",
+    "resolve_model_dir",
+    "weight_l1",
+]

@@ -80,7 +80,10 @@ class ServerOptimizer(Protocol):
     name: str
 
     def step(
-        self, weights: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], coverage: Mapping[str, torch.Tensor]
+        self,
+        weights: Mapping[str, torch.Tensor],
+        delta: Mapping[str, torch.Tensor],
+        coverage: Mapping[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
@@ -96,7 +99,10 @@ class FedAvg:
     name: str = "fedavg"
 
     def step(
-        self, weights: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], coverage: Mapping[str, torch.Tensor]
+        self,
+        weights: Mapping[str, torch.Tensor],
+        delta: Mapping[str, torch.Tensor],
+        coverage: Mapping[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         out = dict(weights)
         for n, d in delta.items():
@@ -123,7 +129,10 @@ class FedAdam:
     v: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def step(
-        self, weights: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], coverage: Mapping[str, torch.Tensor]
+        self,
+        weights: Mapping[str, torch.Tensor],
+        delta: Mapping[str, torch.Tensor],
+        coverage: Mapping[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         out = dict(weights)
         for n, d in delta.items():

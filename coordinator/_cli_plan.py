@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, TRAINING_RUNTIME_BYTES, MemoryEstimate, Workload
 from edge_sdk._errors import ConfigError
+from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, TRAINING_RUNTIME_BYTES, MemoryEstimate, Workload
 from edge_sdk._units import format_bytes, parse_size
 
 from ._models import resolve_model_dir
@@ -33,7 +33,9 @@ def add_parser(sub: Any) -> None:
         "training fits the budget, and the larger one whose inference fits.",
     )
     p.add_argument("--model", required=True, help="model folder, or a packaged model name (all-MiniLM-L6-v2)")
-    p.add_argument("--memory", required=True, type=size_arg, help="the device's memory budget, e.g. 1.5GB, 900MiB")
+    p.add_argument(
+        "--memory", required=True, type=size_arg, help="the device's memory budget, e.g. 1.5GB, 900MiB"
+    )
     p.add_argument("--batch", type=int, default=16, help="training batch size (default 16)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     p.add_argument("--infer-batch", type=int, default=1, help="inference batch size (default 1)")
@@ -72,7 +74,10 @@ def _table(title: str, plan: Plan) -> str:
         f"predicted peak {format_bytes(plan.estimate.total)}, salience kept {plan.salience_kept:.0%}",
         f"  {'layer':>5}  {'heads':>9}  {'ffn':>11}",
     ]
-    rows += [f"  {ly.index:>5}  {ly.heads:>4} / {d.num_heads:<2}  {ly.ffn:>5} / {d.ffn:<5}" for ly in plan.spec.layers]
+    rows += [
+        f"  {ly.index:>5}  {ly.heads:>4} / {d.num_heads:<2}  {ly.ffn:>5} / {d.ffn:<5}"
+        for ly in plan.spec.layers
+    ]
     e = plan.estimate
     rows.append(
         f"  memory: weights {format_bytes(e.weights)}, gradients {format_bytes(e.gradients)}, "
@@ -87,26 +92,41 @@ def run(args: argparse.Namespace) -> int:
     parent = load_parent(model_dir)
     parent, salience, _ = reorder(parent, weight_l1(parent))
     train_work = Workload(args.batch, args.seq)
-    training = plan_training(parent, salience, args.memory, train_work, runtime=args.runtime or TRAINING_RUNTIME_BYTES)
+    training = plan_training(
+        parent, salience, args.memory, train_work, runtime=args.runtime or TRAINING_RUNTIME_BYTES
+    )
     inference = plan_inference(
-        parent, salience, args.memory, Workload(args.infer_batch, args.seq), floor=training.spec,
+        parent,
+        salience,
+        args.memory,
+        Workload(args.infer_batch, args.seq),
+        floor=training.spec,
         runtime=INFERENCE_RUNTIME_BYTES,
     )
     if args.json:
-        print(json.dumps({
-            "model": str(model_dir),
-            "budget_bytes": args.memory,
-            "batch": args.batch,
-            "seq": args.seq,
-            "training": plan_dict(training),
-            "inference": plan_dict(inference),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": str(model_dir),
+                    "budget_bytes": args.memory,
+                    "batch": args.batch,
+                    "seq": args.seq,
+                    "training": plan_dict(training),
+                    "inference": plan_dict(inference),
+                },
+                indent=2,
+            )
+        )
         return 0
     d = parent.dims
-    print(f"model {model_dir} ({d.family}: {d.num_layers} layers, {d.num_heads} heads of {d.head_dim}, "
-          f"FFN {d.ffn}, hidden {d.hidden})")
-    print(f"budget {args.memory:,} bytes ({format_bytes(args.memory)}); training batch {args.batch} x sequence {args.seq}; "
-          f"inference batch {args.infer_batch}\n")
+    print(
+        f"model {model_dir} ({d.family}: {d.num_layers} layers, {d.num_heads} heads of {d.head_dim}, "
+        f"FFN {d.ffn}, hidden {d.hidden})"
+    )
+    print(
+        f"budget {args.memory:,} bytes ({format_bytes(args.memory)}); "
+        f"training batch {args.batch} x sequence {args.seq}; inference batch {args.infer_batch}\n"
+    )
     print(_table("training sub-network", training))
     print()
     print(_table("inference sub-network", inference))

@@ -8,7 +8,7 @@ Tables and keys (see ``examples/run.toml`` and ``docs/running.md``):
 
 - ``[model]`` name (folder or packaged name), task, num_labels, seed, salience;
 - ``[federation]`` rounds, fraction, min_devices, device_wait_s, round_deadline_s, strategy,
-  server_lr, beta1, beta2, tau, max_update_norm_ratio;
+  server_lr, beta1, beta2, tau, max_update_norm_ratio, min_margin;
 - ``[training]`` local_steps, lr, batch_size, seq_len, prox_mu;
 - ``[validation]`` (optional) data, limit, batch_size, tokenizer;
 - ``[server]`` host, port, port_file, tls_cert, tls_key, max_connections, chunk_size,
@@ -86,6 +86,9 @@ class FederationConfig:
     beta2: float = 0.99
     tau: float = 1e-3
     max_update_norm_ratio: float = 2.0  # an update's L2 norm may be at most this x what was sent
+    # Planning keeps at least this much of each device's budget in reserve for what the memory model
+    # does not count (a detected budget's own safety margin counts towards it; see FederationEngine).
+    min_margin_bytes: int = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -224,14 +227,14 @@ class _Table:
             raise self.error(key, f"{path} does not exist")
         return path
 
-    def size(self, key: str, default: int) -> int:
+    def size(self, key: str, default: int, *, allow_zero: bool = False) -> int:
         value = self._get(key, default)
         if isinstance(value, str):
             try:
                 return parse_size(value)
             except ConfigError as exc:
                 raise self.error(key, str(exc)) from None
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
             raise self.error(key, f"must be a size such as '1MiB' or a number of bytes, got {value!r}")
         return value
 
@@ -274,6 +277,7 @@ def _federation(t: _Table) -> FederationConfig:
         beta2=t.number("beta2", 0.99, low=0.0, high=0.999999),
         tau=t.number("tau", 1e-3, low=0.0, open_low=True),
         max_update_norm_ratio=t.number("max_update_norm_ratio", 2.0, low=1.0),
+        min_margin_bytes=t.size("min_margin", 128 << 20, allow_zero=True),
     )
     if strategy == "fedavg":
         for key in ("beta1", "beta2", "tau"):

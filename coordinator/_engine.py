@@ -49,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from edge_sdk._errors import ConfigError, EdgeFMError, ProfileError
+from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError, ProfileError
 from edge_sdk._memory import Workload
 from edge_sdk._spec import SubnetSpec
 from edge_sdk._units import format_bytes
@@ -183,6 +183,7 @@ class _Device:
     status: str = "never_seen"  # never_seen | connected | disconnected
     usable_bytes: int = 0
     runtime_bytes: int = 0
+    margin_bytes: int = 0
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     rounds_ok: int = 0
     rounds_failed: int = 0
@@ -215,6 +216,11 @@ def _json_safe(config: Mapping[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(dict(config), default=str))
     assert isinstance(out, dict)
     return out
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer from a received JSON value (0 when absent or malformed)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _width(spec: SubnetSpec) -> str:
@@ -297,8 +303,23 @@ class FederationEngine:
 
     # --------------------------------------------------------------------------------- devices
 
-    def plan_for(self, usable_bytes: int) -> Plan:
-        """The sub-network a device with ``usable_bytes`` trains (BudgetError when none fits)."""
+    def planning_bytes(self, usable_bytes: int, margin_bytes: int = 0) -> int:
+        """What planning may spend of a device's usable budget.
+
+        A device whose budget already set ``margin_bytes`` aside (a detected budget) loses nothing more;
+        one that did not (``--memory-budget``: margin 0) keeps ``min_margin_bytes`` in reserve for what
+        the memory model does not count.
+        """
+        return usable_bytes - max(0, self.federation.min_margin_bytes - max(0, margin_bytes))
+
+    def plan_for(self, usable_bytes: int, margin_bytes: int = 0) -> Plan:
+        """The sub-network a device with this budget trains (BudgetError when none fits)."""
+        usable_bytes = self.planning_bytes(usable_bytes, margin_bytes)
+        if usable_bytes <= 0:
+            raise BudgetError(
+                "no sub-network fits: the budget is below the safety margin of"
+                f" {format_bytes(self.federation.min_margin_bytes)}"
+            )
         with self._lock:
             plan = self._plans.get(usable_bytes)
             if plan is None:
@@ -316,11 +337,9 @@ class FederationEngine:
         usable = budget.get("usable") if isinstance(budget, Mapping) else None
         if isinstance(usable, bool) or not isinstance(usable, int) or usable <= 0:
             raise ProfileError(f"device {device_id!r}: the Hello profile has no positive budget.usable")
-        runtime = budget.get("runtime_footprint", 0) if isinstance(budget, Mapping) else 0
-        runtime = (
-            runtime if isinstance(runtime, int) and not isinstance(runtime, bool) and runtime >= 0 else 0
-        )
-        plan = self.plan_for(usable)
+        assert isinstance(budget, Mapping)
+        runtime, margin = (_count(budget.get(key)) for key in ("runtime_footprint", "margin"))
+        plan = self.plan_for(usable, margin)
         device_info = profile.get("device")
         summary: dict[str, Any] = {}
         if isinstance(device_info, Mapping):
@@ -337,6 +356,7 @@ class FederationEngine:
         with self._lock:
             record = self._devices.setdefault(device_id, _Device(device_id))
             record.usable_bytes, record.runtime_bytes, record.summary = usable, runtime, summary
+            record.margin_bytes = margin
             record.status = "connected"
         logger.info(
             "device %s admitted: budget %s usable (runtime %s), will train %.2fM params (%s)",
@@ -407,7 +427,8 @@ class FederationEngine:
             orders: dict[str, TrainOrder] = {}
             norms: dict[SubnetSpec, tuple[dict[str, np.ndarray], float]] = {}
             for device_id in chosen:
-                plan = self.plan_for(self._devices[device_id].usable_bytes)
+                record = self._devices[device_id]
+                plan = self.plan_for(record.usable_bytes, record.margin_bytes)
                 if plan.spec not in norms:
                     tensors = torch_to_numpy(extract(self._parent, plan.spec))
                     norms[plan.spec] = (tensors, check_tensor_values(tensors, what="global sub-network"))

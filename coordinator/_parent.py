@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,25 @@ class ParentModel:
 
 def parent_from_module(model: nn.Module, task: str | None = None) -> ParentModel:
     """Wrap an in-memory HF task model (tests build tiny random ones this way)."""
-    config = model.config.to_dict()  # type: ignore[operator]
+    config: dict[str, Any] = model.config.to_dict()  # type: ignore[union-attr,operator]
     family = family_for(config)
     task = task or default_task(family)
     family.layers_of(task)  # raises when the family has no such head
     state = {name: t.detach().clone() for name, t in model.state_dict().items()}
     return ParentModel(family, config, task, state)
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def load_parent(
@@ -80,9 +94,10 @@ def load_parent(
     if class_name is None:
         raise SpecError(f"the {family.name} family has no {task!r} head")
     torch.manual_seed(seed)
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
-    model = getattr(transformers, class_name).from_pretrained(
-        path, num_labels=num_labels, use_safetensors=True, local_files_only=True
-    )
+    with _quiet("transformers.modeling_utils", "transformers.integrations.tensor_parallel"):
+        # (a new classifier head is expected here, not news; nor is the tensor-parallel plan)
+        model = getattr(transformers, class_name).from_pretrained(
+            path, num_labels=num_labels, use_safetensors=True, local_files_only=True
+        )
     logger.info("loaded %s (%s, %d parameters)", path, class_name, sum(p.numel() for p in model.parameters()))
     return parent_from_module(model, task)

@@ -13,6 +13,7 @@ tensor and applied with a single ``index_select``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -48,13 +49,17 @@ def _within_head(score: torch.Tensor, head_order: torch.Tensor, heads: int, d: i
     return (base + dim_order)[head_order].reshape(-1)
 
 
+def _weight(parent: ParentModel, layer: int, module: str) -> torch.Tensor:
+    return parent.layer_tensor(layer, module).float()
+
+
 def plan_reordering(parent: ParentModel, salience: Salience) -> Reordering:
     """The permutations that sort heads and neurons by ``salience`` (dims inside heads by weight L1)."""
     dims, lm = parent.dims, parent.family.layer
     a, d = dims.num_heads, dims.head_dim
     layers = []
     for i in range(dims.num_layers):
-        w = lambda module: parent.layer_tensor(i, module).float()  # noqa: E731
+        w = functools.partial(_weight, parent, i)
         head_order = salience.heads[i].argsort(descending=True, stable=True)  # [a]
         qk_score = (w(lm.query).abs().sum(dim=1) + w(lm.key).abs().sum(dim=1)) / 2  # [a*d]
         vo_score = w(lm.value).abs().sum(dim=1) + w(lm.output).abs().sum(dim=0)  # [a*d]

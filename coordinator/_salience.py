@@ -55,7 +55,10 @@ def weight_l1(parent: ParentModel) -> Salience:
     dims, lm = parent.dims, parent.family.layer
     head_scores, ffn_scores = [], []
     for i in range(dims.num_layers):
-        w = lambda module: parent.layer_tensor(i, module).float()  # noqa: E731
+
+        def w(module: str, i: int = i) -> torch.Tensor:
+            return parent.layer_tensor(i, module).float()
+
         heads = sum(_head_blocks(w(m), dims.num_heads, 0) for m in (lm.query, lm.key, lm.value))
         heads = heads + _head_blocks(w(lm.output), dims.num_heads, 1)
         head_scores.append(heads)
@@ -81,6 +84,7 @@ def activation_aware(parent: ParentModel, batches: Iterable[Mapping[str, Any]]) 
     dims, lm = parent.dims, parent.family.layer
     model = _rebuild(parent)
     layers = model.get_submodule(parent.layers_path)
+    assert isinstance(layers, nn.ModuleList)
     head_sum = torch.zeros(dims.num_layers, dims.num_heads, dtype=torch.float64)
     ffn_sum = torch.zeros(dims.num_layers, dims.ffn, dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
@@ -95,13 +99,17 @@ def activation_aware(parent: ParentModel, batches: Iterable[Mapping[str, Any]]) 
         w_o = parent.layer_tensor(i, lm.output).float()  # [hidden, heads*d]
         w_down_norm = parent.layer_tensor(i, lm.down).float().norm(dim=0)  # [ffn]
 
-        def on_output(_m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i, w_o: torch.Tensor = w_o) -> None:
+        def on_output(
+            _m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i, w_o: torch.Tensor = w_o
+        ) -> None:
             ctx = keep(args[0]).reshape(-1, dims.num_heads, dims.head_dim)  # [t, heads, d]
             w = w_o.reshape(w_o.shape[0], dims.num_heads, dims.head_dim)  # [hidden, heads, d]
             contrib = torch.einsum("thd,ohd->tho", ctx, w)  # [t, heads, hidden]
             head_sum[i] += contrib.norm(dim=2).sum(dim=0).double()
 
-        def on_down(_m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i, n: torch.Tensor = w_down_norm) -> None:
+        def on_down(
+            _m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i, n: torch.Tensor = w_down_norm
+        ) -> None:
             act = keep(args[0])  # [t, ffn]
             ffn_sum[i] += (act.abs().sum(dim=0) * n).double()
             if i == 0:

@@ -83,7 +83,13 @@ def _with_layer(spec: SubnetSpec, index: int, **change: int) -> SubnetSpec:
 
 
 def _search(
-    parent: ParentModel, salience: Salience, budget: int, estimate: Estimator, floor: SubnetSpec | None, what: str
+    parent: ParentModel,
+    salience: Salience,
+    budget: int,
+    estimate: Estimator,
+    *,
+    floor: SubnetSpec | None,
+    what: str,
 ) -> Plan:
     dims = parent.dims
     full = SubnetSpec.full(dims)
@@ -93,7 +99,9 @@ def _search(
 
     # Fixed byte cost of one head / one FFN block in each layer (memory is linear in both).
     full_total = total(full)
-    head_cost = [full_total - total(_with_layer(full, i, heads=dims.num_heads - 1)) for i in range(dims.num_layers)]
+    head_cost = [
+        full_total - total(_with_layer(full, i, heads=dims.num_heads - 1)) for i in range(dims.num_layers)
+    ]
     ffn_cost = [full_total - total(_with_layer(full, i, ffn=dims.ffn - step)) for i in range(dims.num_layers)]
     low = {layer.index: layer for layer in floor.layers} if floor else {}
     min_heads = [low[i].heads if i in low else 1 for i in range(dims.num_layers)]
@@ -101,7 +109,7 @@ def _search(
 
     heads = [dims.num_heads] * dims.num_layers
     ffn = [dims.ffn] * dims.num_layers
-    current = full_total
+    current = float(full_total)
     heap: list[tuple[float, int, str]] = []
 
     def loss(fractions: torch.Tensor, keep_now: int, keep_after: int) -> float:
@@ -136,7 +144,9 @@ def _search(
     params = param_count(parent, spec)
     est = estimate(spec, params)
     if est.total > budget:
-        smallest = "the training sub-network" if floor else "the smallest sub-network (1 head, 1 FFN block a layer)"
+        smallest = (
+            "the training sub-network" if floor else "the smallest sub-network (1 head, 1 FFN block a layer)"
+        )
         raise BudgetError(
             f"no {what} sub-network of {dims.family} fits {format_bytes(budget)}: {smallest} needs "
             f"{format_bytes(est.total)} ({format_bytes(est.runtime)} of it the runtime itself)"
@@ -152,11 +162,21 @@ def _search(
 
 
 def plan_training(
-    parent: ParentModel, salience: Salience, budget: int, work: Workload, *, runtime: int = TRAINING_RUNTIME_BYTES
+    parent: ParentModel,
+    salience: Salience,
+    budget: int,
+    work: Workload,
+    *,
+    runtime: int = TRAINING_RUNTIME_BYTES,
 ) -> Plan:
     """The sub-network whose training (AdamW, fp32) fits ``budget`` bytes and keeps the most salience."""
     return _search(
-        parent, salience, budget, lambda spec, p: training_estimate(spec, p, work, runtime), None, "trainable"
+        parent,
+        salience,
+        budget,
+        lambda spec, p: training_estimate(spec, p, work, runtime),
+        floor=None,
+        what="trainable",
     )
 
 
@@ -171,5 +191,10 @@ def plan_inference(
 ) -> Plan:
     """The largest sub-network whose inference fits ``budget``, never smaller than ``floor``."""
     return _search(
-        parent, salience, budget, lambda spec, p: inference_estimate(spec, p, work, runtime), floor, "servable"
+        parent,
+        salience,
+        budget,
+        lambda spec, p: inference_estimate(spec, p, work, runtime),
+        floor=floor,
+        what="servable",
     )

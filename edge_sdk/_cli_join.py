@@ -66,6 +66,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._alloc import tune_allocator
+
+    tune_allocator()  # before anything large is allocated (see edge_sdk._alloc)
     from ._client import DeviceOptions, EdgeDevice
     from ._data import read_tsv
     from ._runner import TextDataset

@@ -11,10 +11,12 @@ Python API (the user brings the data, and optionally the training function)::
     tasks_done = device.run()                                       # blocks until the run is complete
 
 On start the device detects its profile and memory budget (``detect_profile`` + ``compute_budget``,
-or ``memory_budget`` / ``profile_name``) after importing its whole runtime, so that the budget's
-runtime footprint covers it; the Hello carries ``{"device": profile, "budget": budget}``. Tasks run in
-a worker thread (keepalive pings keep being answered); the update is the full trained weights, with
-the measured peak RSS (``VmHWM`` at the end of training) and the median step time.
+or ``memory_budget`` / ``profile_name``) after importing its whole runtime, loading its data and
+tokenizer and running one tiny training step (autograd's and the kernels' lazily made buffers), so
+that the budget's runtime footprint covers them; the Hello carries
+``{"device": profile, "budget": budget}``. Tasks run in a worker thread (keepalive pings keep being
+answered); the update is the full trained weights, with the measured peak RSS (``VmHWM`` at the end
+of training) and the median step time.
 
 Connections: ``Authorization: Bearer <token>``, TLS for ``wss://`` (``ca_file`` to trust a private
 CA or a self-signed certificate), frames bounded by the protocol's limits, no compression. When the
@@ -46,7 +48,7 @@ from . import __version__
 from ._backoff import Backoff
 from ._closecodes import STOP_CODES
 from ._errors import BudgetError, ConfigError, EdgeFMError, ProtocolError
-from ._runner import BatchSource, TaskCancelledError, TaskRunner, TrainFn
+from ._runner import BatchSource, TaskCancelledError, TaskRunner, TrainFn, warm_up
 from ._units import format_bytes
 from .protocol import (
     ByeReceived,
@@ -145,15 +147,18 @@ class EdgeDevice:
     def hello_profile(self) -> dict[str, Any]:
         """``{"device": DeviceProfile.to_dict(), "budget": MemoryBudget.to_dict()}``, detected once."""
         if self._profile is None:
+            from ._alloc import tune_allocator
             from ._budget import compute_budget
             from ._profile import detect_profile
 
+            tune_allocator()  # first: the memory model's figures assume it (see _alloc)
             if self.options.threads:
                 import torch
 
                 torch.set_num_threads(self.options.threads)
             for module in RUNTIME_MODULES:
                 importlib.import_module(module)
+            warm_up()
             profile = detect_profile(runtime_modules=RUNTIME_MODULES, probe=self.options.probe)
             budget = compute_budget(
                 profile, override=self.options.memory_budget, named_profile=self.options.profile_name

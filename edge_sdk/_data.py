@@ -35,12 +35,16 @@ def read_tsv(path: str | Path, *, limit: int | None = None) -> list[TextExample]
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         fields = set(reader.fieldnames or ())
         if "label" not in fields or not ({"sentence"} <= fields or {"sentence1", "sentence2"} <= fields):
-            raise ConfigError(f"{path}: expected columns label+sentence or sentence1+sentence2+label, got {fields}")
+            raise ConfigError(
+                f"{path}: expected columns label+sentence or sentence1+sentence2+label, got {fields}"
+            )
         for row in reader:
             try:
                 label = int(row["label"])
             except (TypeError, ValueError):
-                raise ConfigError(f"{path}: line {reader.line_num}: label {row['label']!r} is not an integer") from None
+                raise ConfigError(
+                    f"{path}: line {reader.line_num}: label {row['label']!r} is not an integer"
+                ) from None
             if "sentence" in row:
                 out.append(TextExample(row["sentence"], label))
             else:
@@ -93,8 +97,11 @@ def encode(tokenizer, examples: Sequence[TextExample]) -> Encoded:  # type: igno
     )
 
 
-def iter_batches(data: Encoded, batch_size: int, *, seed: int, shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches of exactly ``batch_size`` rows (reshuffled each pass) when ``shuffle``; else one pass."""
+def iter_batches(
+    data: Encoded, batch_size: int, *, seed: int, shuffle: bool = True
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches of exactly ``batch_size`` rows (reshuffled each pass) when ``shuffle``;
+    else one pass in order."""
     n = len(data)
     rng = random.Random(seed)
     while True:

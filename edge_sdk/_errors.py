@@ -11,6 +11,8 @@ __all__ = [
     "BudgetError",
     "ConfigError",
     "EdgeFMError",
+    "ExportError",
+    "ModelLoadError",
     "ProfileError",
     "ProtocolError",
     "SpecError",
@@ -40,6 +42,15 @@ class BudgetError(EdgeFMError, ValueError):
 
 class AggregationError(EdgeFMError, ValueError):
     """A client update cannot be merged (wrong names, shapes, dtypes or non-finite values)."""
+
+
+class ExportError(EdgeFMError):
+    """Exporting a sub-network to ONNX failed: the exporter, the parity check or quantization."""
+
+
+class ModelLoadError(EdgeFMError):
+    """A served model cannot be loaded: a corrupt or unsupported ONNX file, a checksum mismatch,
+    an unreadable tokenizer."""
 
 
 class ProfileError(EdgeFMError, ValueError):

@@ -140,7 +140,7 @@ def export_onnx(
     ``method``: ``"optimum"`` (``onnx_export_from_model``), ``"torch"`` (``torch.onnx.export``,
     ``dynamo=False``) or ``"auto"`` (optimum, falling back to torch when it cannot export the model).
 
-    Raises :class:`ConfigError` for bad arguments (before any work) and :class:`EdgeFMError` when the
+    Raises :class:`ConfigError` for bad arguments (before any work) and :class:`ExportError` when the
     export fails or its logits differ from torch by more than ``parity_atol``.
     """
     started = time.perf_counter()

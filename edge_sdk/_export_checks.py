@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from ._errors import EdgeFMError
+from ._errors import ExportError
 from ._export_graph import input_names
 from ._infer import Predictor
 
@@ -92,16 +92,16 @@ def torch_logits(model: PreTrainedModel, inputs: Mapping[str, np.ndarray]) -> np
 
 
 def check_parity(model: PreTrainedModel, fp32: Predictor, batch: ParityInput, atol: float) -> ParityReport:
-    """Raise :class:`EdgeFMError` unless max |ONNX - torch| over the batch's logits is <= ``atol``."""
+    """Raise :class:`ExportError` unless max |ONNX - torch| over the batch's logits is <= ``atol``."""
     inputs = parity_inputs(fp32, batch)
     expected = torch_logits(model, inputs)
     actual = fp32.forward(inputs)
     if actual.shape != expected.shape:
-        raise EdgeFMError(f"parity check failed: ONNX logits {actual.shape}, torch {expected.shape}")
+        raise ExportError(f"parity check failed: ONNX logits {actual.shape}, torch {expected.shape}")
     diff = float(np.max(np.abs(actual - expected)))
     shape = inputs["input_ids"].shape
     if not np.isfinite(diff) or diff > atol:
-        raise EdgeFMError(
+        raise ExportError(
             f"parity check failed: ONNX and torch logits differ by up to {diff:.3g} (allowed {atol:.1g}) "
             f"on a batch of {shape[0]} x {shape[1]} tokens; nothing was written"
         )
@@ -116,7 +116,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     try:
         quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
     except Exception as exc:  # onnxruntime.quantization raises assorted types
-        raise EdgeFMError(f"int8 quantization of {src.name} failed: {exc}") from exc
+        raise ExportError(f"int8 quantization of {src.name} failed: {exc}") from exc
 
 
 def measure_drift(

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from ._errors import EdgeFMError
+from ._errors import ExportError
 from ._infer import MODEL_FP32
 
 __all__ = ["ExportMethod", "export_graph", "export_optimum", "export_torch", "input_names"]
@@ -47,7 +47,7 @@ def export_graph(
             return "optimum"
         except Exception as exc:  # optimum raises ValueError/KeyError/RuntimeError for models it cannot do
             if method == "optimum":
-                raise EdgeFMError(f"optimum could not export {type(model).__name__}: {exc}") from exc
+                raise ExportError(f"optimum could not export {type(model).__name__}: {exc}") from exc
             logger.warning(
                 "optimum could not export %s (%s); using torch.onnx.export", type(model).__name__, exc
             )
@@ -55,7 +55,7 @@ def export_graph(
     try:
         export_torch(model, path, opset)
     except Exception as exc:  # torch.onnx raises many types (OnnxExporterError, RuntimeError, ...)
-        raise EdgeFMError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc
+        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc
     return "torch"
 
 
@@ -76,11 +76,11 @@ def export_optimum(model: PreTrainedModel, path: Path, opset: int, scratch_paren
         model.eval()
         written = scratch / MODEL_FP32
         if not written.is_file():
-            raise EdgeFMError(
+            raise ExportError(
                 f"optimum wrote no {MODEL_FP32} (got {sorted(p.name for p in scratch.iterdir())})"
             )
         if any(scratch.glob("*.onnx_data")):
-            raise EdgeFMError("the exported graph uses external data (> 2 GB): not supported")
+            raise ExportError("the exported graph uses external data (> 2 GB): not supported")
         os.replace(written, path)
     finally:
         model.config._name_or_path = name_or_path

@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from ._errors import ConfigError, EdgeFMError
+from ._errors import ConfigError, ModelLoadError
 
 __all__ = [
     "CONFIG_NAME",
@@ -265,11 +265,11 @@ def load(
     )
     unknown = [n for n in predictor.input_names if n not in _SUPPORTED_INPUTS]
     if unknown:
-        raise EdgeFMError(f"{model_path} needs inputs this runtime cannot build: {unknown}")
+        raise ModelLoadError(f"{model_path} needs inputs this runtime cannot build: {unknown}")
     out_shape = next(o.shape for o in session.get_outputs() if o.name == predictor.output_name)
     width = out_shape[-1] if out_shape else None
     if isinstance(width, int) and width != len(labels):
-        raise EdgeFMError(f"{model_path} outputs {width} logits but {CONFIG_NAME} names {len(labels)} labels")
+        raise ModelLoadError(f"{model_path} outputs {width} logits but {CONFIG_NAME} names {len(labels)} labels")
     logger.debug("loaded %r", predictor)
     return predictor
 
@@ -314,7 +314,7 @@ def _verify(manifest: Mapping[str, Any], paths: Sequence[Path]) -> None:
             continue
         actual = sha256_file(path)
         if actual != entry["sha256"]:
-            raise EdgeFMError(
+            raise ModelLoadError(
                 f"{path} is corrupt: sha256 {actual[:12]}... differs from the manifest's "
                 f"{str(entry['sha256'])[:12]}... (re-export or re-download the model)"
             )
@@ -365,7 +365,7 @@ def _load_tokenizer(path: Path, max_length: int) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
-        raise EdgeFMError(f"cannot load the tokenizer {path}: {exc}") from exc
+        raise ModelLoadError(f"cannot load the tokenizer {path}: {exc}") from exc
     padding = tokenizer.padding or {}
     pad_id = int(padding.get("pad_id", 0))
     pad_token = str(padding.get("pad_token", ""))
@@ -393,4 +393,4 @@ def _session(model_path: Path, threads: int | None) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind exception types (InvalidProtobuf, Fail...)
-        raise EdgeFMError(f"cannot load ONNX model {model_path} (corrupt or unsupported): {exc}") from exc
+        raise ModelLoadError(f"cannot load ONNX model {model_path} (corrupt or unsupported): {exc}") from exc

@@ -114,7 +114,9 @@ class SubnetSpec:
         """True when every coordinate ``other`` keeps is kept here too (nested prefixes)."""
         mine = {layer.index: layer for layer in self.layers}
         return self.parent == other.parent and all(
-            layer.index in mine and mine[layer.index].heads >= layer.heads and mine[layer.index].ffn >= layer.ffn
+            layer.index in mine
+            and mine[layer.index].heads >= layer.heads
+            and mine[layer.index].ffn >= layer.ffn
             for layer in other.layers
         )
 

@@ -61,7 +61,9 @@ def peak_rss_bytes() -> int:
 
 def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's ``mu/2 * sum ||w - w_anchor||^2`` over the trainable parameters named in ``anchor``."""
-    terms = [((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad and n in anchor]
+    terms = [
+        ((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad and n in anchor
+    ]
     if not terms:
         return torch.zeros(())
     return 0.5 * mu * torch.stack(terms).sum()
@@ -78,9 +80,7 @@ def train_local(
     if config.tune_allocator:
         tune_allocator()
     torch.manual_seed(config.seed)
-    anchor = (
-        {n: p.detach().clone() for n, p in model.named_parameters()} if config.prox_mu > 0 else {}
-    )
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if config.prox_mu > 0 else {}
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
@@ -114,7 +114,9 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]]) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]]
+) -> dict[str, float]:
     """Accuracy and mean loss over one pass of ``batches``."""
     model.eval()
     correct = total = 0

@@ -48,15 +48,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime = peak_rss_bytes()
     spec = SubnetSpec.from_json((args.folder / "spec.json").read_text())
     model = build_model(spec, config, load_file(args.folder / "weights.safetensors"))
-    data = encode(load_tokenizer(args.tokenizer, args.seq), read_tsv(args.data, limit=args.batch * args.steps))
-    result = train_local(model, iter_batches(data, args.batch, seed=0), TrainConfig(steps=args.steps, tune_allocator=not args.no_tune_allocator))
-    print(json.dumps({
-        "runtime_rss_bytes": runtime,
-        "peak_rss_bytes": result.peak_rss_bytes,
-        "loss": result.loss,
-        "step_time_s": result.step_time_s,
-        "params": sum(p.numel() for p in model.parameters()),
-    }))
+    data = encode(
+        load_tokenizer(args.tokenizer, args.seq), read_tsv(args.data, limit=args.batch * args.steps)
+    )
+    result = train_local(
+        model,
+        iter_batches(data, args.batch, seed=0),
+        TrainConfig(steps=args.steps, tune_allocator=not args.no_tune_allocator),
+    )
+    print(
+        json.dumps(
+            {
+                "runtime_rss_bytes": runtime,
+                "peak_rss_bytes": result.peak_rss_bytes,
+                "loss": result.loss,
+                "step_time_s": result.step_time_s,
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    )
     return 0
 
 

@@ -29,7 +29,9 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
         )
     elif family == "distilbert":
         model = transformers.DistilBertForSequenceClassification(
-            transformers.DistilBertConfig(vocab_size=50, num_labels=3, dim=32, n_heads=4, hidden_dim=48, n_layers=3)
+            transformers.DistilBertConfig(
+                vocab_size=50, num_labels=3, dim=32, n_heads=4, hidden_dim=48, n_layers=3
+            )
         )
     elif family == "vit":
         model = transformers.ViTForImageClassification(

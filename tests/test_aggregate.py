@@ -17,11 +17,15 @@ UP = "bert.encoder.layer.0.intermediate.dense.weight"  # [48, 32]: rows are neur
 
 def zero_parent() -> ParentModel:
     parent = tiny_parent("bert")
-    return parent.with_state({n: torch.zeros_like(t) if t.is_floating_point() else t for n, t in parent.state.items()})
+    return parent.with_state(
+        {n: torch.zeros_like(t) if t.is_floating_point() else t for n, t in parent.state.items()}
+    )
 
 
 def filled(parent: ParentModel, spec: SubnetSpec, value: float, n: int) -> ClientUpdate:
-    weights = {k: torch.full_like(t, value) if t.is_floating_point() else t for k, t in extract(parent, spec).items()}
+    weights = {
+        k: torch.full_like(t, value) if t.is_floating_point() else t for k, t in extract(parent, spec).items()
+    }
     return ClientUpdate(spec, weights, n)
 
 
@@ -34,7 +38,10 @@ def test_full_coverage_with_equal_samples_is_plain_fedavg() -> None:
     full = SubnetSpec.full(parent.dims)
     clients = []
     for k in range(3):
-        w = {n: t + (k + 1) * torch.randn_like(t) if t.is_floating_point() else t for n, t in extract(parent, full).items()}
+        w = {
+            n: t + (k + 1) * torch.randn_like(t) if t.is_floating_point() else t
+            for n, t in extract(parent, full).items()
+        }
         clients.append(ClientUpdate(full, w, 10))
     merged = aggregate(parent, clients)
     for name in floats(parent):

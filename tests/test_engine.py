@@ -34,7 +34,7 @@ def ranked_parent() -> tuple[ParentModel, object]:
 
 def make_engine(names: list[str], **federation: object) -> FederationEngine:
     parent, salience = ranked_parent()
-    fed = FederationConfig(**{"rounds": 3, "min_devices": 1, **federation})  # type: ignore[arg-type]
+    fed = FederationConfig(**{"rounds": 3, "min_devices": 1, "min_margin_bytes": 0, **federation})  # type: ignore[arg-type]
     return FederationEngine(parent, salience, fed, TRAINING, devices=names, seed=7)  # type: ignore[arg-type]
 
 
@@ -120,6 +120,20 @@ def test_each_device_gets_the_largest_sub_network_its_budget_trains() -> None:
         assert order.settings.local_steps == TRAINING.local_steps
         assert order.settings.batch_size == 4 and order.settings.seq_len == 16
         assert set(order.tensors) <= set(engine.parent.state)
+
+
+def test_planning_keeps_a_margin_unless_the_device_already_did() -> None:
+    engine = make_engine(["override", "detected"], min_margin_bytes=100_000_000)
+    dims = engine.parent.dims
+    usable = budget_for(engine, SubnetSpec.uniform(dims, heads=2, ffn=dims.ffn)) + 100_000_000
+    assert engine.planning_bytes(usable, 0) == usable - 100_000_000  # --memory-budget: no margin taken yet
+    assert engine.planning_bytes(usable, 150_000_000) == usable  # a detected budget already set it aside
+    assert engine.planning_bytes(usable, 30_000_000) == usable - 70_000_000
+    override = engine.admit("override", hello(usable))
+    detected = engine.admit("detected", {"budget": {"usable": usable, "margin": 150_000_000}})
+    assert override.estimate.total <= usable - 100_000_000 < detected.estimate.total <= usable
+    with pytest.raises(BudgetError, match="safety margin"):
+        engine.admit("override", hello(50_000_000))
 
 
 def test_a_budget_that_fits_nothing_or_no_budget_refuses_the_device() -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from edge_sdk import ConfigError, EdgeFMError, _export_graph
+from edge_sdk import ConfigError, ExportError, _export_graph
 from edge_sdk._export import ExportReport, export_onnx
 from edge_sdk._infer import load, sha256_file
 
@@ -174,7 +174,7 @@ def test_auto_falls_back_to_torch_for_an_architecture_optimum_does_not_know(
     assert report.exporter == "torch" and report.parity.max_abs_diff <= 1e-4
     assert any("optimum could not export" in r.message for r in caplog.records)
     assert model.training  # the caller's mode is restored (the exporters leave it in training mode)
-    with pytest.raises(EdgeFMError, match="optimum could not export"):
+    with pytest.raises(ExportError, match="optimum could not export"):
         export_onnx(model, MINILM, tmp_path / "other", parity_batch=TEXTS, max_length=64, method="optimum")
     assert not (tmp_path / "other").exists()
 
@@ -195,7 +195,7 @@ def test_failed_parity_keeps_the_previous_model_and_leaves_nothing_behind(
         real_export(skewed, path, opset)
 
     monkeypatch.setattr(_export_graph, "export_torch", export_a_different_model)
-    with pytest.raises(EdgeFMError, match=r"parity check failed: .* differ by up to 0\.01"):
+    with pytest.raises(ExportError, match=r"parity check failed: .* differ by up to 0\.01"):
         export_onnx(
             tiny, MINILM, out, parity_batch=TEXTS, method="torch", quantize=True, manifest_extra={"round": 2}
         )
@@ -203,7 +203,7 @@ def test_failed_parity_keeps_the_previous_model_and_leaves_nothing_behind(
     assert json.loads((out / "edge_manifest.json").read_text())["round"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["served"]  # no temporary or old folders left
 
-    with pytest.raises(EdgeFMError, match="parity check failed"):
+    with pytest.raises(ExportError, match="parity check failed"):
         export_onnx(tiny, MINILM, tmp_path / "fresh", parity_batch=TEXTS, method="torch")
     assert [p.name for p in tmp_path.iterdir()] == ["served"]
 

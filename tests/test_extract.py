@@ -43,13 +43,17 @@ def _labels(family: str, n: int) -> torch.Tensor:
         (LayerSpec(1, 1, 1),),  # the smallest
     ],
 )
-def test_subnetworks_build_with_their_shapes_and_train_a_step(family: str, layers: tuple[LayerSpec, ...]) -> None:
+def test_subnetworks_build_with_their_shapes_and_train_a_step(
+    family: str, layers: tuple[LayerSpec, ...]
+) -> None:
     parent = tiny_parent(family)
     spec = SubnetSpec(parent.dims, layers)
     weights = extract(parent, spec)
     model = build_model(spec, parent.config, weights)
-    assert sum(p.numel() for p in model.parameters()) == param_count(parent, spec) < param_count(
-        parent, SubnetSpec.full(parent.dims)
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == param_count(parent, spec)
+        < param_count(parent, SubnetSpec.full(parent.dims))
     )
     inputs = tiny_inputs(family, batch=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

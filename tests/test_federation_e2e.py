@@ -1,14 +1,17 @@
 """End to end: a coordinator and three devices as separate processes on 127.0.0.1, the real MiniLM.
 
 What "within budget" compares. A device reports ``budget.usable``: the bytes that training may take
-*beyond* its runtime footprint (Python, torch, transformers, the tokenized data: its resident set
-measured before any model byte arrived, ``budget.runtime_footprint``). The coordinator plans against
-``usable`` with the memory model's runtime term set to 0. So the test checks, per device and round,
+*beyond* its runtime footprint (Python, torch, transformers, the tokenizer and data, a warm-up step:
+its resident set measured before any model byte arrived, ``budget.runtime_footprint``). The
+coordinator plans against ``usable`` minus the safety margin (``min_margin``, 128 MiB: a
+``--memory-budget`` budget has none of its own) with the memory model's runtime term set to 0. So
+the test checks, per device and round,
 
-    predicted training bytes (memory model, runtime excluded)  <= usable
+    predicted training bytes (memory model, runtime excluded)  <= usable - margin
     measured peak RSS (VmHWM at the end of training) - runtime footprint  <= usable
 
-i.e. both sides of the comparison leave the runtime out, consistently.
+i.e. both sides of the comparison leave the runtime out, consistently; the margin is there because
+the memory model's figure is not an exact bound (see the report in docs/running.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from coordinator._checkpoint import latest_checkpoint, load_checkpoint, state_digest
+from coordinator._config import FederationConfig
 from coordinator._extract import param_count
 from edge_sdk._memory import Workload, training_estimate
 from edge_sdk._spec import SubnetSpec
@@ -33,6 +37,9 @@ pytestmark = pytest.mark.slow
 
 BATCH, SEQ = 8, 64
 TOKENS = {"small": "token-small-1111", "medium": "token-medium-2222", "large": "token-large-3333"}
+
+
+MARGIN = FederationConfig().min_margin_bytes
 
 
 def three_budgets() -> dict[str, int]:
@@ -47,9 +54,9 @@ def three_budgets() -> dict[str, int]:
     smallest = need(SubnetSpec.uniform(dims, heads=1, ffn=dims.ffn // 48))
     full = need(SubnetSpec.full(dims))
     return {
-        "small": int(smallest + 0.3 * (full - smallest)),
-        "medium": int(smallest + 0.65 * (full - smallest)),
-        "large": 2 * full,
+        "small": MARGIN + int(smallest + 0.3 * (full - smallest)),
+        "medium": MARGIN + int(smallest + 0.65 * (full - smallest)),
+        "large": MARGIN + 2 * full,
     }
 
 
@@ -86,7 +93,7 @@ def test_three_devices_train_three_widths_within_their_budgets(tmp_path: Path) -
         assert got["large"]["params_fraction"] == 1.0
         for name, d in got.items():
             assert d["usable_bytes"] == budgets[name]
-            assert d["predicted_bytes"] <= d["usable_bytes"], d
+            assert d["predicted_bytes"] <= d["usable_bytes"] - MARGIN, d
             assert 0 < d["runtime_bytes"] < d["peak_rss_bytes"], d
             assert d["peak_rss_bytes"] - d["runtime_bytes"] <= d["usable_bytes"], (
                 d

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_sdk import ConfigError, EdgeFMError
+from edge_sdk import ConfigError, ModelLoadError
 from edge_sdk._export import export_onnx
 from edge_sdk._infer import Prediction, Predictor, load
 
@@ -136,7 +136,7 @@ def test_missing_tokenizer_or_config(tmp_path: Path, served: Path) -> None:
         load(copy_of(served, tmp_path / "b", without=("config.json",)))
     broken = copy_of(served, tmp_path / "c")
     (broken / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
-    with pytest.raises(EdgeFMError, match="cannot load the tokenizer"):
+    with pytest.raises(ModelLoadError, match="cannot load the tokenizer"):
         load(broken, verify=False)
 
 
@@ -145,15 +145,15 @@ def test_corrupt_onnx_file(tmp_path: Path, served: Path) -> None:
     data = bytearray((flipped / INT8).read_bytes())
     data[len(data) // 2] ^= 0xFF  # one byte in the weights: ONNX Runtime would load it and answer wrongly
     (flipped / INT8).write_bytes(bytes(data))
-    with pytest.raises(EdgeFMError, match=r"model_quantized\.onnx is corrupt: sha256"):
+    with pytest.raises(ModelLoadError, match=r"model_quantized\.onnx is corrupt: sha256"):
         load(flipped)
     assert load(flipped, prefer_quantized=False).model_path.name == FP32  # the other file is intact
 
     truncated = copy_of(served, tmp_path / "truncated", without=(INT8,))
     (truncated / FP32).write_bytes((served / FP32).read_bytes()[:5000])
-    with pytest.raises(EdgeFMError, match="corrupt"):
+    with pytest.raises(ModelLoadError, match="corrupt"):
         load(truncated)  # the manifest's checksum
-    with pytest.raises(EdgeFMError, match=r"cannot load ONNX model .*corrupt or unsupported"):
+    with pytest.raises(ModelLoadError, match=r"cannot load ONNX model .*corrupt or unsupported"):
         load(truncated, verify=False)  # ONNX Runtime's own parse error, wrapped
 
 
@@ -176,7 +176,7 @@ def test_labels_fall_back_and_are_validated(tmp_path: Path, served: Path) -> Non
         load(folder)
     config["id2label"] = {"0": "a", "1": "b", "2": "c"}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(EdgeFMError, match=r"outputs 2 logits but config\.json names 3 labels"):
+    with pytest.raises(ModelLoadError, match=r"outputs 2 logits but config\.json names 3 labels"):
         load(folder)
 
 

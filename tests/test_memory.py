@@ -57,9 +57,27 @@ def test_activation_bytes_within_5_percent_of_what_autograd_saves(layers, batch,
 def run_probe(folder: Path, batch: int, seq: int) -> dict[str, float]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "edge_sdk._trainprobe", str(folder), "--data", str(SST2 / "train.tsv"),
-         "--tokenizer", str(minilm_dir()), "--batch", str(batch), "--seq", str(seq), "--steps", "3"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "edge_sdk._trainprobe",
+            str(folder),
+            "--data",
+            str(SST2 / "train.tsv"),
+            "--tokenizer",
+            str(minilm_dir()),
+            "--batch",
+            str(batch),
+            "--seq",
+            str(seq),
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -25,7 +25,11 @@ def logits(parent: ParentModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor
 def random_salience(parent: ParentModel, seed: int) -> Salience:
     g = torch.Generator().manual_seed(seed)
     d = parent.dims
-    return Salience(torch.rand(d.num_layers, d.num_heads, generator=g), torch.rand(d.num_layers, d.ffn, generator=g), "random")
+    return Salience(
+        torch.rand(d.num_layers, d.num_heads, generator=g),
+        torch.rand(d.num_layers, d.ffn, generator=g),
+        "random",
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -67,7 +71,10 @@ def test_activation_salience_ignores_padding() -> None:
 def test_real_minilm_reordering_keeps_logits() -> None:
     parent = minilm()
     g = torch.Generator().manual_seed(0)
-    inputs = {"input_ids": torch.randint(1000, 30000, (3, 24), generator=g), "attention_mask": torch.ones(3, 24, dtype=torch.long)}
+    inputs = {
+        "input_ids": torch.randint(1000, 30000, (3, 24), generator=g),
+        "attention_mask": torch.ones(3, 24, dtype=torch.long),
+    }
     reordered, _, _ = reorder(parent, weight_l1(parent))
     torch.testing.assert_close(logits(reordered, inputs), logits(parent, inputs), atol=1e-5, rtol=0)
     reordered, _, _ = reorder(parent, activation_aware(parent, [inputs]))

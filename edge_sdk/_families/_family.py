@@ -96,10 +96,15 @@ class Family:
             position, layer = kept[index]
             child = f"{prefix}{position}.{rest}"
             module, _, kind = rest.rpartition(".")
-            out[name] = (child, self._region(module, kind, shape, layer.heads * d, layer.ffn, full))
+            out[name] = (
+                child,
+                self._region(module, kind, shape, attn=layer.heads * d, ffn=layer.ffn, full=full),
+            )
         return out
 
-    def _region(self, module: str, kind: str, shape: tuple[int, ...], attn: int, ffn: int, full: Region) -> Region:
+    def _region(
+        self, module: str, kind: str, shape: tuple[int, ...], *, attn: int, ffn: int, full: Region
+    ) -> Region:
         lm = self.layer
         rows = kind == "bias" or len(shape) == 1
         if module in (lm.query, lm.key, lm.value):
@@ -111,4 +116,3 @@ class Family:
         if module == lm.down and not rows:
             return (slice(None), slice(0, ffn))
         return full
-

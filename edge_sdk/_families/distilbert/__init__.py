@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._family import Family, LayerMap
 
@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 
 def _set_heads(attention: nn.Module, heads: int, head_dim: int) -> None:
     # MultiHeadSelfAttention computes dim_per_head = dim // n_heads (as its prune_heads does).
-    attention.n_heads = heads
-    attention.dim = heads * head_dim
+    module: Any = attention  # plain attributes on the module, not parameters
+    module.n_heads = heads
+    module.dim = heads * head_dim
 
 
 DISTILBERT = Family(

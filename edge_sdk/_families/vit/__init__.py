@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._family import Family, LayerMap
 
@@ -11,8 +11,9 @@ if TYPE_CHECKING:
 
 
 def _set_heads(attention: nn.Module, heads: int, head_dim: int) -> None:
-    attention.num_attention_heads = heads
-    attention.all_head_size = heads * head_dim
+    module: Any = attention  # plain attributes on the module, not parameters
+    module.num_attention_heads = heads
+    module.all_head_size = heads * head_dim
 
 
 VIT = Family(
