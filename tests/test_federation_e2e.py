@@ -3,7 +3,7 @@
 What "within budget" compares. A device reports ``budget.usable``: the bytes that training may take
 *beyond* its runtime footprint (Python, torch, transformers, the tokenizer and data, a warm-up step:
 its resident set measured before any model byte arrived, ``budget.runtime_footprint``). The
-coordinator plans against ``usable`` minus the safety margin (``min_margin``, 128 MiB: a
+coordinator plans against ``usable`` minus the safety margin (``min_margin``, 192 MiB: a
 ``--memory-budget`` budget has none of its own) with the memory model's runtime term set to 0. So
 the test checks, per device and round,
 
@@ -11,7 +11,7 @@ the test checks, per device and round,
     measured peak RSS (VmHWM at the end of training) - runtime footprint  <= usable
 
 i.e. both sides of the comparison leave the runtime out, consistently; the margin is there because
-the memory model's figure is not an exact bound (see the report in docs/running.md).
+the memory model's figure is not an exact bound (docs/running.md, "Memory budget").
 """
 
 from __future__ import annotations
