@@ -24,9 +24,10 @@ from an asyncio loop; a simulator can drive it with in-memory clients the same w
 Rules: a round is sent to ``max(min_devices, ceil(fraction x expected))`` devices (capped at those
 idle), chosen by a seeded draw; ``expected`` counts the devices named at start that have not been
 seen to disconnect. Each device gets the sub-network that :func:`plan_training` finds for the
-``budget.usable`` its Hello profile reports. That figure already excludes the device's runtime
-footprint (Python, torch, the data), so planning counts weights, gradients, optimizer state,
-activations and transients only (``runtime=0``). Updates are full sub-network weights (or deltas),
+``budget.usable`` its Hello profile reports, less a safety margin (``min_margin_bytes``, of which a
+detected budget has already set its own ``budget.margin`` aside). ``usable`` already excludes the
+device's runtime footprint (Python, torch, the data), so planning counts weights, gradients,
+optimizer state, activations and transients only (``runtime=0``). Updates are full sub-network weights (or deltas),
 checked against what was sent and merged per coordinate, sample-weighted (``aggregate``).
 
 All public methods may be called from one thread while :meth:`finish_round` runs in another: its

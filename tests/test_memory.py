@@ -1,16 +1,10 @@
 """The memory model against what autograd saves and against the peak RSS of real training runs."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from coordinator._extract import extract, param_count
+from coordinator._memcheck import measure_training
 from coordinator._reorder import reorder
 from coordinator._salience import weight_l1
 from coordinator._search import plan_training
@@ -54,49 +48,17 @@ def test_activation_bytes_within_5_percent_of_what_autograd_saves(layers, batch,
     assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
 
 
-def run_probe(folder: Path, batch: int, seq: int) -> dict[str, float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge_sdk._trainprobe",
-            str(folder),
-            "--data",
-            str(SST2 / "train.tsv"),
-            "--tokenizer",
-            str(minilm_dir()),
-            "--batch",
-            str(batch),
-            "--seq",
-            str(seq),
-            "--steps",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [1_000_000_000, 1_400_000_000, 1_800_000_000])
-def test_training_peak_rss_is_predicted_and_within_budget(budget: int, tmp_path: Path) -> None:
+def test_training_peak_rss_is_predicted_and_within_budget(budget: int) -> None:
     """A fresh process trains the sub-network the search picked for ``budget``."""
     parent, salience, _ = reorder(minilm(), weight_l1(minilm()))
     work = Workload(batch=32, seq=128)
     plan = plan_training(parent, salience, budget, work)
     assert not plan.spec.is_full  # the budget binds
-    (tmp_path / "spec.json").write_text(plan.spec.to_json())
-    (tmp_path / "config.json").write_text(json.dumps(dict(parent.config)))
-    save_file(extract(parent, plan.spec), tmp_path / "weights.safetensors")
-    measured = run_probe(tmp_path, work.batch, work.seq)
+    measured = measure_training(parent, plan.spec, work, data=SST2 / "train.tsv", tokenizer_dir=minilm_dir())
     predicted = training_estimate(plan.spec, param_count(parent, plan.spec), work).total
-    print(f"budget {budget} predicted {predicted} measured {measured['peak_rss_bytes']}")
-    assert measured["peak_rss_bytes"] <= budget
-    assert abs(predicted - measured["peak_rss_bytes"]) / measured["peak_rss_bytes"] <= 0.15
+    print(f"budget {budget} predicted {predicted} measured {measured.peak_rss_bytes}")
+    assert measured.params == plan.params
+    assert measured.peak_rss_bytes <= budget
+    assert abs(predicted - measured.peak_rss_bytes) / measured.peak_rss_bytes <= 0.15

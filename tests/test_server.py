@@ -359,18 +359,28 @@ def test_the_port_file_names_the_bound_port(tmp_path: Path) -> None:
 
 def test_a_device_that_does_not_answer_in_time_is_left_out_of_the_round(tmp_path: Path) -> None:
     async def main() -> None:
-        async with coordinator(tmp_path, ["slow", "fast"], deadline=1.0) as (srv, running):
-            async with dial(srv, "slow") as slow_ws, dial(srv, "fast") as fast_ws:
-                slow, fast = Device(slow_ws), Device(fast_ws)
-                await slow.hello()
-                await fast.hello()
-                await slow.task()  # ... and never answers
-                received = await fast.task()
-                fast.conn.send_update(task_id=received.task.task_id, tensors=dict(received.tensors), num_samples=2,
-                                      metrics={}, peak_rss_bytes=1, step_time_s=0.1, train_time_s=0.1,
-                                      encoding="weights")
-                await fast.flush()
-                await asyncio.wait_for(running, TIMEOUT)
+        async with (
+            coordinator(tmp_path, ["slow", "fast"], deadline=1.0) as (srv, running),
+            dial(srv, "slow") as slow_ws,
+            dial(srv, "fast") as fast_ws,
+        ):
+            slow, fast = Device(slow_ws), Device(fast_ws)
+            await slow.hello()
+            await fast.hello()
+            await slow.task()  # ... and never answers
+            received = await fast.task()
+            fast.conn.send_update(
+                task_id=received.task.task_id,
+                tensors=dict(received.tensors),
+                num_samples=2,
+                metrics={},
+                peak_rss_bytes=1,
+                step_time_s=0.1,
+                train_time_s=0.1,
+                encoding="weights",
+            )
+            await fast.flush()
+            await asyncio.wait_for(running, TIMEOUT)
 
     run(main())
     (entry,) = load_checkpoint(latest_checkpoint(tmp_path)).history  # type: ignore[arg-type]
