@@ -35,7 +35,8 @@ def main() -> int:
     from edge_sdk._units import format_bytes
 
     model_dir = resolve_model_dir("all-MiniLM-L6-v2")
-    parent, salience, _ = reorder(*[(p, weight_l1(p)) for p in [load_parent(model_dir)]][0])
+    parent = load_parent(model_dir)
+    parent, salience, _ = reorder(parent, weight_l1(parent))
     classes = [dc for dc in list_device_classes() if dc.memory <= 8 * 1024**3]
     work = Workload(args.batch, args.seq)
     print(f"MiniLM training at batch {args.batch} x sequence {args.seq}, {args.steps} steps, fresh process each")
