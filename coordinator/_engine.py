@@ -27,8 +27,9 @@ seen to disconnect. Each device gets the sub-network that :func:`plan_training` 
 ``budget.usable`` its Hello profile reports, less a safety margin (``min_margin_bytes``, of which a
 detected budget has already set its own ``budget.margin`` aside). ``usable`` already excludes the
 device's runtime footprint (Python, torch, the data), so planning counts weights, gradients,
-optimizer state, activations and transients only (``runtime=0``). Updates are full sub-network weights (or deltas),
-checked against what was sent and merged per coordinate, sample-weighted (``aggregate``).
+optimizer state, activations and transients only (``runtime=0``). Updates are full sub-network
+weights (or deltas), checked against what was sent and merged per coordinate, sample-weighted
+(``aggregate``). The records a round hands out and reports live in ``_records``.
 
 All public methods may be called from one thread while :meth:`finish_round` runs in another: its
 heavy part touches only the closed round; state changes happen under a lock.
@@ -45,7 +46,7 @@ import threading
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ from ._checkpoint import EngineState, state_digest
 from ._config import FederationConfig, TrainingConfig
 from ._extract import extract, regions
 from ._parent import ParentModel
+from ._records import DeviceOutcome, RoundSummary, Status, TrainOrder, width_of
 from ._salience import Salience
 from ._search import Plan, plan_training
 
@@ -76,106 +78,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Evaluator = Callable[[ParentModel], Mapping[str, float]]
-Status = Literal["ok", "rejected", "failed", "late", "missing"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainOrder:
-    """One device's task in a round: what the transport sends (TrainTask fields + tensors)."""
-
-    task_id: str
-    device_id: str
-    round: int
-    spec: SubnetSpec
-    params: int
-    params_fraction: float
-    predicted_bytes: int  # the memory model's prediction (runtime excluded) for this workload
-    settings: TrainSettings
-    model_config: Mapping[str, Any]
-    tensors: Mapping[str, np.ndarray]
-    max_update_norm: float
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceOutcome:
-    """What became of one device's task in a round."""
-
-    device_id: str
-    task_id: str
-    status: Status
-    reason: str = ""
-    num_samples: int = 0
-    params: int = 0
-    params_fraction: float = 0.0
-    width: str = ""  # mean heads / FFN kept, e.g. "heads 9.0/12 ffn 1104/1536"
-    predicted_bytes: int = 0
-    usable_bytes: int = 0
-    runtime_bytes: int = 0
-    peak_rss_bytes: int = 0
-    step_time_s: float = 0.0
-    train_loss: float = float("nan")
-    bytes_out: int = 0
-    bytes_in: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["train_loss"] = None if math.isnan(self.train_loss) else self.train_loss
-        return data
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundSummary:
-    """One finished round: who did what, the validation metrics, the traffic, the new weights."""
-
-    round: int
-    rounds: int
-    outcomes: tuple[DeviceOutcome, ...]
-    metrics: Mapping[str, float]
-    weights_digest: str
-
-    @property
-    def aggregated(self) -> int:
-        return sum(1 for o in self.outcomes if o.status == "ok")
-
-    @property
-    def bytes_out(self) -> int:
-        return sum(o.bytes_out for o in self.outcomes)
-
-    @property
-    def bytes_in(self) -> int:
-        return sum(o.bytes_in for o in self.outcomes)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "aggregated": self.aggregated,
-            "metrics": dict(self.metrics),
-            "bytes_out": self.bytes_out,
-            "bytes_in": self.bytes_in,
-            "weights_digest": self.weights_digest,
-            "devices": [o.to_json() for o in self.outcomes],
-        }
-
-    def log_line(self) -> str:
-        acc, loss = self.metrics.get("accuracy"), self.metrics.get("loss")
-        quality = (
-            f"accuracy {acc:.4f} loss {loss:.4f}" if acc is not None and loss is not None else "no validation"
-        )
-        parts = []
-        for o in self.outcomes:
-            if o.status == "ok":
-                parts.append(
-                    f"{o.device_id}: {o.params / 1e6:.2f}M params ({o.params_fraction:.0%}, {o.width}),"
-                    f" peak {format_bytes(o.peak_rss_bytes)}, {o.step_time_s:.3f} s/step"
-                )
-            else:
-                parts.append(f"{o.device_id}: {o.status.upper()} ({o.reason})")
-        return (
-            f"round {self.round}/{self.rounds}: {self.aggregated}/{len(self.outcomes)} updates merged,"
-            f" {quality},"
-            f" sent {format_bytes(self.bytes_out)}, received {format_bytes(self.bytes_in)}; "
-            + "; ".join(parts)
-        )
 
 
 @dataclasses.dataclass
@@ -222,14 +124,6 @@ def _json_safe(config: Mapping[str, Any]) -> dict[str, Any]:
 def _count(value: Any) -> int:
     """A non-negative integer from a received JSON value (0 when absent or malformed)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def _width(spec: SubnetSpec) -> str:
-    heads = sum(layer.heads for layer in spec.layers) / len(spec.layers)
-    ffn = sum(layer.ffn for layer in spec.layers) / len(spec.layers)
-    d = spec.parent
-    depth = "" if len(spec.layers) == d.num_layers else f" layers {len(spec.layers)}/{d.num_layers}"
-    return f"heads {heads:.1f}/{d.num_heads} ffn {ffn:.0f}/{d.ffn}{depth}"
 
 
 class FederationEngine:
@@ -328,6 +222,17 @@ class FederationEngine:
                 self._plans[usable_bytes] = plan
             return plan
 
+    def plan_for_device(self, device_id: str) -> Plan:
+        """The sub-network an admitted device trains: :meth:`plan_for` its budget.
+
+        The one place a round chooses widths: a simulator overrides it to compare width policies
+        (every device the full model, or fixed ratios whatever its memory).
+        """
+        with self._lock:
+            record = self._devices[device_id]
+            usable, margin = record.usable_bytes, record.margin_bytes
+        return self.plan_for(usable, margin)
+
     def admit(self, device_id: str, profile: Mapping[str, Any]) -> Plan:
         """Register a device from its Hello profile (``{"budget": {"usable": ...}, "device": ...}``).
 
@@ -365,7 +270,7 @@ class FederationEngine:
             format_bytes(usable),
             format_bytes(runtime),
             plan.params / 1e6,
-            _width(plan.spec),
+            width_of(plan.spec),
         )
         return plan
 
@@ -428,8 +333,7 @@ class FederationEngine:
             orders: dict[str, TrainOrder] = {}
             norms: dict[SubnetSpec, tuple[dict[str, np.ndarray], float]] = {}
             for device_id in chosen:
-                record = self._devices[device_id]
-                plan = self.plan_for(record.usable_bytes, record.margin_bytes)
+                plan = self.plan_for_device(device_id)
                 if plan.spec not in norms:
                     tensors = torch_to_numpy(extract(self._parent, plan.spec))
                     norms[plan.spec] = (tensors, check_tensor_values(tensors, what="global sub-network"))
@@ -462,7 +366,7 @@ class FederationEngine:
             self.federation.rounds,
             len(orders),
             ", ".join(
-                f"{o.device_id} ({o.params / 1e6:.2f}M params, {_width(o.spec)})" for o in orders.values()
+                f"{o.device_id} ({o.params / 1e6:.2f}M params, {width_of(o.spec)})" for o in orders.values()
             ),
         )
         return list(orders.values())
@@ -508,11 +412,14 @@ class FederationEngine:
         metrics: Mapping[str, float] | None = None,
         peak_rss_bytes: int = 0,
         step_time_s: float = 0.0,
+        values_checked: bool = False,
     ) -> DeviceOutcome:
         """Take a device's trained weights (or delta) for its task; the outcome says if they count.
 
         Late results (round closed or deadline passed), unknown tasks, mismatched tensors, non-finite
         values and non-positive sample counts are refused (status "late" / "rejected"), never merged.
+        ``values_checked``: the transport already checked finite values and the norm bound (the wire
+        protocol does, with ``order.max_update_norm``), so the engine skips that pass over the tensors.
         """
         with self._lock:
             rnd = self._open
@@ -524,7 +431,7 @@ class FederationEngine:
             if task_id in rnd.outcomes:
                 return DeviceOutcome(order.device_id, task_id, "rejected", "this task was already answered")
         try:
-            weights = self._check_update(order, tensors, num_samples, encoding)
+            weights = self._check_update(order, tensors, num_samples, encoding, values_checked)
         except EdgeFMError as exc:
             return self._finish_task(task_id, "rejected", str(exc))
         metrics = metrics or {}
@@ -594,7 +501,12 @@ class FederationEngine:
     # ------------------------------------------------------------------------------ internals
 
     def _check_update(
-        self, order: TrainOrder, tensors: Mapping[str, np.ndarray], num_samples: int, encoding: str
+        self,
+        order: TrainOrder,
+        tensors: Mapping[str, np.ndarray],
+        num_samples: int,
+        encoding: str,
+        values_checked: bool,
     ) -> dict[str, torch.Tensor]:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise EdgeFMError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -613,7 +525,10 @@ class FederationEngine:
         ]
         if problems:
             raise EdgeFMError("the update does not match its task: " + "; ".join(problems[:8]))
-        check_tensor_values(tensors, what=f"update for task {order.task_id!r}")
+        if not values_checked:
+            check_tensor_values(
+                tensors, max_norm=order.max_update_norm, what=f"update for task {order.task_id!r}"
+            )
         weights = numpy_to_torch({n: np.asarray(a) for n, a in tensors.items()})
         if encoding == "delta":
             weights = {
@@ -638,7 +553,7 @@ class FederationEngine:
                 reason=reason,
                 params=order.params,
                 params_fraction=order.params_fraction,
-                width=_width(order.spec),
+                width=width_of(order.spec),
                 predicted_bytes=order.predicted_bytes,
                 usable_bytes=record.usable_bytes if record else 0,
                 runtime_bytes=record.runtime_bytes if record else 0,

@@ -129,6 +129,9 @@ def _search(
     for i in range(dims.num_layers):
         push(i, "head")
         push(i, "ffn")
+    def shape() -> SubnetSpec:
+        return SubnetSpec(dims, tuple(LayerSpec(i, heads[i], ffn[i]) for i in range(dims.num_layers)))
+
     while current > budget and heap:
         _, i, kind = heapq.heappop(heap)
         if kind == "head":
@@ -139,8 +142,12 @@ def _search(
             current -= ffn_cost[i] * (ffn[i] - new) / step
             ffn[i] = new
         push(i, kind)
+        if current <= budget:
+            # The unit costs are exact only where memory is linear in the widths; where the memory
+            # model is not (the larger of two moments of a step), check the real figure, go on if over.
+            current = float(total(shape()))
 
-    spec = SubnetSpec(dims, tuple(LayerSpec(i, heads[i], ffn[i]) for i in range(dims.num_layers)))
+    spec = shape()
     params = param_count(parent, spec)
     est = estimate(spec, params)
     if est.total > budget:

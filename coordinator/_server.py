@@ -357,7 +357,9 @@ class CoordinatorServer:
             await self._close(ws, 1011, "internal error")
         finally:
             self._lost(session, ws.close_code, ws.close_reason or "")
-            logger.info(
+            clean = ws.close_code in (1000, 1001, CLOSE_REPLACED, CLOSE_RUN_COMPLETE)
+            logger.log(
+                logging.INFO if clean else logging.WARNING,
                 "device %s disconnected (code %s%s)",
                 name,
                 ws.close_code,
@@ -421,6 +423,7 @@ class CoordinatorServer:
                 metrics=update.metrics,
                 peak_rss_bytes=update.peak_rss_bytes,
                 step_time_s=update.step_time_s,
+                values_checked=True,  # the protocol checked finite values and the norm bound
             )
             if outcome.status != "ok":
                 logger.warning(

@@ -39,7 +39,7 @@ def test_a_checkpoint_restores_weights_moments_registry_and_history(tmp_path: Pa
     state = load_checkpoint(path)
     restored = FederationEngine.restore(
         state,
-        FederationConfig(rounds=5, min_devices=1, strategy="fedadam", server_lr=0.01),
+        engine.federation,
         TRAINING,
         devices=["a", "b"],
         seed=7,

@@ -34,7 +34,8 @@ def ranked_parent() -> tuple[ParentModel, object]:
 
 def make_engine(names: list[str], **federation: object) -> FederationEngine:
     parent, salience = ranked_parent()
-    fed = FederationConfig(**{"rounds": 3, "min_devices": 1, "min_margin_bytes": 0, **federation})  # type: ignore[arg-type]
+    defaults = {"rounds": 3, "min_devices": 1, "min_margin_bytes": 0, "max_update_norm_ratio": 1e3}
+    fed = FederationConfig(**{**defaults, **federation})  # type: ignore[arg-type]
     return FederationEngine(parent, salience, fed, TRAINING, devices=names, seed=7)  # type: ignore[arg-type]
 
 
@@ -286,13 +287,18 @@ def test_delta_updates_are_added_to_what_was_sent() -> None:
 
 
 def test_update_norm_bound_scales_with_what_was_sent() -> None:
-    engine = make_engine(["a"], max_update_norm_ratio=2.0)
-    engine.admit("a", hello(FULL_BUDGET))
-    (order,) = engine.begin_round(["a"], now=0.0)
-    norm = math.sqrt(
-        sum(float((a.astype(np.float64) ** 2).sum()) for a in order.tensors.values() if a.dtype.kind == "f")
-    )
-    assert order.max_update_norm == pytest.approx(2.0 * norm + 1.0, rel=1e-6)
+    engine = make_engine(["a", "b"], max_update_norm_ratio=2.0)
+    admit_all(engine, {"a": FULL_BUDGET, "b": FULL_BUDGET})
+    orders = {o.device_id: o for o in engine.begin_round(["a", "b"], now=0.0)}
+    sent = orders["a"].tensors
+    norm = math.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in sent.values() if a.dtype.kind == "f"))
+    assert orders["a"].max_update_norm == pytest.approx(2.0 * norm + 1.0, rel=1e-6)
+    huge = {n: a * np.float32(10) if a.dtype.kind == "f" else a for n, a in sent.items()}
+    refused = engine.accept_update(orders["a"].task_id, huge, num_samples=1, now=0.0)
+    assert refused.status == "rejected" and "exceeds the bound" in refused.reason
+    # A transport that already checked values and norm (the wire protocol does) skips the second pass.
+    trusted = engine.accept_update(orders["b"].task_id, huge, num_samples=1, now=0.0, values_checked=True)
+    assert trusted.status == "ok"
 
 
 def test_fedadam_strategy_keeps_moments_only_where_covered() -> None:

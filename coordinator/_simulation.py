@@ -1,0 +1,480 @@
+"""A federated run with many simulated devices on one machine (or a Ray cluster).
+
+The coordinator side is the real one: a :class:`~coordinator._engine.FederationEngine` plans, selects,
+merges and evaluates, and each device has a :class:`~edge_sdk.protocol.CoordinatorConnection` that
+admits it (Hello with its budget, Welcome) and sends it its tasks. The device side of every task runs
+in a worker (:mod:`coordinator._sim_device`): the SDK's DeviceConnection and TaskRunner, as on a
+device. Only protocol frames travel between the two.
+
+Devices come from device classes (``profiles/``): a device's training budget is its class's budget
+(``budget_for_device_class``: installed memory x usable fraction, less the safety margin and the
+runtime footprint) times ``budget_scale``. That *simulated* budget is what the planner uses; the host
+process does not enforce it, and the memory each task really took is measured and reported.
+
+Width policies (``[method] width``): "budget" (RaFFM: the largest sub-network whose training fits),
+"full" (every device trains the whole model, memory ignored: FedAvg) and "static" (fixed ratios,
+HeteroFL-style, whatever the device). ``reorder = false`` slices in index order (the ablation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk import __version__
+from edge_sdk._budget import MemoryBudget, budget_for_device_class
+from edge_sdk._errors import BudgetError, ConfigError, ProfileError
+from edge_sdk._memory import Workload, training_estimate
+from edge_sdk._profiles import load_device_class
+from edge_sdk._spec import SubnetSpec
+from edge_sdk._units import format_bytes
+from edge_sdk.protocol import (
+    CoordinatorConnection,
+    DeviceConnection,
+    ErrorReceived,
+    HelloReceived,
+    ProtocolViolation,
+    UpdateReceived,
+    UpdateRejected,
+    thaw_json,
+)
+
+from ._engine import Evaluator, FederationEngine, RoundSummary, TrainOrder
+from ._extract import param_count
+from ._models import resolve_model_dir
+from ._parent import ParentModel, load_parent
+from ._partition import partition
+from ._reorder import reorder
+from ._salience import activation_aware, weight_l1
+from ._search import Plan
+from ._sim_config import MethodConfig, SimulationConfig
+from ._sim_data import FastValidator, SimData, SyntheticData, SyntheticEvaluator, TsvData
+from ._sim_device import DeviceJob, DeviceReport, frames_size, pack_frames, read_frames
+from ._sim_executor import Executor, make_executor
+
+__all__ = ["PolicyEngine", "SimulationResult", "VirtualDevice", "run_simulation", "virtual_devices"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class VirtualDevice:
+    """A simulated device: its class, its (scaled) training budget, and its shard of the data."""
+
+    name: str
+    device_class: str
+    budget: MemoryBudget
+    indices: np.ndarray
+
+    def hello_profile(self) -> dict[str, Any]:
+        return {
+            "device": {"device_model": self.device_class, "machine": "simulated", "simulated": True},
+            "budget": self.budget.to_dict(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationResult:
+    """A finished simulation: where its files are and what each round gave."""
+
+    run_dir: Path
+    method: str
+    rounds: tuple[dict[str, Any], ...]
+    devices: tuple[dict[str, Any], ...]
+    start_metrics: Mapping[str, float]
+    weights_digest: str
+    wall_s: float
+    full_predicted_bytes: int  # the memory model's training bytes of the full model (runtime excluded)
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.rounds[-1]["accuracy"]) if self.rounds else float("nan")
+
+
+def virtual_devices(config: SimulationConfig, labels: np.ndarray) -> list[VirtualDevice]:
+    """The devices of ``config``: ``<class>-NN`` names, scaled class budgets, disjoint shards."""
+    sim = config.simulation
+    named: list[tuple[str, str, MemoryBudget]] = []
+    for class_name, count in config.devices.items():
+        base = budget_for_device_class(load_device_class(class_name), sim.runtime_footprint)
+        budget = dataclasses.replace(
+            base,
+            usable=int(base.usable * sim.budget_scale),
+            source=f"{base.source}" + (f" x {sim.budget_scale:g}" if sim.budget_scale != 1 else ""),
+        )
+        named += [(f"{class_name}-{i + 1:02d}", class_name, budget) for i in range(count)]
+    shards = partition(
+        labels,
+        len(named),
+        kind=config.data.partition,
+        alpha=config.data.alpha,
+        seed=config.model.seed,
+        min_size=config.data.min_shard,
+    )
+    return [VirtualDevice(n, c, b, s) for (n, c, b), s in zip(named, shards, strict=True)]
+
+
+class PolicyEngine(FederationEngine):
+    """The federation engine with a width policy: budget-matched (the engine's own), full, or static."""
+
+    def __init__(self, *args: Any, method: MethodConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self._workload = Workload(self.training.batch_size, self.training.seq_len)
+        self._full_params = param_count(self.parent, SubnetSpec.full(self.parent.dims))
+        names = sorted(self.devices())
+        random.Random(zlib.crc32(f"{method.name}/levels".encode())).shuffle(names)
+        self._levels = {name: method.ratios[i % len(method.ratios)] for i, name in enumerate(names)}
+
+    def fixed_plan(self, ratio: float, budget: int) -> Plan:
+        """The plan of a fixed width ratio (1: the full model), with its predicted training memory."""
+        dims = self.parent.dims
+        spec = SubnetSpec.full(dims) if ratio >= 1 else SubnetSpec.from_ratio(dims, ratio)
+        params = param_count(self.parent, spec)
+        estimate = training_estimate(spec, params, self._workload, runtime=0)
+        return Plan(spec, params, estimate, budget, float("nan"), params / self._full_params)
+
+    def plan_for(self, usable_bytes: int, margin_bytes: int = 0) -> Plan:
+        if self.method.width == "budget":
+            return super().plan_for(usable_bytes, margin_bytes)
+        return self.fixed_plan(1.0, usable_bytes)  # admission: memory does not decide here
+
+    def plan_for_device(self, device_id: str) -> Plan:
+        if self.method.width == "budget":
+            return super().plan_for_device(device_id)
+        usable = int(self.devices()[device_id]["usable_bytes"])
+        ratio = 1.0 if self.method.width == "full" else self._levels.get(device_id, self.method.ratios[0])
+        return self.fixed_plan(ratio, usable)
+
+
+@dataclasses.dataclass
+class _Link:
+    """The coordinator's end of one simulated device's connection."""
+
+    device: VirtualDevice
+    conn: CoordinatorConnection
+    welcome: bytes
+
+
+def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData, Evaluator | None, Any]:
+    d = config.data
+    if d.kind == "synthetic":
+        train = SyntheticData(d.size, d.vocab_size, d.seq_len, seed=config.model.seed)
+        dev = SyntheticData(d.dev_size, d.vocab_size, d.seq_len, seed=config.model.seed + 1)
+        return train, SyntheticEvaluator(dev), None
+    if d.train is None:
+        raise ConfigError("[data] train is required for kind = 'tsv'")
+    tokenizer = d.tokenizer or model_dir
+    if tokenizer is None or not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise ConfigError(f"[data] tokenizer: {tokenizer} has no tokenizer.json: set [data] tokenizer = DIR")
+    data = TsvData(Path(d.train), Path(tokenizer), d.train_limit)
+    validator = None
+    if d.dev is not None:
+        validator = FastValidator(d.dev, tokenizer, seq_len=config.training.seq_len, limit=d.dev_limit)
+    return data, validator, validator
+
+
+def _connect(engine: FederationEngine, device: VirtualDevice) -> _Link | None:
+    """Admission over the protocol: the device's Hello (its budget), the engine's decision, the Welcome."""
+    hello_side = DeviceConnection()
+    hello_side.send_hello(
+        device_id=device.name, sdk_version=__version__, profile=device.hello_profile(), capabilities=("train",)
+    )
+    conn = CoordinatorConnection()
+    events = [e for frame in hello_side.data_to_send() for e in conn.receive(frame)]
+    hello = next(e.hello for e in events if isinstance(e, HelloReceived))
+    try:
+        engine.admit(device.name, thaw_json(hello.profile))
+    except (BudgetError, ProfileError) as exc:
+        logger.warning("device %s refused: %s", device.name, exc)
+        return None
+    conn.send_welcome(run_id=engine.run_id, round=engine.round, server_time=time.time(), device_id=device.name)
+    return _Link(device, conn, pack_frames(conn.data_to_send()))
+
+
+def _job(link: _Link, order: TrainOrder, data: SimData, executor: Executor, wire: Path, threads: int) -> tuple[DeviceJob, int]:
+    link.conn.send_train_task(
+        task_id=order.task_id,
+        round=order.round,
+        spec=order.spec.to_dict(),
+        model_config=order.model_config,
+        settings=order.settings,
+        tensors=order.tensors,
+        max_update_norm=order.max_update_norm,
+    )
+    frames = link.conn.data_to_send()
+    size = frames_size(frames)
+    task: bytes | str
+    result_path = None
+    if executor.uses_files:
+        path = wire / f"{order.task_id}.in"
+        with path.open("wb") as fh:
+            pack_frames(frames, fh)  # type: ignore[arg-type]
+        task, result_path = str(path), str(wire / f"{order.task_id}.out")
+    else:
+        task = pack_frames(frames)
+    job = DeviceJob(link.device.name, order.task_id, data, link.device.indices, link.welcome, task, result_path, threads)
+    return job, size
+
+
+def _receive(engine: FederationEngine, link: _Link, report: DeviceReport, now: float) -> dict[str, Any]:
+    """Feed the device's answer to its connection and the engine; what the Update said beyond that."""
+    engine.record_traffic(link.device.name, bytes_in=report.bytes_up)
+    extra: dict[str, Any] = {"baseline_rss_bytes": report.baseline_rss_bytes, "worker_pid": report.pid}
+    for frame in read_frames(report.frames):
+        for event in link.conn.receive(frame):
+            if isinstance(event, UpdateReceived):
+                update = event.update
+                extra["train_time_s"] = update.train_time_s
+                engine.accept_update(
+                    update.task_id,
+                    event.tensors,
+                    num_samples=update.num_samples,
+                    now=now,
+                    encoding=update.encoding,
+                    metrics=update.metrics,
+                    peak_rss_bytes=update.peak_rss_bytes,
+                    step_time_s=update.step_time_s,
+                )
+            elif isinstance(event, UpdateRejected):
+                engine.task_failed(event.task_id, f"update rejected: {event.reason}")
+            elif isinstance(event, ErrorReceived) and event.error.task_id:
+                engine.task_failed(event.error.task_id, f"device error {event.error.code}: {event.error.message[:200]}")
+            elif isinstance(event, ProtocolViolation):
+                engine.task_failed(report.task_id, f"protocol violation: {event.reason[:200]}")
+    link.conn.data_to_send()  # answers to a device that has gone (e.g. an Error for a bad update)
+    return extra
+
+
+def _device_rows(summary: RoundSummary, orders: Mapping[str, TrainOrder], links: Mapping[str, _Link],
+                 extras: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for outcome in summary.outcomes:
+        row = outcome.to_json()
+        order = orders[outcome.device_id]
+        extra = dict(extras.get(outcome.device_id, {}))
+        baseline = int(extra.get("baseline_rss_bytes", 0))
+        row.update(
+            device_class=links[outcome.device_id].device.device_class,
+            layers=[[ly.index, ly.heads, ly.ffn] for ly in order.spec.layers],
+            over_budget=order.predicted_bytes > outcome.usable_bytes,
+            baseline_rss_bytes=baseline,
+            measured_training_bytes=max(0, outcome.peak_rss_bytes - baseline) if outcome.status == "ok" else 0,
+            train_time_s=float(extra.get("train_time_s", 0.0)),
+            worker_pid=extra.get("worker_pid"),
+        )
+        rows.append(row)
+    return rows
+
+
+def run_simulation(
+    config: SimulationConfig,
+    *,
+    parent: ParentModel | None = None,
+    executor: Executor | None = None,
+    run_dir: Path | None = None,
+) -> SimulationResult:
+    """Run ``config`` to the end; writes ``rounds/round-NNN.json`` and ``simulation.json`` under the run folder.
+
+    ``parent``: the model (default: load ``[model] name``); ``executor``: reuse worker processes across
+    runs (default: one from ``[simulation]``, closed at the end); ``run_dir`` overrides ``[run] dir``.
+    """
+    started = time.monotonic()
+    out = Path(run_dir or config.run_dir)
+    if (out / "simulation.json").exists():
+        raise ConfigError(f"{out} already holds a finished simulation: choose another [run] dir")
+    (out / "rounds").mkdir(parents=True, exist_ok=True)
+    model_dir = None
+    if parent is None:
+        model_dir = resolve_model_dir(config.model.name)
+        parent = load_parent(
+            model_dir, task=config.model.task, num_labels=config.model.num_labels, seed=config.model.seed
+        )
+    data, evaluator, validator = _sim_data(config, model_dir)
+    devices = virtual_devices(config, data.labels())
+
+    if config.model.salience == "activation":
+        if validator is None:
+            raise ConfigError("[model] salience = 'activation' needs [data] dev to calibrate on")
+        salience = activation_aware(parent, validator.calibration_batches())
+    else:
+        salience = weight_l1(parent)
+    if config.method.reorder:
+        parent, salience, _ = reorder(parent, salience)
+    engine = PolicyEngine(
+        parent,
+        salience,
+        config.federation,
+        config.training,
+        devices=[d.name for d in devices],
+        evaluator=evaluator,
+        seed=config.model.seed,
+        model_name=config.model.name,
+        method=config.method,
+    )
+    start_metrics = dict(evaluator(engine.parent)) if evaluator is not None else {}
+    links = {d.name: link for d in devices if (link := _connect(engine, d)) is not None}
+    if not links:
+        raise BudgetError("no simulated device can train any sub-network of this model")
+    device_rows = [_device_row(engine, d, d.name in links) for d in devices]
+    logger.info(
+        "%s: %d devices (%d admitted), %d rounds of %d; start: %s",
+        config.method.name,
+        len(devices),
+        len(links),
+        config.federation.rounds,
+        engine.round_size(len(links)),
+        _metrics_text(start_metrics),
+    )
+
+    own = executor is None
+    runner = executor or make_executor(
+        config.simulation.engine,
+        max_workers=config.simulation.max_workers,
+        threads=config.simulation.threads,
+        fresh_process=config.simulation.fresh_process,
+        address=config.simulation.ray_address,
+    )
+    wire = out / ".wire"
+    rounds: list[dict[str, Any]] = []
+    try:
+        while not engine.finished:
+            rounds.append(_one_round(config, engine, links, data, runner, wire))
+            (out / "rounds" / f"round-{rounds[-1]['round']:03d}.json").write_text(
+                json.dumps(rounds[-1], indent=1) + "\n", encoding="utf-8"
+            )
+    finally:
+        shutil.rmtree(wire, ignore_errors=True)
+        if own:
+            runner.close()
+    result = SimulationResult(
+        run_dir=out,
+        method=config.method.name,
+        rounds=tuple(rounds),
+        devices=tuple(device_rows),
+        start_metrics=start_metrics,
+        weights_digest=engine.weights_digest(),
+        wall_s=time.monotonic() - started,
+        full_predicted_bytes=engine.fixed_plan(1.0, 0).estimate.total,
+    )
+    (out / "simulation.json").write_text(json.dumps(_result_json(config, result), indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def _one_round(config: SimulationConfig, engine: FederationEngine, links: dict[str, _Link], data: SimData,
+               executor: Executor, wire: Path) -> dict[str, Any]:
+    started = time.monotonic()
+    wire.mkdir(parents=True, exist_ok=True)
+    orders = {o.device_id: o for o in engine.begin_round(sorted(links), time.monotonic())}
+    jobs = []
+    for device_id, order in orders.items():
+        job, size = _job(links[device_id], order, data, executor, wire, config.simulation.threads)
+        engine.record_traffic(device_id, bytes_out=size)
+        jobs.append(job)
+    extras: dict[str, dict[str, Any]] = {}
+    for job, outcome in executor.run(jobs, config.federation.round_deadline_s):
+        link = links[job.device_id]
+        if isinstance(outcome, BaseException):
+            logger.warning("device %s: task %s failed: %s", job.device_id, job.task_id, outcome)
+            engine.task_failed(job.task_id, f"worker: {type(outcome).__name__}: {outcome}"[:300])
+            relinked = _connect(engine, link.device)  # its connection is gone: it reconnects
+            if relinked is not None:
+                links[job.device_id] = relinked
+            continue
+        extras[job.device_id] = _receive(engine, link, outcome, time.monotonic())
+    for path in wire.iterdir():
+        path.unlink(missing_ok=True)
+    engine.close_round(time.monotonic())
+    summary = engine.finish_round()
+    rows = _device_rows(summary, orders, links, extras)
+    record = {
+        "method": config.method.name,
+        "round": summary.round,
+        "rounds": summary.rounds,
+        "accuracy": summary.metrics.get("accuracy"),
+        "loss": summary.metrics.get("loss"),
+        "aggregated": summary.aggregated,
+        "bytes_down": summary.bytes_out,
+        "bytes_up": summary.bytes_in,
+        "weights_digest": summary.weights_digest,
+        "wall_s": time.monotonic() - started,
+        "devices": rows,
+    }
+    ok = [r for r in rows if r["status"] == "ok"]
+    logger.info(
+        "%s round %d/%d: %s; %d/%d updates; params %s; down %s up %s; %.1f s",
+        config.method.name,
+        summary.round,
+        summary.rounds,
+        _metrics_text(summary.metrics),
+        len(ok),
+        len(rows),
+        ", ".join(f"{r['params'] / 1e6:.1f}M" for r in rows),
+        format_bytes(summary.bytes_out),
+        format_bytes(summary.bytes_in),
+        record["wall_s"],
+    )
+    return record
+
+
+def _device_row(engine: PolicyEngine, device: VirtualDevice, admitted: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "device_id": device.name,
+        "device_class": device.device_class,
+        "usable_bytes": device.budget.usable,
+        "samples": len(device.indices),
+        "admitted": admitted,
+    }
+    if admitted:
+        plan = engine.plan_for_device(device.name)
+        row.update(
+            params=plan.params,
+            params_fraction=plan.params_fraction,
+            predicted_bytes=plan.estimate.total,
+            layers=[[ly.index, ly.heads, ly.ffn] for ly in plan.spec.layers],
+        )
+    return row
+
+
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+    acc, loss = metrics.get("accuracy"), metrics.get("loss")
+    if acc is None or loss is None or math.isnan(acc):
+        return "no validation"
+    return f"accuracy {acc:.4f} loss {loss:.4f}"
+
+
+def _result_json(config: SimulationConfig, result: SimulationResult) -> dict[str, Any]:
+    return {
+        "method": dataclasses.asdict(config.method),
+        "model": config.model.name,
+        "training": dataclasses.asdict(config.training),
+        "federation": dataclasses.asdict(config.federation),
+        "simulation": {k: v for k, v in dataclasses.asdict(config.simulation).items()},
+        "data": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config.data).items()},
+        "start_metrics": dict(result.start_metrics),
+        "weights_digest": result.weights_digest,
+        "wall_s": result.wall_s,
+        "full_predicted_bytes": result.full_predicted_bytes,
+        "devices": list(result.devices),
+        "rounds": [r["round"] for r in result.rounds],
+    }
+
+
+def summarize_devices(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean / min predicted training bytes over admitted devices (the plan each would train)."""
+    predicted = [int(r["predicted_bytes"]) for r in rows if r.get("admitted")]
+    return {
+        "mean_predicted_bytes": float(np.mean(predicted)) if predicted else float("nan"),
+        "min_predicted_bytes": float(np.min(predicted)) if predicted else float("nan"),
+    }
