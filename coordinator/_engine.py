@@ -87,6 +87,7 @@ class _Device:
     usable_bytes: int = 0
     runtime_bytes: int = 0
     margin_bytes: int = 0
+    shrink_bytes: int = 0  # taken off the budget after the device measured a peak above it
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     rounds_ok: int = 0
     rounds_failed: int = 0
@@ -230,8 +231,32 @@ class FederationEngine:
         """
         with self._lock:
             record = self._devices[device_id]
-            usable, margin = record.usable_bytes, record.margin_bytes
+            usable, margin = record.usable_bytes - record.shrink_bytes, record.margin_bytes
         return self.plan_for(usable, margin)
+
+    def _note_peak(self, device_id: str, peak_rss_bytes: int) -> None:
+        """A device measured more than its budget allows: its next sub-network is planned smaller.
+
+        The allowance is what the training process may hold: the usable budget plus the runtime
+        footprint the device reported. The overshoot, and 2 % of the budget more, come off the budget
+        the planner sees for this device from now on (kept in the checkpointed registry).
+        """
+        with self._lock:
+            record = self._devices.get(device_id)
+            if record is None or peak_rss_bytes <= 0 or record.usable_bytes <= 0:
+                return
+            allowance = record.usable_bytes + record.runtime_bytes
+            if peak_rss_bytes <= allowance:
+                return
+            record.shrink_bytes += peak_rss_bytes - allowance + record.usable_bytes // 50
+            shrink = record.shrink_bytes
+        logger.warning(
+            "device %s peaked at %s, above its allowance of %s: planning its next sub-network for %s less",
+            device_id,
+            format_bytes(peak_rss_bytes),
+            format_bytes(allowance),
+            format_bytes(shrink),
+        )
 
     def admit(self, device_id: str, profile: Mapping[str, Any]) -> Plan:
         """Register a device from its Hello profile (``{"budget": {"usable": ...}, "device": ...}``).
@@ -439,6 +464,7 @@ class FederationEngine:
             if rnd.closed or task_id in rnd.outcomes:
                 return DeviceOutcome(order.device_id, task_id, "late", "arrived after the round's deadline")
             rnd.updates[task_id] = ClientUpdate(order.spec, weights, num_samples)
+        self._note_peak(order.device_id, peak_rss_bytes)
         return self._finish_task(
             task_id,
             "ok",

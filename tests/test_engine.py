@@ -137,6 +137,32 @@ def test_planning_keeps_a_margin_unless_the_device_already_did() -> None:
         engine.admit("override", hello(50_000_000))
 
 
+def test_a_device_that_measured_a_peak_above_its_budget_gets_a_smaller_sub_network_next() -> None:
+    parent, salience = ranked_parent()
+    big = TrainingConfig(local_steps=1, lr=1e-3, batch_size=64, seq_len=128)  # activations matter
+    fed = FederationConfig(rounds=3, min_devices=1, min_margin_bytes=0, max_update_norm_ratio=1e3)
+    engine = FederationEngine(parent, salience, fed, big, devices=["pi", "ok"], seed=7)  # type: ignore[arg-type]
+    dims = engine.parent.dims
+    full = SubnetSpec.full(dims)
+    usable = training_estimate(full, param_count(parent, full), Workload(64, 128), runtime=0).total
+    runtime = 400_000_000
+    engine.admit("pi", hello(usable, runtime))
+    engine.admit("ok", hello(usable, runtime))
+    first = {o.device_id: o for o in engine.begin_round(["pi", "ok"], now=0.0)}
+    overshoot = 1_000_000
+    peaks = {"pi": usable + runtime + overshoot, "ok": usable + runtime}  # "ok" exactly at its allowance
+    for name, order in first.items():
+        engine.accept_update(order.task_id, trained(order, 0.0), num_samples=4, now=1.0, peak_rss_bytes=peaks[name])
+    engine.close_round(1.0)
+    engine.finish_round()
+    assert engine.devices()["pi"]["shrink_bytes"] == overshoot + usable // 50
+    assert engine.devices()["ok"]["shrink_bytes"] == 0
+    second = {o.device_id: o for o in engine.begin_round(["pi", "ok"], now=2.0)}
+    assert second["pi"].params < first["pi"].params
+    assert second["pi"].predicted_bytes <= usable - overshoot - usable // 50
+    assert second["ok"].spec == first["ok"].spec
+
+
 def test_a_budget_that_fits_nothing_or_no_budget_refuses_the_device() -> None:
     engine = make_engine(["a"])
     with pytest.raises(BudgetError):
