@@ -13,26 +13,35 @@ family, config, task and state dict)::
 from __future__ import annotations
 
 from ._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate, merge_deltas
+from ._config import RunConfig, load_config
+from ._engine import FederationEngine
 from ._extract import extract, param_count
 from ._models import resolve_model_dir
 from ._parent import ParentModel, load_parent, parent_from_module
 from ._reorder import Reordering, apply_reordering, plan_reordering, reorder
+from ._run import build_engine, run_coordinator
 from ._salience import Salience, activation_aware, weight_l1
 from ._search import Plan, plan_inference, plan_training
+from ._server import CoordinatorServer
 
 __all__ = [
     "ClientUpdate",
+    "CoordinatorServer",
     "FedAdam",
     "FedAvg",
+    "FederationEngine",
     "ParentModel",
     "Plan",
     "Reordering",
+    "RunConfig",
     "Salience",
     "ServerOptimizer",
     "activation_aware",
     "aggregate",
     "apply_reordering",
+    "build_engine",
     "extract",
+    "load_config",
     "load_parent",
     "merge_deltas",
     "param_count",
@@ -42,5 +51,6 @@ __all__ = [
     "plan_training",
     "reorder",
     "resolve_model_dir",
+    "run_coordinator",
     "weight_l1",
 ]

@@ -49,6 +49,9 @@ _LAZY: dict[str, str] = {
     "export_onnx": "edge_sdk._export",
     "ExportReport": "edge_sdk._export",
     "load": "edge_sdk._infer",
+    "EdgeDevice": "edge_sdk._client",
+    "DeviceOptions": "edge_sdk._client",
+    "TextDataset": "edge_sdk._runner",
     "Predictor": "edge_sdk._infer",
     "Prediction": "edge_sdk._infer",
 }
@@ -59,7 +62,9 @@ __all__ = [
     "BudgetError",
     "ConfigError",
     "DeviceClass",
+    "DeviceOptions",
     "DeviceProfile",
+    "EdgeDevice",
     "EdgeFMError",
     "ExportError",
     "ExportReport",
@@ -74,6 +79,7 @@ __all__ = [
     "ProtocolError",
     "SpecError",
     "SubnetSpec",
+    "TextDataset",
     "TrainConfig",
     "TrainResult",
     "UnsupportedModelError",
@@ -111,10 +117,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from ._budget import MemoryBudget, compute_budget
+    from ._client import DeviceOptions, EdgeDevice
     from ._build import build_model
     from ._export import ExportReport, export_onnx
     from ._infer import Prediction, Predictor, load
     from ._memory import MemoryEstimate, Workload, inference_estimate, training_estimate
     from ._profile import DeviceProfile, detect_profile
     from ._profiles import DeviceClass, list_device_classes, load_device_class
+    from ._runner import TextDataset
     from ._train import TrainConfig, TrainResult, evaluate, proximal_term, train_local

@@ -8,7 +8,8 @@ import edge_sdk
 import edge_sdk.protocol
 
 EDGE_SDK = {
-    "SPEC_VERSION", "AggregationError", "BudgetError", "ConfigError", "DeviceClass", "DeviceProfile",
+    "SPEC_VERSION", "AggregationError", "BudgetError", "ConfigError", "DeviceClass", "DeviceOptions",
+    "DeviceProfile", "EdgeDevice", "TextDataset",
     "EdgeFMError", "ExportError", "ExportReport", "LayerSpec", "MemoryBudget", "MemoryEstimate",
     "ModelLoadError", "ParentDims", "Prediction", "Predictor", "ProfileError", "ProtocolError", "SpecError",
     "SubnetSpec", "TrainConfig", "TrainResult", "UnsupportedModelError", "Workload", "__version__",
@@ -18,7 +19,8 @@ EDGE_SDK = {
 }  # fmt: skip
 
 COORDINATOR = {
-    "ClientUpdate", "FedAdam", "FedAvg", "ParentModel", "Plan", "Reordering", "Salience", "ServerOptimizer",
+    "ClientUpdate", "CoordinatorServer", "FedAdam", "FedAvg", "FederationEngine", "RunConfig", "build_engine",
+    "load_config", "run_coordinator", "ParentModel", "Plan", "Reordering", "Salience", "ServerOptimizer",
     "activation_aware", "aggregate", "apply_reordering", "extract", "load_parent", "merge_deltas",
     "param_count", "parent_from_module", "plan_inference", "plan_reordering", "plan_training", "reorder",
     "resolve_model_dir", "weight_l1",
