@@ -16,10 +16,21 @@ from .._spec import ParentDims, SubnetSpec
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["Family", "LayerMap", "Region"]
+__all__ = ["Family", "LayerMap", "Region", "head_attributes"]
 
 # A region of a parent tensor: one slice per dimension, always a prefix or the whole axis.
 Region = tuple[slice, ...]
+
+
+def head_attributes(count: str, width: str) -> Callable[[nn.Module, int, int], None]:
+    """``set_heads`` for attention modules that reshape with a head-count and a total-width attribute
+    (what the module's own ``prune_heads`` updates)."""
+
+    def set_heads(attention: nn.Module, heads: int, head_dim: int) -> None:
+        setattr(attention, count, heads)  # plain attributes on the module, not parameters
+        setattr(attention, width, heads * head_dim)
+
+    return set_heads
 
 
 @dataclass(frozen=True)

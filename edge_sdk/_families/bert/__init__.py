@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from .._family import Family, LayerMap
-
-if TYPE_CHECKING:
-    from torch import nn
+from .._family import Family, LayerMap, head_attributes
 
 _LAYER = LayerMap(
     query="attention.self.query",
@@ -26,12 +21,8 @@ _KEYS = {
 }
 
 
-def _set_heads(attention: nn.Module, heads: int, head_dim: int) -> None:
-    # BertSelfAttention / RobertaSelfAttention reshape with these two attributes.
-    module: Any = attention  # plain attributes on the module, not parameters
-    module.num_attention_heads = heads
-    module.all_head_size = heads * head_dim
-
+# BertSelfAttention / RobertaSelfAttention reshape with these two attributes.
+_set_heads = head_attributes("num_attention_heads", "all_head_size")
 
 BERT = Family(
     name="bert",

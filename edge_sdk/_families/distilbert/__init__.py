@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from .._family import Family, LayerMap, head_attributes
 
-from .._family import Family, LayerMap
-
-if TYPE_CHECKING:
-    from torch import nn
-
-
-def _set_heads(attention: nn.Module, heads: int, head_dim: int) -> None:
-    # MultiHeadSelfAttention computes dim_per_head = dim // n_heads (as its prune_heads does).
-    module: Any = attention  # plain attributes on the module, not parameters
-    module.n_heads = heads
-    module.dim = heads * head_dim
-
+# MultiHeadSelfAttention computes dim_per_head = dim // n_heads (as its prune_heads does).
+_set_heads = head_attributes("n_heads", "dim")
 
 DISTILBERT = Family(
     name="distilbert",

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from .._family import Family, LayerMap, head_attributes
 
-from .._family import Family, LayerMap
-
-if TYPE_CHECKING:
-    from torch import nn
-
-
-def _set_heads(attention: nn.Module, heads: int, head_dim: int) -> None:
-    module: Any = attention  # plain attributes on the module, not parameters
-    module.num_attention_heads = heads
-    module.all_head_size = heads * head_dim
-
+# ViTSelfAttention reshapes with these two attributes.
+_set_heads = head_attributes("num_attention_heads", "all_head_size")
 
 VIT = Family(
     name="vit",
