@@ -1,6 +1,6 @@
 """Budgets that hold on real processes: every device class of 8 GB or less, planned and measured.
 
-    python bench/budgets.py [--batch 32] [--seq 128] [--steps 3]
+    python bench/budgets.py [--batch 32] [--seq 128] [--steps 2]
 
 For each class in ``profiles/`` with at most 8 GiB: its memory budget (the class's available
 memory less the safety margin; the runtime footprint is measured here), the MiniLM sub-network the
@@ -25,7 +25,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
 
     from coordinator import load_parent, reorder, resolve_model_dir, weight_l1

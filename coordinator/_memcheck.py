@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from edge_sdk._budget import budget_for_device_class
 from edge_sdk._errors import EdgeFMError
-from edge_sdk._memory import Workload, training_estimate
+from edge_sdk._memory import TRAINING_RUNTIME_BYTES, Workload, training_estimate
 from edge_sdk._profiles import DeviceClass
 from edge_sdk._spec import SubnetSpec
 
@@ -47,10 +47,14 @@ def measure_training(
     *,
     data: Path,
     tokenizer_dir: Path,
-    steps: int = 3,
+    steps: int = 2,
     timeout_s: float = 600,
 ) -> Measured:
-    """Train ``spec`` for ``steps`` AdamW steps in a fresh process; its measured memory."""
+    """Train ``spec`` for ``steps`` AdamW steps in a fresh process; its measured memory.
+
+    Two steps reach the peak: the first allocates the Adam moments, the second holds them with a
+    step's activations and gradients.
+    """
     with tempfile.TemporaryDirectory(prefix="edge-fm-probe-") as tmp:
         folder = Path(tmp)
         (folder / "spec.json").write_text(spec.to_json())
@@ -103,15 +107,15 @@ def check_device_classes(
     *,
     data: Path,
     tokenizer_dir: Path,
-    steps: int = 3,
+    steps: int = 2,
+    runtime: int = TRAINING_RUNTIME_BYTES,
 ) -> list[BudgetCheck]:
     """Plan each class's training sub-network from its budget, train it in a fresh process, compare.
 
-    Each distinct plan is measured once (classes with room for the whole model share one run).
+    ``runtime`` is the footprint a device would report (``edge-sdk profile`` measures it); the
+    prediction compared with each run uses the footprint that run measured. Each distinct plan is
+    measured once (classes with room for the whole model share one run).
     """
-    runtime = measure_training(
-        parent, SubnetSpec.uniform(parent.dims, heads=1, ffn=1), work, data=data, tokenizer_dir=tokenizer_dir, steps=0
-    ).runtime_rss_bytes
     runs: dict[str, Measured] = {}
     rows = []
     for device_class in classes:

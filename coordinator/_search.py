@@ -1,13 +1,14 @@
 """Budget search: the sub-network that keeps the most salience and fits a memory budget.
 
 After reordering, each layer's heads and FFN neurons are sorted by salience, so shrinking a layer
-drops its least salient head or neuron block. Memory is linear in every layer's head count and FFN
-width, so each unit has a fixed cost in bytes; salience is made comparable across layers and kinds
+drops its least salient head or neuron block, whose cost in bytes is what the memory model saves
+without it; salience is made comparable across layers and kinds
 by taking each score as a fraction of its group's total (one group per layer and kind). The search
 maximises the sum over groups of log(fraction kept): the log makes each further cut in a group
 dearer, so no layer is stripped to one head while another keeps all twelve. Starting from the full
 model, it drops the unit that loses the least of that objective per byte saved until the prediction
-fits; the sub-networks it returns for growing budgets are nested.
+fits; the sub-networks it returns for growing budgets are nested (the drop order does not depend on
+the budget).
 
 Inference is planned the same way with the inference memory model, never below the training
 sub-network (a device can always serve what it trained).
@@ -15,7 +16,6 @@ sub-network (a device can always serve what it trained).
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -93,61 +93,59 @@ def _search(
 ) -> Plan:
     dims = parent.dims
     full = SubnetSpec.full(dims)
-    total = lambda spec: estimate(spec, param_count(parent, spec)).total  # noqa: E731
     heads_f, ffn_f = _fractions(salience.heads), _fractions(salience.ffn)
     step = _ffn_step(dims.ffn)
-
-    # Fixed byte cost of one head / one FFN block in each layer (memory is linear in both).
-    full_total = total(full)
-    head_cost = [
-        full_total - total(_with_layer(full, i, heads=dims.num_heads - 1)) for i in range(dims.num_layers)
-    ]
-    ffn_cost = [full_total - total(_with_layer(full, i, ffn=dims.ffn - step)) for i in range(dims.num_layers)]
     low = {layer.index: layer for layer in floor.layers} if floor else {}
     min_heads = [low[i].heads if i in low else 1 for i in range(dims.num_layers)]
     min_ffn = [low[i].ffn if i in low else step for i in range(dims.num_layers)]
 
+    # Parameters are linear in each layer's widths: count them once, then add up.
+    full_params = param_count(parent, full)
+    per_head = full_params - param_count(parent, _with_layer(full, 0, heads=dims.num_heads - 1))
+    per_neuron = (full_params - param_count(parent, _with_layer(full, 0, ffn=dims.ffn - step))) / step
+
     heads = [dims.num_heads] * dims.num_layers
     ffn = [dims.ffn] * dims.num_layers
-    current = float(full_total)
-    heap: list[tuple[float, int, str]] = []
+
+    def shape(h: list[int], f: list[int]) -> SubnetSpec:
+        return SubnetSpec(dims, tuple(LayerSpec(i, h[i], f[i]) for i in range(dims.num_layers)))
+
+    def total(h: list[int], f: list[int]) -> int:
+        params = full_params - per_head * sum(dims.num_heads - x for x in h)
+        params -= round(per_neuron * sum(dims.ffn - x for x in f))
+        return estimate(shape(h, f), params).total
 
     def loss(fractions: torch.Tensor, keep_now: int, keep_after: int) -> float:
         before = float(fractions[:keep_now].sum())
         after = float(fractions[:keep_after].sum())
         return math.log(max(before, 1e-12)) - math.log(max(after, 1e-12))
 
-    def push(i: int, kind: str) -> None:
-        if kind == "head" and heads[i] > min_heads[i]:
-            cost = loss(heads_f[i], heads[i], heads[i] - 1)
-            heapq.heappush(heap, (cost / max(head_cost[i], 1), i, kind))
-        if kind == "ffn" and ffn[i] > min_ffn[i]:
-            new = max(min_ffn[i], (ffn[i] - 1) // step * step)
-            cost = loss(ffn_f[i], ffn[i], new)
-            heapq.heappush(heap, (cost / max(ffn_cost[i] * (ffn[i] - new) / step, 1), i, kind))
+    # Greedy: drop the unit that loses the least salience per byte it saves. Bytes are recomputed
+    # at every step (the memory model is the larger of two moments of a step, so a unit's cost
+    # depends on the rest); there are only 2 candidates per layer, the tail head and FFN block.
+    current = total(heads, ffn)
+    while current > budget:
+        best: tuple[float, list[int], list[int], int] | None = None
+        for i in range(dims.num_layers):
+            if heads[i] > min_heads[i]:
+                h = heads.copy()
+                h[i] -= 1
+                after = total(h, ffn)
+                ratio = loss(heads_f[i], heads[i], h[i]) / max(current - after, 1)
+                if best is None or ratio < best[0]:
+                    best = (ratio, h, ffn, after)
+            if ffn[i] > min_ffn[i]:
+                f = ffn.copy()
+                f[i] = max(min_ffn[i], (ffn[i] - 1) // step * step)
+                after = total(heads, f)
+                ratio = loss(ffn_f[i], ffn[i], f[i]) / max(current - after, 1)
+                if best is None or ratio < best[0]:
+                    best = (ratio, heads, f, after)
+        if best is None:
+            break  # nothing left to drop
+        _, heads, ffn, current = best
 
-    for i in range(dims.num_layers):
-        push(i, "head")
-        push(i, "ffn")
-    def shape() -> SubnetSpec:
-        return SubnetSpec(dims, tuple(LayerSpec(i, heads[i], ffn[i]) for i in range(dims.num_layers)))
-
-    while current > budget and heap:
-        _, i, kind = heapq.heappop(heap)
-        if kind == "head":
-            heads[i] -= 1
-            current -= head_cost[i]
-        else:
-            new = max(min_ffn[i], (ffn[i] - 1) // step * step)
-            current -= ffn_cost[i] * (ffn[i] - new) / step
-            ffn[i] = new
-        push(i, kind)
-        if current <= budget:
-            # The unit costs are exact only where memory is linear in the widths; where the memory
-            # model is not (the larger of two moments of a step), check the real figure, go on if over.
-            current = float(total(shape()))
-
-    spec = shape()
+    spec = shape(heads, ffn)
     params = param_count(parent, spec)
     est = estimate(spec, params)
     if est.total > budget:
