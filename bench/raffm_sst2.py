@@ -63,21 +63,24 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
             "partition": "iid",
         },
         "devices": DEVICES,
-        "federation": {"rounds": args.rounds, "fraction": 0.25, "min_devices": 5, "round_deadline_s": 1800},
+        "federation": {"rounds": args.rounds, "fraction": 0.25, "min_devices": 5, "round_deadline_s": 1800,
+                       # a class budget already keeps its own 10 % margin (>= 128 MiB): no further reserve
+                       "min_margin": "128MiB"},
         "training": {"local_steps": args.steps, "lr": LR, "batch_size": BATCH, "seq_len": SEQ},
         "simulation": {"engine": args.engine, "max_workers": args.workers, "threads": 1,
-                       "budget_scale": BUDGET_SCALE},
+                       "budget_scale": args.budget_scale},
         "run": {"dir": str(args.out)},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--steps", type=int, default=8, help="local steps per device per round")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="local steps per device per round")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--engine", choices=("local", "ray"), default="local")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-scale", type=float, default=BUDGET_SCALE, help="x every class's usable budget")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-raffm-sst2")
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmark.md")
@@ -133,7 +136,7 @@ def setup_text(args: argparse.Namespace, results: list[Any], total_s: float) -> 
         f"5 devices per round, {args.rounds} rounds x {args.steps} local AdamW steps, batch {BATCH}, "
         f"sequence {SEQ}, lr {LR:g}, FedAvg (server lr 1), seed {args.seed}; the global model is scored on "
         f"the whole SST-2 dev split (872) after every round. Budgets: each device class's usable training "
-        f"budget (profiles/, runtime 415 MB and safety margin taken off) x **{BUDGET_SCALE}** (budget scale, "
+        f"budget (profiles/, runtime 415 MB and safety margin taken off) x **{args.budget_scale}** (budget scale, "
         "see below). Memory is simulated: the planner uses these budgets; the host does not enforce them. "
         f"Total wall time of the {len(results)} runs on this machine: **{total_s / 60:.1f} min**.",
     ]
@@ -144,7 +147,8 @@ def setup_text(args: argparse.Namespace, results: list[Any], total_s: float) -> 
             f"{100 * s.mean_predicted_fraction:.1f} % of the full model's {s.full_predicted_bytes / 1e6:.0f} MB; "
             f"{s.devices - s.full_model_devices} of {s.devices} devices cannot train the full model."
         )
-    lines.append(f"Runs: {first.run_dir.parent}")
+    runs = first.run_dir.parent
+    lines.append(f"Runs: {runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs}")
     return "\n\n".join(lines)
 
 
@@ -158,8 +162,8 @@ def write_docs(table: str, notes: str, args: argparse.Namespace, accuracy_png: P
     docs = ROOT / "docs"
     shutil.copyfile(accuracy_png, docs / "benchmark-accuracy.png")
     command = "python bench/raffm_sst2.py" + (
-        f" --rounds {args.rounds} --steps {args.steps}" if (args.rounds, args.steps) != (12, 8) else ""
-    )
+        f" --rounds {args.rounds} --steps {args.steps}" if (args.rounds, args.steps) != (8, 5) else ""
+    ) + (f" --budget-scale {args.budget_scale}" if args.budget_scale != BUDGET_SCALE else "")
     block = "\n".join([
         "<!-- bench:begin (written by bench/raffm_sst2.py) -->",
         f"Reproduce: `{command}` (from the repository root; needs ../shared/data/sst2).",
@@ -172,7 +176,8 @@ def write_docs(table: str, notes: str, args: argparse.Namespace, accuracy_png: P
         "<!-- bench:end -->",
     ])
     path = docs / "benchmark.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark: RaFFM on SST-2\n\n<!-- bench:begin -->\n<!-- bench:end -->\n"
+    empty = "# Benchmark: RaFFM on SST-2\n\n<!-- bench:begin -->\n<!-- bench:end -->\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else empty
     pattern = re.compile(r"<!-- bench:begin.*?<!-- bench:end -->", re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text + "\n" + block + "\n"
     path.write_text(text, encoding="utf-8")

@@ -20,13 +20,18 @@ import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_sdk._data import Encoded, TextExample, encode, iter_batches, load_tokenizer, read_tsv
 from edge_sdk._errors import ConfigError
+from edge_sdk._spec import SubnetSpec
 
 from ._parent import ParentModel
+
+if TYPE_CHECKING:
+    from edge_sdk._runner import TextDataset
 
 __all__ = [
     "FastValidator",
@@ -54,7 +59,7 @@ class TsvData:
     def labels(self) -> np.ndarray:
         return np.asarray([e.label for e in _examples(str(self.path), self.limit)], dtype=np.int64)
 
-    def source(self, indices: Sequence[int] | np.ndarray):  # type: ignore[no-untyped-def]
+    def source(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
         """The device's shard as a TextDataset (what a real device builds from its own TSV)."""
         from edge_sdk._runner import TextDataset
 
@@ -117,14 +122,20 @@ class SyntheticData:
 SimData = TsvData | SyntheticData
 
 
-def _score(parent: ParentModel, batches: Iterator[Mapping[str, np.ndarray]]) -> dict[str, float]:
+def _score(
+    parent: ParentModel, batches: Iterator[Mapping[str, np.ndarray]], spec: SubnetSpec | None = None
+) -> dict[str, float]:
     import torch
 
     from edge_sdk._build import build_model
-    from edge_sdk._spec import SubnetSpec
     from edge_sdk._train import evaluate
 
-    model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)
+    from ._extract import extract
+
+    if spec is None or spec.is_full:
+        model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)
+    else:
+        model = build_model(spec, parent.config, extract(parent, spec), task=parent.task)
     with torch.inference_mode():
         metrics = evaluate(model, batches)
     return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "samples": metrics["samples"]}
@@ -186,6 +197,10 @@ class FastValidator:
     def __call__(self, parent: ParentModel) -> Mapping[str, float]:
         return _score(parent, self.batches())
 
+    def score(self, parent: ParentModel, spec: SubnetSpec) -> Mapping[str, float]:
+        """The same for the sub-network ``spec`` of ``parent`` (what a device of that width would hold)."""
+        return _score(parent, self.batches(), spec)
+
 
 class SyntheticEvaluator:
     """Accuracy and loss of the global model on a held-out synthetic set."""
@@ -196,3 +211,6 @@ class SyntheticEvaluator:
 
     def __call__(self, parent: ParentModel) -> Mapping[str, float]:
         return _score(parent, iter_batches(self.data, self.batch_size, seed=0, shuffle=False))
+
+    def score(self, parent: ParentModel, spec: SubnetSpec) -> Mapping[str, float]:
+        return _score(parent, iter_batches(self.data, self.batch_size, seed=0, shuffle=False), spec)

@@ -20,6 +20,7 @@ budget is what the planner used; the host does not enforce it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import logging
@@ -194,12 +195,10 @@ def run_device_job(job: DeviceJob) -> DeviceReport:
         )
     except (EdgeFMError, ValueError, RuntimeError, MemoryError) as exc:  # what the SDK client reports too
         logger.exception("%s: task %s failed", job.device_id, task.task_id)
-        try:
+        with contextlib.suppress(ProtocolError):
             conn.send_error(
                 code=ErrorCode.TASK_FAILED, message=f"{type(exc).__name__}: {exc}"[:2000], task_id=task.task_id
             )
-        except ProtocolError:
-            pass
     return _report(job, conn.data_to_send(), baseline, started)
 
 
@@ -208,7 +207,7 @@ def _report(job: DeviceJob, frames: list[str | bytes], baseline: int, started: f
     if job.result_path is not None:
         tmp = Path(f"{job.result_path}.tmp")
         with tmp.open("wb") as fh:
-            pack_frames(frames, fh)  # type: ignore[arg-type]
+            pack_frames(frames, fh)
         os.replace(tmp, job.result_path)
         payload: bytes | str = job.result_path
     else:

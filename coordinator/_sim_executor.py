@@ -54,6 +54,7 @@ class LocalExecutor:
         if max_workers < 1 or threads < 1:
             raise ConfigError(f"max_workers and threads must be >= 1, got {max_workers} and {threads}")
         self.max_workers, self.threads = max_workers, threads
+        self._abandoned = False
         self._pool = ProcessPoolExecutor(
             max_workers=max_workers,
             mp_context=multiprocessing.get_context("spawn"),
@@ -76,10 +77,16 @@ class LocalExecutor:
             if not done and time.monotonic() >= deadline:
                 break
         for future in pending:
-            future.cancel()
+            if not future.cancel():
+                self._abandoned = True  # still running in a worker: it is stopped at close()
             yield futures[future], TimeoutError(f"no result within {timeout_s:.0f} s")
 
     def close(self) -> None:
+        if self._abandoned:  # a task past its deadline may never end: stop our workers, do not wait
+            for process in list(getattr(self._pool, "_processes", {}).values()):
+                process.terminate()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            return
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -42,6 +42,7 @@ class MethodSummary:
     bytes_per_device_round: float  # mean over tasks of bytes down + up
     compute_s: float  # total local training time over all tasks
     wall_s: float
+    smallest_accuracy: float = math.nan  # the final global model sliced to the smallest device plan
 
     @property
     def mean_predicted_fraction(self) -> float:
@@ -72,6 +73,9 @@ def summarize(result: SimulationResult) -> MethodSummary:
         bytes_per_device_round=float(np.mean([d["bytes_out"] + d["bytes_in"] for d in tasks])) if tasks else 0.0,
         compute_s=float(sum(d["train_time_s"] for d in ran)),
         wall_s=result.wall_s,
+        smallest_accuracy=float(result.width_metrics[min(result.width_metrics)].get("accuracy", math.nan))
+        if result.width_metrics
+        else math.nan,
     )
 
 
@@ -87,14 +91,15 @@ def markdown_table(summaries: Sequence[MethodSummary]) -> str:
     """One row per method; compute time relative to the first row."""
     base = summaries[0].compute_s if summaries and summaries[0].compute_s > 0 else math.nan
     head = (
-        "| method | final acc % | best acc % | train memory, predicted mean / min MB (% of full) "
+        "| method | final acc % | best acc % | smallest device's sub-network acc % "
+        "| train memory, predicted mean / min MB (% of full) "
         "| measured mean / min MB | over budget | full-model devices | MB per device per round "
-        "| local compute (x first) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| local compute (x first) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     rows = [head]
     for s in summaries:
         rows.append(
-            f"| {s.method} | {_pct(s.final_accuracy)} | {_pct(s.best_accuracy)} "
+            f"| {s.method} | {_pct(s.final_accuracy)} | {_pct(s.best_accuracy)} | {_pct(s.smallest_accuracy)} "
             f"| {_mb(s.mean_predicted_bytes)} / {_mb(s.min_predicted_bytes)} ({100 * s.mean_predicted_fraction:.0f} %) "
             f"| {_mb(s.mean_measured_bytes)} / {_mb(s.min_measured_bytes)} "
             f"| {s.over_budget}/{s.devices} | {s.full_model_devices}/{s.devices} "
@@ -172,7 +177,10 @@ def write_report(results: Sequence[SimulationResult], out_dir: Path, *, title: s
     lines += [
         f"Full model's predicted training memory: {full / _MB:.0f} MB (runtime excluded). "
         "Predicted: the memory model for each admitted device's plan; measured: peak RSS of the task less "
-        "its worker's resident set before the task, on this host (the simulated budget is not enforced).",
+        "its worker's resident set before the task, on this host (the simulated budget is not enforced; a "
+        "reused worker can undercount what its allocator kept from earlier tasks: fresh_process = true "
+        "measures fresh processes). Smallest device's sub-network: the final global model sliced to the "
+        "smallest plan any device trains, scored on the same validation set.",
         "",
         "![accuracy](accuracy.png) ![bytes](bytes.png) ![widths](widths.png)",
         "",

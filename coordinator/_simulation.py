@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.torch import save_file
 
 from edge_sdk import __version__
 from edge_sdk._budget import MemoryBudget, budget_for_device_class
 from edge_sdk._errors import BudgetError, ConfigError, ProfileError
 from edge_sdk._memory import Workload, training_estimate
 from edge_sdk._profiles import load_device_class
-from edge_sdk._spec import SubnetSpec
+from edge_sdk._spec import LayerSpec, SubnetSpec
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import (
     CoordinatorConnection,
@@ -96,6 +97,9 @@ class SimulationResult:
     weights_digest: str
     wall_s: float
     full_predicted_bytes: int  # the memory model's training bytes of the full model (runtime excluded)
+    # the final global model sliced to each distinct device plan (params -> metrics): what a device of
+    # that width would hold after the run
+    width_metrics: Mapping[int, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def final_accuracy(self) -> float:
@@ -203,7 +207,9 @@ def _connect(engine: FederationEngine, device: VirtualDevice) -> _Link | None:
     return _Link(device, conn, pack_frames(conn.data_to_send()))
 
 
-def _job(link: _Link, order: TrainOrder, data: SimData, executor: Executor, wire: Path, threads: int) -> tuple[DeviceJob, int]:
+def _job(
+    link: _Link, order: TrainOrder, *, data: SimData, executor: Executor, wire: Path, threads: int
+) -> tuple[DeviceJob, int]:
     link.conn.send_train_task(
         task_id=order.task_id,
         round=order.round,
@@ -220,11 +226,13 @@ def _job(link: _Link, order: TrainOrder, data: SimData, executor: Executor, wire
     if executor.uses_files:
         path = wire / f"{order.task_id}.in"
         with path.open("wb") as fh:
-            pack_frames(frames, fh)  # type: ignore[arg-type]
+            pack_frames(frames, fh)
         task, result_path = str(path), str(wire / f"{order.task_id}.out")
     else:
         task = pack_frames(frames)
-    job = DeviceJob(link.device.name, order.task_id, data, link.device.indices, link.welcome, task, result_path, threads)
+    job = DeviceJob(
+        link.device.name, order.task_id, data, link.device.indices, link.welcome, task, result_path, threads
+    )
     return job, size
 
 
@@ -237,6 +245,10 @@ def _receive(engine: FederationEngine, link: _Link, report: DeviceReport, now: f
             if isinstance(event, UpdateReceived):
                 update = event.update
                 extra["train_time_s"] = update.train_time_s
+                extra["host_peak_rss_bytes"] = update.peak_rss_bytes
+                # The simulated device's peak: its class's runtime footprint plus what the task took
+                # on this host beyond the worker's own runtime (the engine compares it to the budget).
+                training = max(0, update.peak_rss_bytes - report.baseline_rss_bytes)
                 engine.accept_update(
                     update.task_id,
                     event.tensors,
@@ -244,7 +256,7 @@ def _receive(engine: FederationEngine, link: _Link, report: DeviceReport, now: f
                     now=now,
                     encoding=update.encoding,
                     metrics=update.metrics,
-                    peak_rss_bytes=update.peak_rss_bytes,
+                    peak_rss_bytes=link.device.budget.runtime_footprint + training,
                     step_time_s=update.step_time_s,
                 )
             elif isinstance(event, UpdateRejected):
@@ -265,12 +277,14 @@ def _device_rows(summary: RoundSummary, orders: Mapping[str, TrainOrder], links:
         order = orders[outcome.device_id]
         extra = dict(extras.get(outcome.device_id, {}))
         baseline = int(extra.get("baseline_rss_bytes", 0))
+        host_peak = int(extra.get("host_peak_rss_bytes", 0))
         row.update(
             device_class=links[outcome.device_id].device.device_class,
             layers=[[ly.index, ly.heads, ly.ffn] for ly in order.spec.layers],
             over_budget=order.predicted_bytes > outcome.usable_bytes,
             baseline_rss_bytes=baseline,
-            measured_training_bytes=max(0, outcome.peak_rss_bytes - baseline) if outcome.status == "ok" else 0,
+            host_peak_rss_bytes=host_peak,
+            measured_training_bytes=max(0, host_peak - baseline) if outcome.status == "ok" else 0,
             train_time_s=float(extra.get("train_time_s", 0.0)),
             worker_pid=extra.get("worker_pid"),
         )
@@ -350,7 +364,7 @@ def run_simulation(
     rounds: list[dict[str, Any]] = []
     try:
         while not engine.finished:
-            rounds.append(_one_round(config, engine, links, data, runner, wire))
+            rounds.append(_one_round(config, engine, links, data=data, executor=runner, wire=wire))
             (out / "rounds" / f"round-{rounds[-1]['round']:03d}.json").write_text(
                 json.dumps(rounds[-1], indent=1) + "\n", encoding="utf-8"
             )
@@ -358,6 +372,7 @@ def run_simulation(
         shutil.rmtree(wire, ignore_errors=True)
         if own:
             runner.close()
+    save_file({k: v.contiguous() for k, v in engine.parent.state.items()}, str(out / "final.safetensors"))
     result = SimulationResult(
         run_dir=out,
         method=config.method.name,
@@ -367,19 +382,29 @@ def run_simulation(
         weights_digest=engine.weights_digest(),
         wall_s=time.monotonic() - started,
         full_predicted_bytes=engine.fixed_plan(1.0, 0).estimate.total,
+        width_metrics=_width_metrics(engine, evaluator, device_rows),
     )
     (out / "simulation.json").write_text(json.dumps(_result_json(config, result), indent=1) + "\n", encoding="utf-8")
     return result
 
 
-def _one_round(config: SimulationConfig, engine: FederationEngine, links: dict[str, _Link], data: SimData,
-               executor: Executor, wire: Path) -> dict[str, Any]:
+def _one_round(
+    config: SimulationConfig,
+    engine: FederationEngine,
+    links: dict[str, _Link],
+    *,
+    data: SimData,
+    executor: Executor,
+    wire: Path,
+) -> dict[str, Any]:
     started = time.monotonic()
     wire.mkdir(parents=True, exist_ok=True)
     orders = {o.device_id: o for o in engine.begin_round(sorted(links), time.monotonic())}
     jobs = []
     for device_id, order in orders.items():
-        job, size = _job(links[device_id], order, data, executor, wire, config.simulation.threads)
+        job, size = _job(
+            links[device_id], order, data=data, executor=executor, wire=wire, threads=config.simulation.threads
+        )
         engine.record_traffic(device_id, bytes_out=size)
         jobs.append(job)
     extras: dict[str, dict[str, Any]] = {}
@@ -447,6 +472,21 @@ def _device_row(engine: PolicyEngine, device: VirtualDevice, admitted: bool) -> 
     return row
 
 
+def _width_metrics(
+    engine: PolicyEngine, evaluator: Evaluator | None, rows: Sequence[Mapping[str, Any]]
+) -> dict[int, dict[str, float]]:
+    score = getattr(evaluator, "score", None)
+    if score is None:
+        return {}
+    out: dict[int, dict[str, float]] = {}
+    dims = engine.parent.dims
+    for row in rows:
+        if row.get("admitted") and int(row["params"]) not in out:
+            spec = SubnetSpec(dims, tuple(LayerSpec(*layer) for layer in row["layers"]))
+            out[int(row["params"])] = dict(score(engine.parent, spec))
+    return out
+
+
 def _metrics_text(metrics: Mapping[str, float]) -> str:
     acc, loss = metrics.get("accuracy"), metrics.get("loss")
     if acc is None or loss is None or math.isnan(acc):
@@ -466,6 +506,7 @@ def _result_json(config: SimulationConfig, result: SimulationResult) -> dict[str
         "weights_digest": result.weights_digest,
         "wall_s": result.wall_s,
         "full_predicted_bytes": result.full_predicted_bytes,
+        "width_metrics": {str(k): dict(v) for k, v in result.width_metrics.items()},
         "devices": list(result.devices),
         "rounds": [r["round"] for r in result.rounds],
     }

@@ -117,8 +117,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from ._budget import MemoryBudget, compute_budget
-    from ._client import DeviceOptions, EdgeDevice
     from ._build import build_model
+    from ._client import DeviceOptions, EdgeDevice
     from ._export import ExportReport, export_onnx
     from ._infer import Prediction, Predictor, load
     from ._memory import MemoryEstimate, Workload, inference_estimate, training_estimate

@@ -1,0 +1,79 @@
+"""Splitting a data set among simulated devices: shards are disjoint and cover every example."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator._partition import partition, partition_dirichlet, partition_iid
+from edge_sdk._errors import ConfigError
+
+
+def _check_cover(shards: list[np.ndarray], n: int) -> None:
+    joined = np.concatenate(shards)
+    assert len(joined) == n  # nothing twice ...
+    assert np.array_equal(np.sort(joined), np.arange(n))  # ... and nothing left out
+    for shard in shards:
+        assert shard.dtype == np.int64 and np.all(np.diff(shard) > 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), devices=st.integers(1, 120), seed=st.integers(0, 2**31 - 1))
+def test_iid_shards_are_disjoint_cover_everything_and_are_balanced(n: int, devices: int, seed: int) -> None:
+    if n < devices:
+        with pytest.raises(ConfigError):
+            partition_iid(n, devices, seed=seed)
+        return
+    shards = partition_iid(n, devices, seed=seed)
+    assert len(shards) == devices
+    _check_cover(shards, n)
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 4), min_size=1, max_size=2000),
+    devices=st.integers(1, 60),
+    alpha=st.floats(0.01, 100.0),
+    min_size=st.integers(1, 5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_dirichlet_shards_are_disjoint_and_cover_everything(
+    labels: list[int], devices: int, alpha: float, min_size: int, seed: int
+) -> None:
+    if len(labels) < devices * min_size:
+        with pytest.raises(ConfigError):
+            partition_dirichlet(labels, devices, alpha=alpha, seed=seed, min_size=min_size)
+        return
+    shards = partition_dirichlet(labels, devices, alpha=alpha, seed=seed, min_size=min_size)
+    assert len(shards) == devices
+    _check_cover(shards, len(labels))
+    assert min(len(s) for s in shards) >= min_size
+
+
+def test_small_alpha_skews_labels_and_large_alpha_does_not() -> None:
+    labels = np.repeat([0, 1], 5000)
+
+    def skew(shards: list[np.ndarray]) -> float:
+        """Mean over devices of |share of label 1 - 0.5| (0: balanced, 0.5: one label each)."""
+        return float(np.mean([abs(labels[s].mean() - 0.5) for s in shards]))
+
+    skewed = partition(labels, 20, kind="dirichlet", alpha=0.1, seed=1)
+    near_iid = partition(labels, 20, kind="dirichlet", alpha=1000.0, seed=1)
+    iid = partition(labels, 20, kind="iid", seed=1)
+    assert skew(skewed) > 0.3
+    assert skew(near_iid) < 0.05
+    assert skew(iid) < 0.05
+    # the same seed gives the same shards
+    again = partition(labels, 20, kind="dirichlet", alpha=0.1, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(skewed, again, strict=True))
+
+
+def test_unknown_partition_and_bad_alpha_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown partition"):
+        partition([0, 1], 2, kind="pathological")
+    with pytest.raises(ConfigError, match="alpha"):
+        partition_dirichlet([0, 1], 2, alpha=0.0)
