@@ -30,59 +30,28 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from safetensors.torch import save_file
 
-from edge_sdk import __version__
-from edge_sdk._budget import MemoryBudget, budget_for_device_class
-from edge_sdk._errors import BudgetError, ConfigError, ProfileError
+from edge_sdk._errors import BudgetError, ConfigError
 from edge_sdk._memory import Workload, training_estimate
-from edge_sdk._profiles import load_device_class
 from edge_sdk._spec import LayerSpec, SubnetSpec
 from edge_sdk._units import format_bytes
-from edge_sdk.protocol import (
-    CoordinatorConnection,
-    DeviceConnection,
-    ErrorReceived,
-    HelloReceived,
-    ProtocolViolation,
-    UpdateReceived,
-    UpdateRejected,
-    thaw_json,
-)
 
 from ._engine import Evaluator, FederationEngine, RoundSummary, TrainOrder
 from ._extract import param_count
 from ._models import resolve_model_dir
 from ._parent import ParentModel, load_parent
-from ._partition import partition
 from ._reorder import reorder
 from ._salience import activation_aware, weight_l1
 from ._search import Plan
 from ._sim_config import MethodConfig, SimulationConfig
 from ._sim_data import FastValidator, SimData, SyntheticData, SyntheticEvaluator, TsvData
-from ._sim_device import DeviceJob, DeviceReport, frames_size, pack_frames, read_frames
 from ._sim_executor import Executor, make_executor
+from ._sim_links import Link, VirtualDevice, connect, receive, send_task, virtual_devices
 
 __all__ = ["PolicyEngine", "SimulationResult", "VirtualDevice", "run_simulation", "virtual_devices"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class VirtualDevice:
-    """A simulated device: its class, its (scaled) training budget, and its shard of the data."""
-
-    name: str
-    device_class: str
-    budget: MemoryBudget
-    indices: np.ndarray
-
-    def hello_profile(self) -> dict[str, Any]:
-        return {
-            "device": {"device_model": self.device_class, "machine": "simulated", "simulated": True},
-            "budget": self.budget.to_dict(),
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,29 +73,6 @@ class SimulationResult:
     @property
     def final_accuracy(self) -> float:
         return float(self.rounds[-1]["accuracy"]) if self.rounds else float("nan")
-
-
-def virtual_devices(config: SimulationConfig, labels: np.ndarray) -> list[VirtualDevice]:
-    """The devices of ``config``: ``<class>-NN`` names, scaled class budgets, disjoint shards."""
-    sim = config.simulation
-    named: list[tuple[str, str, MemoryBudget]] = []
-    for class_name, count in config.devices.items():
-        base = budget_for_device_class(load_device_class(class_name), sim.runtime_footprint)
-        budget = dataclasses.replace(
-            base,
-            usable=int(base.usable * sim.budget_scale),
-            source=f"{base.source}" + (f" x {sim.budget_scale:g}" if sim.budget_scale != 1 else ""),
-        )
-        named += [(f"{class_name}-{i + 1:02d}", class_name, budget) for i in range(count)]
-    shards = partition(
-        labels,
-        len(named),
-        kind=config.data.partition,
-        alpha=config.data.alpha,
-        seed=config.model.seed,
-        min_size=config.data.min_shard,
-    )
-    return [VirtualDevice(n, c, b, s) for (n, c, b), s in zip(named, shards, strict=True)]
 
 
 class PolicyEngine(FederationEngine):
@@ -162,15 +108,6 @@ class PolicyEngine(FederationEngine):
         return self.fixed_plan(ratio, usable)
 
 
-@dataclasses.dataclass
-class _Link:
-    """The coordinator's end of one simulated device's connection."""
-
-    device: VirtualDevice
-    conn: CoordinatorConnection
-    welcome: bytes
-
-
 def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData, Evaluator | None, Any]:
     d = config.data
     if d.kind == "synthetic":
@@ -189,87 +126,7 @@ def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData
     return data, validator, validator
 
 
-def _connect(engine: FederationEngine, device: VirtualDevice) -> _Link | None:
-    """Admission over the protocol: the device's Hello (its budget), the engine's decision, the Welcome."""
-    hello_side = DeviceConnection()
-    hello_side.send_hello(
-        device_id=device.name, sdk_version=__version__, profile=device.hello_profile(), capabilities=("train",)
-    )
-    conn = CoordinatorConnection()
-    events = [e for frame in hello_side.data_to_send() for e in conn.receive(frame)]
-    hello = next(e.hello for e in events if isinstance(e, HelloReceived))
-    try:
-        engine.admit(device.name, thaw_json(hello.profile))
-    except (BudgetError, ProfileError) as exc:
-        logger.warning("device %s refused: %s", device.name, exc)
-        return None
-    conn.send_welcome(run_id=engine.run_id, round=engine.round, server_time=time.time(), device_id=device.name)
-    return _Link(device, conn, pack_frames(conn.data_to_send()))
-
-
-def _job(
-    link: _Link, order: TrainOrder, *, data: SimData, executor: Executor, wire: Path, threads: int
-) -> tuple[DeviceJob, int]:
-    link.conn.send_train_task(
-        task_id=order.task_id,
-        round=order.round,
-        spec=order.spec.to_dict(),
-        model_config=order.model_config,
-        settings=order.settings,
-        tensors=order.tensors,
-        max_update_norm=order.max_update_norm,
-    )
-    frames = link.conn.data_to_send()
-    size = frames_size(frames)
-    task: bytes | str
-    result_path = None
-    if executor.uses_files:
-        path = wire / f"{order.task_id}.in"
-        with path.open("wb") as fh:
-            pack_frames(frames, fh)
-        task, result_path = str(path), str(wire / f"{order.task_id}.out")
-    else:
-        task = pack_frames(frames)
-    job = DeviceJob(
-        link.device.name, order.task_id, data, link.device.indices, link.welcome, task, result_path, threads
-    )
-    return job, size
-
-
-def _receive(engine: FederationEngine, link: _Link, report: DeviceReport, now: float) -> dict[str, Any]:
-    """Feed the device's answer to its connection and the engine; what the Update said beyond that."""
-    engine.record_traffic(link.device.name, bytes_in=report.bytes_up)
-    extra: dict[str, Any] = {"baseline_rss_bytes": report.baseline_rss_bytes, "worker_pid": report.pid}
-    for frame in read_frames(report.frames):
-        for event in link.conn.receive(frame):
-            if isinstance(event, UpdateReceived):
-                update = event.update
-                extra["train_time_s"] = update.train_time_s
-                extra["host_peak_rss_bytes"] = update.peak_rss_bytes
-                # The simulated device's peak: its class's runtime footprint plus what the task took
-                # on this host beyond the worker's own runtime (the engine compares it to the budget).
-                training = max(0, update.peak_rss_bytes - report.baseline_rss_bytes)
-                engine.accept_update(
-                    update.task_id,
-                    event.tensors,
-                    num_samples=update.num_samples,
-                    now=now,
-                    encoding=update.encoding,
-                    metrics=update.metrics,
-                    peak_rss_bytes=link.device.budget.runtime_footprint + training,
-                    step_time_s=update.step_time_s,
-                )
-            elif isinstance(event, UpdateRejected):
-                engine.task_failed(event.task_id, f"update rejected: {event.reason}")
-            elif isinstance(event, ErrorReceived) and event.error.task_id:
-                engine.task_failed(event.error.task_id, f"device error {event.error.code}: {event.error.message[:200]}")
-            elif isinstance(event, ProtocolViolation):
-                engine.task_failed(report.task_id, f"protocol violation: {event.reason[:200]}")
-    link.conn.data_to_send()  # answers to a device that has gone (e.g. an Error for a bad update)
-    return extra
-
-
-def _device_rows(summary: RoundSummary, orders: Mapping[str, TrainOrder], links: Mapping[str, _Link],
+def _device_rows(summary: RoundSummary, orders: Mapping[str, TrainOrder], links: Mapping[str, Link],
                  extras: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for outcome in summary.outcomes:
@@ -338,7 +195,7 @@ def run_simulation(
         method=config.method,
     )
     start_metrics = dict(evaluator(engine.parent)) if evaluator is not None else {}
-    links = {d.name: link for d in devices if (link := _connect(engine, d)) is not None}
+    links = {d.name: link for d in devices if (link := connect(engine, d)) is not None}
     if not links:
         raise BudgetError("no simulated device can train any sub-network of this model")
     device_rows = [_device_row(engine, d, d.name in links) for d in devices]
@@ -391,7 +248,7 @@ def run_simulation(
 def _one_round(
     config: SimulationConfig,
     engine: FederationEngine,
-    links: dict[str, _Link],
+    links: dict[str, Link],
     *,
     data: SimData,
     executor: Executor,
@@ -402,7 +259,7 @@ def _one_round(
     orders = {o.device_id: o for o in engine.begin_round(sorted(links), time.monotonic())}
     jobs = []
     for device_id, order in orders.items():
-        job, size = _job(
+        job, size = send_task(
             links[device_id], order, data=data, executor=executor, wire=wire, threads=config.simulation.threads
         )
         engine.record_traffic(device_id, bytes_out=size)
@@ -413,11 +270,11 @@ def _one_round(
         if isinstance(outcome, BaseException):
             logger.warning("device %s: task %s failed: %s", job.device_id, job.task_id, outcome)
             engine.task_failed(job.task_id, f"worker: {type(outcome).__name__}: {outcome}"[:300])
-            relinked = _connect(engine, link.device)  # its connection is gone: it reconnects
+            relinked = connect(engine, link.device)  # its connection is gone: it reconnects
             if relinked is not None:
                 links[job.device_id] = relinked
             continue
-        extras[job.device_id] = _receive(engine, link, outcome, time.monotonic())
+        extras[job.device_id] = receive(engine, link, outcome, time.monotonic())
     for path in wire.iterdir():
         path.unlink(missing_ok=True)
     engine.close_round(time.monotonic())
@@ -509,13 +366,4 @@ def _result_json(config: SimulationConfig, result: SimulationResult) -> dict[str
         "width_metrics": {str(k): dict(v) for k, v in result.width_metrics.items()},
         "devices": list(result.devices),
         "rounds": [r["round"] for r in result.rounds],
-    }
-
-
-def summarize_devices(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Mean / min predicted training bytes over admitted devices (the plan each would train)."""
-    predicted = [int(r["predicted_bytes"]) for r in rows if r.get("admitted")]
-    return {
-        "mean_predicted_bytes": float(np.mean(predicted)) if predicted else float("nan"),
-        "min_predicted_bytes": float(np.min(predicted)) if predicted else float("nan"),
     }

@@ -138,7 +138,7 @@ def test_config_errors_name_the_table_and_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[simulation\] engine"):
         parse_simulation_config(tiny_config(tmp_path, simulation={"engine": "spark"}), base=tmp_path)
     example = load_simulation_config(ROOT / "examples" / "sim.toml")
-    assert example.num_devices == 8 and example.simulation.budget_scale == 0.4
+    assert example.num_devices == 8 and example.simulation.budget_scale == 0.45
 
 
 @pytest.mark.slow
