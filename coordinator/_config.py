@@ -401,17 +401,22 @@ def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str 
     return cfg
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and check a run configuration file (TOML)."""
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; an unreadable file or bad TOML is a :class:`ConfigError` naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and check a run configuration file (TOML)."""
+    path = Path(path)
+    data = read_toml(path)
     cfg = parse_config(data, base=path.resolve().parent, where=str(path))
     return RunConfig(
         cfg.model, cfg.federation, cfg.training, cfg.validation, cfg.server, cfg.devices, cfg.run, source=path

@@ -19,7 +19,6 @@ keys are errors. Relative paths resolve against the config file's folder.
 
 from __future__ import annotations
 
-import sys
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,12 +28,16 @@ from typing import Any
 from edge_sdk._errors import ConfigError
 from edge_sdk._memory import TRAINING_RUNTIME_BYTES
 
-from ._config import FederationConfig, ModelConfig, TrainingConfig, _federation, _model, _Table, _training
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from ._config import (
+    FederationConfig,
+    ModelConfig,
+    TrainingConfig,
+    _federation,
+    _model,
+    _Table,
+    _training,
+    read_toml,
+)
 
 __all__ = [
     "DataConfig",
@@ -236,13 +239,6 @@ def parse_simulation_config(
 def load_simulation_config(path: str | Path) -> SimulationConfig:
     """Read and check a simulation configuration file (TOML)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path)
     cfg = parse_simulation_config(data, base=path.resolve().parent, where=str(path))
     return SimulationConfig(**{**cfg.__dict__, "source": path})
