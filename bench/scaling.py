@@ -18,10 +18,10 @@ from collections.abc import Callable
 import torch
 import transformers
 
-from coordinator._extract import extract
-from coordinator._parent import ParentModel, load_parent, parent_from_module
-from coordinator._reorder import apply_reordering, plan_reordering
-from coordinator._salience import weight_l1
+from edge_sdk._extract import extract
+from edge_sdk._parent import ParentModel, load_parent, parent_from_module
+from edge_sdk._reorder import apply_reordering, plan_reordering
+from edge_sdk._salience import weight_l1
 from edge_sdk._spec import SubnetSpec
 
 

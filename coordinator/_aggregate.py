@@ -17,10 +17,9 @@ from typing import Protocol
 import torch
 
 from edge_sdk._errors import AggregationError
+from edge_sdk._extract import regions
+from edge_sdk._parent import ParentModel
 from edge_sdk._spec import SubnetSpec
-
-from ._extract import regions
-from ._parent import ParentModel
 
 __all__ = ["ClientUpdate", "FedAdam", "FedAvg", "ServerOptimizer", "aggregate", "merge_deltas"]
 

@@ -33,8 +33,7 @@ import safetensors.torch
 import torch
 
 from edge_sdk._errors import ConfigError
-
-from ._salience import Salience
+from edge_sdk._salience import Salience
 
 __all__ = [
     "CHECKPOINT_VERSION",

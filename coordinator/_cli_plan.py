@@ -8,13 +8,12 @@ from typing import Any
 
 from edge_sdk._errors import ConfigError
 from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, TRAINING_RUNTIME_BYTES, MemoryEstimate, Workload
+from edge_sdk._models import resolve_model_dir
+from edge_sdk._parent import load_parent
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import weight_l1
+from edge_sdk._search import Plan, plan_inference, plan_training
 from edge_sdk._units import format_bytes, parse_size
-
-from ._models import resolve_model_dir
-from ._parent import load_parent
-from ._reorder import reorder
-from ._salience import weight_l1
-from ._search import Plan, plan_inference, plan_training
 
 
 def size_arg(text: str) -> int:

@@ -52,7 +52,11 @@ import numpy as np
 import torch
 
 from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError, ProfileError
+from edge_sdk._extract import extract, regions
 from edge_sdk._memory import Workload
+from edge_sdk._parent import ParentModel
+from edge_sdk._salience import Salience
+from edge_sdk._search import Plan, plan_training
 from edge_sdk._spec import SubnetSpec
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import TrainSettings, check_tensor_values, numpy_to_torch, torch_to_numpy
@@ -60,11 +64,7 @@ from edge_sdk.protocol import TrainSettings, check_tensor_values, numpy_to_torch
 from ._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate
 from ._checkpoint import EngineState, state_digest
 from ._config import FederationConfig, TrainingConfig
-from ._extract import extract, regions
-from ._parent import ParentModel
 from ._records import DeviceOutcome, RoundSummary, Status, TrainOrder, width_of
-from ._salience import Salience
-from ._search import Plan, plan_training
 
 __all__ = [
     "DeviceOutcome",

@@ -20,14 +20,13 @@ from safetensors.torch import save_file
 
 from edge_sdk._budget import budget_for_device_class
 from edge_sdk._errors import EdgeFMError
+from edge_sdk._extract import extract
 from edge_sdk._memory import TRAINING_RUNTIME_BYTES, Workload, training_estimate
+from edge_sdk._parent import ParentModel
 from edge_sdk._profiles import DeviceClass
+from edge_sdk._salience import Salience
+from edge_sdk._search import plan_training
 from edge_sdk._spec import SubnetSpec
-
-from ._extract import extract
-from ._parent import ParentModel
-from ._salience import Salience
-from ._search import plan_training
 
 __all__ = ["BudgetCheck", "Measured", "check_device_classes", "measure_training"]
 

@@ -19,14 +19,14 @@ import signal
 from pathlib import Path
 
 from edge_sdk._errors import ConfigError
+from edge_sdk._models import resolve_model_dir
+from edge_sdk._parent import load_parent
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import activation_aware, weight_l1
 
 from ._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ._config import RunConfig
 from ._engine import FederationEngine
-from ._models import resolve_model_dir
-from ._parent import load_parent
-from ._reorder import reorder
-from ._salience import activation_aware, weight_l1
 from ._security import server_ssl_context
 from ._server import CoordinatorServer
 from ._validation import Validator, calibration_batches

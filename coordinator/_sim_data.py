@@ -26,9 +26,8 @@ import numpy as np
 
 from edge_sdk._data import Encoded, TextExample, encode, iter_batches, load_tokenizer, read_tsv
 from edge_sdk._errors import ConfigError
+from edge_sdk._parent import ParentModel
 from edge_sdk._spec import SubnetSpec
-
-from ._parent import ParentModel
 
 if TYPE_CHECKING:
     from edge_sdk._runner import TextDataset
@@ -128,9 +127,8 @@ def _score(
     import torch
 
     from edge_sdk._build import build_model
+    from edge_sdk._extract import extract
     from edge_sdk._train import evaluate
-
-    from ._extract import extract
 
     if spec is None or spec.is_full:
         model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)

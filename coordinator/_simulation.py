@@ -33,17 +33,17 @@ from typing import Any
 from safetensors.torch import save_file
 
 from edge_sdk._errors import BudgetError, ConfigError
+from edge_sdk._extract import param_count
 from edge_sdk._memory import Workload, training_estimate
+from edge_sdk._models import resolve_model_dir
+from edge_sdk._parent import ParentModel, load_parent
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import activation_aware, weight_l1
+from edge_sdk._search import Plan
 from edge_sdk._spec import LayerSpec, SubnetSpec
 from edge_sdk._units import format_bytes
 
 from ._engine import Evaluator, FederationEngine, RoundSummary, TrainOrder
-from ._extract import param_count
-from ._models import resolve_model_dir
-from ._parent import ParentModel, load_parent
-from ._reorder import reorder
-from ._salience import activation_aware, weight_l1
-from ._search import Plan
 from ._sim_config import MethodConfig, SimulationConfig
 from ._sim_data import FastValidator, SimData, SyntheticData, SyntheticEvaluator, TsvData
 from ._sim_executor import Executor, make_executor

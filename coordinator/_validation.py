@@ -11,10 +11,9 @@ import torch
 
 from edge_sdk._build import build_model
 from edge_sdk._data import Encoded, encode, iter_batches, load_tokenizer, read_tsv
+from edge_sdk._parent import ParentModel
 from edge_sdk._spec import SubnetSpec
 from edge_sdk._train import evaluate
-
-from ._parent import ParentModel
 
 __all__ = ["Validator", "calibration_batches"]
 

@@ -160,11 +160,10 @@ def _table(history: list[dict[str, Any]], budgets: dict[str, int]) -> str:
 def _export(engine: Any, budget: int, folder: Path) -> tuple[Path, Any, str]:
     from edge_sdk._build import build_model
     from edge_sdk._export import export_onnx
+    from edge_sdk._extract import extract
     from edge_sdk._infer import load
-
-    from ._extract import extract
-    from ._models import resolve_model_dir
-    from ._search import plan_inference, plan_training
+    from edge_sdk._models import resolve_model_dir
+    from edge_sdk._search import plan_inference, plan_training
 
     parent, salience = engine.parent, engine.snapshot().salience
     train = plan_training(parent, salience, budget, Workload(BATCH, SEQ), runtime=0)

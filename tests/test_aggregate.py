@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from coordinator._aggregate import ClientUpdate, FedAdam, FedAvg, aggregate, merge_deltas
-from coordinator._extract import extract
-from coordinator._parent import ParentModel
 from edge_sdk import AggregationError
+from edge_sdk._extract import extract
+from edge_sdk._parent import ParentModel
 from edge_sdk._spec import SubnetSpec
 
 from .models import tiny_parent

@@ -3,10 +3,10 @@
 import pytest
 
 from coordinator._memcheck import check_device_classes
-from coordinator._reorder import reorder
-from coordinator._salience import weight_l1
 from edge_sdk._memory import Workload
 from edge_sdk._profiles import list_device_classes
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import weight_l1
 
 from .models import SST2, minilm, minilm_dir
 

@@ -112,7 +112,7 @@ def test_an_unreachable_coordinator_is_given_up_on_in_bounded_time() -> None:
 
 
 def test_a_cancelled_task_stops_at_its_next_batch() -> None:
-    from coordinator._extract import extract
+    from edge_sdk._extract import extract
     from edge_sdk._spec import SubnetSpec
     from edge_sdk.protocol import TrainSettings, TrainTask, encode_tensors, torch_to_numpy
 

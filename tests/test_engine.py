@@ -12,13 +12,13 @@ import torch
 from coordinator._aggregate import ClientUpdate, FedAdam, aggregate
 from coordinator._config import FederationConfig, TrainingConfig
 from coordinator._engine import FederationEngine, TrainOrder
-from coordinator._extract import param_count
-from coordinator._parent import ParentModel
-from coordinator._reorder import reorder
-from coordinator._salience import weight_l1
-from coordinator._search import plan_training
 from edge_sdk import BudgetError, EdgeFMError, ProfileError
+from edge_sdk._extract import param_count
 from edge_sdk._memory import Workload, training_estimate
+from edge_sdk._parent import ParentModel
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import weight_l1
+from edge_sdk._search import plan_training
 from edge_sdk._spec import SubnetSpec
 
 from .models import tiny_parent

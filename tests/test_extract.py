@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from coordinator._extract import extract, param_count
-from coordinator._reorder import reorder
-from coordinator._salience import weight_l1
 from edge_sdk import SpecError, UnsupportedModelError
 from edge_sdk._build import build_model
+from edge_sdk._extract import extract, param_count
 from edge_sdk._families import family_for
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import weight_l1
 from edge_sdk._spec import LayerSpec, ParentDims, SubnetSpec
 from edge_sdk._train import TrainConfig, train_local
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from coordinator._checkpoint import latest_checkpoint, load_checkpoint, state_digest
 from coordinator._config import FederationConfig
-from coordinator._extract import param_count
+from edge_sdk._extract import param_count
 from edge_sdk._memory import Workload, training_estimate
 from edge_sdk._spec import SubnetSpec
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from coordinator._extract import extract, param_count
 from coordinator._memcheck import measure_training
-from coordinator._reorder import reorder
-from coordinator._salience import weight_l1
-from coordinator._search import plan_training
 from edge_sdk._build import build_model
+from edge_sdk._extract import extract, param_count
 from edge_sdk._memory import Workload, activation_bytes, training_estimate
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import weight_l1
+from edge_sdk._search import plan_training
 from edge_sdk._spec import LayerSpec, SubnetSpec
 
 from .models import SST2, minilm, minilm_dir

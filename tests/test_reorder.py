@@ -5,10 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator._parent import ParentModel
-from coordinator._reorder import reorder
-from coordinator._salience import Salience, activation_aware, weight_l1
 from edge_sdk._build import build_model
+from edge_sdk._parent import ParentModel
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import Salience, activation_aware, weight_l1
 from edge_sdk._spec import SubnetSpec
 
 from .models import minilm, tiny_inputs, tiny_parent

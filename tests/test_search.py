@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from coordinator._extract import param_count
-from coordinator._reorder import reorder
-from coordinator._salience import weight_l1
-from coordinator._search import _fractions, plan_inference, plan_training
 from edge_sdk import BudgetError
+from edge_sdk._extract import param_count
 from edge_sdk._memory import Workload, inference_estimate, training_estimate
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import weight_l1
+from edge_sdk._search import _fractions, plan_inference, plan_training
 from edge_sdk._spec import SubnetSpec
 
 from .models import minilm, tiny_parent

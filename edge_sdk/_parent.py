@@ -14,9 +14,9 @@ import torch
 import transformers
 from torch import nn
 
-from edge_sdk._errors import ConfigError, SpecError
-from edge_sdk._families import Family, default_task, family_for
-from edge_sdk._spec import ParentDims
+from ._errors import ConfigError, SpecError
+from ._families import Family, default_task, family_for
+from ._spec import ParentDims
 
 __all__ = ["ParentModel", "load_parent", "parent_from_module"]
 

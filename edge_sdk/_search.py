@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from edge_sdk._errors import BudgetError
-from edge_sdk._memory import (
+from ._errors import BudgetError
+from ._extract import param_count
+from ._memory import (
     INFERENCE_RUNTIME_BYTES,
     TRAINING_RUNTIME_BYTES,
     MemoryEstimate,
@@ -31,12 +32,10 @@ from edge_sdk._memory import (
     inference_estimate,
     training_estimate,
 )
-from edge_sdk._spec import LayerSpec, SubnetSpec
-from edge_sdk._units import format_bytes
-
-from ._extract import param_count
 from ._parent import ParentModel
 from ._salience import Salience
+from ._spec import LayerSpec, SubnetSpec
+from ._units import format_bytes
 
 __all__ = ["Plan", "plan_inference", "plan_training"]
 

@@ -19,8 +19,7 @@ import torch
 import transformers
 from torch import nn
 
-from edge_sdk._build import hf_config
-
+from ._build import hf_config
 from ._parent import ParentModel
 
 __all__ = ["Salience", "activation_aware", "weight_l1"]

@@ -6,10 +6,9 @@ import math
 
 import torch
 
-from edge_sdk._families import Region
-from edge_sdk._spec import SubnetSpec
-
+from ._families import Region
 from ._parent import ParentModel
+from ._spec import SubnetSpec
 
 __all__ = ["extract", "param_count", "regions"]
 
