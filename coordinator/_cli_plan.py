@@ -7,12 +7,13 @@ import json
 from typing import Any
 
 from edge_sdk._errors import ConfigError
-from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, TRAINING_RUNTIME_BYTES, MemoryEstimate, Workload
+from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, TRAINING_RUNTIME_BYTES, Workload
 from edge_sdk._models import resolve_model_dir
 from edge_sdk._parent import load_parent
+from edge_sdk._planning import plan_dict, plan_table
 from edge_sdk._reorder import reorder
 from edge_sdk._salience import weight_l1
-from edge_sdk._search import Plan, plan_inference, plan_training
+from edge_sdk._search import plan_inference, plan_training
 from edge_sdk._units import format_bytes, parse_size
 
 
@@ -40,50 +41,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--infer-batch", type=int, default=1, help="inference batch size (default 1)")
     p.add_argument("--runtime", type=size_arg, default=None, help="the training runtime's own footprint")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def _estimate_dict(est: MemoryEstimate) -> dict[str, int]:
-    return {
-        "total": est.total,
-        "weights": est.weights,
-        "gradients": est.gradients,
-        "optimizer": est.optimizer,
-        "activations": est.activations,
-        "transient": est.transient,
-        "runtime": est.runtime,
-    }
-
-
-def plan_dict(plan: Plan) -> dict[str, Any]:
-    return {
-        "spec": plan.spec.to_dict(),
-        "layers": [{"index": ly.index, "heads": ly.heads, "ffn": ly.ffn} for ly in plan.spec.layers],
-        "params": plan.params,
-        "params_fraction": plan.params_fraction,
-        "salience_kept": plan.salience_kept,
-        "predicted_peak_bytes": plan.estimate.total,
-        "predicted": _estimate_dict(plan.estimate),
-    }
-
-
-def _table(title: str, plan: Plan) -> str:
-    d = plan.spec.parent
-    rows = [
-        f"{title}: {plan.params:,} parameters ({plan.params_fraction:.0%} of the full model), "
-        f"predicted peak {format_bytes(plan.estimate.total)}, salience kept {plan.salience_kept:.0%}",
-        f"  {'layer':>5}  {'heads':>9}  {'ffn':>11}",
-    ]
-    rows += [
-        f"  {ly.index:>5}  {ly.heads:>4} / {d.num_heads:<2}  {ly.ffn:>5} / {d.ffn:<5}"
-        for ly in plan.spec.layers
-    ]
-    e = plan.estimate
-    rows.append(
-        f"  memory: weights {format_bytes(e.weights)}, gradients {format_bytes(e.gradients)}, "
-        f"optimizer {format_bytes(e.optimizer)}, activations {format_bytes(e.activations)}, "
-        f"transient {format_bytes(e.transient)}, runtime {format_bytes(e.runtime)}"
-    )
-    return "\n".join(rows)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         f"budget {args.memory:,} bytes ({format_bytes(args.memory)}); "
         f"training batch {args.batch} x sequence {args.seq}; inference batch {args.infer_batch}\n"
     )
-    print(_table("training sub-network", training))
+    print("\n".join(plan_table("training sub-network", training)))
     print()
-    print(_table("inference sub-network", inference))
+    print("\n".join(plan_table("inference sub-network", inference)))
     return 0

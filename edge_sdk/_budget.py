@@ -35,10 +35,13 @@ from ._units import format_bytes, parse_size
 __all__ = [
     "DEFAULT_MARGIN_FRACTION",
     "DEFAULT_MARGIN_MIN",
+    "DEFAULT_MIN_MARGIN_BYTES",
     "MemoryBudget",
     "budget_for_device_class",
     "compute_budget",
     "default_margin",
+    "inference_bytes",
+    "training_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,3 +152,23 @@ def compute_budget(
                     format_bytes(usable), format_bytes(detected.usable))
     return MemoryBudget(detected.total, detected.available, detected.cgroup_limit,
                         detected.runtime_footprint, detected.ceiling, 0, usable, "override", detected.pool)
+
+
+# --------------------------------------------- what the coordinator plans from a reported budget
+# (edge_sdk._planning has the rule in full; these two are torch-free so configs can use them.)
+
+# Measured: MiniLM sub-networks at batch 8, sequence 64 peaked 56-107 MiB above the memory model's
+# figure without margin; 192 MiB covers that with room.
+DEFAULT_MIN_MARGIN_BYTES = 192 << 20
+
+
+def training_bytes(usable: int, margin: int = 0, min_margin: int = DEFAULT_MIN_MARGIN_BYTES) -> int:
+    """What training may be planned to spend of a device's usable budget (may be <= 0: nothing fits)."""
+    return usable - max(0, min_margin - max(0, margin))
+
+
+def inference_bytes(
+    usable: int, margin: int = 0, runtime_footprint: int = 0, min_margin: int = DEFAULT_MIN_MARGIN_BYTES
+) -> int:
+    """What the served model's process may be planned to hold (ONNX Runtime, no torch: see edge_sdk._planning)."""
+    return training_bytes(usable, margin, min_margin) + max(0, runtime_footprint)

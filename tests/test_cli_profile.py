@@ -1,4 +1,5 @@
-"""``edge-sdk profile`` run for real, as a user would: ``python -m edge_sdk._cli profile ...``."""
+"""``edge-sdk profile``: twice for real as a newcomer runs it (the installed script, a fresh process),
+the other cases in this process through the same ``main``."""
 
 from __future__ import annotations
 
@@ -6,42 +7,72 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
+import pytest
 
+from edge_sdk._budget import DEFAULT_MIN_MARGIN_BYTES
+from edge_sdk._cli import main
 from edge_sdk._profile import DeviceProfile
 
 REPO = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).parent / "edge-sdk"
 
 
 def edge_sdk(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edge_sdk._cli", "profile", *args],
-        check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+        [str(SCRIPT), "profile", *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=300
     )
 
 
-def test_table_on_this_machine_with_the_probe() -> None:
-    out = edge_sdk()
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(["profile", *args])
+    except SystemExit as exc:  # argparse's usage errors
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def check_plans(plan: dict[str, Any], budget: dict[str, Any]) -> None:
+    """The plan follows the coordinator's rule (edge_sdk._planning) and serves at least what it trains."""
+    training, inference = plan["training"], plan["inference"]
+    train_bytes = budget["usable"] - max(0, DEFAULT_MIN_MARGIN_BYTES - budget["margin"])
+    assert training["budget_bytes"] == train_bytes
+    assert training["predicted_peak_bytes"] <= train_bytes
+    assert inference["budget_bytes"] == train_bytes + budget["runtime_footprint"]
+    assert inference["predicted_peak_bytes"] <= inference["budget_bytes"]
+    assert inference["params"] >= training["params"] > 0
+    for t, i in zip(training["layers"], inference["layers"], strict=True):
+        assert i["heads"] >= t["heads"] and i["ffn"] >= t["ffn"]
+
+
+def test_table_on_this_machine_with_the_probe_and_a_model() -> None:
+    out = edge_sdk("--model", "all-MiniLM-L6-v2")
     assert out.returncode == 0, out.stderr
-    text = out.stdout
+    lines = out.stdout.splitlines()
     for heading in ("Device", "Memory budget"):
-        assert heading in text.splitlines()
+        assert heading in lines
     for row in ("system", "cpu", "temperatures", "battery", "accelerator", "compute", "total", "available",
                 "cgroup limit", "runtime footprint", "safety margin", "usable"):
-        assert any(line.strip().startswith(row) for line in text.splitlines()), row
-    assert "GFLOPS float32 matmul (torch on cpu" in text
-    assert "source             detected (system memory)" in text
-    usable_line = next(line for line in text.splitlines() if line.strip().startswith("usable"))
+        assert any(line.strip().startswith(row) for line in lines), row
+    assert "GFLOPS float32 matmul (torch on cpu" in out.stdout
+    assert "source             detected (system memory)" in out.stdout
+    usable_line = next(line for line in lines if line.strip().startswith("usable"))
     usable = int(usable_line.split("(")[1].split(" bytes")[0])
     assert 0 < usable < psutil.virtual_memory().total
+    assert any(line.startswith("Plan for all-MiniLM-L6-v2 (bert: 6 layers, 12 heads") for line in lines)
+    summaries = [line.strip() for line in lines if "sub-network:" in line]
+    assert [s.split(":")[0] for s in summaries] == ["training sub-network", "inference sub-network"]
+    assert sum(1 for line in lines if line.strip().startswith(("0 ", "5 "))) == 4  # 6 layer rows per plan
 
 
-def test_json_on_this_machine() -> None:
-    out = edge_sdk("--json", "--no-probe")
+def test_json_on_this_machine_with_a_model() -> None:
+    out = edge_sdk("--json", "--no-probe", "--model", "all-MiniLM-L6-v2")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)  # stdout is pure JSON: logs go to stderr
-    assert set(report) == {"profile", "budget", "device_class"}
+    assert set(report) == {"profile", "budget", "device_class", "plan"}
     profile = DeviceProfile.from_dict(report["profile"])
     assert profile.compute is None  # --no-probe
     assert profile.memory_total == psutil.virtual_memory().total
@@ -51,35 +82,64 @@ def test_json_on_this_machine() -> None:
     assert budget["usable"] == budget["ceiling"] - budget["margin"] - budget["runtime_footprint"]
     assert 0 < budget["usable"] < budget["total"]
     assert report["device_class"] is None
+    check_plans(report["plan"], budget)
+    assert report["plan"]["training_workload"] == {"batch": 8, "seq": 64}
 
 
-def test_memory_budget_override() -> None:
-    out = edge_sdk("--json", "--no-probe", "--memory-budget", "1.5GB")
-    assert out.returncode == 0, out.stderr
-    budget = json.loads(out.stdout)["budget"]
+def test_json_without_a_model_has_no_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = in_process(capsys, "--json", "--no-probe")
+    assert code == 0
+    report = json.loads(out)
+    assert report["plan"] is None and report["budget"]["source"] == "detected"
+
+
+def test_a_small_budget_trains_less_than_it_serves(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = in_process(
+        capsys, "--json", "--no-probe", "--memory-budget", "900MB", "--model", "all-MiniLM-L6-v2",
+        "--batch", "16", "--seq", "128",
+    )
+    assert code == 0
+    report = json.loads(out)
+    budget, plan = report["budget"], report["plan"]
+    assert (budget["usable"], budget["margin"]) == (900_000_000, 0)
+    check_plans(plan, budget)
+    assert plan["training"]["params_fraction"] < 1.0
+    assert plan["inference"]["params"] > plan["training"]["params"]
+    assert plan["training"]["predicted"]["activations"] > 0  # batch 16 x 128 taken into account
+
+
+def test_memory_budget_override(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = in_process(capsys, "--json", "--no-probe", "--memory-budget", "1.5GB")
+    assert code == 0
+    budget = json.loads(out)["budget"]
     assert (budget["usable"], budget["source"]) == (1_500_000_000, "override")
-    table = edge_sdk("--no-probe", "--memory-budget", "512MiB")
-    assert table.returncode == 0, table.stderr
-    assert "512.00 MiB (536870912 bytes)" in table.stdout and "override" in table.stdout
+    code, out, _ = in_process(capsys, "--no-probe", "--memory-budget", "512MiB")
+    assert code == 0
+    assert "512.00 MiB (536870912 bytes)" in out and "override" in out
 
 
-def test_named_profile() -> None:
-    out = edge_sdk("--json", "--no-probe", "--profile", "raspberry-pi-4-4gb")
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+def test_named_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = in_process(capsys, "--json", "--no-probe", "--profile", "raspberry-pi-4-4gb")
+    assert code == 0
+    report = json.loads(out)
     assert report["budget"]["source"] == "profile:raspberry-pi-4-4gb"
     assert report["budget"]["total"] == 4 * 1024**3
     assert report["device_class"]["name"] == "raspberry-pi-4-4gb"
-    table = edge_sdk("--no-probe", "--profile", "jetson-orin-nano-8gb")
-    assert table.returncode == 0, table.stderr
-    assert "Device class" in table.stdout and "profile:jetson-orin-nano-8gb (unified memory)" in table.stdout
+    code, out, _ = in_process(capsys, "--no-probe", "--profile", "jetson-orin-nano-8gb")
+    assert code == 0
+    assert "Device class" in out and "profile:jetson-orin-nano-8gb (unified memory)" in out
 
 
-def test_bad_input_fails_cleanly() -> None:
-    bad_size = edge_sdk("--no-probe", "--memory-budget", "1.5 potatoes")
-    assert bad_size.returncode == 2
-    assert "'1.5 potatoes'" in bad_size.stderr and "Traceback" not in bad_size.stderr
-    unknown = edge_sdk("--no-probe", "--profile", "raspberry-pi-9")
-    assert unknown.returncode == 2 and "raspberry-pi-4-4gb" in unknown.stderr
-    both = edge_sdk("--memory-budget", "1GB", "--profile", "raspberry-pi-4-4gb")
-    assert both.returncode == 2 and "not allowed with" in both.stderr
+def test_bad_input_fails_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = in_process(capsys, "--no-probe", "--memory-budget", "1.5 potatoes")
+    assert code == 2 and "'1.5 potatoes'" in err
+    code, _, err = in_process(capsys, "--no-probe", "--profile", "raspberry-pi-9")
+    assert code == 2 and "raspberry-pi-4-4gb" in err
+    code, _, err = in_process(capsys, "--memory-budget", "1GB", "--profile", "raspberry-pi-4-4gb")
+    assert code == 2 and "not allowed with" in err
+    code, _, err = in_process(capsys, "--no-probe", "--model", "/nonexistent/model")
+    assert code == 2 and "'/nonexistent/model' is neither a folder nor a packaged model" in err
+    code, _, err = in_process(capsys, "--no-probe", "--model", "all-MiniLM-L6-v2", "--min-margin", "lots")
+    assert code == 2 and "'lots'" in err
+    code, _, err = in_process(capsys, "--no-probe", "--memory-budget", "1MB", "--model", "all-MiniLM-L6-v2")
+    assert code == 2 and "no sub-network fits" in err

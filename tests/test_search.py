@@ -110,22 +110,15 @@ def _objective(spec: SubnetSpec, salience) -> float:  # type: ignore[no-untyped-
 
 
 @pytest.mark.slow
-def test_minilm_plan_cli_as_a_newcomer_runs_it() -> None:
+def test_minilm_plan_cli_as_a_newcomer_runs_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """Once as the installed script in a fresh process (JSON), the table and a bad size through ``main``."""
+    from coordinator._cli import main
+
+    args = ["plan", "--model", "all-MiniLM-L6-v2", "--memory", "1.2GB"]
+    script = os.path.join(os.path.dirname(sys.executable), "edge-coordinator")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "coordinator._cli",
-        "plan",
-        "--model",
-        "all-MiniLM-L6-v2",
-        "--memory",
-        "1.2GB",
-    ]
-    table = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert table.returncode == 0, table.stderr
-    assert "training sub-network" in table.stdout and "inference sub-network" in table.stdout
-    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    out = subprocess.run([script, *args, "--json"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     train, infer = plan["training"], plan["inference"]
     assert train["predicted_peak_bytes"] <= 1_200_000_000 < plan["budget_bytes"] + 1
@@ -133,8 +126,13 @@ def test_minilm_plan_cli_as_a_newcomer_runs_it() -> None:
     assert infer["params"] > train["params"]
     for t, i in zip(train["layers"], infer["layers"], strict=True):
         assert i["heads"] >= t["heads"] and i["ffn"] >= t["ffn"]
-    bad = subprocess.run([*cmd[:-1], "12 parsecs"], capture_output=True, text=True, env=env, timeout=60, check=False)
-    assert bad.returncode == 2 and "unknown unit" in bad.stderr
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert f"training sub-network: {train['params']:,} parameters" in table
+    assert f"inference sub-network: {infer['params']:,} parameters" in table
+    with pytest.raises(SystemExit) as bad:
+        main([*args[:-1], "12 parsecs"])
+    assert bad.value.code == 2 and "unknown unit" in capsys.readouterr().err
 
 
 def test_plan_cli_refuses_a_budget_that_fits_nothing(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,57 @@
+"""What a device is planned from the budget it reports: one rule for the coordinator and ``edge-sdk profile``."""
+
+import pytest
+
+from edge_sdk import BudgetError
+from edge_sdk._budget import DEFAULT_MIN_MARGIN_BYTES, inference_bytes, training_bytes
+from edge_sdk._extract import param_count
+from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, Workload, training_estimate
+from edge_sdk._planning import plan_device, plan_dict, plan_table
+from edge_sdk._reorder import reorder
+from edge_sdk._salience import weight_l1
+from edge_sdk._search import plan_inference, plan_training
+from edge_sdk._spec import SubnetSpec
+
+from .models import tiny_parent
+
+MiB = 1 << 20
+
+
+def test_the_reserve_counts_the_budgets_own_margin() -> None:
+    assert DEFAULT_MIN_MARGIN_BYTES == 192 << 20
+    assert training_bytes(1000 * MiB) == 808 * MiB  # an override has no margin: all of the reserve
+    assert training_bytes(1000 * MiB, margin=100 * MiB) == 908 * MiB  # the rest of the reserve
+    assert training_bytes(1000 * MiB, margin=300 * MiB) == 1000 * MiB  # its margin covers the reserve
+    assert training_bytes(1000 * MiB, min_margin=0) == 1000 * MiB
+    # the served model's process has no torch: the runtime footprint is free for it
+    assert inference_bytes(1000 * MiB, runtime_footprint=400 * MiB) == 1208 * MiB
+    assert inference_bytes(1000 * MiB, margin=300 * MiB, runtime_footprint=-5) == 1000 * MiB
+
+
+def test_device_plans_are_the_searches_with_those_budgets() -> None:
+    parent = tiny_parent("bert")
+    parent, salience, _ = reorder(parent, weight_l1(parent))
+    train, infer = Workload(8, 32), Workload(1, 32)
+    full = plan_training(parent, salience, 10**12, train, runtime=0).estimate.total
+    one = SubnetSpec.uniform(parent.dims, heads=1, ffn=1)
+    least = training_estimate(one, param_count(parent, one), train, runtime=0).total
+    small = MiB + (least + full) // 2  # binds: between the smallest and the full sub-network
+    plans = plan_device(parent, salience, usable=small, margin=0, runtime_footprint=3 * MiB,
+                        train=train, infer=infer, min_margin=MiB)
+    expected = plan_training(parent, salience, small - MiB, train, runtime=0)
+    assert plans.training.spec == expected.spec and plans.training.budget == small - MiB
+    served = plan_inference(parent, salience, small + 2 * MiB, infer, floor=expected.spec,
+                            runtime=INFERENCE_RUNTIME_BYTES)
+    assert plans.inference.spec == served.spec
+    assert plans.inference.spec.covers(plans.training.spec)
+    assert plans.inference.params > plans.training.params  # inference needs far less: it serves more
+    d = plan_dict(plans.training)
+    assert d["params"] == plans.training.params and d["budget_bytes"] == small - MiB
+    assert len(plan_table("t", plans.training)) == 2 + parent.dims.num_layers + 1
+
+
+def test_a_budget_below_the_reserve_fits_nothing() -> None:
+    parent = tiny_parent("bert")
+    parent, salience, _ = reorder(parent, weight_l1(parent))
+    with pytest.raises(BudgetError, match=r"below the safety margin of 192\.00 MiB"):
+        plan_device(parent, salience, usable=100 * MiB, train=Workload(8, 32), infer=Workload(1, 32))
