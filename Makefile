@@ -3,6 +3,8 @@
 # dependency can pull a CUDA build, then the project with every extra it is tested with.
 
 PYTHON ?= python3
+# pytest-xdist workers: the suite is mostly CPU-bound, and CI has 2 cores.
+TEST_WORKERS ?= 2
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edge-fm-installed
@@ -24,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(STAMP)
 	$(PY) bench/scaling.py
