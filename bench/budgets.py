@@ -5,7 +5,8 @@
 For each class in ``profiles/`` with at most 8 GiB: its memory budget (the class's available
 memory less the safety margin; the runtime footprint is measured here), the MiniLM sub-network the
 planner fits into it for training at batch x sequence, then a fresh process that trains that
-sub-network on SST-2 for a few steps. Printed: the allowance, the plan's parameters, the predicted
+sub-network on SST-2 for a few steps. Printed: the budget (what the training process may hold:
+usable + runtime footprint), the plan's parameters, the predicted
 and the measured peak RSS, and the prediction's error against the measurement (the baseline).
 
 Training runs on this machine's CPU: a Jetson class is simulated by its memory figures only (its
@@ -44,7 +45,7 @@ def main() -> int:
         parent, salience, classes, work, data=ROOT / "examples/data/sst2/train.tsv", tokenizer_dir=model_dir,
         steps=args.steps,
     )  # fmt: skip
-    print(f"{'profile':<22} {'allowance':>10} {'params':>11} {'predicted':>10} {'measured':>10} {'error':>7}  fits")
+    print(f"{'profile':<22} {'budget':>10} {'params':>11} {'predicted':>10} {'measured':>10} {'error':>7}  fits")
     for r in rows:
         print(
             f"{r.device_class:<22} {format_bytes(r.allowance):>10} {r.params / 1e6:>6.1f}M {r.params_fraction:>4.0%}"
