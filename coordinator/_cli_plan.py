@@ -6,7 +6,6 @@ import argparse
 import json
 from typing import Any
 
-from edge_sdk._errors import ConfigError
 from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, TRAINING_RUNTIME_BYTES, Workload
 from edge_sdk._models import resolve_model_dir
 from edge_sdk._parent import load_parent
@@ -14,15 +13,7 @@ from edge_sdk._planning import plan_dict, plan_table
 from edge_sdk._reorder import reorder
 from edge_sdk._salience import weight_l1
 from edge_sdk._search import plan_inference, plan_training
-from edge_sdk._units import format_bytes, parse_size
-
-
-def size_arg(text: str) -> int:
-    """argparse type for sizes: shows the parser's own message on a malformed size."""
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from edge_sdk._units import format_bytes, size_argument
 
 
 def add_parser(sub: Any) -> None:
@@ -34,12 +25,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--model", required=True, help="model folder, or a packaged model name (all-MiniLM-L6-v2)")
     p.add_argument(
-        "--memory", required=True, type=size_arg, help="the device's memory budget, e.g. 1.5GB, 900MiB"
+        "--memory", required=True, type=size_argument, help="the device's memory budget, e.g. 1.5GB, 900MiB"
     )
     p.add_argument("--batch", type=int, default=16, help="training batch size (default 16)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     p.add_argument("--infer-batch", type=int, default=1, help="inference batch size (default 1)")
-    p.add_argument("--runtime", type=size_arg, default=None, help="the training runtime's own footprint")
+    p.add_argument("--runtime", type=size_argument, default=None, help="the training runtime's own footprint")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -16,18 +16,10 @@ import argparse
 from typing import Any
 
 from ._budget import DEFAULT_MIN_MARGIN_BYTES, MemoryBudget
-from ._errors import ConfigError
 from ._profile import DeviceProfile
-from ._units import format_bytes, parse_size
+from ._units import format_bytes, size_argument
 
 __all__ = ["add_arguments", "run_plan"]
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
@@ -51,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--infer-seq", type=_positive, default=128, help="inference sequence length (default 128)")
     group.add_argument(
         "--min-margin",
-        type=_size,
+        type=size_argument,
         default=DEFAULT_MIN_MARGIN_BYTES,
         metavar="SIZE",
         help="the coordinator's reserve, its [federation] min_margin "

@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 
 from ._errors import ConfigError
 
-__all__ = ["format_bytes", "parse_size"]
+__all__ = ["format_bytes", "parse_size", "size_argument"]
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -86,3 +86,13 @@ def format_bytes(n: int) -> str:
         if value < 1023.995 or unit == _FORMAT_UNITS[-1]:  # 1023.996 would print as "1024.00"
             return f"{sign}{value:.2f} {unit}"
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def size_argument(text: str) -> int:
+    """argparse ``type=`` for sizes: a malformed size becomes argparse's usage error with our message."""
+    import argparse
+
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
