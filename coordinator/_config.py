@@ -10,11 +10,12 @@ Tables and keys (see ``examples/run.toml`` and ``docs/running.md``):
 - ``[federation]`` rounds, fraction, min_devices, device_wait_s, round_deadline_s, strategy,
   server_lr, beta1, beta2, tau, max_update_norm_ratio, min_margin;
 - ``[training]`` local_steps, lr, batch_size, seq_len, prox_mu;
-- ``[validation]`` (optional) data, limit, batch_size, tokenizer;
+- ``[validation]`` (optional) data, limit, batch_size, tokenizer, seq_len;
 - ``[server]`` host, port, port_file, tls_cert, tls_key, max_connections, chunk_size,
   hello_timeout_s, send_concurrency;
 - ``[devices]`` name = "bearer token", one line per device;
-- ``[run]`` dir, keep_checkpoints.
+- ``[run]`` dir, keep_checkpoints;
+- ``[deploy]`` (optional) enabled, batch_size, seq_len, quantize, timeout_s, labels, operator_token.
 
 :class:`FederationConfig` and :class:`TrainingConfig` are all the federation engine needs; a
 simulator builds them directly, without a file.
@@ -22,6 +23,7 @@ simulator builds them directly, without a file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._budget import DEFAULT_MIN_MARGIN_BYTES
 from edge_sdk._errors import ConfigError
 from edge_sdk._units import parse_size
 from edge_sdk.protocol import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
@@ -44,6 +47,7 @@ __all__ = [
     "DEVICE_NAME",
     "STRATEGIES",
     "TASKS",
+    "DeployConfig",
     "FederationConfig",
     "ModelConfig",
     "RunConfig",
@@ -88,8 +92,7 @@ class FederationConfig:
     max_update_norm_ratio: float = 2.0  # an update's L2 norm may be at most this x what was sent
     # Planning keeps at least this much of each device's budget in reserve for what the memory model
     # does not count (a detected budget's own safety margin counts towards it; see FederationEngine).
-    # Measured: MiniLM sub-networks at batch 8, sequence 64 peaked 56-107 MiB above the model.
-    min_margin_bytes: int = 192 << 20
+    min_margin_bytes: int = DEFAULT_MIN_MARGIN_BYTES
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class ValidationConfig:
     limit: int | None = 512
     batch_size: int = 32
     tokenizer: Path | None = None  # folder with tokenizer.json; default: the model folder
+    seq_len: int | None = None  # tokens per example; default: [training] seq_len
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,19 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    """Inference models for the devices: planned per device, exported to ONNX on the device."""
+
+    enabled: bool = True  # deploy when the run finishes (and allow on-demand deploys)
+    batch_size: int = 1  # the inference workload the memory model plans for
+    seq_len: int = 128  # ... and the served model's maximum sequence length
+    quantize: bool = False  # also write a dynamic int8 model (per-channel weights) and measure its drift
+    timeout_s: float = 600.0  # bound on one device's deploy: transfer, export, checks, answer
+    labels: tuple[str, ...] = ()  # class names for the served model (default LABEL_0, LABEL_1, ...)
+    operator_token: str | None = field(default=None, repr=False)  # bearer token of on-demand deploys
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     federation: FederationConfig
@@ -143,6 +160,7 @@ class RunConfig:
     server: ServerConfig
     devices: Mapping[str, str]  # device name -> bearer token (read-only)
     run: StorageConfig
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     source: Path | None = field(default=None, compare=False)
 
 
@@ -239,13 +257,19 @@ class _Table:
             raise self.error(key, f"must be a size such as '1MiB' or a number of bytes, got {value!r}")
         return value
 
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {value!r}")
+        return value
+
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
             raise self.error(None, f"unknown key(s) {', '.join(unknown)}")
 
 
-_TABLES = ("model", "federation", "training", "validation", "server", "devices", "run")
+_TABLES = ("model", "federation", "training", "validation", "server", "devices", "run", "deploy")
 
 
 def _model(t: _Table) -> ModelConfig:
@@ -278,7 +302,7 @@ def _federation(t: _Table) -> FederationConfig:
         beta2=t.number("beta2", 0.99, low=0.0, high=0.999999),
         tau=t.number("tau", 1e-3, low=0.0, open_low=True),
         max_update_norm_ratio=t.number("max_update_norm_ratio", 2.0, low=1.0),
-        min_margin_bytes=t.size("min_margin", 192 << 20, allow_zero=True),
+        min_margin_bytes=t.size("min_margin", DEFAULT_MIN_MARGIN_BYTES, allow_zero=True),
     )
     if strategy == "fedavg":
         for key in ("beta1", "beta2", "tau"):
@@ -309,6 +333,7 @@ def _validation(t: _Table) -> ValidationConfig:
         limit=limit or None,
         batch_size=t.integer("batch_size", 32, low=1),
         tokenizer=t.path("tokenizer", must_exist=True),
+        seq_len=t.integer("seq_len", None, low=2, high=8192) if t.has("seq_len") else None,
     )
     t.done()
     return cfg
@@ -337,23 +362,21 @@ def _server(t: _Table) -> ServerConfig:
     return cfg
 
 
+def _good_token(token: object) -> bool:
+    return isinstance(token, str) and len(token) >= MIN_TOKEN_CHARS and token.isprintable() and " " not in token
+
+
+_TOKEN_RULE = f"the token must be a string of at least {MIN_TOKEN_CHARS} printable characters without spaces"
+
+
 def _devices(t: _Table) -> Mapping[str, str]:
     tokens: dict[str, str] = {}
     for name, token in t.data.items():
         t.used.add(name)
         if not DEVICE_NAME.fullmatch(name):
             raise t.error(name, "device names are 1-64 letters, digits, '.', '_' or '-'")
-        if (
-            not isinstance(token, str)
-            or len(token) < MIN_TOKEN_CHARS
-            or not token.isprintable()
-            or " " in token
-        ):
-            raise t.error(
-                name,
-                f"the token must be a string of at least {MIN_TOKEN_CHARS} printable characters"
-                " without spaces",
-            )
+        if not _good_token(token):
+            raise t.error(name, _TOKEN_RULE)
         if token in tokens.values():
             raise t.error(name, "two devices share this token: give every device its own")
         tokens[name] = token
@@ -366,6 +389,35 @@ def _run(t: _Table) -> StorageConfig:
     directory = t.path("dir", required=True)
     assert directory is not None
     cfg = StorageConfig(dir=directory, keep_checkpoints=t.integer("keep_checkpoints", 3, low=1))
+    t.done()
+    return cfg
+
+
+def _deploy(t: _Table, *, num_labels: int, device_tokens: Mapping[str, str]) -> DeployConfig:
+    labels = t._get("labels", [])
+    if (
+        not isinstance(labels, list)
+        or not all(isinstance(x, str) and x.strip() for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise t.error("labels", f"must be a list of distinct, non-empty names, got {labels!r}")
+    if labels and len(labels) != num_labels:
+        raise t.error("labels", f"names {len(labels)} classes; [model] num_labels is {num_labels}")
+    token = t._get("operator_token", None)
+    if token is not None:
+        if not _good_token(token):
+            raise t.error("operator_token", _TOKEN_RULE)
+        if token in device_tokens.values():
+            raise t.error("operator_token", "must differ from every device's token")
+    cfg = DeployConfig(
+        enabled=t.flag("enabled", True),
+        batch_size=t.integer("batch_size", 1, low=1),
+        seq_len=t.integer("seq_len", 128, low=2, high=8192),
+        quantize=t.flag("quantize", False),
+        timeout_s=t.number("timeout_s", 600.0, low=0.0, open_low=True),
+        labels=tuple(labels),
+        operator_token=token,
+    )
     t.done()
     return cfg
 
@@ -384,14 +436,17 @@ def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str 
         return _Table(where, name, data.get(name, {}), base)
 
     federation = _federation(table("federation"))
+    model = _model(table("model"))
+    devices = _devices(table("devices"))
     cfg = RunConfig(
-        model=_model(table("model")),
+        model=model,
         federation=federation,
         training=_training(table("training")),
         validation=_validation(table("validation")) if "validation" in data else None,
         server=_server(table("server")),
-        devices=_devices(table("devices")),
+        devices=devices,
         run=_run(table("run")),
+        deploy=_deploy(table("deploy"), num_labels=model.num_labels, device_tokens=devices),
     )
     if federation.min_devices > len(cfg.devices):
         raise ConfigError(
@@ -418,6 +473,4 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     data = read_toml(path)
     cfg = parse_config(data, base=path.resolve().parent, where=str(path))
-    return RunConfig(
-        cfg.model, cfg.federation, cfg.training, cfg.validation, cfg.server, cfg.devices, cfg.run, source=path
-    )
+    return dataclasses.replace(cfg, source=path)

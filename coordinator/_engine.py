@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_sdk._budget import training_bytes
 from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError, ProfileError
 from edge_sdk._extract import extract, regions
 from edge_sdk._memory import Workload
@@ -172,6 +173,16 @@ class FederationEngine:
         return self._parent
 
     @property
+    def salience(self) -> Salience:
+        """The salience ranking the model was reordered by (what plans are searched with)."""
+        return self._salience
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """The global model's config as JSON (what tasks and deploys send)."""
+        return dict(self._model_config)
+
+    @property
     def round(self) -> int:
         """Rounds completed so far."""
         return self._round
@@ -206,7 +217,7 @@ class FederationEngine:
         one that did not (``--memory-budget``: margin 0) keeps ``min_margin_bytes`` in reserve for what
         the memory model does not count.
         """
-        return usable_bytes - max(0, self.federation.min_margin_bytes - max(0, margin_bytes))
+        return training_bytes(usable_bytes, margin_bytes, self.federation.min_margin_bytes)
 
     def plan_for(self, usable_bytes: int, margin_bytes: int = 0) -> Plan:
         """The sub-network a device with this budget trains (BudgetError when none fits)."""

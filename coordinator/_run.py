@@ -46,7 +46,11 @@ def _validator(config: RunConfig, model_dir: Path) -> Validator | None:
             f"[validation]: {tokenizer} has no tokenizer.json: set [validation] tokenizer = DIR"
         )
     return Validator(
-        val.data, tokenizer, seq_len=config.training.seq_len, batch_size=val.batch_size, limit=val.limit
+        val.data,
+        tokenizer,
+        seq_len=val.seq_len or config.training.seq_len,
+        batch_size=val.batch_size,
+        limit=val.limit,
     )
 
 
@@ -135,6 +139,7 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
         run_dir=config.run.dir,
         keep_checkpoints=config.run.keep_checkpoints,
         ssl_context=ssl_context,
+        deploy=config.deploy,
     )
     await server.start()
     stop = asyncio.Event()

@@ -9,21 +9,30 @@ All round logic lives in :class:`~coordinator._engine.FederationEngine`; this mo
   a device's fault (bad frame, wrong version, oversized message, wrong tensors, NaN) gets an Error
   and a close code, is logged, and fails only that device's task;
 - the round loop waits (bounded) for devices, sends each order, waits for the results until the
-  deadline, and has the engine aggregate (in a worker thread) and the checkpoint written.
+  deadline, and has the engine aggregate (in a worker thread) and the checkpoint written;
+- when the last round is done, every connected device that announces the ``deploy`` capability is sent
+  its inference sub-network (``_deploy``) and the answers are recorded in ``run_dir/deployments.json``;
+  :meth:`CoordinatorServer.deploy` does the same for one device on demand, and so does an operator's
+  ``GET /deploy/<device>`` with ``Authorization: Bearer <[deploy] operator_token>`` (``GET
+  /deployments`` lists the records).
 
 Every wait is bounded: the Hello (``hello_timeout_s``), devices before a round (``device_wait_s``),
-results (``round_deadline_s``), sends (websocket keepalive) and closes (``close_timeout``).
+results (``round_deadline_s``), deploys (``[deploy] timeout_s``), sends (websocket keepalive) and
+closes (``close_timeout``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http
+import json
 import logging
 import os
 import ssl
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +49,7 @@ from edge_sdk.protocol import (
     ConnectionLost,
     ConnectionState,
     CoordinatorConnection,
+    DeployResultReceived,
     ErrorCode,
     ErrorReceived,
     Event,
@@ -52,7 +62,8 @@ from edge_sdk.protocol import (
 )
 
 from ._checkpoint import save_checkpoint
-from ._config import ServerConfig
+from ._config import DeployConfig, ServerConfig
+from ._deploy import DeployOrder, DeployOutcome, make_order, outcome
 from ._engine import FederationEngine, TrainOrder
 from ._security import TokenTable
 
@@ -62,6 +73,8 @@ logger = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT_S = 10.0
 _CLOSE_TRY_AGAIN = 1013  # RFC 6455 "try again later": the device reconnects
+DEPLOYMENTS_FILE = "deployments.json"
+_DeployAnswer = tuple[bool, dict[str, float], str]  # ok, metrics, message
 
 
 class RunAbortedError(EdgeFMError):
@@ -106,11 +119,19 @@ class CoordinatorServer:
         run_dir: Path | None = None,
         keep_checkpoints: int = 3,
         ssl_context: ssl.SSLContext | None = None,
+        deploy: DeployConfig | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.run_dir = run_dir
         self.keep_checkpoints = keep_checkpoints
+        self.deploy_config = deploy  # None or enabled = false: no deploys at all
+        self.deployments: list[DeployOutcome] = []
+        self._deploy_waiters: dict[str, asyncio.Future[_DeployAnswer]] = {}
+        self._deploying: set[str] = set()
+        self._deploy_limit = asyncio.Semaphore(config.send_concurrency)
+        operator = deploy.operator_token if deploy is not None else None
+        self._operator = TokenTable({"operator": operator}) if operator else None
         self._tokens = TokenTable(tokens)
         self._ssl = ssl_context
         self._limits = WireLimits(max_chunk_bytes=config.chunk_bytes)
@@ -119,7 +140,7 @@ class CoordinatorServer:
         self._changed = asyncio.Event()
         self._server: Server | None = None
         self._stopping = False
-        self._background: set[asyncio.Future[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self.port: int | None = None
 
     # --------------------------------------------------------------------------------- serving
@@ -158,9 +179,14 @@ class CoordinatorServer:
         if self._server is None:
             await self.start()
         try:
+            was_finished = self.engine.finished
             while not self.engine.finished:
                 await self._one_round()
             logger.info("run complete: %d rounds", self.engine.round)
+            if self._deploys_on:
+                if was_finished:  # a finished run resumed: its devices have yet to come back
+                    await self._wait_for_idle(self.engine.federation.device_wait_s)
+                await self.deploy_all()
             await self._close_all(CLOSE_RUN_COMPLETE, "run complete")
         finally:
             await self.stop()
@@ -188,7 +214,8 @@ class CoordinatorServer:
     # ---------------------------------------------------------------------------------- rounds
 
     def _idle(self) -> list[str]:
-        return sorted(name for name, s in self._sessions.items() if s.idle)
+        """Devices a round may take: connected, admitted, no task outstanding, no deploy in preparation."""
+        return sorted(name for name, s in self._sessions.items() if s.idle and name not in self._deploying)
 
     def _wake(self) -> None:
         self._changed.set()
@@ -198,6 +225,13 @@ class CoordinatorServer:
         event = self._changed
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(event.wait(), max(0.0, timeout))
+
+    async def _wait_for_idle(self, wait_s: float) -> None:
+        """Wait (at most ``wait_s``) until the devices a round would wait for are connected and idle."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while len(self._idle()) < self.engine.wait_target() and loop.time() < deadline:
+            await self._wait_change(deadline - loop.time())
 
     async def _wait_for_devices(self) -> list[str]:
         loop = asyncio.get_running_loop()
@@ -307,9 +341,193 @@ class CoordinatorServer:
             "round %d: sent task %s to %s (%.1f MB)", order.round, order.task_id, order.device_id, sent / 1e6
         )
 
+    # --------------------------------------------------------------------------------- deploys
+
+    @property
+    def _deploys_on(self) -> bool:
+        return self.deploy_config is not None and self.deploy_config.enabled
+
+    def _deploy_refusal(self, device_id: str) -> str | None:
+        """Why ``device_id`` cannot be sent a deploy now, or None."""
+        if not self._deploys_on:
+            return "deployment is off ([deploy] enabled = false)"
+        if self._stopping:
+            return "the coordinator is stopping"
+        session = self._sessions.get(device_id)
+        if session is None or not session.admitted:
+            return "not connected"
+        hello = session.conn.hello
+        if hello is None or "deploy" not in hello.capabilities:
+            return "its SDK does not deploy models (no 'deploy' capability in its Hello)"
+        if device_id in self._deploying:
+            return "a deploy to it is already running"
+        if not session.idle:
+            return "busy with a task"
+        return None
+
+    async def deploy_all(self) -> list[DeployOutcome]:
+        """Deploy to every connected device at once (sends bounded by ``send_concurrency``)."""
+        names = sorted(name for name, s in self._sessions.items() if s.admitted)
+        if not names:
+            logger.info("deploy: no device connected")
+            return []
+        logger.info("deploying inference models to %d device(s): %s", len(names), ", ".join(names))
+        results = await asyncio.gather(*(self.deploy(name) for name in names), return_exceptions=True)
+        done: list[DeployOutcome] = []
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, DeployOutcome):
+                done.append(result)
+            elif isinstance(result, Exception):  # a bug must cost one deploy, never the run's end
+                logger.error("deploy to %s: internal error", name, exc_info=result)
+            else:
+                raise result  # CancelledError, KeyboardInterrupt: the server is stopping
+        return done
+
+    async def deploy(self, device_id: str, *, task_id: str | None = None) -> DeployOutcome:
+        """Send ``device_id`` its inference sub-network of the current global model; await its answer.
+
+        Never raises for the device's faults: the outcome says "ok", "failed" (the device refused or
+        failed the export, disconnected, or the transfer failed), "timeout" (``[deploy] timeout_s``) or
+        "skipped" (not connected, busy, or its SDK does not deploy). Every outcome is logged and recorded
+        (:attr:`deployments`, and ``run_dir/deployments.json``).
+        """
+        config = self.deploy_config or DeployConfig()
+        task_id = task_id or _deploy_task_id(self.engine.round, device_id)
+        refusal = self._deploy_refusal(device_id)
+        if refusal is not None:
+            return self._record(DeployOutcome(device_id, task_id, self.engine.round, "skipped", refusal))
+        self._deploying.add(device_id)
+        try:
+            return self._record(await self._deploy(device_id, task_id, config))
+        finally:
+            self._deploying.discard(device_id)
+            self._deploy_waiters.pop(task_id, None)
+            self._wake()
+
+    async def _deploy(self, device_id: str, task_id: str, config: DeployConfig) -> DeployOutcome:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + config.timeout_s
+        async with self._deploy_limit:  # bounds the extracted weights held at once
+            try:
+                order = await asyncio.to_thread(make_order, self.engine, device_id, config, task_id)
+            except (EdgeFMError, KeyError) as exc:
+                reason = f"cannot plan its inference sub-network: {exc}"
+                return DeployOutcome(device_id, task_id, self.engine.round, "failed", reason)
+            waiter: asyncio.Future[_DeployAnswer] = loop.create_future()
+            self._deploy_waiters[task_id] = waiter
+            try:
+                sent = await asyncio.wait_for(self._send_deploy(order), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                reason = f"the transfer did not finish within {config.timeout_s:.0f} s"
+                return outcome(order, "timeout", reason, seconds=loop.time() - started)
+            if isinstance(sent, str):
+                return outcome(order, "failed", sent, seconds=loop.time() - started)
+            order = dataclasses.replace(order, tensors={})  # sent: free the weights before the long wait
+        try:
+            ok, metrics, message = await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            reason = f"no answer within {config.timeout_s:.0f} s"
+            return outcome(order, "timeout", reason, bytes_out=sent, seconds=loop.time() - started)
+        return outcome(
+            order,
+            "ok" if ok else "failed",
+            message if not ok else "",
+            metrics=metrics,
+            bytes_out=sent,
+            seconds=loop.time() - started,
+        )
+
+    async def _send_deploy(self, order: DeployOrder) -> int | str:
+        """Send a Deploy and its weights; the bytes sent, or why it could not be sent."""
+        session = self._sessions.get(order.device_id)
+        if session is None or not session.idle:
+            return "disconnected or busy before its model was sent"
+        try:
+            session.conn.send_deploy(
+                task_id=order.task_id,
+                round=order.round,
+                spec=order.plan.inference.spec.to_dict(),
+                model_config=order.model_config,
+                settings=order.settings,
+                tensors=order.tensors,
+            )
+        except ProtocolError as exc:  # e.g. the device's transfer limit is below the sub-network
+            return f"cannot send: {exc}"
+        try:
+            sent = await session.flush()
+        except ConnectionClosed:
+            return "disconnected while its model was sent"
+        except asyncio.CancelledError:  # the deploy timed out mid-transfer: the stream is cut, so is the link
+            await self._close(session.ws, _CLOSE_TRY_AGAIN, "deploy timed out during the transfer")
+            raise
+        logger.info("sent deploy %s to %s (%.1f MB)", order.task_id, order.device_id, sent / 1e6)
+        return sent
+
+    def _deploy_answered(self, task_id: str | None, ok: bool, metrics: Mapping[str, float], message: str) -> bool:
+        """Hand a device's answer (or its failure) to the deploy awaiting it; False if none is."""
+        waiter = self._deploy_waiters.pop(task_id, None) if task_id else None
+        if waiter is None:
+            return False
+        if not waiter.done():
+            waiter.set_result((ok, dict(metrics), message))
+        return True
+
+    def _record(self, result: DeployOutcome) -> DeployOutcome:
+        self.deployments.append(result)
+        logger.log(logging.INFO if result.ok else logging.WARNING, "%s", result.log_line())
+        if self.run_dir is not None:
+            try:
+                text = json.dumps([d.to_json() for d in self.deployments], indent=1) + "\n"
+                _write_atomic(self.run_dir / DEPLOYMENTS_FILE, text)
+            except OSError as exc:
+                logger.warning("cannot write %s: %s", self.run_dir / DEPLOYMENTS_FILE, exc)
+        return result
+
+    def _operator_request(self, connection: ServerConnection, request: Request) -> Response:
+        """``GET /deploy/<device>`` (start a deploy: 202) and ``GET /deployments`` (the records: 200)."""
+        peer = _peer(connection)
+        if self._operator is None or not self._deploys_on:
+            return _json_response(
+                connection,
+                http.HTTPStatus.NOT_FOUND,
+                {"error": "on-demand deploys are off: set [deploy] operator_token (and enabled = true)"},
+            )
+        if self._operator.identify(request.headers.get("Authorization")) is None:
+            logger.warning("refused an operator request from %s: missing or wrong operator token", peer)
+            response = _json_response(connection, http.HTTPStatus.UNAUTHORIZED, {"error": "bad operator token"})
+            response.headers["WWW-Authenticate"] = 'Bearer realm="edge-fm operator"'
+            return response
+        path = request.path.split("?", 1)[0].rstrip("/")
+        if path == "/deployments":
+            return _json_response(
+                connection, http.HTTPStatus.OK, {"deployments": [d.to_json() for d in self.deployments]}
+            )
+        device_id = path[len("/deploy/") :] if path.startswith("/deploy/") else ""
+        if not device_id or "/" in device_id:
+            return _json_response(
+                connection, http.HTTPStatus.NOT_FOUND, {"error": "use GET /deploy/<device> or GET /deployments"}
+            )
+        refusal = self._deploy_refusal(device_id)
+        if refusal is not None:
+            status = http.HTTPStatus.NOT_FOUND if refusal == "not connected" else http.HTTPStatus.CONFLICT
+            return _json_response(connection, status, {"device": device_id, "error": refusal})
+        task_id = _deploy_task_id(self.engine.round, device_id)
+        running = asyncio.ensure_future(self.deploy(device_id, task_id=task_id))
+        self._background.add(running)
+        running.add_done_callback(self._background.discard)
+        logger.info("operator at %s asked for a deploy to %s: %s", peer, device_id, task_id)
+        return _json_response(
+            connection,
+            http.HTTPStatus.ACCEPTED,
+            {"device": device_id, "task_id": task_id, "round": self.engine.round, "status": "started"},
+        )
+
     # ----------------------------------------------------------------------------- connections
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?", 1)[0].startswith(("/deploy/", "/deployments")):
+            return self._operator_request(connection, request)
         name = self._tokens.identify(request.headers.get("Authorization"))
         peer = _peer(connection)
         if name is None:
@@ -438,6 +656,11 @@ class CoordinatorServer:
             logger.warning("device %s: update for %s rejected: %s", name, event.task_id, event.reason)
             engine.task_failed(event.task_id, f"update rejected: {event.reason}")
             self._wake()
+        elif isinstance(event, DeployResultReceived):
+            result = event.result
+            if not self._deploy_answered(result.task_id, result.ok, result.metrics, result.message):
+                logger.warning("device %s: late answer to deploy %s ignored", name, result.task_id)
+            self._wake()
         elif isinstance(event, ErrorReceived):
             error = event.error
             logger.warning(
@@ -447,21 +670,24 @@ class CoordinatorServer:
                 f" for task {error.task_id}" if error.task_id else "",
                 error.message,
             )
-            if error.task_id:
-                engine.task_failed(error.task_id, f"device error {error.code}: {error.message[:200]}")
+            reason = f"device error {error.code}: {error.message[:200]}"
+            if error.task_id and not self._deploy_answered(error.task_id, False, {}, reason):
+                engine.task_failed(error.task_id, reason)
             self._wake()
         elif isinstance(event, ProtocolViolation):
             logger.warning(
                 "device %s broke the protocol (close %d): %s", name, event.close_code, event.reason
             )
-            if event.task_id:
-                engine.task_failed(event.task_id, f"protocol violation: {event.reason[:200]}")
+            reason = f"protocol violation: {event.reason[:200]}"
+            if event.task_id and not self._deploy_answered(event.task_id, False, {}, reason):
+                engine.task_failed(event.task_id, reason)
             self._wake()
             return False
         elif isinstance(event, ByeReceived):
             logger.info("device %s says goodbye (%d %s)", name, event.bye.code, event.bye.reason)
-            if event.pending_task_id:
-                engine.task_failed(event.pending_task_id, "device left")
+            pending = event.pending_task_id
+            if pending and not self._deploy_answered(pending, False, {}, "device left"):
+                engine.task_failed(pending, "device left")
             self._wake()
             return False
         else:
@@ -504,7 +730,9 @@ class CoordinatorServer:
                     code,
                     event.pending_task_id,
                 )
-                self.engine.task_failed(event.pending_task_id, f"disconnected (code {code})")
+                reason = f"disconnected (code {code})"
+                if not self._deploy_answered(event.pending_task_id, False, {}, reason):
+                    self.engine.task_failed(event.pending_task_id, reason)
 
     @staticmethod
     async def _close(ws: ServerConnection, code: int, reason: str) -> None:
@@ -517,6 +745,17 @@ def _peer(connection: ServerConnection) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)
+
+
+def _deploy_task_id(round_: int, device_id: str) -> str:
+    return f"d{round_}-{device_id}-{uuid.uuid4().hex[:8]}"
+
+
+def _json_response(connection: ServerConnection, status: http.HTTPStatus, doc: Mapping[str, Any]) -> Response:
+    response = connection.respond(status, json.dumps(doc, indent=1) + "\n")
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
 
 
 def _write_atomic(path: Path, text: str) -> None:

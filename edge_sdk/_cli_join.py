@@ -3,6 +3,11 @@
     edge-sdk join wss://HOST:PORT --token T --data FILE.tsv [--memory-budget SIZE | --profile NAME]
                   [--tokenizer DIR] [--ca-file PEM] [--threads N] [--limit N] [--device-id NAME]
                   [--retry-initial S] [--retry-max S] [--give-up-after S] [--no-probe]
+                  [--deploy-dir DIR | --no-deploy] [--holdout N]
+
+When the run finishes the coordinator sends the device a larger, inference-sized sub-network: it is
+exported to ONNX, checked, and installed in ``--deploy-dir`` (default ``./edge-fm-model``), where
+``edge-sdk infer --model DIR`` serves it. A failed export keeps the previously installed model.
 
 Exit codes: 0 when the run is complete, 2 on a refusal (token, budget) or a bad argument, or when the
 coordinator stayed unreachable for ``--give-up-after`` seconds.
@@ -19,7 +24,9 @@ from ._backoff import Backoff
 from ._errors import ConfigError
 from ._units import parse_size
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DEFAULT_DEPLOY_DIR", "add_parser", "run"]
+
+DEFAULT_DEPLOY_DIR = "edge-fm-model"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -62,6 +69,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="stop after this many seconds without a working connection (default 3600)",
     )
     p.add_argument("--no-probe", action="store_true", help="skip the ~1 s compute probe")
+    deploy = p.add_mutually_exclusive_group()
+    deploy.add_argument(
+        "--deploy-dir",
+        type=Path,
+        default=Path(DEFAULT_DEPLOY_DIR),
+        help=f"where deployed inference models are installed (default ./{DEFAULT_DEPLOY_DIR})",
+    )
+    deploy.add_argument("--no-deploy", action="store_true", help="refuse deployed models")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hold the last N examples of --data back from training; a deployed int8 model's accuracy"
+        " drift is measured on them (default 0: on the last local examples)",
+    )
     return p
 
 
@@ -78,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     budget = parse_size(args.memory_budget) if args.memory_budget is not None else None
-    data = TextDataset(read_tsv(args.data, limit=args.limit), args.tokenizer)
+    data = TextDataset(read_tsv(args.data, limit=args.limit), args.tokenizer, holdout=args.holdout)
     options = DeviceOptions(
         url=args.url,
         token=args.token,
@@ -87,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         ca_file=args.ca_file,
         threads=args.threads,
         probe=not args.no_probe,
+        deploy_dir=None if args.no_deploy else args.deploy_dir.expanduser().absolute(),
         backoff=Backoff(
             initial_s=args.retry_initial,
             max_s=max(args.retry_max, args.retry_initial),

@@ -16,7 +16,9 @@ tokenizer and running one tiny training step (autograd's and the kernels' lazily
 that the budget's runtime footprint covers them; the Hello carries
 ``{"device": profile, "budget": budget}``. Tasks run in a worker thread (keepalive pings keep being
 answered); the update is the full trained weights, with the measured peak RSS (``VmHWM`` at the end
-of training) and the median step time.
+of training) and the median step time. With ``deploy_dir`` set the device also takes ``Deploy``
+messages (its Hello announces the ``deploy`` capability): :class:`~edge_sdk._deploy.Deployer` exports
+the inference sub-network to ONNX in a worker thread, checks it and installs it in ``deploy_dir``.
 
 Connections: ``Authorization: Bearer <token>``, TLS for ``wss://`` (``ca_file`` to trust a private
 CA or a self-signed certificate), frames bounded by the protocol's limits, no compression. When the
@@ -47,11 +49,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from . import __version__
 from ._backoff import Backoff
 from ._closecodes import STOP_CODES
+from ._deploy import Deployer
 from ._errors import BudgetError, ConfigError, EdgeFMError, ProtocolError
 from ._runner import BatchSource, TaskCancelledError, TaskRunner, TrainFn, warm_up
 from ._units import format_bytes
 from .protocol import (
     ByeReceived,
+    Deploy,
     DeployReceived,
     DeviceConnection,
     ErrorCode,
@@ -99,6 +103,7 @@ class DeviceOptions:
     ca_file: Path | None = None  # PEM file of the CA (or self-signed certificate) to trust for wss://
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     probe: bool = True  # run the ~1 s compute probe for the profile
+    deploy_dir: Path | None = None  # where deployed inference models are installed (None: no deploys)
     backoff: Backoff = dataclasses.field(default_factory=Backoff)
     open_timeout_s: float = 20.0
     welcome_timeout_s: float = 60.0
@@ -137,8 +142,12 @@ class EdgeDevice:
     ) -> None:
         self.options = options
         self.runner = TaskRunner(data, train_fn=train_fn, eval_data=eval_data, threads=options.threads)
+        self.deployer = (
+            Deployer(options.deploy_dir, data, threads=options.threads) if options.deploy_dir is not None else None
+        )
         self.limits = WireLimits(max_chunk_bytes=options.chunk_bytes)
         self.tasks_done = 0
+        self.deploys_done = 0  # models installed
         self._profile: dict[str, Any] | None = None
         self._rng = random.Random()
 
@@ -258,6 +267,7 @@ class _Session:
         self.cancel = threading.Event()
         self.work: asyncio.Task[None] | None = None
         self.welcomed = False
+        self.run_id: str | None = None
 
     async def flush(self) -> None:
         async with self.lock:
@@ -270,7 +280,7 @@ class _Session:
             device_id=options.device_id,
             sdk_version=__version__,
             profile=self.device.hello_profile(),
-            capabilities=("train", "evaluate"),
+            capabilities=("train", "evaluate", "deploy") if self.device.deployer else ("train", "evaluate"),
         )
         await self.flush()
         try:
@@ -303,17 +313,21 @@ class _Session:
         if isinstance(event, WelcomeReceived):
             welcome = event.welcome
             self.welcomed = True
+            self.run_id = welcome.run_id
             logger.info(
                 "joined run %s as %s (round %d done)", welcome.run_id, welcome.device_id, welcome.round
             )
         elif isinstance(event, TaskReceived):
             self.work = asyncio.ensure_future(self.do_task(event.task, dict(event.tensors)))
         elif isinstance(event, DeployReceived):
-            self.conn.send_error(
-                code=ErrorCode.UNSUPPORTED,
-                message="this client does not deploy models",
-                task_id=event.deploy.task_id,
-            )
+            if self.device.deployer is None:
+                self.conn.send_error(
+                    code=ErrorCode.UNSUPPORTED,
+                    message="this client does not deploy models (no deploy folder)",
+                    task_id=event.deploy.task_id,
+                )
+            else:
+                self.work = asyncio.ensure_future(self.do_deploy(event.deploy, dict(event.tensors)))
         elif isinstance(event, TaskRejected):
             logger.warning("task %s rejected: %s", event.task_id, event.reason)
         elif isinstance(event, ErrorReceived):
@@ -340,6 +354,27 @@ class _Session:
                 await asyncio.wait_for(
                     self.ws.close(event.close_code, event.close_reason), _CLOSE_TIMEOUT_S + 1
                 )
+
+    async def do_deploy(self, deploy: Deploy, tensors: dict[str, Any]) -> None:
+        """Export, check and install a deployed model off the event loop; answer with a DeployResult."""
+        deployer = self.device.deployer
+        assert deployer is not None
+        logger.info(
+            "deploy %s: exporting the round-%d inference sub-network (%s)",
+            deploy.task_id,
+            deploy.round,
+            "int8 and fp32" if deploy.settings.quantize else "fp32",
+        )
+        result = await asyncio.to_thread(deployer.deploy, deploy, tensors, run_id=self.run_id)
+        del tensors
+        if result.ok:
+            self.device.deploys_done += 1
+        with contextlib.suppress(ProtocolError):  # the connection may have closed meanwhile
+            self.conn.send_deploy_result(
+                task_id=deploy.task_id, ok=result.ok, metrics=result.metrics, message=result.message
+            )
+        with contextlib.suppress(ConnectionClosed):
+            await self.flush()
 
     async def do_task(self, task: TrainTask | EvaluateTask, tensors: dict[str, Any]) -> None:
         runner, conn = self.device.runner, self.conn

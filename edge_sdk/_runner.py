@@ -82,12 +82,25 @@ def resolve_tokenizer_dir(name_or_dir: str | Path | None) -> Path:
 
 
 class TextDataset:
-    """Text-classification examples, tokenized on demand for the sequence length a task asks for."""
+    """Text-classification examples, tokenized on demand for the sequence length a task asks for.
 
-    def __init__(self, examples: Sequence[TextExample], tokenizer_dir: str | Path | None = None) -> None:
-        if not examples:
-            raise ConfigError("the local data set is empty")
-        self.examples = list(examples)
+    ``holdout``: the last ``holdout`` examples are held back: never trained on (nor counted in ``len``),
+    kept in :attr:`held_out` for checks such as a deployed int8 model's accuracy drift.
+    """
+
+    def __init__(
+        self, examples: Sequence[TextExample], tokenizer_dir: str | Path | None = None, *, holdout: int = 0
+    ) -> None:
+        if holdout < 0:
+            raise ConfigError(f"holdout must be >= 0, got {holdout}")
+        if len(examples) <= holdout:
+            raise ConfigError(
+                f"the local data set has {len(examples)} example(s): nothing left to train on"
+                + (f" after holding back {holdout}" if holdout else "")
+            )
+        cut = len(examples) - holdout
+        self.examples = list(examples[:cut])
+        self.held_out = list(examples[cut:])
         self.tokenizer_dir = resolve_tokenizer_dir(tokenizer_dir)
         self._tokenizer = load_tokenizer(self.tokenizer_dir, 128)  # loaded now: part of the runtime
         self._cache: tuple[int, Encoded] | None = None

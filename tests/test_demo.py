@@ -1,4 +1,7 @@
-"""``make demo``'s entry point as a newcomer runs it: a real federation over loopback websockets."""
+"""``make demo``'s entry point as a newcomer runs it (one round instead of three): a real federation of
+three ``edge-sdk join`` processes over loopback websockets on the real MiniLM, then the deploy step end to
+end: every device exports its inference sub-network to ONNX itself, checks it and installs it, and the
+installed folders are served by edge-fm's runtime, by optimum's ORTModel and by ``edge-sdk infer``."""
 
 from __future__ import annotations
 
@@ -7,41 +10,111 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from edge_sdk._infer import load
+
 from ._federation import child_env
+from ._onnx_models import sst2_dev
 
 pytestmark = pytest.mark.slow
 
+CLASSES = ("raspberry-pi-4-2gb", "jetson-nano-4gb", "raspberry-pi-5-8gb")
+REVIEW = "a gorgeous, witty, seductive movie."
 
-def test_demo_runs_a_federation_and_serves_an_onnx_model(tmp_path: Path) -> None:
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    cwd = tmp_path_factory.mktemp("demo")
     done = subprocess.run(
-        [sys.executable, "-m", "coordinator.demo"],
+        [sys.executable, "-m", "coordinator.demo", "--rounds", "1"],
         check=False,
-        cwd=tmp_path,
+        cwd=cwd,
         env=child_env(),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    (folder,) = (cwd / "runs").glob("demo-*")
+    return folder, done.stdout
+
+
+def test_demo_runs_a_federation_of_three_device_classes(demo: tuple[Path, str]) -> None:
+    folder, out = demo
     assert "report: " in out and "predicts " in out, out
-    (folder,) = (tmp_path / "runs").glob("demo-*")
     history = json.loads((folder / "rounds.json").read_text())
-    assert [h["round"] for h in history] == [1, 2, 3]
+    assert [h["round"] for h in history] == [1]
     for entry in history:
         got = {d["device_id"]: d for d in entry["devices"]}
-        assert {n: d["status"] for n, d in got.items()} == {
-            "raspberry-pi-4-2gb": "ok",
-            "jetson-nano-4gb": "ok",
-            "raspberry-pi-5-8gb": "ok",
-        }
+        assert {n: d["status"] for n, d in got.items()} == dict.fromkeys(CLASSES, "ok")
         # different classes, different sub-networks: the smallest device trains the smallest
         small, large = got["raspberry-pi-4-2gb"], got["raspberry-pi-5-8gb"]
         assert small["params"] < large["params"] and large["params_fraction"] == 1.0
         assert small["predicted_bytes"] <= small["usable_bytes"]
         assert 0.0 <= entry["metrics"]["accuracy"] <= 1.0
-    onnx = folder / "onnx" / "raspberry-pi-4-2gb"
-    assert (onnx / "model.onnx").stat().st_size > 0 and (onnx / "edge_manifest.json").is_file()
-    assert (folder / "summary.md").read_text().count("\n| ") >= 4
+    summary = (folder / "summary.md").read_text()
+    assert summary.count("\n| ") >= 2 + 5  # the rounds table and the deployments table
+
+
+def test_every_device_installs_an_inference_model_at_least_as_large_as_its_training_model(
+    demo: tuple[Path, str],
+) -> None:
+    folder, _ = demo
+    trained = {d["device_id"]: d for d in json.loads((folder / "rounds.json").read_text())[-1]["devices"]}
+    deployed = {d["device_id"]: d for d in json.loads((folder / "coordinator" / "deployments.json").read_text())}
+    assert sorted(deployed) == sorted(CLASSES)
+    for name, d in deployed.items():
+        assert d["status"] == "ok", d
+        assert d["round"] == 1 and d["train_params"] == trained[name]["params"]
+        assert d["params"] >= d["train_params"], d
+        if d["could_grow"]:  # the budget holds more than the training sub-network: it serves more
+            assert d["params"] > d["train_params"], d
+        assert d["predicted_bytes"] <= d["budget_bytes"]
+        m = d["metrics"]
+        assert 0.0 <= m["parity_max_abs_diff"] <= 1e-4, d
+        served = folder / "models" / name
+        assert m["onnx_bytes"] == (served / "model.onnx").stat().st_size
+        assert m["int8_bytes"] == (served / "model_quantized.onnx").stat().st_size < m["onnx_bytes"] / 3
+        assert m["drift_rows"] == 32 and m["drift_agreement"] >= 0.9, m
+        manifest = json.loads((served / "edge_manifest.json").read_text())
+        assert manifest["source"]["round"] == 1 and manifest["source"]["task_id"] == d["task_id"]
+        assert manifest["spec"] == d["spec"] and manifest["model"]["parameters"] == d["params"]
+        assert manifest["parity"]["max_abs_diff"] == m["parity_max_abs_diff"]
+        assert manifest["drift_slice"] == {"rows": 32, "held_out": True}
+    # The smallest device trains a strict sub-network; serving needs no gradients, optimizer or torch:
+    # its budget holds more, and it is sent more.
+    small = deployed["raspberry-pi-4-2gb"]
+    assert small["train_params"] < trained["raspberry-pi-5-8gb"]["params"]
+    assert small["could_grow"] and small["params"] > small["train_params"]
+
+
+def test_the_installed_models_load_in_optimum_and_edge_sdk_infer_answers(demo: tuple[Path, str]) -> None:
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    folder, _ = demo
+    texts = sst2_dev()[0][:8]
+    for name in CLASSES:
+        served = folder / "models" / name
+        ort_model = ORTModelForSequenceClassification.from_pretrained(served, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(served, local_files_only=True)
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        expected = load(served, prefer_quantized=False).logits(texts)
+        np.testing.assert_allclose(ort_model(**batch).logits.detach().numpy(), expected, atol=1e-4)
+
+    small = folder / "models" / CLASSES[0]
+    infer = subprocess.run(
+        [sys.executable, "-m", "edge_sdk._cli", "infer", "--model", str(small), "--json", REVIEW],
+        check=False,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    (result,) = json.loads(infer.stdout)["results"]
+    assert result["text"] == REVIEW and result["label"] in ("negative", "positive")
+    (prediction,) = load(small).predict([REVIEW])  # the int8 model, as served by default
+    assert (result["label"], round(result["score"], 4)) == (prediction.label, round(prediction.score, 4))
