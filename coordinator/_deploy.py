@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from edge_sdk._budget import inference_bytes
-from edge_sdk._extract import extract, param_count
-from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, Workload, inference_estimate
+from edge_sdk._extract import extract
+from edge_sdk._memory import Workload
 from edge_sdk._parent import ParentModel
-from edge_sdk._search import Plan, _ffn_step, plan_inference
-from edge_sdk._spec import SubnetSpec
+from edge_sdk._planning import plan_serving
+from edge_sdk._salience import Salience
+from edge_sdk._search import Plan
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import InferenceSettings, torch_to_numpy
 
@@ -46,7 +47,6 @@ __all__ = [
     "DeployOutcome",
     "DeployPlan",
     "DeployStatus",
-    "could_grow",
     "make_order",
     "outcome",
     "plan_deployment",
@@ -66,6 +66,7 @@ class DeployPlan:
     inference: Plan
     budget_bytes: int  # what the served model's process may hold (ONNX Runtime's footprint included)
     could_grow: bool  # the budget holds more than the training sub-network
+    fits: bool = True  # False: not even the training sub-network's serving (export) fits; sent anyway
 
     @property
     def larger(self) -> bool:
@@ -100,6 +101,7 @@ class DeployOutcome:
     train_width: str = ""
     width: str = ""
     could_grow: bool = False
+    fits: bool = True
     budget_bytes: int = 0
     predicted_bytes: int = 0
     quantize: bool = False
@@ -126,6 +128,8 @@ class DeployOutcome:
             f"trains {self.train_params / 1e6:.2f}M params ({self.train_width}),"
             f" serves {self.params / 1e6:.2f}M ({self.params_fraction:.0%}, {self.width})"
         )
+        if not self.fits:
+            sizes += f" (its export is predicted above the budget of {format_bytes(self.budget_bytes)})"
         if self.status != "ok":
             return f"{head}: {self.status.upper()} ({self.reason}); {sizes}; {self.seconds:.1f} s"
         m = self.metrics
@@ -145,67 +149,28 @@ class DeployOutcome:
         return f"{head}: ok; " + "; ".join(parts) + f"; {self.seconds:.1f} s in all"
 
 
-def _grown(spec: SubnetSpec, index: int, *, heads: int = 0, ffn_to: int | None = None) -> SubnetSpec:
-    layers = tuple(
-        dataclasses.replace(
-            layer,
-            heads=layer.heads + heads,
-            ffn=ffn_to if ffn_to is not None else layer.ffn,
-        )
-        if layer.index == index
-        else layer
-        for layer in spec.layers
-    )
-    return SubnetSpec(spec.parent, layers)
-
-
-def could_grow(
-    parent: ParentModel, floor: SubnetSpec, budget: int, work: Workload, runtime: int = INFERENCE_RUNTIME_BYTES
-) -> bool:
-    """Whether one more head or FFN block (the search's units) on some layer of ``floor`` fits ``budget``."""
-    dims = parent.dims
-    step = _ffn_step(dims.ffn)
-    kept = {layer.index: layer for layer in floor.layers}
-    candidates: list[SubnetSpec] = []
-    for i in range(dims.num_layers):
-        layer = kept.get(i)
-        if layer is None:  # a dropped layer: the search never adds layers back
-            continue
-        if layer.heads < dims.num_heads:
-            candidates.append(_grown(floor, i, heads=1))
-        if layer.ffn < dims.ffn:
-            candidates.append(_grown(floor, i, ffn_to=min(dims.ffn, (layer.ffn // step + 1) * step)))
-    return any(
-        inference_estimate(spec, param_count(parent, spec), work, runtime).total <= budget for spec in candidates
-    )
-
-
 def plan_inference_for(
     parent: ParentModel,
-    salience: Any,
+    salience: Salience,
     training: Plan,
     *,
     device_id: str,
     budget_bytes: int,
     work: Workload,
+    runtime_footprint: int | None = None,
+    quantize: bool = False,
 ) -> DeployPlan:
     """The inference plan for a device whose training plan is ``training`` and inference bytes ``budget_bytes``.
 
-    If not even the training sub-network fits the inference budget (only possible for budgets near the
-    reserve), the training sub-network is served anyway: a device can always serve what it trained.
+    With ``runtime_footprint`` (what the device reported), its export must fit too (int8 with
+    ``quantize``). If not even the training sub-network fits, it is served anyway (``fits`` False): a
+    device can always serve what it trained. The rule is :func:`edge_sdk._planning.plan_serving`.
     """
-    from edge_sdk._errors import BudgetError
-
-    try:
-        inference = plan_inference(
-            parent, salience, budget_bytes, work, floor=training.spec, runtime=INFERENCE_RUNTIME_BYTES
-        )
-    except BudgetError:
-        estimate = inference_estimate(training.spec, training.params, work, INFERENCE_RUNTIME_BYTES)
-        inference = dataclasses.replace(training, estimate=estimate, budget=budget_bytes)
-        return DeployPlan(device_id, training, inference, budget_bytes, could_grow=False)
-    grow = not training.spec.is_full and could_grow(parent, training.spec, budget_bytes, work)
-    return DeployPlan(device_id, training, inference, budget_bytes, could_grow=grow)
+    serving = plan_serving(
+        parent, salience, training, budget=budget_bytes, work=work, runtime_footprint=runtime_footprint,
+        quantize=quantize,
+    )
+    return DeployPlan(device_id, training, serving.plan, budget_bytes, could_grow=serving.could_grow, fits=serving.fits)
 
 
 def plan_deployment(engine: FederationEngine, device_id: str, config: DeployConfig) -> DeployPlan:
@@ -225,6 +190,8 @@ def plan_deployment(engine: FederationEngine, device_id: str, config: DeployConf
         device_id=device_id,
         budget_bytes=budget,
         work=Workload(config.batch_size, config.seq_len),
+        runtime_footprint=record["runtime_bytes"],
+        quantize=config.quantize,
     )
 
 
@@ -277,6 +244,7 @@ def outcome(
         train_width=width_of(plan.training.spec),
         width=width_of(plan.inference.spec),
         could_grow=plan.could_grow,
+        fits=plan.fits,
         budget_bytes=plan.budget_bytes,
         predicted_bytes=plan.inference.estimate.total,
         quantize=order.settings.quantize,

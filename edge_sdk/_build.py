@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -52,23 +53,41 @@ def parent_dims(config: Mapping[str, Any]) -> Any:
     return family_for(config).dims(config)
 
 
+_ORIGINAL_REGISTER = nn.Module.register_parameter
+_META = threading.local()  # depth > 0: this thread is building a model, its new parameters go to meta
+_PATCH_LOCK = threading.Lock()
+_patch_users = [0]  # builds in progress, all threads
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _ORIGINAL_REGISTER(module, name, param)
+    if param is not None and getattr(_META, "depth", 0) > 0:
+        p = module._parameters[name]
+        assert p is not None
+        module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device, buffers on the CPU (they are small and often not saved)."""
-    original = nn.Module.register_parameter
+    """Create this thread's new parameters on the meta device, buffers on the CPU (small, often not saved).
 
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None:
-            p = module._parameters[name]
-            assert p is not None
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    ``nn.Module.register_parameter`` is patched while any thread builds, and only the building threads'
+    parameters move: other threads (a device trains while it deploys) are not affected, and concurrent
+    builds do not leave the patch behind.
+    """
+    with _PATCH_LOCK:
+        if _patch_users[0] == 0:
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign,assignment]
+        _patch_users[0] += 1
+    _META.depth = getattr(_META, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _META.depth -= 1
+        with _PATCH_LOCK:
+            _patch_users[0] -= 1
+            if _patch_users[0] == 0:
+                nn.Module.register_parameter = _ORIGINAL_REGISTER  # type: ignore[method-assign]
 
 
 def _resized(

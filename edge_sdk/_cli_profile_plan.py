@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seq", type=_positive, default=64, help="training sequence length (default 64)")
     group.add_argument("--infer-batch", type=_positive, default=1, help="inference batch size (default 1)")
     group.add_argument("--infer-seq", type=_positive, default=128, help="inference sequence length (default 128)")
+    group.add_argument("--int8", action="store_true",
+                       help="the run deploys int8 models ([deploy] quantize): their export needs more memory")
     group.add_argument(
         "--min-margin",
         type=size_argument,
@@ -76,6 +78,7 @@ def run_plan(
         runtime_footprint=budget.runtime_footprint,
         train=Workload(args.batch, args.seq),
         infer=Workload(args.infer_batch, args.infer_seq),
+        quantize=args.int8,
         min_margin=args.min_margin,
     )
     section = {
@@ -83,9 +86,11 @@ def run_plan(
         "salience": "weight_l1",
         "min_margin_bytes": args.min_margin,
         "training_workload": {"batch": args.batch, "seq": args.seq},
-        "inference_workload": {"batch": args.infer_batch, "seq": args.infer_seq},
+        "inference_workload": {"batch": args.infer_batch, "seq": args.infer_seq, "int8": args.int8},
         "training": plan_dict(plans.training),
         "inference": plan_dict(plans.inference),
+        "inference_could_grow": plans.serving.could_grow,
+        "inference_export_fits": plans.serving.fits,
     }
     d = parent.dims
     lines = [
@@ -93,9 +98,13 @@ def run_plan(
         f"Plan for {args.model} ({d.family}: {d.num_layers} layers, {d.num_heads} heads, FFN {d.ffn}; "
         f"salience: weight L1; coordinator reserve {format_bytes(args.min_margin)})",
         f"  training batch {args.batch} x sequence {args.seq}; inference batch {args.infer_batch} x sequence "
-        f"{args.infer_seq}, in ONNX Runtime without torch (the runtime footprint is free for it)",
+        f"{args.infer_seq}{' int8' if args.int8 else ''}, in ONNX Runtime without torch (the runtime footprint "
+        "is free for it; the export on this device must fit too)",
         *(f"  {line}".rstrip() for line in plan_table("training sub-network", plans.training)),
         "",
         *(f"  {line}".rstrip() for line in plan_table("inference sub-network", plans.inference)),
     ]
+    if not plans.serving.fits:
+        lines.append("  warning: not even the training sub-network's export fits this budget; it would be served"
+                     " anyway, at the risk of the export's peak")
     return section, lines

@@ -32,7 +32,9 @@ __all__ = [
     "MemoryEstimate",
     "Workload",
     "activation_bytes",
+    "export_estimate",
     "inference_estimate",
+    "serving_estimate",
     "training_estimate",
 ]
 
@@ -153,4 +155,42 @@ def inference_estimate(
         activations=max(per_layer),
         transient=_INFERENCE_FIXED + 2 * beta * s * b * h,
         runtime=runtime,
+    )
+
+
+# Exporting a sub-network on the device (edge_sdk._deploy: build, trace to ONNX, parity check, [int8
+# quantization and drift check], load the installed folder) runs in the device's torch process, so it
+# must fit the training allowance too. Bytes above the runtime footprint, fitted on fresh processes
+# exporting MiniLM sub-networks (bench/export_memory.py): per parameter the module, the traced graph
+# and the serialized model; fixed, the exporter's and (int8) the quantizer's imports and sessions.
+_EXPORT_PER_PARAM = {False: 17, True: 23}
+_EXPORT_FIXED = {False: 64_000_000, True: 215_000_000}
+
+
+def export_estimate(params: int, *, quantize: bool) -> int:
+    """Peak bytes above the runtime footprint of exporting a ``params``-parameter sub-network to ONNX."""
+    return _EXPORT_PER_PARAM[quantize] * params + _EXPORT_FIXED[quantize]
+
+
+def serving_estimate(
+    spec: SubnetSpec, params: int, work: Workload, *, runtime_footprint: int, quantize: bool
+) -> MemoryEstimate:
+    """The larger of the two moments of serving ``spec`` on a device, against its inference budget.
+
+    ONNX Runtime serving it (:func:`inference_estimate`, ORT's own runtime), and the device's torch
+    process exporting it (``runtime_footprint`` + :func:`export_estimate`). The returned parts are
+    those of whichever moment is larger.
+    """
+    served = inference_estimate(spec, params, work)
+    export = export_estimate(params, quantize=quantize)
+    if runtime_footprint + export <= served.total:
+        return served
+    return MemoryEstimate(
+        params=params,
+        weights=4 * params,
+        gradients=0,
+        optimizer=0,
+        activations=0,
+        transient=max(0, export - 4 * params),
+        runtime=runtime_footprint,
     )

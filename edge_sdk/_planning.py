@@ -15,30 +15,110 @@ the device reported is free for it; the inference memory model counts ONNX Runti
 
     inference bytes = training bytes + runtime footprint        (memory model with its ORT runtime)
 
-and the inference sub-network is never smaller than the training one.
+The device exports the served sub-network in its torch process (``edge_sdk._deploy``), so that must
+fit too: runtime footprint + ``export_estimate`` <= inference bytes, i.e. the export's own bytes
+within the training bytes (``serving_estimate`` takes the larger moment). The inference sub-network is
+never smaller than the training one; if not even that one's export fits (int8 export of a model whose
+training barely fits a small budget), the training sub-network is served anyway and the plan says so
+(``fits`` is False): a device can always serve what it trained, at the risk of its export's peak.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ._budget import DEFAULT_MIN_MARGIN_BYTES, inference_bytes, training_bytes
 from ._errors import BudgetError
-from ._memory import INFERENCE_RUNTIME_BYTES, MemoryEstimate, Workload
+from ._extract import param_count
+from ._memory import INFERENCE_RUNTIME_BYTES, MemoryEstimate, Workload, inference_estimate, serving_estimate
 from ._parent import ParentModel
 from ._salience import Salience
-from ._search import Plan, plan_inference, plan_training
+from ._search import Plan, _ffn_step, plan_inference, plan_training
+from ._spec import SubnetSpec
 from ._units import format_bytes
 
-__all__ = ["DevicePlans", "plan_device", "plan_dict", "plan_table"]
+__all__ = ["DevicePlans", "ServingPlan", "could_grow", "plan_device", "plan_dict", "plan_serving", "plan_table"]
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """The sub-network a device serves, and what its budget allowed."""
+
+    plan: Plan
+    budget: int  # inference bytes: what the served model's process (and its export) may hold
+    could_grow: bool  # the budget holds more than the training sub-network
+    fits: bool  # False: not even the training sub-network's serving fits; it is served anyway
+
+
+def _grown(spec: SubnetSpec, index: int, *, heads: int = 0, ffn_to: int | None = None) -> SubnetSpec:
+    layers = tuple(
+        dataclasses.replace(layer, heads=layer.heads + heads, ffn=layer.ffn if ffn_to is None else ffn_to)
+        if layer.index == index
+        else layer
+        for layer in spec.layers
+    )
+    return SubnetSpec(spec.parent, layers)
+
+
+def could_grow(parent: ParentModel, floor: SubnetSpec, fits: Callable[[SubnetSpec], bool]) -> bool:
+    """Whether one more head or FFN block (the search's units) on some kept layer of ``floor`` fits."""
+    dims = parent.dims
+    step = _ffn_step(dims.ffn)
+    candidates: list[SubnetSpec] = []
+    for layer in floor.layers:  # a dropped layer stays dropped: the search never adds layers back
+        if layer.heads < dims.num_heads:
+            candidates.append(_grown(floor, layer.index, heads=1))
+        if layer.ffn < dims.ffn:
+            candidates.append(_grown(floor, layer.index, ffn_to=min(dims.ffn, (layer.ffn // step + 1) * step)))
+    return any(fits(spec) for spec in candidates)
+
+
+def plan_serving(
+    parent: ParentModel,
+    salience: Salience,
+    training: Plan,
+    *,
+    budget: int,
+    work: Workload,
+    runtime_footprint: int | None,
+    quantize: bool = False,
+) -> ServingPlan:
+    """The inference sub-network for inference bytes ``budget``, never smaller than ``training``'s.
+
+    ``runtime_footprint`` (the device's torch runtime) adds the export's constraint; None leaves it
+    out (ONNX Runtime serving only, as ``edge-coordinator plan`` shows for a bare memory size).
+    """
+
+    def estimate(spec: SubnetSpec, params: int) -> MemoryEstimate:
+        if runtime_footprint is None:
+            return inference_estimate(spec, params, work, INFERENCE_RUNTIME_BYTES)
+        return serving_estimate(spec, params, work, runtime_footprint=runtime_footprint, quantize=quantize)
+
+    try:
+        plan = plan_inference(
+            parent, salience, budget, work, floor=training.spec, export_footprint=runtime_footprint, quantize=quantize
+        )
+    except BudgetError:
+        served = dataclasses.replace(training, estimate=estimate(training.spec, training.params), budget=budget)
+        return ServingPlan(served, budget, could_grow=False, fits=False)
+    grow = not training.spec.is_full and could_grow(
+        parent, training.spec, lambda spec: estimate(spec, param_count(parent, spec)).total <= budget
+    )
+    return ServingPlan(plan, budget, could_grow=grow, fits=True)
+
 
 @dataclass(frozen=True)
 class DevicePlans:
     """The sub-networks one device trains and serves."""
 
     training: Plan
-    inference: Plan
+    serving: ServingPlan
+
+    @property
+    def inference(self) -> Plan:
+        return self.serving.plan
 
 
 def plan_device(
@@ -50,6 +130,7 @@ def plan_device(
     runtime_footprint: int = 0,
     train: Workload,
     infer: Workload,
+    quantize: bool = False,
     min_margin: int = DEFAULT_MIN_MARGIN_BYTES,
 ) -> DevicePlans:
     """Both plans for a device's budget; BudgetError when not even the smallest sub-network trains."""
@@ -57,15 +138,16 @@ def plan_device(
     if budget <= 0:
         raise BudgetError(f"no sub-network fits: the budget is below the safety margin of {format_bytes(min_margin)}")
     training = plan_training(parent, salience, budget, train, runtime=0)
-    inference = plan_inference(
+    serving = plan_serving(
         parent,
         salience,
-        inference_bytes(usable, margin, runtime_footprint, min_margin),
-        infer,
-        floor=training.spec,
-        runtime=INFERENCE_RUNTIME_BYTES,
+        training,
+        budget=inference_bytes(usable, margin, runtime_footprint, min_margin),
+        work=infer,
+        runtime_footprint=runtime_footprint,
+        quantize=quantize,
     )
-    return DevicePlans(training, inference)
+    return DevicePlans(training, serving)
 
 
 # ----------------------------------------------------------------------------------------- reports

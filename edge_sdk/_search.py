@@ -30,6 +30,7 @@ from ._memory import (
     MemoryEstimate,
     Workload,
     inference_estimate,
+    serving_estimate,
     training_estimate,
 )
 from ._parent import ParentModel
@@ -192,13 +193,19 @@ def plan_inference(
     *,
     floor: SubnetSpec | None = None,
     runtime: int = INFERENCE_RUNTIME_BYTES,
+    export_footprint: int | None = None,
+    quantize: bool = False,
 ) -> Plan:
-    """The largest sub-network whose inference fits ``budget``, never smaller than ``floor``."""
-    return _search(
-        parent,
-        salience,
-        budget,
-        lambda spec, p: inference_estimate(spec, p, work, runtime),
-        floor=floor,
-        what="servable",
-    )
+    """The largest sub-network whose inference fits ``budget``, never smaller than ``floor``.
+
+    With ``export_footprint`` (the device's torch runtime footprint), its export on the device must
+    fit too (:func:`~edge_sdk._memory.serving_estimate`, int8 with ``quantize``).
+    """
+    if export_footprint is None:
+        estimator: Estimator = lambda spec, p: inference_estimate(spec, p, work, runtime)  # noqa: E731
+    else:
+        footprint = export_footprint
+        estimator = lambda spec, p: serving_estimate(  # noqa: E731
+            spec, p, work, runtime_footprint=footprint, quantize=quantize
+        )
+    return _search(parent, salience, budget, estimator, floor=floor, what="servable")

@@ -179,6 +179,7 @@ def device(url: str, token: str, data: Path, budget: str, log: Path, *extra: str
         "1",
         "--give-up-after",
         "180",
+        "--no-deploy",  # these runs test training; the demo's test covers deployment end to end
         *extra,
     ]
     return Proc(args, log, data.parent)

@@ -127,3 +127,30 @@ def test_real_minilm_full_extraction_and_half_width_step() -> None:
     model = build_model(half, parent.config, extract(reordered, half))
     result = train_local(model, iter([{**inputs, "labels": torch.tensor([0, 1])}]), TrainConfig(steps=1))
     assert result.samples == 2 and torch.isfinite(torch.tensor(result.loss))
+
+
+def test_concurrent_builds_keep_every_parameter_real() -> None:
+    """Two threads building at once (a device deploys while another build runs) leave no patch behind."""
+    import threading
+
+    parent = tiny_parent("bert")
+    spec = SubnetSpec.uniform(parent.dims, heads=2, ffn=16)
+    weights = extract(parent, spec)
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            for _ in range(10):
+                model = build_model(spec, parent.config, weights)
+                assert all(p.device.type == "cpu" for p in model.parameters())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the patch is gone
+    assert torch.nn.Module.register_parameter.__name__ == "register_parameter"

@@ -5,7 +5,7 @@ import pytest
 from edge_sdk import BudgetError
 from edge_sdk._budget import DEFAULT_MIN_MARGIN_BYTES, inference_bytes, training_bytes
 from edge_sdk._extract import param_count
-from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, Workload, training_estimate
+from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, Workload, export_estimate, inference_estimate, training_estimate
 from edge_sdk._planning import plan_device, plan_dict, plan_table
 from edge_sdk._reorder import reorder
 from edge_sdk._salience import weight_l1
@@ -55,3 +55,31 @@ def test_a_budget_below_the_reserve_fits_nothing() -> None:
     parent, salience, _ = reorder(parent, weight_l1(parent))
     with pytest.raises(BudgetError, match=r"below the safety margin of 192\.00 MiB"):
         plan_device(parent, salience, usable=100 * MiB, train=Workload(8, 32), infer=Workload(1, 32))
+
+
+def test_the_devices_export_must_fit_too() -> None:
+    """Serving is planned against the larger of ONNX Runtime serving and the torch process exporting."""
+    parent = tiny_parent("bert")
+    parent, salience, _ = reorder(parent, weight_l1(parent))
+    train, infer = Workload(8, 32), Workload(1, 32)
+    usable = plan_training(parent, salience, 10**12, train, runtime=0).estimate.total  # the full model trains
+    footprint = 400 * MiB
+
+    def plans(quantize: bool):  # type: ignore[no-untyped-def]
+        return plan_device(parent, salience, usable=usable, runtime_footprint=footprint, train=train, infer=infer,
+                           quantize=quantize, min_margin=0)
+
+    fp32, int8 = plans(False), plans(True)
+    params = fp32.training.params
+    assert fp32.training.spec.is_full and usable > export_estimate(params, quantize=False)
+    assert fp32.serving.fits and fp32.inference.spec.is_full
+    served = inference_estimate(fp32.inference.spec, params, infer).total
+    assert fp32.inference.estimate.total == max(served, footprint + export_estimate(params, quantize=False))
+    # int8 export (quantizer, two sessions) needs more than this budget trains in: served anyway, flagged
+    assert usable < export_estimate(params, quantize=True)
+    assert not int8.serving.fits and not int8.serving.could_grow
+    assert int8.inference.spec == int8.training.spec
+    assert int8.inference.estimate.total == footprint + export_estimate(params, quantize=True)
+    # the export grows with the parameters: per parameter and a fixed part, int8 above fp32
+    assert export_estimate(2_000_000, quantize=True) - export_estimate(1_000_000, quantize=True) == 23_000_000
+    assert export_estimate(0, quantize=False) < export_estimate(0, quantize=True)
