@@ -70,6 +70,43 @@ def minilm_classifier(seed: int = 0) -> BertForSequenceClassification:
     return model.eval()
 
 
+def fitted_minilm_classifier(train_rows: int = 2000) -> BertForSequenceClassification:
+    """MiniLM with its 2-label head fitted (logistic regression, encoder frozen) on SST-2 train sentences.
+
+    A real classifier has real decision margins, so int8 drift is measured as it would be served; the
+    same recipe and sentences as ``bench/int8_drift.py`` (sequences cut at 64 tokens here).
+    """
+    from edge_sdk._data import encode, load_tokenizer, read_tsv
+
+    model = minilm_classifier(seed=0)
+    rows = read_tsv(SST2_DEV.parent / "train.tsv", limit=train_rows)
+    enc = encode(load_tokenizer(MINILM, 64), rows)
+    with torch.no_grad():
+        features = torch.cat([
+            model.bert(
+                input_ids=torch.from_numpy(enc.input_ids[i : i + 100]),
+                attention_mask=torch.from_numpy(enc.attention_mask[i : i + 100]),
+                token_type_ids=torch.from_numpy(enc.token_type_ids[i : i + 100]),
+            ).pooler_output
+            for i in range(0, len(rows), 100)
+        ])
+    y = torch.tensor([r.label for r in rows])
+    head = torch.nn.Linear(features.shape[1], 2)
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(features), y) + 1e-3 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        model.classifier.weight.copy_(head.weight)
+        model.classifier.bias.copy_(head.bias)
+    return model.eval()
+
+
 def sst2_dev() -> tuple[list[str], list[int]]:
     """The 872 SST-2 dev sentences and labels vendored in the repo."""
     with SST2_DEV.open(encoding="utf-8", newline="") as fh:

@@ -23,7 +23,7 @@ from ._onnx_models import (
     MINILM,
     TEXTS,
     TINY_WIDTHS,
-    minilm_classifier,
+    fitted_minilm_classifier,
     sst2_dev,
     tiny_pruned_bert,
     torch_logits,
@@ -297,7 +297,7 @@ def test_a_tokenizer_folder_without_tokenizer_json_gets_one(
 def minilm_export(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[ExportReport, BertForSequenceClassification]:
-    model = minilm_classifier(seed=0)
+    model = fitted_minilm_classifier()
     texts, labels = sst2_dev()
     report = export_onnx(
         model,
@@ -321,10 +321,11 @@ def test_minilm_full_width_parity_size_and_int8_agreement_on_sst2_dev(
     assert report.size_ratio is not None and report.size_ratio <= 0.30  # measured 0.254 (23.1 MB / 91.0 MB)
     drift = report.drift
     assert drift is not None and drift.source == "drift_texts" and drift.n == 872
-    # An untrained, seeded head has small logit margins: the harshest case for int8 (measured ~0.945).
+    # A fitted head (encoder frozen), so accuracy means something: int8 within 1 point of fp32 on dev.
     assert drift.agreement >= 0.90
     assert drift.accuracy_fp32 is not None and drift.accuracy_drop is not None
-    assert abs(drift.accuracy_drop) <= 0.05
+    assert drift.accuracy_fp32 >= 0.6  # well above chance
+    assert abs(drift.accuracy_drop) <= 0.01
     assert report.manifest["model"]["layer_widths"] == [{"heads": 12, "head_dim": 32, "ffn": 1536}] * 6
     print(
         f"\nMiniLM: parity {report.parity.max_abs_diff:.2e}; int8 {report.int8_bytes} B / fp32 "
