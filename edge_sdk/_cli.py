@@ -34,6 +34,11 @@ def _available() -> dict[str, object]:
     return mods
 
 
+def _quiet_third_party(record: logging.LogRecord) -> bool:
+    """Drop libraries' INFO chatter logged on the root logger (ONNX Runtime's quantizer: ~100 lines a model)."""
+    return record.levelno >= logging.WARNING or record.name != "root" or "onnxruntime" not in record.pathname
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-sdk", description="edge-fm device SDK")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -46,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_third_party)
     try:
         return int(mods[args.command].run(args))  # type: ignore[attr-defined]
     except EdgeFMError as exc:

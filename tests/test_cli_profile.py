@@ -143,3 +143,18 @@ def test_bad_input_fails_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "'lots'" in err
     code, _, err = in_process(capsys, "--no-probe", "--memory-budget", "1MB", "--model", "all-MiniLM-L6-v2")
     assert code == 2 and "no sub-network fits" in err
+
+
+def test_the_cli_drops_onnxruntime_info_on_the_root_logger() -> None:
+    import logging
+
+    from edge_sdk._cli import _quiet_third_party
+
+    def record(level: int, name: str, path: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, path, 1, "msg", None, None)
+
+    quantizer = "/site-packages/onnxruntime/quantization/onnx_quantizer.py"
+    assert not _quiet_third_party(record(logging.INFO, "root", quantizer))
+    assert _quiet_third_party(record(logging.WARNING, "root", quantizer))
+    assert _quiet_third_party(record(logging.INFO, "edge_sdk._deploy", "/edge_sdk/_deploy.py"))
+    assert _quiet_third_party(record(logging.INFO, "root", "/elsewhere/module.py"))
