@@ -24,9 +24,9 @@ def test_sigterm_stops_the_daemon_and_a_used_run_dir_needs_resume(tmp_path: Path
         assert first.wait() == 130, first.text()[-3000:]
     finally:
         first.kill()
-    assert "stopping on a signal: the checkpoint of round 0 stands" in first.text()
-    assert latest_checkpoint(tmp_path / "run") is not None
+    assert "stopping on a signal: the checkpoint of round 0 stands" in first.text(), first.text()[-3000:]
+    assert latest_checkpoint(tmp_path / "run") is not None, first.text()[-3000:]
 
     second = coordinator(config, tmp_path / "second.log")
-    assert second.wait() == 2
-    assert "already holds a run (checkpoint round-000000): pass --resume" in second.text()
+    assert second.wait() == 2, second.text()[-3000:]
+    assert "already holds a run (checkpoint round-000000): pass --resume" in second.text(), second.text()[-3000:]
