@@ -28,7 +28,7 @@ import math
 import re
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,18 +422,22 @@ def _deploy(t: _Table, *, num_labels: int, device_tokens: Mapping[str, str]) -> 
     return cfg
 
 
-def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str = "config") -> RunConfig:
-    """A :class:`RunConfig` from parsed TOML ``data``; relative paths resolve against ``base``."""
-    base = Path(base)
-    unknown = sorted(set(data) - set(_TABLES))
+def _tables(
+    data: Mapping[str, Any], known: tuple[str, ...], *, base: Path, where: str
+) -> Callable[[str], _Table]:
+    """Check a config's table names ([model], [devices] and [run] required); returns a table reader."""
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)} (known: {', '.join(_TABLES)})")
+        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)} (known: {', '.join(known)})")
     for required in ("model", "devices", "run"):
         if required not in data:
             raise ConfigError(f"{where}: the [{required}] table is required")
+    return lambda name: _Table(where, name, data.get(name, {}), base)
 
-    def table(name: str) -> _Table:
-        return _Table(where, name, data.get(name, {}), base)
+
+def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str = "config") -> RunConfig:
+    """A :class:`RunConfig` from parsed TOML ``data``; relative paths resolve against ``base``."""
+    table = _tables(data, _TABLES, base=Path(base), where=where)
 
     federation = _federation(table("federation"))
     model = _model(table("model"))

@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_sdk._spec import SubnetSpec
 from edge_sdk._units import format_bytes
-from edge_sdk.protocol import TrainSettings
+from edge_sdk.protocol import CoordinatorConnection, TrainSettings
 
 __all__ = ["DeviceOutcome", "RoundSummary", "Status", "TrainOrder", "width_of"]
 
@@ -38,6 +38,18 @@ class TrainOrder:
     model_config: Mapping[str, Any]
     tensors: Mapping[str, np.ndarray]
     max_update_norm: float
+
+    def send(self, conn: CoordinatorConnection) -> None:
+        """Queue this order's TrainTask (and its tensors) on ``conn``; ProtocolError if it cannot go."""
+        conn.send_train_task(
+            task_id=self.task_id,
+            round=self.round,
+            spec=self.spec.to_dict(),
+            model_config=self.model_config,
+            settings=self.settings,
+            tensors=self.tensors,
+            max_update_norm=self.max_update_norm,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -310,15 +310,7 @@ class CoordinatorServer:
             self.engine.task_failed(order.task_id, "disconnected before its task was sent")
             return
         try:
-            session.conn.send_train_task(
-                task_id=order.task_id,
-                round=order.round,
-                spec=order.spec.to_dict(),
-                model_config=order.model_config,
-                settings=order.settings,
-                tensors=order.tensors,
-                max_update_norm=order.max_update_norm,
-            )
+            order.send(session.conn)
         except ProtocolError as exc:  # e.g. the device's transfer limit is below the sub-network
             logger.warning("round %d: cannot send task to %s: %s", order.round, order.device_id, exc)
             self.engine.task_failed(order.task_id, f"cannot send: {exc}")

@@ -35,6 +35,7 @@ from ._config import (
     _federation,
     _model,
     _Table,
+    _tables,
     _training,
     read_toml,
 )
@@ -198,16 +199,7 @@ def parse_simulation_config(
     data: Mapping[str, Any], *, base: Path | str = ".", where: str = "config"
 ) -> SimulationConfig:
     """A :class:`SimulationConfig` from parsed TOML ``data``; relative paths resolve against ``base``."""
-    base = Path(base)
-    unknown = sorted(set(data) - set(_TABLES))
-    if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)} (known: {', '.join(_TABLES)})")
-    for required in ("model", "devices", "run"):
-        if required not in data:
-            raise ConfigError(f"{where}: the [{required}] table is required")
-
-    def table(name: str) -> _Table:
-        return _Table(where, name, data.get(name, {}), base)
+    table = _tables(data, _TABLES, base=Path(base), where=where)
 
     run = table("run")
     run_dir = run.path("dir", required=True)

@@ -183,16 +183,7 @@ def run_device_job(job: DeviceJob) -> DeviceReport:
     try:
         output = runner.train(task, tensors)
         del tensors
-        conn.send_update(
-            task_id=task.task_id,
-            tensors=output.tensors,
-            num_samples=output.num_samples,
-            metrics=output.metrics,
-            peak_rss_bytes=output.peak_rss_bytes,
-            step_time_s=output.step_time_s,
-            train_time_s=output.train_time_s,
-            encoding="weights",
-        )
+        output.send(conn, task.task_id)
     except (EdgeFMError, ValueError, RuntimeError, MemoryError) as exc:  # what the SDK client reports too
         logger.exception("%s: task %s failed", job.device_id, task.task_id)
         with contextlib.suppress(ProtocolError):

@@ -114,15 +114,7 @@ def connect(engine: FederationEngine, device: VirtualDevice) -> Link | None:
 def send_task(
     link: Link, order: TrainOrder, *, data: SimData, executor: Executor, wire: Path, threads: int
 ) -> tuple[DeviceJob, int]:
-    link.conn.send_train_task(
-        task_id=order.task_id,
-        round=order.round,
-        spec=order.spec.to_dict(),
-        model_config=order.model_config,
-        settings=order.settings,
-        tensors=order.tensors,
-        max_update_norm=order.max_update_norm,
-    )
+    order.send(link.conn)
     frames = link.conn.data_to_send()
     size = frames_size(frames)
     task: bytes | str

@@ -391,16 +391,7 @@ class _Session:
                     f"{output.metrics['loss']:.4f}" if "loss" in output.metrics else "n/a",
                     format_bytes(output.peak_rss_bytes),
                 )
-                conn.send_update(
-                    task_id=task.task_id,
-                    tensors=output.tensors,
-                    num_samples=output.num_samples,
-                    metrics=output.metrics,
-                    peak_rss_bytes=output.peak_rss_bytes,
-                    step_time_s=output.step_time_s,
-                    train_time_s=output.train_time_s,
-                    encoding="weights",
-                )
+                output.send(conn, task.task_id)
             else:
                 samples, metrics = await asyncio.to_thread(runner.evaluate, task, tensors, self.cancel)
                 conn.send_eval_result(task_id=task.task_id, num_samples=samples, metrics=metrics)

@@ -33,7 +33,7 @@ from ._data import Encoded, TextExample, encode, iter_batches, load_tokenizer
 from ._errors import ConfigError, EdgeFMError, SpecError
 from ._models import packaged_model_dir
 from ._spec import SubnetSpec
-from .protocol import EvaluateTask, TrainTask, numpy_to_torch, thaw_json, torch_to_numpy
+from .protocol import DeviceConnection, EvaluateTask, TrainTask, numpy_to_torch, thaw_json, torch_to_numpy
 
 __all__ = [
     "BatchSource",
@@ -180,6 +180,19 @@ class TrainOutput:
     peak_rss_bytes: int
     step_time_s: float
     train_time_s: float
+
+    def send(self, conn: DeviceConnection, task_id: str) -> None:
+        """Queue this output as the task's Update (the trained weights) on ``conn``."""
+        conn.send_update(
+            task_id=task_id,
+            tensors=self.tensors,
+            num_samples=self.num_samples,
+            metrics=self.metrics,
+            peak_rss_bytes=self.peak_rss_bytes,
+            step_time_s=self.step_time_s,
+            train_time_s=self.train_time_s,
+            encoding="weights",
+        )
 
 
 class TaskRunner:
