@@ -107,6 +107,15 @@ def fitted_minilm_classifier(train_rows: int = 2000) -> BertForSequenceClassific
     return model.eval()
 
 
+def export_tiny(out: Path, seed: int) -> Path:
+    """The tiny pruned BERT exported (torch exporter) with an int8 model beside fp32, into ``out``."""
+    from edge_sdk._export import export_onnx
+
+    export_onnx(tiny_pruned_bert(seed=seed), MINILM, out, parity_batch=TEXTS, max_length=32, quantize=True,
+                method="torch")
+    return out
+
+
 def sst2_dev() -> tuple[list[str], list[int]]:
     """The 872 SST-2 dev sentences and labels vendored in the repo."""
     with SST2_DEV.open(encoding="utf-8", newline="") as fh:

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from edge_sdk._cli import main
-from edge_sdk._export import export_onnx
 from edge_sdk._infer import load
 
-from ._onnx_models import LONG_TEXT, MINILM, REPO, TEXTS, tiny_pruned_bert
+from ._onnx_models import LONG_TEXT, REPO, export_tiny
 
 # What the inference path imports, with its real import-time needs: onnxruntime's declared dependencies
 # (flatbuffers, packaging, protobuf) and tokenizers' (huggingface-hub) are not imported by it.
@@ -26,17 +25,7 @@ RUNTIME = ("onnxruntime", "numpy", "tokenizers")
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "served"
-    export_onnx(
-        tiny_pruned_bert(seed=5),
-        MINILM,
-        out,
-        parity_batch=TEXTS,
-        max_length=32,
-        quantize=True,
-        method="torch",
-    )
-    return out
+    return export_tiny(tmp_path_factory.mktemp("cli") / "served", seed=5)
 
 
 def test_table_has_label_score_and_latency_per_text(served: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,27 +15,16 @@ import numpy as np
 import pytest
 
 from edge_sdk import ConfigError, ModelLoadError
-from edge_sdk._export import export_onnx
 from edge_sdk._infer import Prediction, Predictor, load
 
-from ._onnx_models import LONG_TEXT, MINILM, TEXTS, tiny_pruned_bert, torch_logits
+from ._onnx_models import LONG_TEXT, TEXTS, export_tiny, tiny_pruned_bert, torch_logits
 
 FP32, INT8 = "model.onnx", "model_quantized.onnx"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("infer") / "served"
-    export_onnx(
-        tiny_pruned_bert(seed=3),
-        MINILM,
-        out,
-        parity_batch=TEXTS,
-        max_length=32,
-        quantize=True,
-        method="torch",
-    )
-    return out
+    return export_tiny(tmp_path_factory.mktemp("infer") / "served", seed=3)
 
 
 def copy_of(served: Path, dest: Path, *, without: tuple[str, ...] = ()) -> Path:
