@@ -30,10 +30,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from coordinator import load_parent, reorder, resolve_model_dir, weight_l1
-    from coordinator._memcheck import check_device_classes
-    from edge_sdk._memory import Workload
-    from edge_sdk._profiles import list_device_classes
+    from coordinator.simulation._memcheck import check_device_classes
     from edge_sdk._units import format_bytes
+    from edge_sdk.device._classes import list_device_classes
+    from edge_sdk.scaling._memory import Workload
 
     model_dir = resolve_model_dir("all-MiniLM-L6-v2")
     parent = load_parent(model_dir)

@@ -2,7 +2,7 @@
 
     python bench/export_memory.py [--fractions 1.0 0.5 0.25] [--seq 128]
 
-A device exports its inference sub-network in its own torch process (``edge_sdk._deploy``): build the
+A device exports its inference sub-network in its own torch process (``edge_sdk.serving._install``): build the
 module, trace it to ONNX, check parity against torch, optionally quantize to int8 and measure drift,
 load the installed folder in ONNX Runtime. For uniform MiniLM sub-networks of a few widths, fp32 and
 int8, a fresh process imports the training runtime (torch, transformers, the model's code, as a device
@@ -28,8 +28,8 @@ SST2 = ROOT / "examples" / "data" / "sst2" / "train.tsv"
 
 def child(folder: Path, quantize: bool, seq: int) -> None:
     """In a fresh process: the runtime, then one export as a device's Deployer does it."""
-    from edge_sdk._build import model_class
-    from edge_sdk._train import peak_rss_bytes
+    from edge_sdk.scaling._build import model_class
+    from edge_sdk.training._train import peak_rss_bytes
 
     config = json.loads((folder / "config.json").read_text())
     model_class(config)  # the modeling code is part of the runtime's footprint
@@ -37,11 +37,11 @@ def child(folder: Path, quantize: bool, seq: int) -> None:
 
     from safetensors.torch import load_file
 
-    from edge_sdk._build import build_model
-    from edge_sdk._data import read_tsv
-    from edge_sdk._export import export_onnx
-    from edge_sdk._infer import load
     from edge_sdk._spec import SubnetSpec
+    from edge_sdk.scaling._build import build_model
+    from edge_sdk.serving._export import export_onnx
+    from edge_sdk.serving._infer import load
+    from edge_sdk.training._data import read_tsv
 
     spec = SubnetSpec.from_json((folder / "spec.json").read_text())
     model = build_model(spec, config, load_file(folder / "weights.safetensors"))
@@ -78,10 +78,10 @@ def main() -> int:
     from safetensors.torch import save_file
 
     from coordinator import load_parent, resolve_model_dir
-    from edge_sdk._extract import extract, param_count
-    from edge_sdk._memory import export_estimate
     from edge_sdk._spec import SubnetSpec
     from edge_sdk._units import format_bytes
+    from edge_sdk.scaling._extract import extract, param_count
+    from edge_sdk.scaling._memory import export_estimate
 
     model_dir = resolve_model_dir("all-MiniLM-L6-v2")
     parent = load_parent(model_dir)

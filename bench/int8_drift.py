@@ -5,7 +5,7 @@
 No fine-tuning here: the encoder stays as all-MiniLM-L6-v2 ships, and only the classification head is
 fitted (logistic regression on the pooled output of ``--train`` sentences of the vendored
 ``examples/data/sst2/train.tsv``), so the head has real decision margins. The model is then exported with
-``edge_sdk._export.export_onnx(quantize=True)`` and both files are scored on the 872 vendored dev
+``edge_sdk.serving._export.export_onnx(quantize=True)`` and both files are scored on the 872 vendored dev
 sentences, in batches of 64 (as the exporter's drift report) and one sentence at a time (as
 ``edge-sdk infer`` serves; dynamic int8 scales activations per batch). Runs in one process, ~1 minute.
 """
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from transformers import BertForSequenceClassification
 
-from edge_sdk._export import export_onnx
-from edge_sdk._infer import load
+from edge_sdk.serving._export import export_onnx
+from edge_sdk.serving._infer import load
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "sst2"
 

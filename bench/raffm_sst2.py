@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmark.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("coordinator._engine", "edge_sdk._runner", "transformers", "matplotlib"):
+    for noisy in ("coordinator.federation._engine", "edge_sdk.training._runner", "transformers", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for name in ("train.tsv", "dev.tsv"):
         if not (SHARED_SST2 / name).is_file():
@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                   "../shared/data/sst2 (train.tsv and dev.tsv, label<TAB>sentence)", file=sys.stderr)
             return 2
 
-    from coordinator._sim_config import MethodConfig, parse_simulation_config
-    from coordinator._sim_executor import make_executor
-    from coordinator._sim_report import markdown_table, summarize, write_report
-    from coordinator._simulation import run_simulation
+    from coordinator.simulation._config import MethodConfig, parse_simulation_config
+    from coordinator.simulation._executor import make_executor
+    from coordinator.simulation._report import markdown_table, summarize, write_report
+    from coordinator.simulation._run import run_simulation
 
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -153,7 +153,7 @@ def setup_text(args: argparse.Namespace, results: list[Any], total_s: float) -> 
 
 
 def summaries_of(results: list[Any]) -> list[Any]:
-    from coordinator._sim_report import summarize
+    from coordinator.simulation._report import summarize
 
     return [summarize(r) for r in results]
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import torch
 import transformers
 
-from edge_sdk._extract import extract
-from edge_sdk._parent import ParentModel, load_parent, parent_from_module
-from edge_sdk._reorder import apply_reordering, plan_reordering
-from edge_sdk._salience import weight_l1
 from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling._extract import extract
+from edge_sdk.scaling._parent import ParentModel, load_parent, parent_from_module
+from edge_sdk.scaling._reorder import apply_reordering, plan_reordering
+from edge_sdk.scaling._salience import weight_l1
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5) -> float:

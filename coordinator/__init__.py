@@ -12,18 +12,36 @@ family, config, task and state dict)::
 
 from __future__ import annotations
 
-from edge_sdk._extract import extract, param_count
-from edge_sdk._models import resolve_model_dir
-from edge_sdk._parent import ParentModel, load_parent, parent_from_module
-from edge_sdk._reorder import Reordering, apply_reordering, plan_reordering, reorder
-from edge_sdk._salience import Salience, activation_aware, weight_l1
-from edge_sdk._search import Plan, plan_inference, plan_training
-
-from ._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate, merge_deltas
-from ._config import RunConfig, load_config
-from ._engine import FederationEngine
-from ._run import build_engine, run_coordinator
-from ._server import CoordinatorServer
+from coordinator.federation import (
+    ClientUpdate,
+    FedAdam,
+    FedAvg,
+    FederationEngine,
+    RunConfig,
+    ServerOptimizer,
+    aggregate,
+    load_config,
+    merge_deltas,
+)
+from coordinator.serve import CoordinatorServer, build_engine, run_coordinator
+from edge_sdk.scaling import (
+    ParentModel,
+    Plan,
+    Reordering,
+    Salience,
+    activation_aware,
+    apply_reordering,
+    extract,
+    load_parent,
+    param_count,
+    parent_from_module,
+    plan_inference,
+    plan_reordering,
+    plan_training,
+    reorder,
+    resolve_model_dir,
+    weight_l1,
+)
 
 __all__ = [
     "ClientUpdate",

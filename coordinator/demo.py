@@ -14,7 +14,7 @@ fp32 models: at budgets that bind, an int8 export (quantizer and drift sessions,
 + 215 MB) needs more memory than training the same sub-network (docs/running.md), so the planner
 would keep the smallest device at its training sub-network. The demo prints what each device trains
 and serves, and asks one installed model for a prediction with the torch-free runtime
-(``edge_sdk._infer``). Everything lands in ``runs/demo-*``.
+(``edge_sdk.serving._infer``). Everything lands in ``runs/demo-*``.
 
 ``python -m coordinator.demo --rounds N`` runs N rounds instead of 3 (the test runs 1).
 """
@@ -33,11 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_sdk._budget import budget_for_device_class
+from edge_sdk import load_device_class
 from edge_sdk._errors import ConfigError, EdgeFMError
-from edge_sdk._memory import TRAINING_RUNTIME_BYTES
-from edge_sdk._profiles import load_device_class
 from edge_sdk._units import format_bytes
+from edge_sdk.scaling import TRAINING_RUNTIME_BYTES, budget_for_device_class
 
 __all__ = ["main", "run_demo"]
 
@@ -57,7 +56,7 @@ WAIT_S = 600.0  # bound on the whole federation
 
 
 def _write_shards(folder: Path) -> list[Path]:
-    from ._partition import partition_iid
+    from coordinator.simulation import partition_iid
 
     lines = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()
     header, body = lines[0], lines[1:]
@@ -72,7 +71,7 @@ def _write_shards(folder: Path) -> list[Path]:
 
 
 def _config(folder: Path, tokens: dict[str, str], rounds: int) -> Any:
-    from ._config import parse_config
+    from coordinator.federation import parse_config
 
     return parse_config(
         {
@@ -108,7 +107,7 @@ def _start_devices(folder: Path, tokens: dict[str, str], budgets: dict[str, int]
     for (name, token), shard in zip(tokens.items(), shards, strict=True):
         log = (folder / f"{name}.log").open("ab")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "edge_sdk._cli", "join", url, "--token", token, "--data", str(shard),
+            [sys.executable, "-m", "edge_sdk.cli._main", "join", url, "--token", token, "--data", str(shard),
              "--memory-budget", str(budgets[name]), "--threads", "1", "--no-probe", "--device-id", name,
              "--retry-initial", "0.5", "--retry-max", "2", "--give-up-after", "120",
              "--deploy-dir", str(folder / "models" / name), "--holdout", str(HOLDOUT)],
@@ -118,7 +117,7 @@ def _start_devices(folder: Path, tokens: dict[str, str], budgets: dict[str, int]
 
 
 def _federate(folder: Path, rounds: int) -> tuple[Any, dict[str, int]]:
-    from ._run import build_engine, serve_async
+    from coordinator.serve import build_engine, serve_async
 
     tokens = {name: f"demo-token-{i}-{os.urandom(8).hex()}" for i, name in enumerate(CLASSES)}
     budgets = {
@@ -195,7 +194,7 @@ def _deploy_table(deployments: list[dict[str, Any]]) -> str:
 
 def _predict(folder: Path) -> tuple[Path, Any]:
     """One prediction from the smallest device's installed model, with the torch-free runtime."""
-    from edge_sdk._infer import load
+    from edge_sdk import load
 
     served = folder / "models" / CLASSES[0]
     return served, load(served, threads=1).predict([SENTENCE])[0]

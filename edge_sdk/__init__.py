@@ -7,10 +7,9 @@ can ``from edge_sdk import load`` and serve.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ._errors import (
+from edge_sdk._errors import (
     AggregationError,
     BudgetError,
     ConfigError,
@@ -22,38 +21,38 @@ from ._errors import (
     SpecError,
     UnsupportedModelError,
 )
-from ._spec import SPEC_VERSION, LayerSpec, ParentDims, SubnetSpec
-from ._units import format_bytes, parse_size
+from edge_sdk._lazy import lazy_face
+from edge_sdk._spec import SPEC_VERSION, LayerSpec, ParentDims, SubnetSpec
+from edge_sdk._units import format_bytes, parse_size
+from edge_sdk._version import __version__
 
-__version__ = "0.1.0.dev0"
-
-# name -> module, imported on first access (they need torch, transformers, onnxruntime or psutil)
+# name -> the room (sub-package face) that defines it, imported on first access (torch, onnxruntime, psutil)
 _LAZY: dict[str, str] = {
-    "build_model": "edge_sdk._build",
-    "TrainConfig": "edge_sdk._train",
-    "TrainResult": "edge_sdk._train",
-    "train_local": "edge_sdk._train",
-    "evaluate": "edge_sdk._train",
-    "proximal_term": "edge_sdk._train",
-    "Workload": "edge_sdk._memory",
-    "MemoryEstimate": "edge_sdk._memory",
-    "training_estimate": "edge_sdk._memory",
-    "inference_estimate": "edge_sdk._memory",
-    "DeviceProfile": "edge_sdk._profile",
-    "detect_profile": "edge_sdk._profile",
-    "MemoryBudget": "edge_sdk._budget",
-    "compute_budget": "edge_sdk._budget",
-    "DeviceClass": "edge_sdk._profiles",
-    "list_device_classes": "edge_sdk._profiles",
-    "load_device_class": "edge_sdk._profiles",
-    "export_onnx": "edge_sdk._export",
-    "ExportReport": "edge_sdk._export",
-    "load": "edge_sdk._infer",
-    "EdgeDevice": "edge_sdk._client",
-    "DeviceOptions": "edge_sdk._client",
-    "TextDataset": "edge_sdk._runner",
-    "Predictor": "edge_sdk._infer",
-    "Prediction": "edge_sdk._infer",
+    "build_model": "edge_sdk.scaling",
+    "TrainConfig": "edge_sdk.training",
+    "TrainResult": "edge_sdk.training",
+    "train_local": "edge_sdk.training",
+    "evaluate": "edge_sdk.training",
+    "proximal_term": "edge_sdk.training",
+    "Workload": "edge_sdk.scaling",
+    "MemoryEstimate": "edge_sdk.scaling",
+    "training_estimate": "edge_sdk.scaling",
+    "inference_estimate": "edge_sdk.scaling",
+    "DeviceProfile": "edge_sdk.device",
+    "detect_profile": "edge_sdk.device",
+    "MemoryBudget": "edge_sdk.scaling",
+    "compute_budget": "edge_sdk.device",
+    "DeviceClass": "edge_sdk.device",
+    "list_device_classes": "edge_sdk.device",
+    "load_device_class": "edge_sdk.device",
+    "export_onnx": "edge_sdk.serving",
+    "ExportReport": "edge_sdk.serving",
+    "load": "edge_sdk.serving",
+    "EdgeDevice": "edge_sdk.client",
+    "DeviceOptions": "edge_sdk.client",
+    "TextDataset": "edge_sdk.training",
+    "Predictor": "edge_sdk.serving",
+    "Prediction": "edge_sdk.serving",
 }
 
 __all__ = [
@@ -102,27 +101,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edge_sdk' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_face(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:
-    from ._budget import MemoryBudget, compute_budget
-    from ._build import build_model
-    from ._client import DeviceOptions, EdgeDevice
-    from ._export import ExportReport, export_onnx
-    from ._infer import Prediction, Predictor, load
-    from ._memory import MemoryEstimate, Workload, inference_estimate, training_estimate
-    from ._profile import DeviceProfile, detect_profile
-    from ._profiles import DeviceClass, list_device_classes, load_device_class
-    from ._runner import TextDataset
-    from ._train import TrainConfig, TrainResult, evaluate, proximal_term, train_local
+    from edge_sdk.client._client import DeviceOptions, EdgeDevice
+    from edge_sdk.device._budget import compute_budget
+    from edge_sdk.device._classes import DeviceClass, list_device_classes, load_device_class
+    from edge_sdk.device._profile import DeviceProfile, detect_profile
+    from edge_sdk.scaling._budget import MemoryBudget
+    from edge_sdk.scaling._build import build_model
+    from edge_sdk.scaling._memory import MemoryEstimate, Workload, inference_estimate, training_estimate
+    from edge_sdk.serving._export import ExportReport, export_onnx
+    from edge_sdk.serving._infer import Prediction, Predictor, load
+    from edge_sdk.training._runner import TextDataset
+    from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, proximal_term, train_local

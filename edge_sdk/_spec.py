@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import SpecError
+from edge_sdk._errors import SpecError
 
 __all__ = ["SPEC_VERSION", "LayerSpec", "ParentDims", "SubnetSpec"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-from ._errors import ConfigError
+from edge_sdk._errors import ConfigError
 
 __all__ = ["format_bytes", "parse_size", "size_argument"]
 

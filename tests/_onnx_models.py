@@ -76,7 +76,7 @@ def fitted_minilm_classifier(train_rows: int = 2000) -> BertForSequenceClassific
     A real classifier has real decision margins, so int8 drift is measured as it would be served; the
     same recipe and sentences as ``bench/int8_drift.py`` (sequences cut at 64 tokens here).
     """
-    from edge_sdk._data import encode, load_tokenizer, read_tsv
+    from edge_sdk.training._data import encode, load_tokenizer, read_tsv
 
     model = minilm_classifier(seed=0)
     rows = read_tsv(SST2_DEV.parent / "train.tsv", limit=train_rows)
@@ -109,7 +109,7 @@ def fitted_minilm_classifier(train_rows: int = 2000) -> BertForSequenceClassific
 
 def export_tiny(out: Path, seed: int) -> Path:
     """The tiny pruned BERT exported (torch exporter) with an int8 model beside fp32, into ``out``."""
-    from edge_sdk._export import export_onnx
+    from edge_sdk.serving._export import export_onnx
 
     export_onnx(tiny_pruned_bert(seed=seed), MINILM, out, parity_batch=TEXTS, max_length=32, quantize=True,
                 method="torch")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from edge_sdk._parent import ParentModel, load_parent, parent_from_module
+from edge_sdk.scaling._parent import ParentModel, load_parent, parent_from_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SST2 = ROOT / "examples" / "data" / "sst2"

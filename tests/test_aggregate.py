@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from coordinator._aggregate import ClientUpdate, FedAdam, FedAvg, aggregate, merge_deltas
+from coordinator.federation._aggregate import ClientUpdate, FedAdam, FedAvg, aggregate, merge_deltas
 from edge_sdk import AggregationError
-from edge_sdk._extract import extract
-from edge_sdk._parent import ParentModel
 from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling._extract import extract
+from edge_sdk.scaling._parent import ParentModel
 
 from .models import tiny_parent
 

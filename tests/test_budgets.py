@@ -7,13 +7,13 @@ plans too, and prints the table.
 
 import pytest
 
-from coordinator._memcheck import check_device_classes
-from edge_sdk._budget import budget_for_device_class
-from edge_sdk._memory import TRAINING_RUNTIME_BYTES, Workload
-from edge_sdk._profiles import list_device_classes
-from edge_sdk._reorder import reorder
-from edge_sdk._salience import weight_l1
-from edge_sdk._search import plan_training
+from coordinator.simulation._memcheck import check_device_classes
+from edge_sdk.device._classes import list_device_classes
+from edge_sdk.scaling._budget import budget_for_device_class
+from edge_sdk.scaling._memory import TRAINING_RUNTIME_BYTES, Workload
+from edge_sdk.scaling._reorder import reorder
+from edge_sdk.scaling._salience import weight_l1
+from edge_sdk.scaling._search import plan_training
 
 from .models import SST2, minilm, minilm_dir
 

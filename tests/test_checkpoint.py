@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator import _checkpoint
-from coordinator._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_digest
-from coordinator._config import FederationConfig, TrainingConfig
-from coordinator._engine import FederationEngine
+from coordinator.federation import _checkpoint
+from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_digest
+from coordinator.federation._config import FederationConfig, TrainingConfig
+from coordinator.federation._engine import FederationEngine
 from edge_sdk import ConfigError, EdgeFMError
 
 from .test_engine import FULL_BUDGET, TRAINING, hello, make_engine, trained

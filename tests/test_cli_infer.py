@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_sdk._cli import main
-from edge_sdk._infer import load
+from edge_sdk.cli._main import main
+from edge_sdk.serving._infer import load
 
 from ._onnx_models import LONG_TEXT, REPO, export_tiny
 
@@ -83,7 +83,7 @@ def test_errors_exit_2_with_a_message(
 def test_infer_never_imports_torch(served: Path) -> None:
     code = (
         "import sys\n"
-        "from edge_sdk._cli import main\n"
+        "from edge_sdk.cli._main import main\n"
         f"rc = main(['infer', '--model', {str(served)!r}, 'a fine film'])\n"
         "loaded = {m.split('.')[0] for m in sys.modules}\n"
         "heavy = sorted(loaded & {'torch', 'transformers', 'optimum', 'onnx'})\n"
@@ -163,7 +163,7 @@ def test_infer_in_a_venv_without_torch(tmp_path: Path, served: Path, pytestconfi
     assert probe.stdout.strip() == "[]"  # torch really is absent
 
     out = subprocess.run(
-        [str(python), "-m", "edge_sdk._cli", "infer", "--model", str(served), "--json", "a fine film"],
+        [str(python), "-m", "edge_sdk.cli._main", "infer", "--model", str(served), "--json", "a fine film"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

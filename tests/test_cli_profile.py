@@ -12,9 +12,9 @@ from typing import Any
 import psutil
 import pytest
 
-from edge_sdk._budget import DEFAULT_MIN_MARGIN_BYTES
-from edge_sdk._cli import main
-from edge_sdk._profile import DeviceProfile
+from edge_sdk.cli._main import main
+from edge_sdk.device._profile import DeviceProfile
+from edge_sdk.scaling._budget import DEFAULT_MIN_MARGIN_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "edge-sdk"
@@ -36,7 +36,7 @@ def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str
 
 
 def check_plans(plan: dict[str, Any], budget: dict[str, Any]) -> None:
-    """The plan follows the coordinator's rule (edge_sdk._planning) and serves at least what it trains."""
+    """The plan follows the coordinator's rule (edge_sdk.scaling._planning) and serves at least what it trains."""
     training, inference = plan["training"], plan["inference"]
     train_bytes = budget["usable"] - max(0, DEFAULT_MIN_MARGIN_BYTES - budget["margin"])
     assert training["budget_bytes"] == train_bytes
@@ -148,7 +148,7 @@ def test_bad_input_fails_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
 def test_the_cli_drops_onnxruntime_info_on_the_root_logger() -> None:
     import logging
 
-    from edge_sdk._cli import _quiet_third_party
+    from edge_sdk.cli._main import _quiet_third_party
 
     def record(level: int, name: str, path: str) -> logging.LogRecord:
         return logging.LogRecord(name, level, path, 1, "msg", None, None)
@@ -156,5 +156,5 @@ def test_the_cli_drops_onnxruntime_info_on_the_root_logger() -> None:
     quantizer = "/site-packages/onnxruntime/quantization/onnx_quantizer.py"
     assert not _quiet_third_party(record(logging.INFO, "root", quantizer))
     assert _quiet_third_party(record(logging.WARNING, "root", quantizer))
-    assert _quiet_third_party(record(logging.INFO, "edge_sdk._deploy", "/edge_sdk/_deploy.py"))
+    assert _quiet_third_party(record(logging.INFO, "edge_sdk.serving._install", "/edge_sdk/_deploy.py"))
     assert _quiet_third_party(record(logging.INFO, "root", "/elsewhere/module.py"))

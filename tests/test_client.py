@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator._checkpoint import latest_checkpoint, load_checkpoint
+from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint
 from edge_sdk import BudgetError, ConfigError
-from edge_sdk._backoff import Backoff
-from edge_sdk._client import DeviceOptions, EdgeDevice
-from edge_sdk._runner import TaskCancelledError, TaskRunner
-from edge_sdk._train import TrainConfig, TrainResult, train_local
+from edge_sdk.client._backoff import Backoff
+from edge_sdk.client._client import DeviceOptions, EdgeDevice
+from edge_sdk.training._runner import TaskCancelledError, TaskRunner
+from edge_sdk.training._train import TrainConfig, TrainResult, train_local
 
 from .test_server import coordinator, run
 
@@ -112,9 +112,9 @@ def test_an_unreachable_coordinator_is_given_up_on_in_bounded_time() -> None:
 
 
 def test_a_cancelled_task_stops_at_its_next_batch() -> None:
-    from edge_sdk._extract import extract
     from edge_sdk._spec import SubnetSpec
     from edge_sdk.protocol import TrainSettings, TrainTask, encode_tensors, torch_to_numpy
+    from edge_sdk.scaling._extract import extract
 
     from .models import tiny_parent
 

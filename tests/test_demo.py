@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_sdk._infer import load
+from edge_sdk.serving._infer import load
 
 from ._federation import child_env
 from ._onnx_models import sst2_dev
@@ -105,7 +105,7 @@ def test_the_installed_models_load_in_optimum_and_edge_sdk_infer_answers(demo: t
 
     small = folder / "models" / CLASSES[0]
     infer = subprocess.run(
-        [sys.executable, "-m", "edge_sdk._cli", "infer", "--model", str(small), "--json", REVIEW],
+        [sys.executable, "-m", "edge_sdk.cli._main", "infer", "--model", str(small), "--json", REVIEW],
         check=False,
         env=child_env(),
         capture_output=True,

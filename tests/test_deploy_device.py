@@ -20,24 +20,24 @@ import pytest
 import torch
 import transformers
 
-from coordinator._config import DeployConfig, FederationConfig, ServerConfig, TrainingConfig
-from coordinator._deploy import DeployOutcome
-from coordinator._engine import FederationEngine
-from coordinator._server import DEPLOYMENTS_FILE, CoordinatorServer
-from edge_sdk import _export_graph
-from edge_sdk._backoff import Backoff
-from edge_sdk._client import DeviceOptions, EdgeDevice
-from edge_sdk._closecodes import CLOSE_RUN_COMPLETE
-from edge_sdk._data import read_tsv
-from edge_sdk._deploy import Deployer
-from edge_sdk._extract import extract
-from edge_sdk._infer import MANIFEST_NAME, load, sha256_file
-from edge_sdk._parent import ParentModel, parent_from_module
-from edge_sdk._reorder import reorder
-from edge_sdk._runner import TextDataset
-from edge_sdk._salience import Salience, weight_l1
+from coordinator.federation._config import DeployConfig, FederationConfig, ServerConfig, TrainingConfig
+from coordinator.federation._deploy_plan import DeployOutcome
+from coordinator.federation._engine import FederationEngine
+from coordinator.serve._server import DEPLOYMENTS_FILE, CoordinatorServer
 from edge_sdk._spec import SubnetSpec
+from edge_sdk.client._backoff import Backoff
+from edge_sdk.client._client import DeviceOptions, EdgeDevice
 from edge_sdk.protocol import Deploy, DeployReceived, InferenceSettings, encode_tensors, torch_to_numpy
+from edge_sdk.protocol._closecodes import CLOSE_RUN_COMPLETE
+from edge_sdk.scaling._extract import extract
+from edge_sdk.scaling._parent import ParentModel, parent_from_module
+from edge_sdk.scaling._reorder import reorder
+from edge_sdk.scaling._salience import Salience, weight_l1
+from edge_sdk.serving import _export_graph
+from edge_sdk.serving._infer import MANIFEST_NAME, load, sha256_file
+from edge_sdk.serving._install import Deployer
+from edge_sdk.training._data import read_tsv
+from edge_sdk.training._runner import TextDataset
 
 from .models import SST2, tiny_vocab_bert_config
 from .test_server import Device as HandDevice

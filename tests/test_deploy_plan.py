@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from coordinator._config import DeployConfig, parse_config
-from coordinator._deploy import DeployOutcome, make_order, outcome, plan_deployment, plan_inference_for
+from coordinator.federation._config import DeployConfig, parse_config
+from coordinator.federation._deploy_plan import DeployOutcome, make_order, outcome, plan_deployment, plan_inference_for
 from edge_sdk import ConfigError
-from edge_sdk._extract import extract, param_count
-from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, Workload, inference_estimate
-from edge_sdk._search import Plan, plan_training
 from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling._extract import extract, param_count
+from edge_sdk.scaling._memory import INFERENCE_RUNTIME_BYTES, Workload, inference_estimate
+from edge_sdk.scaling._search import Plan, plan_training
 
 from .test_engine import TRAINING, budget_for, hello, make_engine
 

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator._aggregate import ClientUpdate, FedAdam, aggregate
-from coordinator._config import FederationConfig, TrainingConfig
-from coordinator._engine import FederationEngine, TrainOrder
+from coordinator.federation._aggregate import ClientUpdate, FedAdam, aggregate
+from coordinator.federation._config import FederationConfig, TrainingConfig
+from coordinator.federation._engine import FederationEngine, TrainOrder
 from edge_sdk import BudgetError, EdgeFMError, ProfileError
-from edge_sdk._extract import param_count
-from edge_sdk._memory import Workload, training_estimate
-from edge_sdk._parent import ParentModel
-from edge_sdk._reorder import reorder
-from edge_sdk._salience import weight_l1
-from edge_sdk._search import plan_training
 from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling._extract import param_count
+from edge_sdk.scaling._memory import Workload, training_estimate
+from edge_sdk.scaling._parent import ParentModel
+from edge_sdk.scaling._reorder import reorder
+from edge_sdk.scaling._salience import weight_l1
+from edge_sdk.scaling._search import plan_training
 
 from .models import tiny_parent
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from edge_sdk import ConfigError, ExportError, _export_graph
-from edge_sdk._export import ExportReport, export_onnx
-from edge_sdk._infer import load, sha256_file
+from edge_sdk import ConfigError, ExportError
+from edge_sdk.serving import _export_graph
+from edge_sdk.serving._export import ExportReport, export_onnx
+from edge_sdk.serving._infer import load, sha256_file
 
 from ._onnx_models import (
     MINILM,
@@ -169,7 +170,7 @@ def test_auto_falls_back_to_torch_for_an_architecture_optimum_does_not_know(
             max_position_embeddings=64,
         )
     )
-    with caplog.at_level(logging.WARNING, logger="edge_sdk._export"):
+    with caplog.at_level(logging.WARNING, logger="edge_sdk.serving._export"):
         report = export_onnx(model, MINILM, tmp_path / "served", parity_batch=TEXTS, max_length=64)
     assert report.exporter == "torch" and report.parity.max_abs_diff <= 1e-4
     assert any("optimum could not export" in r.message for r in caplog.records)

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from edge_sdk import SpecError, UnsupportedModelError
-from edge_sdk._build import build_model
-from edge_sdk._extract import extract, param_count
-from edge_sdk._families import family_for
-from edge_sdk._reorder import reorder
-from edge_sdk._salience import weight_l1
 from edge_sdk._spec import LayerSpec, ParentDims, SubnetSpec
-from edge_sdk._train import TrainConfig, train_local
+from edge_sdk.scaling._build import build_model
+from edge_sdk.scaling._extract import extract, param_count
+from edge_sdk.scaling._reorder import reorder
+from edge_sdk.scaling._salience import weight_l1
+from edge_sdk.scaling.families import family_for
+from edge_sdk.training._train import TrainConfig, train_local
 
 from .models import minilm, tiny_inputs, tiny_model, tiny_parent
 

@@ -24,11 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator._checkpoint import latest_checkpoint, load_checkpoint, state_digest
-from coordinator._config import FederationConfig
-from edge_sdk._extract import param_count
-from edge_sdk._memory import Workload, training_estimate
+from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint, state_digest
+from coordinator.federation._config import FederationConfig
 from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling._extract import param_count
+from edge_sdk.scaling._memory import Workload, training_estimate
 
 from ._federation import coordinator, data_slices, device, free_port, read_port, write_config
 from .models import minilm

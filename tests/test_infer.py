@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge_sdk import ConfigError, ModelLoadError
-from edge_sdk._infer import Prediction, Predictor, load
+from edge_sdk.serving._infer import Prediction, Predictor, load
 
 from ._onnx_models import LONG_TEXT, TEXTS, export_tiny, tiny_pruned_bert, torch_logits
 
@@ -69,11 +69,11 @@ def test_batching_keeps_input_order(served: Path) -> None:
 
 def test_truncation_is_flagged_and_logged(served: Path, caplog: pytest.LogCaptureFixture) -> None:
     predictor = load(served)
-    with caplog.at_level(logging.WARNING, logger="edge_sdk._infer"):
+    with caplog.at_level(logging.WARNING, logger="edge_sdk.serving._infer"):
         short, long = predictor.predict(["a fine film", LONG_TEXT])
     assert (short.truncated, long.truncated) == (False, True)
     assert long.n_tokens == 32
-    warnings = [r for r in caplog.records if r.name == "edge_sdk._infer" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "edge_sdk.serving._infer" and r.levelno == logging.WARNING]
     assert (
         len(warnings) == 1
         and "1 of 2" in warnings[0].getMessage()

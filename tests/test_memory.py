@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from coordinator._memcheck import measure_training
-from edge_sdk._build import build_model
-from edge_sdk._extract import extract, param_count
-from edge_sdk._memory import Workload, activation_bytes, training_estimate
-from edge_sdk._reorder import reorder
-from edge_sdk._salience import weight_l1
-from edge_sdk._search import plan_training
+from coordinator.simulation._memcheck import measure_training
 from edge_sdk._spec import LayerSpec, SubnetSpec
+from edge_sdk.scaling._build import build_model
+from edge_sdk.scaling._extract import extract, param_count
+from edge_sdk.scaling._memory import Workload, activation_bytes, training_estimate
+from edge_sdk.scaling._reorder import reorder
+from edge_sdk.scaling._salience import weight_l1
+from edge_sdk.scaling._search import plan_training
 
 from .models import SST2, minilm, minilm_dir
 

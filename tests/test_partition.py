@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator._partition import partition, partition_dirichlet, partition_iid
+from coordinator.simulation._partition import partition, partition_dirichlet, partition_iid
 from edge_sdk._errors import ConfigError
 
 

@@ -3,14 +3,20 @@
 import pytest
 
 from edge_sdk import BudgetError
-from edge_sdk._budget import DEFAULT_MIN_MARGIN_BYTES, inference_bytes, training_bytes
-from edge_sdk._extract import param_count
-from edge_sdk._memory import INFERENCE_RUNTIME_BYTES, Workload, export_estimate, inference_estimate, training_estimate
-from edge_sdk._planning import plan_device, plan_dict, plan_table
-from edge_sdk._reorder import reorder
-from edge_sdk._salience import weight_l1
-from edge_sdk._search import plan_inference, plan_training
 from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling._budget import DEFAULT_MIN_MARGIN_BYTES, inference_bytes, training_bytes
+from edge_sdk.scaling._extract import param_count
+from edge_sdk.scaling._memory import (
+    INFERENCE_RUNTIME_BYTES,
+    Workload,
+    export_estimate,
+    inference_estimate,
+    training_estimate,
+)
+from edge_sdk.scaling._planning import plan_device, plan_dict, plan_table
+from edge_sdk.scaling._reorder import reorder
+from edge_sdk.scaling._salience import weight_l1
+from edge_sdk.scaling._search import plan_inference, plan_training
 
 from .models import tiny_parent
 

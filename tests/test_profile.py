@@ -20,16 +20,11 @@ import psutil
 import pytest
 
 from edge_sdk import ConfigError, ProfileError
-from edge_sdk._budget import (
-    DEFAULT_MARGIN_MIN,
-    MemoryBudget,
-    budget_for_device_class,
-    compute_budget,
-    default_margin,
-)
-from edge_sdk._cgroup import read_cgroup_memory
-from edge_sdk._probe import ComputeProbe, measure_matmul, measure_step
-from edge_sdk._profile import (
+from edge_sdk.device._budget import compute_budget
+from edge_sdk.device._cgroup import read_cgroup_memory
+from edge_sdk.device._classes import load_device_class
+from edge_sdk.device._probe import ComputeProbe, measure_matmul, measure_step
+from edge_sdk.device._profile import (
     PROFILE_VERSION,
     Accelerator,
     Battery,
@@ -37,7 +32,7 @@ from edge_sdk._profile import (
     Temperature,
     detect_profile,
 )
-from edge_sdk._profiles import load_device_class
+from edge_sdk.scaling._budget import DEFAULT_MARGIN_MIN, MemoryBudget, budget_for_device_class, default_margin
 
 MiB = 1024**2
 GiB = 1024**3
@@ -355,9 +350,9 @@ def test_detect_without_torch_uses_numpy(tmp_path: Path) -> None:
 def test_edge_sdk_imports_and_profiles_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
-        "import edge_sdk, edge_sdk._cli_profile\n"
-        "from edge_sdk._profile import detect_profile\n"
-        "from edge_sdk._budget import compute_budget\n"
+        "import edge_sdk, edge_sdk.cli._profile\n"
+        "from edge_sdk.device._profile import detect_profile\n"
+        "from edge_sdk.device._budget import compute_budget\n"
         "p = detect_profile(runtime_modules=('torch', 'json'), probe_seconds=0.05)\n"
         "assert p.torch_version is None and p.accelerator is None, p\n"
         "assert p.compute.backend == 'numpy' and p.runtime_modules == ('json',), p\n"
@@ -370,7 +365,8 @@ def test_edge_sdk_imports_and_profiles_without_torch() -> None:
 
 
 def test_importing_the_profile_modules_does_not_import_torch() -> None:
-    code = ("import sys, edge_sdk._profile, edge_sdk._budget, edge_sdk._cli_profile, edge_sdk._probe\n"
+    code = ("import sys, edge_sdk.device._profile, edge_sdk.device._budget, edge_sdk.cli._profile\n"
+            "import edge_sdk.device._probe\n"
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
                          timeout=120)
@@ -477,7 +473,7 @@ def test_override_budget(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
     budget = compute_budget(profile, override="1.5GB")
     assert (budget.usable, budget.source, budget.margin) == (1_500_000_000, "override", 0)
     assert compute_budget(profile, override=123456).usable == 123456
-    with caplog.at_level(logging.WARNING, logger="edge_sdk._budget"):
+    with caplog.at_level(logging.WARNING, logger="edge_sdk.device._budget"):
         big = compute_budget(profile, override="3GiB")
     assert big.usable == 3 * GiB
     assert "exceeds" in caplog.text
@@ -506,7 +502,7 @@ def test_named_profile_budget(tmp_path: Path) -> None:
 
 def test_budget_never_negative(caplog: pytest.LogCaptureFixture) -> None:
     pi2 = load_device_class("raspberry-pi-4-2gb")
-    with caplog.at_level(logging.WARNING, logger="edge_sdk._budget"):
+    with caplog.at_level(logging.WARNING, logger="edge_sdk.device._budget"):
         budget = budget_for_device_class(pi2, runtime_footprint=3 * GiB)
     assert budget.usable == 0
     assert "no memory left" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 import tomllib
 
 from edge_sdk import ConfigError, ProfileError
-from edge_sdk._profiles import (
+from edge_sdk.device._classes import (
     DeviceClass,
     list_device_classes,
     load_device_class,

@@ -5,11 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_sdk._build import build_model
-from edge_sdk._parent import ParentModel
-from edge_sdk._reorder import reorder
-from edge_sdk._salience import Salience, activation_aware, weight_l1
 from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling._build import build_model
+from edge_sdk.scaling._parent import ParentModel
+from edge_sdk.scaling._reorder import reorder
+from edge_sdk.scaling._salience import Salience, activation_aware, weight_l1
 
 from .models import minilm, tiny_inputs, tiny_parent
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from coordinator._config import load_config, parse_config
+from coordinator.federation._config import load_config, parse_config
 from edge_sdk import ConfigError
-from edge_sdk._backoff import Backoff
+from edge_sdk.client._backoff import Backoff
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "run.toml"

@@ -9,12 +9,12 @@ import sys
 import pytest
 
 from edge_sdk import BudgetError
-from edge_sdk._extract import param_count
-from edge_sdk._memory import Workload, inference_estimate, training_estimate
-from edge_sdk._reorder import reorder
-from edge_sdk._salience import weight_l1
-from edge_sdk._search import _fractions, plan_inference, plan_training
 from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling._extract import param_count
+from edge_sdk.scaling._memory import Workload, inference_estimate, training_estimate
+from edge_sdk.scaling._reorder import reorder
+from edge_sdk.scaling._salience import weight_l1
+from edge_sdk.scaling._search import _fractions, plan_inference, plan_training
 
 from .models import minilm, tiny_parent
 
@@ -112,7 +112,7 @@ def _objective(spec: SubnetSpec, salience) -> float:  # type: ignore[no-untyped-
 @pytest.mark.slow
 def test_minilm_plan_cli_as_a_newcomer_runs_it(capsys: pytest.CaptureFixture[str]) -> None:
     """Once as the installed script in a fresh process (JSON), the table and a bad size through ``main``."""
-    from coordinator._cli import main
+    from coordinator.cli._main import main
 
     args = ["plan", "--model", "all-MiniLM-L6-v2", "--memory", "1.2GB"]
     script = os.path.join(os.path.dirname(sys.executable), "edge-coordinator")
@@ -136,7 +136,7 @@ def test_minilm_plan_cli_as_a_newcomer_runs_it(capsys: pytest.CaptureFixture[str
 
 
 def test_plan_cli_refuses_a_budget_that_fits_nothing(capsys: pytest.CaptureFixture[str]) -> None:
-    from coordinator._cli import main
+    from coordinator.cli._main import main
 
     assert main(["plan", "--model", "all-MiniLM-L6-v2", "--memory", "300MB"]) == 2
     assert "no trainable sub-network of bert fits 286.10 MiB" in capsys.readouterr().err

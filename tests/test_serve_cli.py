@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator._checkpoint import latest_checkpoint
+from coordinator.federation._checkpoint import latest_checkpoint
 
 from ._federation import coordinator, read_port, write_config
 

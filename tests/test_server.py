@@ -17,11 +17,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from coordinator._checkpoint import latest_checkpoint, load_checkpoint, state_digest
-from coordinator._config import FederationConfig, ServerConfig
-from coordinator._engine import FederationEngine
-from coordinator._server import CoordinatorServer
-from edge_sdk._closecodes import CLOSE_REJECTED, CLOSE_REPLACED, CLOSE_RUN_COMPLETE
+from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint, state_digest
+from coordinator.federation._config import FederationConfig, ServerConfig
+from coordinator.federation._engine import FederationEngine
+from coordinator.serve._server import CoordinatorServer
 from edge_sdk.protocol import (
     DeviceConnection,
     Error,
@@ -34,6 +33,7 @@ from edge_sdk.protocol import (
     encode_message,
     encode_tensors,
 )
+from edge_sdk.protocol._closecodes import CLOSE_REJECTED, CLOSE_REPLACED, CLOSE_RUN_COMPLETE
 
 from .test_engine import TRAINING, ranked_parent
 

@@ -17,17 +17,17 @@ import pytest
 import torch
 import transformers
 
-from coordinator._checkpoint import state_digest
-from coordinator._cli import main as cli_main
-from coordinator._sim_config import (
+from coordinator.cli._main import main as cli_main
+from coordinator.federation._checkpoint import state_digest
+from coordinator.simulation._config import (
     MethodConfig,
     load_simulation_config,
     parse_simulation_config,
 )
-from coordinator._sim_executor import LocalExecutor
-from coordinator._simulation import run_simulation
+from coordinator.simulation._executor import LocalExecutor
+from coordinator.simulation._run import run_simulation
 from edge_sdk._errors import ConfigError
-from edge_sdk._parent import parent_from_module
+from edge_sdk.scaling._parent import parent_from_module
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,

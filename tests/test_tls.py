@@ -11,8 +11,8 @@ import transformers
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from coordinator._checkpoint import latest_checkpoint, load_checkpoint
-from coordinator._security import server_ssl_context
+from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint
+from coordinator.serve._security import server_ssl_context
 
 from ._federation import coordinator as coordinator_process
 from ._federation import data_slices, device, read_port, self_signed_certificate, write_config

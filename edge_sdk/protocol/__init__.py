@@ -8,10 +8,17 @@ send; the caller owns the socket. Importing this package never imports torch.
 
 from __future__ import annotations
 
-from ._assembler import TensorAssembler, decode_tensors
-from ._coordinator import CoordinatorConnection
-from ._device import DeviceConnection
-from ._events import (
+from edge_sdk.protocol._assembler import TensorAssembler, decode_tensors
+from edge_sdk.protocol._closecodes import (
+    CLOSE_GOING_AWAY,
+    CLOSE_REJECTED,
+    CLOSE_REPLACED,
+    CLOSE_RUN_COMPLETE,
+    STOP_CODES,
+)
+from edge_sdk.protocol._coordinator import CoordinatorConnection
+from edge_sdk.protocol._device import DeviceConnection
+from edge_sdk.protocol._events import (
     ByeReceived,
     ConnectionLost,
     DeployReceived,
@@ -27,8 +34,8 @@ from ._events import (
     UpdateRejected,
     WelcomeReceived,
 )
-from ._machine import ConnectionState, TaskMessage
-from ._messages import (
+from edge_sdk.protocol._machine import ConnectionState, TaskMessage
+from edge_sdk.protocol._messages import (
     MAX_TEXT_BYTES,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -51,7 +58,7 @@ from ._messages import (
     decode_message,
     encode_message,
 )
-from ._tensors import (
+from edge_sdk.protocol._tensors import (
     CHUNK_HEADER_BYTES,
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_TRANSFER_BYTES,
@@ -71,7 +78,7 @@ from ._tensors import (
     read_safetensors_header,
     torch_to_numpy,
 )
-from ._wire import (
+from edge_sdk.protocol._wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NORMAL,
@@ -84,11 +91,15 @@ from ._wire import (
 
 __all__ = [
     "CHUNK_HEADER_BYTES",
+    "CLOSE_GOING_AWAY",
     "CLOSE_INTERNAL_ERROR",
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_NORMAL",
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_REJECTED",
+    "CLOSE_REPLACED",
+    "CLOSE_RUN_COMPLETE",
     "CLOSE_UNSUPPORTED_DATA",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_TRANSFER_BYTES",
@@ -98,6 +109,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "MIN_CHUNK_BYTES",
     "PROTOCOL_VERSION",
+    "STOP_CODES",
     "Bye",
     "ByeReceived",
     "ConnectionLost",

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .._errors import ProtocolError
-from ._tensors import (
+from edge_sdk._errors import ProtocolError
+from edge_sdk.protocol._tensors import (
     DEFAULT_MAX_TRANSFER_BYTES,
     MAX_CHUNK_BYTES,
     TensorEntry,
@@ -29,7 +29,7 @@ from ._tensors import (
     numpy_dtype,
     read_safetensors_header,
 )
-from ._wire import CLOSE_MESSAGE_TOO_BIG, CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR
+from edge_sdk.protocol._wire import CLOSE_MESSAGE_TOO_BIG, CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR
 
 __all__ = ["TensorAssembler", "decode_tensors"]
 

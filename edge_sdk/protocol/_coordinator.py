@@ -9,8 +9,8 @@ from typing import ClassVar, TypeVar
 
 import numpy as np
 
-from .._errors import ProtocolError
-from ._events import (
+from edge_sdk._errors import ProtocolError
+from edge_sdk.protocol._events import (
     DeployResultReceived,
     ErrorReceived,
     EvalResultReceived,
@@ -19,8 +19,15 @@ from ._events import (
     UpdateReceived,
     UpdateRejected,
 )
-from ._machine import MAX_ERROR_TEXT, BaseConnection, ConnectionState, TaskMessage, error_code_for, kind_of
-from ._messages import (
+from edge_sdk.protocol._machine import (
+    MAX_ERROR_TEXT,
+    BaseConnection,
+    ConnectionState,
+    TaskMessage,
+    error_code_for,
+    kind_of,
+)
+from edge_sdk.protocol._messages import (
     Deploy,
     DeployResult,
     Error,
@@ -37,8 +44,8 @@ from ._messages import (
     Welcome,
     WireLimits,
 )
-from ._tensors import check_tensor_values
-from ._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
+from edge_sdk.protocol._tensors import check_tensor_values
+from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
 __all__ = ["CoordinatorConnection"]
 

@@ -8,10 +8,17 @@ from typing import ClassVar, Literal, TypeVar
 
 import numpy as np
 
-from .._errors import ProtocolError
-from ._events import DeployReceived, ErrorReceived, Event, TaskReceived, TaskRejected, WelcomeReceived
-from ._machine import MAX_ERROR_TEXT, BaseConnection, ConnectionState, TaskMessage, error_code_for, kind_of
-from ._messages import (
+from edge_sdk._errors import ProtocolError
+from edge_sdk.protocol._events import DeployReceived, ErrorReceived, Event, TaskReceived, TaskRejected, WelcomeReceived
+from edge_sdk.protocol._machine import (
+    MAX_ERROR_TEXT,
+    BaseConnection,
+    ConnectionState,
+    TaskMessage,
+    error_code_for,
+    kind_of,
+)
+from edge_sdk.protocol._messages import (
     Deploy,
     DeployResult,
     Error,
@@ -25,8 +32,8 @@ from ._messages import (
     Welcome,
     WireLimits,
 )
-from ._tensors import check_tensor_values, describe_tensors, entry_mismatches
-from ._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
+from edge_sdk.protocol._tensors import check_tensor_values, describe_tensors, entry_mismatches
+from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
 __all__ = ["DeviceConnection"]
 

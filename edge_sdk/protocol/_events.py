@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._messages import (
+from edge_sdk.protocol._messages import (
     Bye,
     Deploy,
     DeployResult,

@@ -32,10 +32,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from .._errors import ProtocolError
-from ._assembler import TensorAssembler
-from ._events import ByeReceived, ConnectionLost, Event, ProtocolViolation
-from ._messages import (
+from edge_sdk._errors import ProtocolError
+from edge_sdk.protocol._assembler import TensorAssembler
+from edge_sdk.protocol._events import ByeReceived, ConnectionLost, Event, ProtocolViolation
+from edge_sdk.protocol._messages import (
     MAX_TEXT_BYTES,
     Bye,
     Deploy,
@@ -55,7 +55,7 @@ from ._messages import (
     message_from_json,
     parse_text_frame,
 )
-from ._tensors import (
+from edge_sdk.protocol._tensors import (
     CHUNK_HEADER_BYTES,
     MIN_CHUNK_BYTES,
     TensorEntry,
@@ -63,7 +63,7 @@ from ._tensors import (
     decode_chunk,
     encode_tensors,
 )
-from ._wire import (
+from edge_sdk.protocol._wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_POLICY_VIOLATION,

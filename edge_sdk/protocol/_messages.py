@@ -15,8 +15,8 @@ import types
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, Literal
 
-from .._errors import ProtocolError
-from ._tensors import (
+from edge_sdk._errors import ProtocolError
+from edge_sdk.protocol._tensors import (
     CHUNK_HEADER_BYTES,
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_TRANSFER_BYTES,
@@ -24,7 +24,7 @@ from ._tensors import (
     MIN_CHUNK_BYTES,
     TensorManifest,
 )
-from ._wire import (
+from edge_sdk.protocol._wire import (
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import safetensors.numpy
 
-from .._errors import ConfigError, ProtocolError
-from ._wire import (
+from edge_sdk._errors import ConfigError, ProtocolError
+from edge_sdk.protocol._wire import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,

@@ -17,7 +17,7 @@ import types
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from .._errors import ProtocolError
+from edge_sdk._errors import ProtocolError
 
 __all__ = [
     "CLOSE_INTERNAL_ERROR",

@@ -1,0 +1,83 @@
+"""``edge-coordinator plan``: the training and inference sub-networks for a memory budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from edge_sdk._units import format_bytes, size_argument
+from edge_sdk.scaling import (
+    INFERENCE_RUNTIME_BYTES,
+    TRAINING_RUNTIME_BYTES,
+    Workload,
+    plan_dict,
+    plan_inference,
+    plan_table,
+    plan_training,
+    ranked_parent,
+    resolve_model_dir,
+)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="the sub-networks a device with this much memory would train and serve",
+        description="Rank heads and neurons by salience, then find the largest sub-network whose "
+        "training fits the budget, and the larger one whose inference fits.",
+    )
+    p.add_argument("--model", required=True, help="model folder, or a packaged model name (all-MiniLM-L6-v2)")
+    p.add_argument(
+        "--memory", required=True, type=size_argument, help="the device's memory budget, e.g. 1.5GB, 900MiB"
+    )
+    p.add_argument("--batch", type=int, default=16, help="training batch size (default 16)")
+    p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
+    p.add_argument("--infer-batch", type=int, default=1, help="inference batch size (default 1)")
+    p.add_argument("--runtime", type=size_argument, default=None, help="the training runtime's own footprint")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir = resolve_model_dir(args.model)
+    parent, salience = ranked_parent(model_dir)
+    train_work = Workload(args.batch, args.seq)
+    training = plan_training(
+        parent, salience, args.memory, train_work, runtime=args.runtime or TRAINING_RUNTIME_BYTES
+    )
+    inference = plan_inference(
+        parent,
+        salience,
+        args.memory,
+        Workload(args.infer_batch, args.seq),
+        floor=training.spec,
+        runtime=INFERENCE_RUNTIME_BYTES,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": str(model_dir),
+                    "budget_bytes": args.memory,
+                    "batch": args.batch,
+                    "seq": args.seq,
+                    "training": plan_dict(training),
+                    "inference": plan_dict(inference),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    d = parent.dims
+    print(
+        f"model {model_dir} ({d.family}: {d.num_layers} layers, {d.num_heads} heads of {d.head_dim}, "
+        f"FFN {d.ffn}, hidden {d.hidden})"
+    )
+    print(
+        f"budget {args.memory:,} bytes ({format_bytes(args.memory)}); "
+        f"training batch {args.batch} x sequence {args.seq}; inference batch {args.infer_batch}\n"
+    )
+    print("\n".join(plan_table("training sub-network", training)))
+    print()
+    print("\n".join(plan_table("inference sub-network", inference)))
+    return 0

@@ -1,0 +1,142 @@
+"""What one round of the federation engine hands out and reports: orders, outcomes, summaries.
+
+Frozen records, JSON-ready (``to_json``): a :class:`TrainOrder` is what a transport sends to one device,
+a :class:`DeviceOutcome` what became of it, a :class:`RoundSummary` the round's one log line and the
+entry of the run's metrics history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+from edge_sdk import SubnetSpec
+from edge_sdk._units import format_bytes
+from edge_sdk.protocol import CoordinatorConnection, TrainSettings
+
+__all__ = ["DeviceOutcome", "RoundSummary", "Status", "TrainOrder", "width_of"]
+
+Status = Literal["ok", "rejected", "failed", "late", "missing"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOrder:
+    """One device's task in a round: what the transport sends (TrainTask fields + tensors)."""
+
+    task_id: str
+    device_id: str
+    round: int
+    spec: SubnetSpec
+    params: int
+    params_fraction: float
+    predicted_bytes: int  # the memory model's prediction (runtime excluded) for this workload
+    settings: TrainSettings
+    model_config: Mapping[str, Any]
+    tensors: Mapping[str, np.ndarray]
+    max_update_norm: float
+
+    def send(self, conn: CoordinatorConnection) -> None:
+        """Queue this order's TrainTask (and its tensors) on ``conn``; ProtocolError if it cannot go."""
+        conn.send_train_task(
+            task_id=self.task_id,
+            round=self.round,
+            spec=self.spec.to_dict(),
+            model_config=self.model_config,
+            settings=self.settings,
+            tensors=self.tensors,
+            max_update_norm=self.max_update_norm,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceOutcome:
+    """What became of one device's task in a round."""
+
+    device_id: str
+    task_id: str
+    status: Status
+    reason: str = ""
+    num_samples: int = 0
+    params: int = 0
+    params_fraction: float = 0.0
+    width: str = ""  # mean heads / FFN kept, e.g. "heads 9.0/12 ffn 1104/1536"
+    predicted_bytes: int = 0
+    usable_bytes: int = 0
+    runtime_bytes: int = 0
+    peak_rss_bytes: int = 0
+    step_time_s: float = 0.0
+    train_loss: float = float("nan")
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["train_loss"] = None if math.isnan(self.train_loss) else self.train_loss
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSummary:
+    """One finished round: who did what, the validation metrics, the traffic, the new weights."""
+
+    round: int
+    rounds: int
+    outcomes: tuple[DeviceOutcome, ...]
+    metrics: Mapping[str, float]
+    weights_digest: str
+
+    @property
+    def aggregated(self) -> int:
+        return sum(1 for o in self.outcomes if o.status == "ok")
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(o.bytes_out for o in self.outcomes)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(o.bytes_in for o in self.outcomes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "aggregated": self.aggregated,
+            "metrics": dict(self.metrics),
+            "bytes_out": self.bytes_out,
+            "bytes_in": self.bytes_in,
+            "weights_digest": self.weights_digest,
+            "devices": [o.to_json() for o in self.outcomes],
+        }
+
+    def log_line(self) -> str:
+        acc, loss = self.metrics.get("accuracy"), self.metrics.get("loss")
+        quality = (
+            f"accuracy {acc:.4f} loss {loss:.4f}" if acc is not None and loss is not None else "no validation"
+        )
+        parts = []
+        for o in self.outcomes:
+            if o.status == "ok":
+                parts.append(
+                    f"{o.device_id}: {o.params / 1e6:.2f}M params ({o.params_fraction:.0%}, {o.width}),"
+                    f" peak {format_bytes(o.peak_rss_bytes)}, {o.step_time_s:.3f} s/step"
+                )
+            else:
+                parts.append(f"{o.device_id}: {o.status.upper()} ({o.reason})")
+        return (
+            f"round {self.round}/{self.rounds}: {self.aggregated}/{len(self.outcomes)} updates merged,"
+            f" {quality},"
+            f" sent {format_bytes(self.bytes_out)}, received {format_bytes(self.bytes_in)}; "
+            + "; ".join(parts)
+        )
+
+
+def width_of(spec: SubnetSpec) -> str:
+    heads = sum(layer.heads for layer in spec.layers) / len(spec.layers)
+    ffn = sum(layer.ffn for layer in spec.layers) / len(spec.layers)
+    d = spec.parent
+    depth = "" if len(spec.layers) == d.num_layers else f" layers {len(spec.layers)}/{d.num_layers}"
+    return f"heads {heads:.1f}/{d.num_heads} ffn {ffn:.0f}/{d.ffn}{depth}"

@@ -1,0 +1,169 @@
+"""Running a coordinator from a :class:`RunConfig`: build (or resume) the engine, serve the rounds.
+
+Python API::
+
+    from coordinator.federation._config import load_config
+    from coordinator.serve._run import run_coordinator
+    exit_code = run_coordinator(load_config("run.toml"), resume=True)
+
+:func:`build_engine` alone gives the federation engine of a config (new, or from the run directory's
+last checkpoint) without any network, e.g. for a simulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from coordinator.federation import FederationEngine, RunConfig, latest_checkpoint, load_checkpoint, save_checkpoint
+from coordinator.serve._security import server_ssl_context
+from coordinator.serve._server import CoordinatorServer
+from coordinator.serve._validation import Validator, calibration_batches
+from edge_sdk._errors import ConfigError
+from edge_sdk.scaling import activation_aware, load_parent, reorder, resolve_model_dir, weight_l1
+
+__all__ = ["build_engine", "run_coordinator", "serve_async"]
+
+logger = logging.getLogger(__name__)
+
+
+def _validator(config: RunConfig, model_dir: Path) -> Validator | None:
+    val = config.validation
+    if val is None:
+        return None
+    tokenizer = val.tokenizer or model_dir
+    if not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise ConfigError(
+            f"[validation]: {tokenizer} has no tokenizer.json: set [validation] tokenizer = DIR"
+        )
+    return Validator(
+        val.data,
+        tokenizer,
+        seq_len=val.seq_len or config.training.seq_len,
+        batch_size=val.batch_size,
+        limit=val.limit,
+    )
+
+
+def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine:
+    """The engine of ``config``: resumed from the run directory's last checkpoint, or a new run.
+
+    A new run loads the model, ranks salience, reorders it once and writes a round-0 checkpoint.
+    Without ``resume``, a run directory that already holds a checkpoint is an error (never overwritten).
+    """
+    run_dir = config.run.dir
+    model_dir = resolve_model_dir(config.model.name)
+    validator = _validator(config, model_dir)
+    latest = latest_checkpoint(run_dir)
+    devices = list(config.devices)
+    if latest is not None and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run (checkpoint {latest.name}): pass --resume to continue it,"
+            " or set another [run] dir"
+        )
+    if latest is not None:
+        state = load_checkpoint(latest)
+        if state.model_name and state.model_name != config.model.name:
+            raise ConfigError(
+                f"{run_dir} holds a run of model {state.model_name!r}; the config names {config.model.name!r}"
+            )
+        engine = FederationEngine.restore(
+            state,
+            config.federation,
+            config.training,
+            devices=devices,
+            evaluator=validator,
+            seed=config.model.seed,
+        )
+        logger.info(
+            "resumed run %s from %s: %d of %d rounds done, global weights sha256 %s",
+            engine.run_id,
+            latest,
+            engine.round,
+            config.federation.rounds,
+            engine.weights_digest(),
+        )
+        return engine
+    if resume:
+        logger.info("--resume: %s has no checkpoint yet, starting a new run", run_dir)
+    parent = load_parent(
+        model_dir, task=config.model.task, num_labels=config.model.num_labels, seed=config.model.seed
+    )
+    if config.model.salience == "activation":
+        if validator is None:
+            raise ConfigError("[model] salience = 'activation' needs a [validation] data set to calibrate on")
+        salience = activation_aware(parent, calibration_batches(validator))
+    else:
+        salience = weight_l1(parent)
+    parent, ranked, _ = reorder(parent, salience)
+    engine = FederationEngine(
+        parent,
+        ranked,
+        config.federation,
+        config.training,
+        devices=devices,
+        evaluator=validator,
+        seed=config.model.seed,
+        model_name=config.model.name,
+    )
+    if validator is not None:
+        metrics = validator(engine.parent)
+        logger.info(
+            "round 0 (pre-trained model): accuracy %.4f loss %.4f", metrics["accuracy"], metrics["loss"]
+        )
+    path = save_checkpoint(run_dir, engine.snapshot(), keep=config.run.keep_checkpoints)
+    logger.info("new run %s: global weights sha256 %s (%s)", engine.run_id, engine.weights_digest(), path)
+    return engine
+
+
+async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_signals: bool = True) -> int:
+    """Serve ``engine``'s rounds to devices; returns 0 when the run is complete, 130 when stopped."""
+    ssl_context = (
+        server_ssl_context(config.server.tls_cert, config.server.tls_key)
+        if config.server.tls_cert is not None and config.server.tls_key is not None
+        else None
+    )
+    server = CoordinatorServer(
+        engine,
+        config.server,
+        config.devices,
+        run_dir=config.run.dir,
+        keep_checkpoints=config.run.keep_checkpoints,
+        ssl_context=ssl_context,
+        deploy=config.deploy,
+    )
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    running = asyncio.ensure_future(server.run())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    if running.done():
+        running.result()  # RunAbortedError and bugs propagate
+        return 0
+    logger.info(
+        "stopping on a signal: the checkpoint of round %d stands (restart with --resume)", engine.round
+    )
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    await server.stop()
+    return 130
+
+
+def run_coordinator(config: RunConfig, *, resume: bool = False) -> int:
+    """Build the engine and serve the run to the end (blocking); the process's exit code."""
+    engine = build_engine(config, resume=resume)
+    return asyncio.run(serve_async(config, engine))

@@ -1,0 +1,373 @@
+"""A federated run with many simulated devices on one machine (or a Ray cluster).
+
+The coordinator side is the real one: a :class:`~coordinator.federation._engine.FederationEngine` plans, selects,
+merges and evaluates, and each device has a :class:`~edge_sdk.protocol.CoordinatorConnection` that
+admits it (Hello with its budget, Welcome) and sends it its tasks. The device side of every task runs
+in a worker (:mod:`coordinator.simulation._device`): the SDK's DeviceConnection and TaskRunner, as on a
+device. Only protocol frames travel between the two.
+
+Devices come from device classes (``profiles/``): a device's training budget is its class's budget
+(``budget_for_device_class``: installed memory x usable fraction, less the safety margin and the
+runtime footprint) times ``budget_scale``. That *simulated* budget is what the planner uses; the host
+process does not enforce it, and the memory each task really took is measured and reported.
+
+Width policies (``[method] width``): "budget" (RaFFM: the largest sub-network whose training fits),
+"full" (every device trains the whole model, memory ignored: FedAvg) and "static" (fixed ratios,
+HeteroFL-style, whatever the device). ``reorder = false`` slices in index order (the ablation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from coordinator.federation import Evaluator, FederationEngine, RoundSummary, TrainOrder
+from coordinator.simulation._config import MethodConfig, SimulationConfig
+from coordinator.simulation._data import FastValidator, SimData, SyntheticData, SyntheticEvaluator, TsvData
+from coordinator.simulation._executor import Executor, make_executor
+from coordinator.simulation._links import Link, VirtualDevice, connect, receive, send_task, virtual_devices
+from edge_sdk import LayerSpec, SubnetSpec
+from edge_sdk._errors import BudgetError, ConfigError
+from edge_sdk._units import format_bytes
+from edge_sdk.scaling import (
+    ParentModel,
+    Plan,
+    Workload,
+    activation_aware,
+    load_parent,
+    param_count,
+    reorder,
+    resolve_model_dir,
+    training_estimate,
+    weight_l1,
+)
+
+__all__ = ["PolicyEngine", "SimulationResult", "VirtualDevice", "run_simulation", "virtual_devices"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationResult:
+    """A finished simulation: where its files are and what each round gave."""
+
+    run_dir: Path
+    method: str
+    rounds: tuple[dict[str, Any], ...]
+    devices: tuple[dict[str, Any], ...]
+    start_metrics: Mapping[str, float]
+    weights_digest: str
+    wall_s: float
+    full_predicted_bytes: int  # the memory model's training bytes of the full model (runtime excluded)
+    # the final global model sliced to each distinct device plan (params -> metrics): what a device of
+    # that width would hold after the run
+    width_metrics: Mapping[int, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.rounds[-1]["accuracy"]) if self.rounds else float("nan")
+
+
+class PolicyEngine(FederationEngine):
+    """The federation engine with a width policy: budget-matched (the engine's own), full, or static."""
+
+    def __init__(self, *args: Any, method: MethodConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self._workload = Workload(self.training.batch_size, self.training.seq_len)
+        self._full_params = param_count(self.parent, SubnetSpec.full(self.parent.dims))
+        names = sorted(self.devices())
+        random.Random(zlib.crc32(f"{method.name}/levels".encode())).shuffle(names)
+        self._levels = {name: method.ratios[i % len(method.ratios)] for i, name in enumerate(names)}
+
+    def fixed_plan(self, ratio: float, budget: int) -> Plan:
+        """The plan of a fixed width ratio (1: the full model), with its predicted training memory."""
+        dims = self.parent.dims
+        spec = SubnetSpec.full(dims) if ratio >= 1 else SubnetSpec.from_ratio(dims, ratio)
+        params = param_count(self.parent, spec)
+        estimate = training_estimate(spec, params, self._workload, runtime=0)
+        return Plan(spec, params, estimate, budget, float("nan"), params / self._full_params)
+
+    def plan_for(self, usable_bytes: int, margin_bytes: int = 0) -> Plan:
+        if self.method.width == "budget":
+            return super().plan_for(usable_bytes, margin_bytes)
+        return self.fixed_plan(1.0, usable_bytes)  # admission: memory does not decide here
+
+    def plan_for_device(self, device_id: str) -> Plan:
+        if self.method.width == "budget":
+            return super().plan_for_device(device_id)
+        usable = int(self.devices()[device_id]["usable_bytes"])
+        ratio = 1.0 if self.method.width == "full" else self._levels.get(device_id, self.method.ratios[0])
+        return self.fixed_plan(ratio, usable)
+
+
+def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData, Evaluator | None, Any]:
+    d = config.data
+    if d.kind == "synthetic":
+        train = SyntheticData(d.size, d.vocab_size, d.seq_len, seed=config.model.seed)
+        dev = SyntheticData(d.dev_size, d.vocab_size, d.seq_len, seed=config.model.seed + 1)
+        return train, SyntheticEvaluator(dev), None
+    if d.train is None:
+        raise ConfigError("[data] train is required for kind = 'tsv'")
+    tokenizer = d.tokenizer or model_dir
+    if tokenizer is None or not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise ConfigError(f"[data] tokenizer: {tokenizer} has no tokenizer.json: set [data] tokenizer = DIR")
+    data = TsvData(Path(d.train), Path(tokenizer), d.train_limit)
+    validator = None
+    if d.dev is not None:
+        validator = FastValidator(d.dev, tokenizer, seq_len=config.training.seq_len, limit=d.dev_limit)
+    return data, validator, validator
+
+
+def _device_rows(summary: RoundSummary, orders: Mapping[str, TrainOrder], links: Mapping[str, Link],
+                 extras: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for outcome in summary.outcomes:
+        row = outcome.to_json()
+        order = orders[outcome.device_id]
+        extra = dict(extras.get(outcome.device_id, {}))
+        baseline = int(extra.get("baseline_rss_bytes", 0))
+        host_peak = int(extra.get("host_peak_rss_bytes", 0))
+        row.update(
+            device_class=links[outcome.device_id].device.device_class,
+            layers=[[ly.index, ly.heads, ly.ffn] for ly in order.spec.layers],
+            over_budget=order.predicted_bytes > outcome.usable_bytes,
+            baseline_rss_bytes=baseline,
+            host_peak_rss_bytes=host_peak,
+            measured_training_bytes=max(0, host_peak - baseline) if outcome.status == "ok" else 0,
+            train_time_s=float(extra.get("train_time_s", 0.0)),
+            worker_pid=extra.get("worker_pid"),
+        )
+        rows.append(row)
+    return rows
+
+
+def run_simulation(
+    config: SimulationConfig,
+    *,
+    parent: ParentModel | None = None,
+    executor: Executor | None = None,
+    run_dir: Path | None = None,
+) -> SimulationResult:
+    """Run ``config`` to the end; writes ``rounds/round-NNN.json`` and ``simulation.json`` under the run folder.
+
+    ``parent``: the model (default: load ``[model] name``); ``executor``: reuse worker processes across
+    runs (default: one from ``[simulation]``, closed at the end); ``run_dir`` overrides ``[run] dir``.
+    """
+    started = time.monotonic()
+    out = Path(run_dir or config.run_dir)
+    if (out / "simulation.json").exists():
+        raise ConfigError(f"{out} already holds a finished simulation: choose another [run] dir")
+    (out / "rounds").mkdir(parents=True, exist_ok=True)
+    model_dir = None
+    if parent is None:
+        model_dir = resolve_model_dir(config.model.name)
+        parent = load_parent(
+            model_dir, task=config.model.task, num_labels=config.model.num_labels, seed=config.model.seed
+        )
+    data, evaluator, validator = _sim_data(config, model_dir)
+    devices = virtual_devices(config, data.labels())
+
+    if config.model.salience == "activation":
+        if validator is None:
+            raise ConfigError("[model] salience = 'activation' needs [data] dev to calibrate on")
+        salience = activation_aware(parent, validator.calibration_batches())
+    else:
+        salience = weight_l1(parent)
+    if config.method.reorder:
+        parent, salience, _ = reorder(parent, salience)
+    engine = PolicyEngine(
+        parent,
+        salience,
+        config.federation,
+        config.training,
+        devices=[d.name for d in devices],
+        evaluator=evaluator,
+        seed=config.model.seed,
+        model_name=config.model.name,
+        method=config.method,
+    )
+    start_metrics = dict(evaluator(engine.parent)) if evaluator is not None else {}
+    links = {d.name: link for d in devices if (link := connect(engine, d)) is not None}
+    if not links:
+        raise BudgetError("no simulated device can train any sub-network of this model")
+    device_rows = [_device_row(engine, d, d.name in links) for d in devices]
+    logger.info(
+        "%s: %d devices (%d admitted), %d rounds of %d; start: %s",
+        config.method.name,
+        len(devices),
+        len(links),
+        config.federation.rounds,
+        engine.round_size(len(links)),
+        _metrics_text(start_metrics),
+    )
+
+    own = executor is None
+    runner = executor or make_executor(
+        config.simulation.engine,
+        max_workers=config.simulation.max_workers,
+        threads=config.simulation.threads,
+        fresh_process=config.simulation.fresh_process,
+        address=config.simulation.ray_address,
+    )
+    wire = out / ".wire"
+    rounds: list[dict[str, Any]] = []
+    try:
+        while not engine.finished:
+            rounds.append(_one_round(config, engine, links, data=data, executor=runner, wire=wire))
+            (out / "rounds" / f"round-{rounds[-1]['round']:03d}.json").write_text(
+                json.dumps(rounds[-1], indent=1) + "\n", encoding="utf-8"
+            )
+    finally:
+        shutil.rmtree(wire, ignore_errors=True)
+        if own:
+            runner.close()
+    save_file({k: v.contiguous() for k, v in engine.parent.state.items()}, str(out / "final.safetensors"))
+    result = SimulationResult(
+        run_dir=out,
+        method=config.method.name,
+        rounds=tuple(rounds),
+        devices=tuple(device_rows),
+        start_metrics=start_metrics,
+        weights_digest=engine.weights_digest(),
+        wall_s=time.monotonic() - started,
+        full_predicted_bytes=engine.fixed_plan(1.0, 0).estimate.total,
+        width_metrics=_width_metrics(engine, evaluator, device_rows),
+    )
+    (out / "simulation.json").write_text(json.dumps(_result_json(config, result), indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def _one_round(
+    config: SimulationConfig,
+    engine: FederationEngine,
+    links: dict[str, Link],
+    *,
+    data: SimData,
+    executor: Executor,
+    wire: Path,
+) -> dict[str, Any]:
+    started = time.monotonic()
+    wire.mkdir(parents=True, exist_ok=True)
+    orders = {o.device_id: o for o in engine.begin_round(sorted(links), time.monotonic())}
+    jobs = []
+    for device_id, order in orders.items():
+        job, size = send_task(
+            links[device_id], order, data=data, executor=executor, wire=wire, threads=config.simulation.threads
+        )
+        engine.record_traffic(device_id, bytes_out=size)
+        jobs.append(job)
+    extras: dict[str, dict[str, Any]] = {}
+    for job, outcome in executor.run(jobs, config.federation.round_deadline_s):
+        link = links[job.device_id]
+        if isinstance(outcome, BaseException):
+            logger.warning("device %s: task %s failed: %s", job.device_id, job.task_id, outcome)
+            engine.task_failed(job.task_id, f"worker: {type(outcome).__name__}: {outcome}"[:300])
+            relinked = connect(engine, link.device)  # its connection is gone: it reconnects
+            if relinked is not None:
+                links[job.device_id] = relinked
+            continue
+        extras[job.device_id] = receive(engine, link, outcome, time.monotonic())
+    for path in wire.iterdir():
+        path.unlink(missing_ok=True)
+    engine.close_round(time.monotonic())
+    summary = engine.finish_round()
+    rows = _device_rows(summary, orders, links, extras)
+    record = {
+        "method": config.method.name,
+        "round": summary.round,
+        "rounds": summary.rounds,
+        "accuracy": summary.metrics.get("accuracy"),
+        "loss": summary.metrics.get("loss"),
+        "aggregated": summary.aggregated,
+        "bytes_down": summary.bytes_out,
+        "bytes_up": summary.bytes_in,
+        "weights_digest": summary.weights_digest,
+        "wall_s": time.monotonic() - started,
+        "devices": rows,
+    }
+    ok = [r for r in rows if r["status"] == "ok"]
+    logger.info(
+        "%s round %d/%d: %s; %d/%d updates; params %s; down %s up %s; %.1f s",
+        config.method.name,
+        summary.round,
+        summary.rounds,
+        _metrics_text(summary.metrics),
+        len(ok),
+        len(rows),
+        ", ".join(f"{r['params'] / 1e6:.1f}M" for r in rows),
+        format_bytes(summary.bytes_out),
+        format_bytes(summary.bytes_in),
+        record["wall_s"],
+    )
+    return record
+
+
+def _device_row(engine: PolicyEngine, device: VirtualDevice, admitted: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "device_id": device.name,
+        "device_class": device.device_class,
+        "usable_bytes": device.budget.usable,
+        "samples": len(device.indices),
+        "admitted": admitted,
+    }
+    if admitted:
+        plan = engine.plan_for_device(device.name)
+        row.update(
+            params=plan.params,
+            params_fraction=plan.params_fraction,
+            predicted_bytes=plan.estimate.total,
+            layers=[[ly.index, ly.heads, ly.ffn] for ly in plan.spec.layers],
+        )
+    return row
+
+
+def _width_metrics(
+    engine: PolicyEngine, evaluator: Evaluator | None, rows: Sequence[Mapping[str, Any]]
+) -> dict[int, dict[str, float]]:
+    score = getattr(evaluator, "score", None)
+    if score is None:
+        return {}
+    out: dict[int, dict[str, float]] = {}
+    dims = engine.parent.dims
+    for row in rows:
+        if row.get("admitted") and int(row["params"]) not in out:
+            spec = SubnetSpec(dims, tuple(LayerSpec(*layer) for layer in row["layers"]))
+            out[int(row["params"])] = dict(score(engine.parent, spec))
+    return out
+
+
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+    acc, loss = metrics.get("accuracy"), metrics.get("loss")
+    if acc is None or loss is None or math.isnan(acc):
+        return "no validation"
+    return f"accuracy {acc:.4f} loss {loss:.4f}"
+
+
+def _result_json(config: SimulationConfig, result: SimulationResult) -> dict[str, Any]:
+    return {
+        "method": dataclasses.asdict(config.method),
+        "model": config.model.name,
+        "training": dataclasses.asdict(config.training),
+        "federation": dataclasses.asdict(config.federation),
+        "simulation": {k: v for k, v in dataclasses.asdict(config.simulation).items()},
+        "data": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config.data).items()},
+        "start_metrics": dict(result.start_metrics),
+        "weights_digest": result.weights_digest,
+        "wall_s": result.wall_s,
+        "full_predicted_bytes": result.full_predicted_bytes,
+        "width_metrics": {str(k): dict(v) for k, v in result.width_metrics.items()},
+        "devices": list(result.devices),
+        "rounds": [r["round"] for r in result.rounds],
+    }

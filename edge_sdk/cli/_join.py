@@ -1,0 +1,122 @@
+"""``edge-sdk join``: take part in a federated run with this device's local data.
+
+    edge-sdk join wss://HOST:PORT --token T --data FILE.tsv [--memory-budget SIZE | --profile NAME]
+                  [--tokenizer DIR] [--ca-file PEM] [--threads N] [--limit N] [--device-id NAME]
+                  [--retry-initial S] [--retry-max S] [--give-up-after S] [--no-probe]
+                  [--deploy-dir DIR | --no-deploy] [--holdout N]
+
+When the run finishes the coordinator sends the device a larger, inference-sized sub-network: it is
+exported to ONNX, checked, and installed in ``--deploy-dir`` (default ``./edge-fm-model``), where
+``edge-sdk infer --model DIR`` serves it. A failed export keeps the previously installed model.
+
+Exit codes: 0 when the run is complete, 2 on a refusal (token, budget) or a bad argument, or when the
+coordinator stayed unreachable for ``--give-up-after`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from edge_sdk._errors import ConfigError
+from edge_sdk._units import parse_size
+from edge_sdk.client._backoff import Backoff
+
+__all__ = ["DEFAULT_DEPLOY_DIR", "add_parser", "run"]
+
+DEFAULT_DEPLOY_DIR = "edge-fm-model"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "join",
+        help="join a coordinator's federated run and train on local data",
+        description="Report this device's memory budget, receive the sub-network that fits it, train it on "
+        "local data, send the update; reconnects by itself until the run is complete.",
+    )
+    p.add_argument("url", help="the coordinator, ws://HOST:PORT or wss://HOST:PORT")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("EDGE_FM_TOKEN"),
+        help="this device's bearer token (default: $EDGE_FM_TOKEN)",
+    )
+    p.add_argument("--data", required=True, type=Path, help="local training data, a TSV (label, sentence)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many examples of --data")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--memory-budget", metavar="SIZE", help="training budget instead of detection (e.g. 1.5GB)"
+    )
+    source.add_argument("--profile", metavar="NAME", help="budget of a named device class (or a .toml file)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="folder with the model's tokenizer.json, or a packaged model name"
+        " (default: the packaged all-MiniLM-L6-v2)",
+    )
+    p.add_argument("--ca-file", type=Path, default=None, help="PEM certificate(s) to trust for wss://")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
+    p.add_argument("--device-id", default=None, help="a name for logs (the token decides the identity)")
+    p.add_argument(
+        "--retry-initial", type=float, default=0.5, help="first reconnection delay, s (default 0.5)"
+    )
+    p.add_argument("--retry-max", type=float, default=30.0, help="longest reconnection delay, s (default 30)")
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        default=3600.0,
+        help="stop after this many seconds without a working connection (default 3600)",
+    )
+    p.add_argument("--no-probe", action="store_true", help="skip the ~1 s compute probe")
+    deploy = p.add_mutually_exclusive_group()
+    deploy.add_argument(
+        "--deploy-dir",
+        type=Path,
+        default=Path(DEFAULT_DEPLOY_DIR),
+        help=f"where deployed inference models are installed (default ./{DEFAULT_DEPLOY_DIR})",
+    )
+    deploy.add_argument("--no-deploy", action="store_true", help="refuse deployed models")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hold the last N examples of --data back from training; a deployed int8 model's accuracy"
+        " drift is measured on them (default 0: on the last local examples)",
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_sdk.device._allocator import tune_allocator
+
+    tune_allocator()  # before anything large is allocated (see edge_sdk.device._allocator)
+    from edge_sdk.client._client import DeviceOptions, EdgeDevice
+    from edge_sdk.training._data import read_tsv
+    from edge_sdk.training._runner import TextDataset
+
+    if not args.token:
+        raise ConfigError("a token is required: --token T or EDGE_FM_TOKEN")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    budget = parse_size(args.memory_budget) if args.memory_budget is not None else None
+    data = TextDataset(read_tsv(args.data, limit=args.limit), args.tokenizer, holdout=args.holdout)
+    options = DeviceOptions(
+        url=args.url,
+        token=args.token,
+        memory_budget=budget,
+        profile_name=args.profile,
+        ca_file=args.ca_file,
+        threads=args.threads,
+        probe=not args.no_probe,
+        deploy_dir=None if args.no_deploy else args.deploy_dir.expanduser().absolute(),
+        backoff=Backoff(
+            initial_s=args.retry_initial,
+            max_s=max(args.retry_max, args.retry_initial),
+            give_up_s=args.give_up_after,
+        ),
+        **({"device_id": args.device_id} if args.device_id else {}),
+    )
+    EdgeDevice(options, data).run()
+    return 0

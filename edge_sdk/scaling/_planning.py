@@ -1,0 +1,206 @@
+"""What a device is planned: its training and inference sub-networks from the budget it reports.
+
+One rule, used by the coordinator (admission, rounds, deployment) and by ``edge-sdk profile --model``,
+so a device can see on its own what the coordinator will send it.
+
+Training. A device reports ``usable`` (bytes for weights, gradients, optimizer state and activations,
+its runtime footprint and its own safety margin already taken out). Planning keeps at least
+``min_margin`` in reserve for what the memory model does not count; a detected budget's own margin
+counts towards it, an override (``--memory-budget``, margin 0) gets all of it taken::
+
+    training bytes  = usable - max(0, min_margin - margin)      (memory model with runtime = 0)
+
+Inference. The served model runs in a process without torch (ONNX Runtime), so the runtime footprint
+the device reported is free for it; the inference memory model counts ONNX Runtime's own::
+
+    inference bytes = training bytes + runtime footprint        (memory model with its ORT runtime)
+
+The device exports the served sub-network in its torch process (``edge_sdk.serving._install``), so that must
+fit too: runtime footprint + ``export_estimate`` <= inference bytes, i.e. the export's own bytes
+within the training bytes (``serving_estimate`` takes the larger moment). The inference sub-network is
+never smaller than the training one; if not even that one's export fits (int8 export of a model whose
+training barely fits a small budget), the training sub-network is served anyway and the plan says so
+(``fits`` is False): a device can always serve what it trained, at the risk of its export's peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edge_sdk._errors import BudgetError
+from edge_sdk._spec import SubnetSpec
+from edge_sdk._units import format_bytes
+from edge_sdk.scaling._budget import DEFAULT_MIN_MARGIN_BYTES, inference_bytes, training_bytes
+from edge_sdk.scaling._extract import param_count
+from edge_sdk.scaling._memory import (
+    INFERENCE_RUNTIME_BYTES,
+    MemoryEstimate,
+    Workload,
+    inference_estimate,
+    serving_estimate,
+)
+from edge_sdk.scaling._parent import ParentModel
+from edge_sdk.scaling._salience import Salience
+from edge_sdk.scaling._search import Plan, _ffn_step, plan_inference, plan_training
+
+__all__ = ["DevicePlans", "ServingPlan", "could_grow", "plan_device", "plan_dict", "plan_serving", "plan_table"]
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """The sub-network a device serves, and what its budget allowed."""
+
+    plan: Plan
+    budget: int  # inference bytes: what the served model's process (and its export) may hold
+    could_grow: bool  # the budget holds more than the training sub-network
+    fits: bool  # False: not even the training sub-network's serving fits; it is served anyway
+
+
+def _grown(spec: SubnetSpec, index: int, *, heads: int = 0, ffn_to: int | None = None) -> SubnetSpec:
+    layers = tuple(
+        dataclasses.replace(layer, heads=layer.heads + heads, ffn=layer.ffn if ffn_to is None else ffn_to)
+        if layer.index == index
+        else layer
+        for layer in spec.layers
+    )
+    return SubnetSpec(spec.parent, layers)
+
+
+def could_grow(parent: ParentModel, floor: SubnetSpec, fits: Callable[[SubnetSpec], bool]) -> bool:
+    """Whether one more head or FFN block (the search's units) on some kept layer of ``floor`` fits."""
+    dims = parent.dims
+    step = _ffn_step(dims.ffn)
+    candidates: list[SubnetSpec] = []
+    for layer in floor.layers:  # a dropped layer stays dropped: the search never adds layers back
+        if layer.heads < dims.num_heads:
+            candidates.append(_grown(floor, layer.index, heads=1))
+        if layer.ffn < dims.ffn:
+            candidates.append(_grown(floor, layer.index, ffn_to=min(dims.ffn, (layer.ffn // step + 1) * step)))
+    return any(fits(spec) for spec in candidates)
+
+
+def plan_serving(
+    parent: ParentModel,
+    salience: Salience,
+    training: Plan,
+    *,
+    budget: int,
+    work: Workload,
+    runtime_footprint: int | None,
+    quantize: bool = False,
+) -> ServingPlan:
+    """The inference sub-network for inference bytes ``budget``, never smaller than ``training``'s.
+
+    ``runtime_footprint`` (the device's torch runtime) adds the export's constraint; None leaves it
+    out (ONNX Runtime serving only, as ``edge-coordinator plan`` shows for a bare memory size).
+    """
+
+    def estimate(spec: SubnetSpec, params: int) -> MemoryEstimate:
+        if runtime_footprint is None:
+            return inference_estimate(spec, params, work, INFERENCE_RUNTIME_BYTES)
+        return serving_estimate(spec, params, work, runtime_footprint=runtime_footprint, quantize=quantize)
+
+    try:
+        plan = plan_inference(
+            parent, salience, budget, work, floor=training.spec, export_footprint=runtime_footprint, quantize=quantize
+        )
+    except BudgetError:
+        served = dataclasses.replace(training, estimate=estimate(training.spec, training.params), budget=budget)
+        return ServingPlan(served, budget, could_grow=False, fits=False)
+    grow = not training.spec.is_full and could_grow(
+        parent, training.spec, lambda spec: estimate(spec, param_count(parent, spec)).total <= budget
+    )
+    return ServingPlan(plan, budget, could_grow=grow, fits=True)
+
+
+@dataclass(frozen=True)
+class DevicePlans:
+    """The sub-networks one device trains and serves."""
+
+    training: Plan
+    serving: ServingPlan
+
+    @property
+    def inference(self) -> Plan:
+        return self.serving.plan
+
+
+def plan_device(
+    parent: ParentModel,
+    salience: Salience,
+    *,
+    usable: int,
+    margin: int = 0,
+    runtime_footprint: int = 0,
+    train: Workload,
+    infer: Workload,
+    quantize: bool = False,
+    min_margin: int = DEFAULT_MIN_MARGIN_BYTES,
+) -> DevicePlans:
+    """Both plans for a device's budget; BudgetError when not even the smallest sub-network trains."""
+    budget = training_bytes(usable, margin, min_margin)
+    if budget <= 0:
+        raise BudgetError(f"no sub-network fits: the budget is below the safety margin of {format_bytes(min_margin)}")
+    training = plan_training(parent, salience, budget, train, runtime=0)
+    serving = plan_serving(
+        parent,
+        salience,
+        training,
+        budget=inference_bytes(usable, margin, runtime_footprint, min_margin),
+        work=infer,
+        runtime_footprint=runtime_footprint,
+        quantize=quantize,
+    )
+    return DevicePlans(training, serving)
+
+
+# ----------------------------------------------------------------------------------------- reports
+
+
+def _estimate_dict(est: MemoryEstimate) -> dict[str, int]:
+    return {
+        "total": est.total,
+        "weights": est.weights,
+        "gradients": est.gradients,
+        "optimizer": est.optimizer,
+        "activations": est.activations,
+        "transient": est.transient,
+        "runtime": est.runtime,
+    }
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    """A plan as JSON: spec, per-layer widths, parameters, predicted peak and its parts."""
+    return {
+        "spec": plan.spec.to_dict(),
+        "layers": [{"index": ly.index, "heads": ly.heads, "ffn": ly.ffn} for ly in plan.spec.layers],
+        "params": plan.params,
+        "params_fraction": plan.params_fraction,
+        "salience_kept": plan.salience_kept,
+        "budget_bytes": plan.budget,
+        "predicted_peak_bytes": plan.estimate.total,
+        "predicted": _estimate_dict(plan.estimate),
+    }
+
+
+def plan_table(title: str, plan: Plan) -> list[str]:
+    """A plan as table lines: a summary, one row per layer, and the memory model's parts."""
+    d = plan.spec.parent
+    rows = [
+        f"{title}: {plan.params:,} parameters ({plan.params_fraction:.0%} of the full model), "
+        f"predicted peak {format_bytes(plan.estimate.total)} of {format_bytes(plan.budget)}, "
+        f"salience kept {plan.salience_kept:.0%}",
+        f"  {'layer':>5}  {'heads':>9}  {'ffn':>11}",
+    ]
+    rows += [
+        f"  {ly.index:>5}  {ly.heads:>4} / {d.num_heads:<2}  {ly.ffn:>5} / {d.ffn:<5}" for ly in plan.spec.layers
+    ]
+    e = plan.estimate
+    rows.append(
+        f"  memory: weights {format_bytes(e.weights)}, gradients {format_bytes(e.gradients)}, "
+        f"optimizer {format_bytes(e.optimizer)}, activations {format_bytes(e.activations)}, "
+        f"transient {format_bytes(e.transient)}, runtime {format_bytes(e.runtime)}"
+    )
+    return rows

@@ -1,0 +1,130 @@
+"""What the project knows about one model family: explicit parameter-name maps and module surgery.
+
+A family is data plus two small functions. The maps name the exact submodules of the installed
+transformers version (tests check them against it); nothing matches class names at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edge_sdk._errors import SpecError
+from edge_sdk._spec import ParentDims, SubnetSpec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["Family", "LayerMap", "Region", "head_attributes"]
+
+# A region of a parent tensor: one slice per dimension, always a prefix or the whole axis.
+Region = tuple[slice, ...]
+
+
+def head_attributes(count: str, width: str) -> Callable[[nn.Module, int, int], None]:
+    """``set_heads`` for attention modules that reshape with a head-count and a total-width attribute
+    (what the module's own ``prune_heads`` updates)."""
+
+    def set_heads(attention: nn.Module, heads: int, head_dim: int) -> None:
+        setattr(attention, count, heads)  # plain attributes on the module, not parameters
+        setattr(attention, width, heads * head_dim)
+
+    return set_heads
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Paths of the sliced Linear modules inside one transformer layer."""
+
+    query: str
+    key: str
+    value: str
+    output: str  # attention output projection: columns follow the kept value dims
+    up: str  # FFN up-projection: rows are neurons
+    down: str  # FFN down-projection: columns are neurons
+    attention: str  # the module holding the head-count attributes
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (BERT, RoBERTa, DistilBERT, ViT, ...) and the task heads it supports."""
+
+    name: str
+    model_types: tuple[str, ...]
+    task_classes: Mapping[str, str]  # task -> transformers class name
+    layers_path: Mapping[str, str]  # task -> dotted path of the ModuleList of layers
+    layer: LayerMap
+    config_keys: Mapping[str, str]  # num_layers, num_heads, hidden, ffn -> the HF config key
+    set_heads: Callable[[nn.Module, int, int], None]  # (attention module, heads, head_dim)
+    modeling_module: str  # the transformers module that defines the family's classes (imported lazily)
+
+    # -- dimensions -----------------------------------------------------------------------------
+
+    def dims(self, config: Mapping[str, Any]) -> ParentDims:
+        keys = self.config_keys
+        try:
+            hidden = int(config[keys["hidden"]])
+            heads = int(config[keys["num_heads"]])
+            layers = int(config[keys["num_layers"]])
+            ffn = int(config[keys["ffn"]])
+        except KeyError as exc:
+            raise SpecError(f"{self.name} config is missing {exc.args[0]!r}") from None
+        if hidden % heads:
+            raise SpecError(f"hidden size {hidden} is not a multiple of {heads} heads")
+        return ParentDims(self.name, layers, heads, hidden // heads, ffn, hidden)
+
+    def layers_of(self, task: str) -> str:
+        try:
+            return self.layers_path[task]
+        except KeyError:
+            raise SpecError(
+                f"the {self.name} family has no {task!r} head (it has: {sorted(self.layers_path)})"
+            ) from None
+
+    # -- parameter regions ---------------------------------------------------------------------------
+
+    def param_regions(
+        self, spec: SubnetSpec, names: Mapping[str, tuple[int, ...]], task: str
+    ) -> dict[str, tuple[str, Region]]:
+        """Map each parent parameter to (name in the sub-network, the region of it that is kept).
+
+        ``names`` maps parent parameter names to shapes. Parameters of dropped layers are absent.
+        Extraction copies ``parent[region]``; aggregation scatters back into the same region.
+        """
+        prefix = self.layers_of(task) + "."
+        kept = {layer.index: (position, layer) for position, layer in enumerate(spec.layers)}
+        d = spec.parent.head_dim
+        out: dict[str, tuple[str, Region]] = {}
+        for name, shape in names.items():
+            full: Region = tuple(slice(None) for _ in shape)
+            if not name.startswith(prefix):
+                out[name] = (name, full)
+                continue
+            index_text, _, rest = name[len(prefix) :].partition(".")
+            index = int(index_text)
+            if index not in kept:
+                continue
+            position, layer = kept[index]
+            child = f"{prefix}{position}.{rest}"
+            module, _, kind = rest.rpartition(".")
+            out[name] = (
+                child,
+                self._region(module, kind, shape, attn=layer.heads * d, ffn=layer.ffn, full=full),
+            )
+        return out
+
+    def _region(
+        self, module: str, kind: str, shape: tuple[int, ...], *, attn: int, ffn: int, full: Region
+    ) -> Region:
+        lm = self.layer
+        rows = kind == "bias" or len(shape) == 1
+        if module in (lm.query, lm.key, lm.value):
+            return (slice(0, attn),) if rows else (slice(0, attn), slice(None))
+        if module == lm.up:
+            return (slice(0, ffn),) if rows else (slice(0, ffn), slice(None))
+        if module == lm.output and not rows:
+            return (slice(None), slice(0, attn))
+        if module == lm.down and not rows:
+            return (slice(None), slice(0, ffn))
+        return full

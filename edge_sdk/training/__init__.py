@@ -1,0 +1,61 @@
+"""Training on the device: data, the local training loop, and the task runner.
+
+The coordinator's simulator runs virtual devices through this same face (the device's own trainer,
+not a copy), and its validator reads and evaluates data with the same pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edge_sdk._lazy import lazy_face
+
+_NAMES: dict[str, str] = {
+    "Encoded": "edge_sdk.training._data",
+    "RUNTIME_MODULES": "edge_sdk.training._runtime",
+    "TaskCancelledError": "edge_sdk.training._runner",
+    "TaskRunner": "edge_sdk.training._runner",
+    "TextDataset": "edge_sdk.training._runner",
+    "TextExample": "edge_sdk.training._data",
+    "TrainConfig": "edge_sdk.training._train",
+    "TrainResult": "edge_sdk.training._train",
+    "encode": "edge_sdk.training._data",
+    "evaluate": "edge_sdk.training._train",
+    "iter_batches": "edge_sdk.training._data",
+    "load_tokenizer": "edge_sdk.training._data",
+    "peak_rss_bytes": "edge_sdk.training._train",
+    "prepare_runtime": "edge_sdk.training._runtime",
+    "proximal_term": "edge_sdk.training._train",
+    "read_tsv": "edge_sdk.training._data",
+    "train_local": "edge_sdk.training._train",
+    "warm_up": "edge_sdk.training._runner",
+}
+
+__all__ = [
+    "RUNTIME_MODULES",
+    "Encoded",
+    "TaskCancelledError",
+    "TaskRunner",
+    "TextDataset",
+    "TextExample",
+    "TrainConfig",
+    "TrainResult",
+    "encode",
+    "evaluate",
+    "iter_batches",
+    "load_tokenizer",
+    "peak_rss_bytes",
+    "prepare_runtime",
+    "proximal_term",
+    "read_tsv",
+    "train_local",
+    "warm_up",
+]
+
+__getattr__, __dir__ = lazy_face(__name__, _NAMES, globals())
+
+if TYPE_CHECKING:
+    from edge_sdk.training._data import Encoded, TextExample, encode, iter_batches, load_tokenizer, read_tsv
+    from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, warm_up
+    from edge_sdk.training._runtime import RUNTIME_MODULES, prepare_runtime
+    from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, peak_rss_bytes, proximal_term, train_local

@@ -1,0 +1,299 @@
+"""Running one task on the device: build the received sub-network, train (or evaluate) it, return weights.
+
+Synchronous and free of I/O: the SDK's client calls it in a worker thread so that its event loop keeps
+answering keepalive pings. Cancellation (the connection dropped) goes through the batches: the next
+batch the training function asks for raises, so any training function that pulls batches stops
+within one step.
+
+Data: anything with ``len()`` (the samples held, the weight of this device's update) and
+``batches(batch_size, seq_len, seed)`` (endless shuffled batches of numpy arrays with ``labels``) is a
+:class:`BatchSource`; ``eval_batches(batch_size, seq_len)`` (one pass) is needed for evaluation
+tasks. :class:`TextDataset` is one for text classification: (label, sentence) examples tokenized with
+the model's ``tokenizer.json``.
+
+Tokenizer: the coordinator sends the model's config, not its tokenizer. A device names the folder
+holding ``tokenizer.json`` (``--tokenizer DIR``), or a packaged model name; by default the packaged
+all-MiniLM-L6-v2 when installed. A tokenizer whose vocabulary does not match the model's
+``vocab_size`` fails the task with a clear message rather than training on wrong token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from edge_sdk._errors import ConfigError, EdgeFMError, SpecError
+from edge_sdk._spec import SubnetSpec
+from edge_sdk.protocol import DeviceConnection, EvaluateTask, TrainTask, numpy_to_torch, thaw_json, torch_to_numpy
+from edge_sdk.scaling._models import packaged_model_dir
+from edge_sdk.training._data import Encoded, TextExample, encode, iter_batches, load_tokenizer
+
+__all__ = [
+    "BatchSource",
+    "TaskCancelledError",
+    "TaskRunner",
+    "TextDataset",
+    "TrainFn",
+    "TrainOutput",
+    "resolve_tokenizer_dir",
+    "warm_up",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKENIZER = "all-MiniLM-L6-v2"
+
+TrainFn = Callable[..., Any]  # (model, batches, TrainConfig) -> TrainResult, like edge_sdk.training._train.train_local
+
+
+class TaskCancelledError(EdgeFMError):
+    """The task was abandoned (its connection closed) before it finished."""
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """A device's local data as the runner consumes it."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, seq_len: int, seed: int) -> Iterator[Mapping[str, np.ndarray]]: ...
+
+
+def resolve_tokenizer_dir(name_or_dir: str | Path | None) -> Path:
+    """The folder holding ``tokenizer.json``: a path, a packaged model name, or (None) the default."""
+    key = DEFAULT_TOKENIZER if name_or_dir is None else str(name_or_dir)
+    path = Path(key).expanduser()
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise ConfigError(f"tokenizer folder {path} has no tokenizer.json")
+        return path
+    hint = "" if name_or_dir is not None else " (the default); or pass --tokenizer DIR with the model's tokenizer.json"
+    packaged = packaged_model_dir(key, hint=hint)
+    if packaged is not None:
+        return packaged
+    raise ConfigError(f"tokenizer {key!r} is neither a folder with tokenizer.json nor a packaged model name")
+
+
+class TextDataset:
+    """Text-classification examples, tokenized on demand for the sequence length a task asks for.
+
+    ``holdout``: the last ``holdout`` examples are held back: never trained on (nor counted in ``len``),
+    kept in :attr:`held_out` for checks such as a deployed int8 model's accuracy drift.
+    """
+
+    def __init__(
+        self, examples: Sequence[TextExample], tokenizer_dir: str | Path | None = None, *, holdout: int = 0
+    ) -> None:
+        if holdout < 0:
+            raise ConfigError(f"holdout must be >= 0, got {holdout}")
+        if len(examples) <= holdout:
+            raise ConfigError(
+                f"the local data set has {len(examples)} example(s): nothing left to train on"
+                + (f" after holding back {holdout}" if holdout else "")
+            )
+        cut = len(examples) - holdout
+        self.examples = list(examples[:cut])
+        self.held_out = list(examples[cut:])
+        self.tokenizer_dir = resolve_tokenizer_dir(tokenizer_dir)
+        self._tokenizer = load_tokenizer(self.tokenizer_dir, 128)  # loaded now: part of the runtime
+        self._cache: tuple[int, Encoded] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tokenizer.get_vocab_size())
+
+    def encoded(self, seq_len: int) -> Encoded:
+        """The examples tokenized to ``seq_len`` (int64 ids, mask, types: 24 bytes per token)."""
+        with self._lock:
+            if self._cache is None or self._cache[0] != seq_len:
+                self._cache = (seq_len, encode(load_tokenizer(self.tokenizer_dir, seq_len), self.examples))
+            return self._cache[1]
+
+    def batches(self, batch_size: int, seq_len: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        return iter_batches(self.encoded(seq_len), batch_size, seed=seed, shuffle=True)
+
+    def eval_batches(self, batch_size: int, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
+        return iter_batches(self.encoded(seq_len), batch_size, seed=0, shuffle=False)
+
+
+def _cancellable(
+    batches: Iterator[Mapping[str, np.ndarray]], cancel: threading.Event
+) -> Iterator[Mapping[str, np.ndarray]]:
+    for batch in batches:
+        if cancel.is_set():
+            raise TaskCancelledError("the task was cancelled: its connection closed")
+        yield batch
+
+
+def warm_up() -> None:
+    """Two training steps of a tiny BERT: what torch initializes lazily on a first training step
+    (autograd, kernel workspaces) is then part of the runtime footprint measured afterwards."""
+    import torch
+    import transformers
+
+    from edge_sdk.training._train import TrainConfig, train_local
+
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    config._attn_implementation = "eager"
+    model = transformers.BertForSequenceClassification(config)
+    rng = np.random.default_rng(0)
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            ids = rng.integers(0, 64, size=(2, 16), dtype=np.int64)
+            yield {
+                "input_ids": ids,
+                "attention_mask": np.ones_like(ids),
+                "labels": np.zeros(2, dtype=np.int64),
+            }
+
+    with torch.random.fork_rng():
+        train_local(model, batches(), TrainConfig(steps=2))
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    """What a training task produced: the trained weights (same names, shapes, dtypes as received)."""
+
+    tensors: dict[str, np.ndarray]
+    num_samples: int
+    metrics: dict[str, float]
+    peak_rss_bytes: int
+    step_time_s: float
+    train_time_s: float
+
+    def send(self, conn: DeviceConnection, task_id: str) -> None:
+        """Queue this output as the task's Update (the trained weights) on ``conn``."""
+        conn.send_update(
+            task_id=task_id,
+            tensors=self.tensors,
+            num_samples=self.num_samples,
+            metrics=self.metrics,
+            peak_rss_bytes=self.peak_rss_bytes,
+            step_time_s=self.step_time_s,
+            train_time_s=self.train_time_s,
+            encoding="weights",
+        )
+
+
+class TaskRunner:
+    """Builds, trains and evaluates received sub-networks on local data (call from one worker thread)."""
+
+    def __init__(
+        self,
+        data: BatchSource,
+        *,
+        train_fn: TrainFn | None = None,
+        eval_data: BatchSource | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.data = data
+        self.eval_data = eval_data if eval_data is not None else data
+        self.train_fn = train_fn
+        self.threads = threads
+
+    def _build(
+        self, task: TrainTask | EvaluateTask, tensors: Mapping[str, np.ndarray]
+    ) -> tuple[SubnetSpec, Any]:
+        import torch
+
+        from edge_sdk.scaling._build import build_model
+
+        if self.threads:
+            torch.set_num_threads(self.threads)  # per thread under OpenMP: set it in the worker too
+        spec = SubnetSpec.from_dict(thaw_json(task.spec))
+        config = thaw_json(task.model_config)
+        vocab = getattr(self.data, "vocab_size", None)
+        if (
+            isinstance(vocab, int)
+            and isinstance(config.get("vocab_size"), int)
+            and vocab > config["vocab_size"]
+        ):
+            raise SpecError(
+                f"the tokenizer has {vocab} tokens but the model's vocabulary has {config['vocab_size']}:"
+                " this is not the model's tokenizer (pass --tokenizer DIR)"
+            )
+        return spec, build_model(spec, config, numpy_to_torch(dict(tensors)))
+
+    def train(
+        self, task: TrainTask, tensors: Mapping[str, np.ndarray], cancel: threading.Event | None = None
+    ) -> TrainOutput:
+        """Train the task's sub-network on local data; TaskCancelledError once ``cancel`` is set."""
+        from edge_sdk.training._train import TrainConfig, train_local
+
+        cancel = cancel or threading.Event()
+        settings = task.settings
+        if settings.optimizer != "adamw":
+            raise ConfigError(
+                f"optimizer {settings.optimizer!r} is not supported on this device (adamw only)"
+            )
+        spec, model = self._build(task, tensors)
+        steps = settings.local_steps or max(1, math.ceil(len(self.data) / settings.batch_size)) * (
+            settings.local_epochs or 1
+        )
+        logger.info(
+            "task %s: training %s for %d steps (batch %d, sequence %d)",
+            task.task_id,
+            spec.describe(),
+            steps,
+            settings.batch_size,
+            settings.seq_len,
+        )
+        batches = _cancellable(
+            self.data.batches(settings.batch_size, settings.seq_len, settings.seed), cancel
+        )
+        config = TrainConfig(steps=steps, lr=settings.lr, prox_mu=settings.prox_mu, seed=settings.seed)
+        result = (self.train_fn or train_local)(model, batches, config)
+        state = model.state_dict()
+        arrays = torch_to_numpy({name: state[name] for name in tensors})
+        out = {
+            name: array if array.dtype == tensors[name].dtype else array.astype(tensors[name].dtype)
+            for name, array in arrays.items()
+        }
+        metrics = {"steps": float(result.steps), "samples_seen": float(result.samples)}
+        if math.isfinite(result.loss):
+            metrics["loss"] = float(result.loss)
+        return TrainOutput(
+            tensors=out,
+            num_samples=len(self.data),
+            metrics=metrics,
+            peak_rss_bytes=int(result.peak_rss_bytes),
+            step_time_s=max(0.0, float(result.step_time_s)),
+            train_time_s=max(0.0, float(result.train_time_s)),
+        )
+
+    def evaluate(
+        self, task: EvaluateTask, tensors: Mapping[str, np.ndarray], cancel: threading.Event | None = None
+    ) -> tuple[int, dict[str, float]]:
+        """Accuracy and loss of the task's sub-network on the local evaluation data."""
+        from edge_sdk.training._train import evaluate
+
+        cancel = cancel or threading.Event()
+        source = getattr(self.eval_data, "eval_batches", None)
+        if source is None:
+            raise ConfigError("this device's data has no eval_batches(): it cannot run evaluation tasks")
+        _, model = self._build(task, tensors)
+        metrics = evaluate(
+            model, _cancellable(source(task.settings.batch_size, task.settings.seq_len), cancel)
+        )
+        samples = int(metrics.pop("samples", 0))
+        return samples, {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
