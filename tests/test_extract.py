@@ -1,11 +1,13 @@
 """Extraction slices prefixes; the builder turns them into runnable models that train."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from edge_sdk import SpecError, UnsupportedModelError
 from edge_sdk._spec import LayerSpec, ParentDims, SubnetSpec
-from edge_sdk.scaling._build import build_model
+from edge_sdk.scaling._build import _fill_buffers, build_model, hf_config, model_class
 from edge_sdk.scaling._extract import extract, param_count
 from edge_sdk.scaling._reorder import reorder
 from edge_sdk.scaling._salience import weight_l1
@@ -129,8 +131,35 @@ def test_real_minilm_full_extraction_and_half_width_step() -> None:
     assert result.samples == 2 and torch.isfinite(torch.tensor(result.loss))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_built_models_have_the_buffers_transformers_makes(family: str) -> None:
+    """Buffers are not in state dicts: the builder makes them (on the CPU) equal to the library's own."""
+    module = tiny_model(family)
+    parent = tiny_parent(family)
+    spec = SubnetSpec.uniform(parent.dims, heads=2, ffn=16)
+    model = build_model(spec, parent.config, extract(parent, spec))
+    built = dict(model.named_buffers())
+    assert built.keys() == dict(module.named_buffers()).keys()
+    for name, buffer in module.named_buffers():
+        assert built[name].device.type == "cpu" and built[name].dtype == buffer.dtype
+        assert torch.equal(built[name], buffer), name
+    assert set(model.state_dict()) == set(module.state_dict())  # still non-persistent
+
+
+def test_a_buffer_the_family_does_not_describe_is_named() -> None:
+    parent = tiny_parent("bert")
+    with torch.device("meta"):
+        model = model_class(parent.config)(hf_config(parent.config))
+    family = dataclasses.replace(parent.family, buffers={"position_ids": "positions"})
+    with pytest.raises(SpecError, match=r"how to make the buffer bert\.embeddings\.token_type_ids"):
+        _fill_buffers(model, family)
+    with pytest.raises(ValueError, match="unknown buffer fills"):
+        dataclasses.replace(parent.family, buffers={"position_ids": "ones"})
+
+
 def test_concurrent_builds_keep_every_parameter_real() -> None:
-    """Two threads building at once (a device deploys while another build runs) leave no patch behind."""
+    """Three threads building at once (a device deploys while another build runs): every tensor each
+    gets is real, and other threads' new modules are not put on ``meta``."""
     import threading
 
     parent = tiny_parent("bert")
@@ -143,6 +172,8 @@ def test_concurrent_builds_keep_every_parameter_real() -> None:
             for _ in range(10):
                 model = build_model(spec, parent.config, weights)
                 assert all(p.device.type == "cpu" for p in model.parameters())
+                assert all(b.device.type == "cpu" for b in model.buffers())
+                assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
         except BaseException as exc:
             errors.append(exc)
 
@@ -152,5 +183,5 @@ def test_concurrent_builds_keep_every_parameter_real() -> None:
     for t in threads:
         t.join()
     assert not errors, errors
-    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the patch is gone
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # nothing left behind
     assert torch.nn.Module.register_parameter.__name__ == "register_parameter"

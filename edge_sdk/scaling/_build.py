@@ -1,16 +1,15 @@
 """Build a runnable torch module from a spec, the parent's HF config and a sliced state dict.
 
 The module is the Hugging Face task model (forward with ``labels`` returns the loss) with each
-kept layer's Linear modules resized to the spec's widths. It is assembled with parameters on the
-``meta`` device (no full-size allocation on a small device), then the sliced tensors are assigned.
+kept layer's Linear modules resized to the spec's widths. It is assembled on the ``meta`` device
+(nothing allocated: a small device never holds a full-size copy), then the sliced tensors are
+assigned as the parameters and the buffers (position ids, ...) are made from their shapes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -53,41 +52,24 @@ def parent_dims(config: Mapping[str, Any]) -> Any:
     return family_for(config).dims(config)
 
 
-_ORIGINAL_REGISTER = nn.Module.register_parameter
-_META = threading.local()  # depth > 0: this thread is building a model, its new parameters go to meta
-_PATCH_LOCK = threading.Lock()
-_patch_users = [0]  # builds in progress, all threads
+def _fill_buffers(model: nn.Module, family: Family) -> None:
+    """Give the model's buffers (built on ``meta``) their values, as the family says how.
 
-
-def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-    _ORIGINAL_REGISTER(module, name, param)
-    if param is not None and getattr(_META, "depth", 0) > 0:
-        p = module._parameters[name]
-        assert p is not None
-        module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create this thread's new parameters on the meta device, buffers on the CPU (small, often not saved).
-
-    ``nn.Module.register_parameter`` is patched while any thread builds, and only the building threads'
-    parameters move: other threads (a device trains while it deploys) are not affected, and concurrent
-    builds do not leave the patch behind.
+    A family's buffers are non-persistent (no state dict holds them) and made from the config in
+    ``__init__``; a buffer the family does not describe raises :class:`SpecError` naming it.
     """
-    with _PATCH_LOCK:
-        if _patch_users[0] == 0:
-            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign,assignment]
-        _patch_users[0] += 1
-    _META.depth = getattr(_META, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _META.depth -= 1
-        with _PATCH_LOCK:
-            _patch_users[0] -= 1
-            if _patch_users[0] == 0:
-                nn.Module.register_parameter = _ORIGINAL_REGISTER  # type: ignore[method-assign]
+    for name, buffer in list(model.named_buffers()):
+        if buffer.device.type != "meta":
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        fill = family.buffers.get(leaf)
+        if fill is None:
+            raise SpecError(f"the {family.name} family does not say how to make the buffer {name}")
+        if fill == "positions":  # 0, 1, 2, ... along the last axis
+            value = torch.arange(buffer.shape[-1], dtype=buffer.dtype).expand(buffer.shape)
+        else:  # "zeros" (a family's fills are checked against BUFFER_FILLS when it is made)
+            value = torch.zeros(buffer.shape, dtype=buffer.dtype)
+        setattr(model.get_submodule(module_name), leaf, value)  # stays a buffer, same persistence
 
 
 def _resized(
@@ -135,7 +117,7 @@ def build_model(
     cls = model_class(config, task)
     cfg = hf_config(config, **{family.config_keys["num_layers"]: len(spec.layers)})
     cfg._attn_implementation = attn_implementation
-    with _parameters_on_meta():
+    with torch.device("meta"):  # this thread only: a device may train while it builds
         model = cls(copy.deepcopy(cfg))
     layers = model.get_submodule(family.layers_of(task))
     assert isinstance(layers, nn.ModuleList)
@@ -144,6 +126,7 @@ def build_model(
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     _check_state_dict(expected, state_dict)
     model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    _fill_buffers(model, family)
     model.eval()
     return model
 

@@ -7,7 +7,7 @@ transformers version (tests check them against it); nothing matches class names 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edge_sdk._errors import SpecError
@@ -16,7 +16,7 @@ from edge_sdk._spec import ParentDims, SubnetSpec
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["Family", "LayerMap", "Region", "head_attributes"]
+__all__ = ["BUFFER_FILLS", "Family", "LayerMap", "Region", "head_attributes"]
 
 # A region of a parent tensor: one slice per dimension, always a prefix or the whole axis.
 Region = tuple[slice, ...]
@@ -31,6 +31,11 @@ def head_attributes(count: str, width: str) -> Callable[[nn.Module, int, int], N
         setattr(attention, width, heads * head_dim)
 
     return set_heads
+
+
+# How a non-persistent buffer's values are made from its shape: "positions" is 0, 1, 2, ... along
+# the last axis (``torch.arange(n).expand(shape)``); "zeros" is all zeros.
+BUFFER_FILLS = ("positions", "zeros")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,14 @@ class Family:
     config_keys: Mapping[str, str]  # num_layers, num_heads, hidden, ffn -> the HF config key
     set_heads: Callable[[nn.Module, int, int], None]  # (attention module, heads, head_dim)
     modeling_module: str  # the transformers module that defines the family's classes (imported lazily)
+    # Non-persistent buffers (absent from state dicts, made from the config in ``__init__``):
+    # buffer name (last dotted part) -> how its values are made, one of BUFFER_FILLS.
+    buffers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = {name: fill for name, fill in self.buffers.items() if fill not in BUFFER_FILLS}
+        if unknown:
+            raise ValueError(f"{self.name}: unknown buffer fills {unknown} (known: {BUFFER_FILLS})")
 
     # -- dimensions -----------------------------------------------------------------------------
 

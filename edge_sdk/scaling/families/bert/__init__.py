@@ -23,6 +23,8 @@ _KEYS = {
 
 # BertSelfAttention / RobertaSelfAttention reshape with these two attributes.
 _set_heads = head_attributes("num_attention_heads", "all_head_size")
+# BertEmbeddings / RobertaEmbeddings register these two from max_position_embeddings.
+_BUFFERS = {"position_ids": "positions", "token_type_ids": "zeros"}
 
 BERT = Family(
     name="bert",
@@ -33,6 +35,7 @@ BERT = Family(
     config_keys=_KEYS,
     set_heads=_set_heads,
     modeling_module="transformers.models.bert.modeling_bert",
+    buffers=_BUFFERS,
 )
 
 ROBERTA = Family(
@@ -44,4 +47,5 @@ ROBERTA = Family(
     config_keys=_KEYS,
     set_heads=_set_heads,
     modeling_module="transformers.models.roberta.modeling_roberta",
+    buffers=_BUFFERS,
 )

@@ -24,4 +24,5 @@ DISTILBERT = Family(
     config_keys={"num_layers": "n_layers", "num_heads": "n_heads", "hidden": "dim", "ffn": "hidden_dim"},
     set_heads=_set_heads,
     modeling_module="transformers.models.distilbert.modeling_distilbert",
+    buffers={"position_ids": "positions"},  # Embeddings registers it from max_position_embeddings
 )
