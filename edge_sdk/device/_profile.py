@@ -334,6 +334,55 @@ def _import_runtime(modules: Sequence[str]) -> tuple[str, ...]:
     return tuple(imported)
 
 
+def _is_jetson(root: Path, device_model: str | None) -> bool:
+    return (root / "etc/nv_tegra_release").exists() or (
+        device_model is not None and "jetson" in device_model.lower()
+    )
+
+
+def _cpu(system: Any) -> dict[str, Any]:
+    """The profile's CPU fields: logical cores (at least 1), physical cores and clocks when known."""
+    logical = _call(system, "cpu_count", logical=True)
+    physical = _call(system, "cpu_count", logical=False)
+    freq = _call(system, "cpu_freq")
+    return {
+        "cpu_logical_cores": logical if isinstance(logical, int) and logical >= 1 else 1,
+        "cpu_physical_cores": physical if isinstance(physical, int) and physical >= 1 else None,
+        "cpu_freq_mhz": _positive_float(getattr(freq, "current", None)),
+        "cpu_freq_max_mhz": _positive_float(getattr(freq, "max", None)),
+    }
+
+
+def _memory(system: Any) -> tuple[int, int]:
+    """(total, available) bytes of RAM from psutil's ``virtual_memory()``; a clear error without them."""
+    memory = _call(system, "virtual_memory")
+    total = getattr(memory, "total", None)
+    if not isinstance(total, int) or total <= 0:
+        raise ProfileError("cannot read this device's memory", ("virtual_memory() gave no total",))
+    available = getattr(memory, "available", getattr(memory, "free", None))
+    if not isinstance(available, int) or available < 0:
+        raise ProfileError("cannot read this device's memory", ("virtual_memory() gave no available",))
+    return total, available
+
+
+def _probe_compute(
+    torch: Any, accelerator: Accelerator | None, seconds: float, *, step: bool
+) -> ComputeProbe | None:
+    """The matmul probe (with torch on its device, else numpy), plus a training step's time if ``step``.
+
+    A probe is informative only: a failure is logged and gives None, never a failed profile.
+    """
+    device = "cuda" if accelerator is not None else "cpu"
+    try:
+        compute = measure_matmul(seconds, device=device, backend=None if torch is not None else "numpy")
+        if compute is not None and step and torch is not None:
+            compute = dataclasses.replace(compute, step_seconds=measure_step(device))
+    except Exception as exc:
+        log.warning("compute probe failed on %s: %s", device, exc)
+        return None
+    return compute
+
+
 def detect_profile(
     *,
     root: Path | str = "/",
@@ -361,40 +410,18 @@ def detect_profile(
     torch = _import_torch() if torch_module is _AUTO else torch_module
 
     device_model = _read_text(root / "proc/device-tree/model")
-    is_jetson = (root / "etc/nv_tegra_release").exists() or (
-        device_model is not None and "jetson" in device_model.lower()
-    )
+    is_jetson = _is_jetson(root, device_model)
     imported = _import_runtime(runtime_modules)
 
     # Read memory and our own resident set together, after the imports: "available" then excludes
     # the runtime, which the budget accounts for explicitly (see edge_sdk.device._budget).
-    memory = _call(system, "virtual_memory")
-    total = getattr(memory, "total", None)
-    if not isinstance(total, int) or total <= 0:
-        raise ProfileError("cannot read this device's memory", ("virtual_memory() gave no total",))
-    available = getattr(memory, "available", getattr(memory, "free", None))
-    if not isinstance(available, int) or available < 0:
-        raise ProfileError("cannot read this device's memory", ("virtual_memory() gave no available",))
+    total, available = _memory(system)
     rss = _process_rss(system)
     cgroup_limit, cgroup_available = read_cgroup_memory(root)
 
-    logical = _call(system, "cpu_count", logical=True)
-    physical = _call(system, "cpu_count", logical=False)
-    freq = _call(system, "cpu_freq")
+    cpu = _cpu(system)
     accelerator = _accelerator(torch, is_jetson) if torch is not None else None
-
-    compute = None
-    if probe:
-        device = "cuda" if accelerator is not None else "cpu"
-        try:
-            compute = measure_matmul(
-                probe_seconds, device=device, backend=None if torch is not None else "numpy"
-            )
-            if compute is not None and probe_step and torch is not None:
-                compute = dataclasses.replace(compute, step_seconds=measure_step(device))
-        except Exception as exc:  # a probe is informative only: never fail the profile for it
-            log.warning("compute probe failed on %s: %s", device, exc)
-            compute = None
+    compute = _probe_compute(torch, accelerator, probe_seconds, step=probe_step) if probe else None
 
     return DeviceProfile(
         version=PROFILE_VERSION,
@@ -410,10 +437,7 @@ def detect_profile(
         cgroup_available=cgroup_available,
         runtime_rss=rss,
         runtime_modules=imported,
-        cpu_logical_cores=logical if isinstance(logical, int) and logical >= 1 else 1,
-        cpu_physical_cores=physical if isinstance(physical, int) and physical >= 1 else None,
-        cpu_freq_mhz=_positive_float(getattr(freq, "current", None)),
-        cpu_freq_max_mhz=_positive_float(getattr(freq, "max", None)),
+        **cpu,
         temperatures=_temperatures(system),
         battery=_battery(system),
         accelerator=accelerator,

@@ -22,8 +22,8 @@ import math
 import re
 import struct
 import uuid
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors.numpy
@@ -250,36 +250,47 @@ def read_safetensors_header(blob: bytes | bytearray | memoryview) -> tuple[Tenso
     data_len = len(view) - data_start
     spans: list[tuple[int, int, TensorEntry]] = []
     for name, info in header.items():
-        where = f"safetensors header, tensor {name!r}"
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise ProtocolError(
                     "safetensors header: __metadata__ must map str to str", CLOSE_PROTOCOL_ERROR
                 )
             continue
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ProtocolError(f"{where}: expected dtype, shape and data_offsets", CLOSE_PROTOCOL_ERROR)
-        offsets = info["data_offsets"]
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_len
-        ):
-            raise ProtocolError(f"{where}: bad data_offsets {offsets!r}", CLOSE_PROTOCOL_ERROR)
-        begin, end = offsets
-        entry = TensorEntry.from_json(
-            {"name": name, "shape": info["shape"], "dtype": info["dtype"], "offset": None, "length": None},
-            where,
-        )
-        if end - begin != entry.nbytes:
-            raise ProtocolError(
-                f"{where}: {end - begin} data bytes, but {entry.shape} {entry.dtype} needs {entry.nbytes}",
-                CLOSE_PROTOCOL_ERROR,
-            )
-        entry = dataclasses.replace(entry, offset=data_start + begin, length=end - begin)
-        spans.append((begin, end, entry))
+        spans.append(_header_entry(name, info, data_start, data_len))
     spans.sort(key=lambda span: (span[0], span[1]))
+    _check_tiling(spans, data_len)
+    return tuple(entry for _, _, entry in spans)
+
+
+def _header_entry(name: str, info: Any, data_start: int, data_len: int) -> tuple[int, int, TensorEntry]:
+    """(begin, end, entry) of one tensor of a safetensors header: its data range (relative to the data
+    section) checked against the data length and against its shape and dtype."""
+    where = f"safetensors header, tensor {name!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ProtocolError(f"{where}: expected dtype, shape and data_offsets", CLOSE_PROTOCOL_ERROR)
+    offsets = info["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_len
+    ):
+        raise ProtocolError(f"{where}: bad data_offsets {offsets!r}", CLOSE_PROTOCOL_ERROR)
+    begin, end = offsets
+    entry = TensorEntry.from_json(
+        {"name": name, "shape": info["shape"], "dtype": info["dtype"], "offset": None, "length": None},
+        where,
+    )
+    if end - begin != entry.nbytes:
+        raise ProtocolError(
+            f"{where}: {end - begin} data bytes, but {entry.shape} {entry.dtype} needs {entry.nbytes}",
+            CLOSE_PROTOCOL_ERROR,
+        )
+    return begin, end, dataclasses.replace(entry, offset=data_start + begin, length=end - begin)
+
+
+def _check_tiling(spans: Sequence[tuple[int, int, TensorEntry]], data_len: int) -> None:
+    """The sorted data ranges must tile the data section: no gap, no overlap, nothing left over."""
     position = 0
     for begin, end, entry in spans:
         if begin != position:
@@ -293,7 +304,6 @@ def read_safetensors_header(blob: bytes | bytearray | memoryview) -> tuple[Tenso
         raise ProtocolError(
             f"safetensors header: tensors cover {position} of {data_len} data bytes", CLOSE_PROTOCOL_ERROR
         )
-    return tuple(entry for _, _, entry in spans)
 
 
 def describe_tensors(tensors: Mapping[str, np.ndarray]) -> tuple[TensorEntry, ...]:

@@ -144,47 +144,18 @@ def export_onnx(
     export fails or its logits differ from torch by more than ``parity_atol``.
     """
     started = time.perf_counter()
-    out = Path(out_dir).absolute()
-    tok_dir = Path(tokenizer_dir)
-    extra = _check_args(
-        model,
-        tok_dir,
-        out,
-        parity_batch=parity_batch,
-        max_length=max_length,
-        drift_texts=drift_texts,
-        drift_labels=drift_labels,
-        quantize=quantize,
-        manifest_extra=manifest_extra,
-        method=method,
-    )
+    req = _Request(
+        tok_dir=Path(tokenizer_dir), out=Path(out_dir).absolute(), parity_batch=parity_batch,
+        max_length=max_length, quantize=quantize, drift_texts=drift_texts, drift_labels=drift_labels,
+        method=method, opset=opset, parity_atol=parity_atol,
+    )  # fmt: skip
+    extra = _check_args(model, req, manifest_extra)
+    out = req.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        with _eval_mode(model):
-            _copy_tokenizer(tok_dir, tmp)
-            _write_config(model, tmp)
-            exporter = export_graph(model, tmp / MODEL_FP32, method, opset, tmp)
-            fp32 = load(tmp, prefer_quantized=False, max_length=max_length, verify=False)
-            parity = check_parity(model, fp32, parity_batch, parity_atol)
-            int8_bytes: int | None = None
-            drift: DriftReport | None = None
-            if quantize:
-                quantize_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
-                int8 = load(tmp, prefer_quantized=True, max_length=max_length, verify=False)
-                drift = measure_drift(fp32, int8, parity_batch, texts=drift_texts, labels=drift_labels)
-                int8_bytes = (tmp / MODEL_INT8).stat().st_size
-        manifest = _manifest(
-            model,
-            tmp,
-            exporter=exporter,
-            opset=opset,
-            max_length=max_length,
-            parity=parity,
-            drift=drift,
-            quantize=quantize,
-            extra=extra,
-        )
+        exporter, parity, drift = _write_models(model, req, tmp)
+        manifest = _manifest(model, tmp, req, exporter=exporter, parity=parity, drift=drift, extra=extra)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out)
     except BaseException:
@@ -196,39 +167,69 @@ def export_onnx(
         opset=opset,
         parity=parity,
         fp32_bytes=(out / MODEL_FP32).stat().st_size,
-        int8_bytes=int8_bytes,
+        int8_bytes=(out / MODEL_INT8).stat().st_size if quantize else None,
         drift=drift,
         seconds=time.perf_counter() - started,
         manifest=manifest,
     )
-    logger.info(
-        "exported %s with %s in %.1f s: parity %.2e%s",
-        out,
-        exporter,
-        report.seconds,
-        parity.max_abs_diff,
-        "" if drift is None else f", int8 {report.size_ratio:.0%} of fp32, agreement {drift.agreement:.4f}",
-    )
+    _log_report(report)
     return report
 
 
-def _check_args(
-    model: PreTrainedModel,
-    tok_dir: Path,
-    out: Path,
-    *,
-    parity_batch: ParityInput,
-    max_length: int,
-    drift_texts: Sequence[str] | None,
-    drift_labels: Sequence[int] | None,
-    quantize: bool,
-    manifest_extra: Mapping[str, Any] | None,
-    method: str,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Request:
+    """:func:`export_onnx`'s arguments, as one value its steps share."""
+
+    tok_dir: Path
+    out: Path
+    parity_batch: ParityInput
+    max_length: int
+    quantize: bool
+    drift_texts: Sequence[str] | None
+    drift_labels: Sequence[int] | None
+    method: ExportMethod
+    opset: int
+    parity_atol: float
+
+
+def _write_models(
+    model: PreTrainedModel, req: _Request, tmp: Path
+) -> tuple[Literal["optimum", "torch"], ParityReport, DriftReport | None]:
+    """Write the tokenizer, config and fp32 graph (and the int8 graph if ``quantize``) into ``tmp``;
+    check the fp32 graph's parity with ``model`` and measure the int8 graph's drift from it."""
+    with _eval_mode(model):
+        _copy_tokenizer(req.tok_dir, tmp)
+        _write_config(model, tmp)
+        exporter = export_graph(model, tmp / MODEL_FP32, req.method, req.opset, tmp)
+        fp32 = load(tmp, prefer_quantized=False, max_length=req.max_length, verify=False)
+        parity = check_parity(model, fp32, req.parity_batch, req.parity_atol)
+        drift: DriftReport | None = None
+        if req.quantize:
+            quantize_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
+            int8 = load(tmp, prefer_quantized=True, max_length=req.max_length, verify=False)
+            drift = measure_drift(fp32, int8, req.parity_batch, texts=req.drift_texts, labels=req.drift_labels)
+    return exporter, parity, drift
+
+
+def _log_report(report: ExportReport) -> None:
+    drift = report.drift
+    logger.info(
+        "exported %s with %s in %.1f s: parity %.2e%s",
+        report.out_dir,
+        report.exporter,
+        report.seconds,
+        report.parity.max_abs_diff,
+        "" if drift is None else f", int8 {report.size_ratio:.0%} of fp32, agreement {drift.agreement:.4f}",
+    )
+
+
+def _check_args(model: PreTrainedModel, req: _Request, manifest_extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Refuse bad arguments before any work (:class:`ConfigError`); the manifest's extra facts, checked."""
+    tok_dir, out, max_length, parity_batch = req.tok_dir, req.out, req.max_length, req.parity_batch
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise ConfigError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    if method not in ("auto", "optimum", "torch"):
-        raise ConfigError(f"method must be 'auto', 'optimum' or 'torch', got {method!r}")
+    if req.method not in ("auto", "optimum", "torch"):
+        raise ConfigError(f"method must be 'auto', 'optimum' or 'torch', got {req.method!r}")
     if not tok_dir.is_dir():
         raise ConfigError(f"tokenizer_dir {str(tok_dir)!r} is not a directory")
     if not any((tok_dir / n).is_file() for n in _TOKENIZER_FILES):
@@ -242,9 +243,10 @@ def _check_args(
         raise ConfigError("parity_batch must be a non-empty list of texts or a mapping of arrays")
     if isinstance(parity_batch, Mapping) and "input_ids" not in parity_batch:
         raise ConfigError("a tokenized parity_batch needs 'input_ids'")
-    if drift_texts is not None and not quantize:
+    if req.drift_texts is not None and not req.quantize:
         raise ConfigError("drift_texts measure the int8 model: pass quantize=True")
-    if drift_labels is not None and (drift_texts is None or len(drift_labels) != len(drift_texts)):
+    labels, texts = req.drift_labels, req.drift_texts
+    if labels is not None and (texts is None or len(labels) != len(texts)):
         raise ConfigError("drift_labels needs drift_texts of the same length")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} exists and is not a directory")
@@ -323,13 +325,11 @@ def _layer_widths(model: PreTrainedModel) -> list[dict[str, int]] | None:
 def _manifest(
     model: PreTrainedModel,
     folder: Path,
+    req: _Request,
     *,
     exporter: str,
-    opset: int,
-    max_length: int,
     parity: ParityReport,
     drift: DriftReport | None,
-    quantize: bool,
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
     import onnxruntime
@@ -349,7 +349,7 @@ def _manifest(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "exporter": {
             "method": exporter,
-            "opset": opset,
+            "opset": req.opset,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "onnxruntime": onnxruntime.__version__,
@@ -361,11 +361,11 @@ def _manifest(
             "labels": labels,
             "layer_widths": _layer_widths(model),
         },
-        "max_length": max_length,
+        "max_length": req.max_length,
         "parity": asdict(parity),
         "quantization": (
             {"method": "dynamic", "weight_type": "QInt8", "per_channel": True, "file": MODEL_INT8}
-            if quantize
+            if req.quantize
             else None
         ),
         "drift": drift_doc,

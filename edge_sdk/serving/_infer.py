@@ -231,19 +231,7 @@ def load(
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
 
-    order = (MODEL_INT8, MODEL_FP32) if prefer_quantized else (MODEL_FP32, MODEL_INT8)
-    model_path = next((root / n for n in order if (root / n).is_file()), None)
-    if model_path is None:
-        raise ConfigError(f"{str(root)!r} holds no ONNX model (expected {MODEL_FP32} or {MODEL_INT8})")
-    if model_path.name != order[0]:
-        logger.info("%s not found in %s; using %s", order[0], root, model_path.name)
-    config_path = root / CONFIG_NAME
-    if not config_path.is_file():
-        raise ConfigError(f"{str(root)!r} has no {CONFIG_NAME} (labels and limits are read from it)")
-    tokenizer_path = root / TOKENIZER_NAME
-    if not tokenizer_path.is_file():
-        raise ConfigError(f"{str(root)!r} has no {TOKENIZER_NAME}: the tokenizer is missing")
-
+    model_path, config_path, tokenizer_path = _served_files(root, prefer_quantized)
     config = _read_json(config_path)
     manifest = _read_json(root / MANIFEST_NAME) if (root / MANIFEST_NAME).is_file() else None
     if verify and manifest is not None:
@@ -263,15 +251,39 @@ def load(
         threads=threads,
         multi_label=config.get("problem_type") == "multi_label_classification",
     )
+    _check_signature(predictor, session, len(labels))
+    logger.debug("loaded %r", predictor)
+    return predictor
+
+
+def _served_files(root: Path, prefer_quantized: bool) -> tuple[Path, Path, Path]:
+    """(ONNX model, config, tokenizer) of a served folder: the preferred model file, falling back to
+    the other one; a clear error naming the missing file."""
+    order = (MODEL_INT8, MODEL_FP32) if prefer_quantized else (MODEL_FP32, MODEL_INT8)
+    model_path = next((root / n for n in order if (root / n).is_file()), None)
+    if model_path is None:
+        raise ConfigError(f"{str(root)!r} holds no ONNX model (expected {MODEL_FP32} or {MODEL_INT8})")
+    if model_path.name != order[0]:
+        logger.info("%s not found in %s; using %s", order[0], root, model_path.name)
+    config_path = root / CONFIG_NAME
+    if not config_path.is_file():
+        raise ConfigError(f"{str(root)!r} has no {CONFIG_NAME} (labels and limits are read from it)")
+    tokenizer_path = root / TOKENIZER_NAME
+    if not tokenizer_path.is_file():
+        raise ConfigError(f"{str(root)!r} has no {TOKENIZER_NAME}: the tokenizer is missing")
+    return model_path, config_path, tokenizer_path
+
+
+def _check_signature(predictor: Predictor, session: ort.InferenceSession, n_labels: int) -> None:
+    """The graph's inputs must be ones this runtime builds, and its logits one per label."""
+    model_path = predictor.model_path
     unknown = [n for n in predictor.input_names if n not in _SUPPORTED_INPUTS]
     if unknown:
         raise ModelLoadError(f"{model_path} needs inputs this runtime cannot build: {unknown}")
     out_shape = next(o.shape for o in session.get_outputs() if o.name == predictor.output_name)
     width = out_shape[-1] if out_shape else None
-    if isinstance(width, int) and width != len(labels):
-        raise ModelLoadError(f"{model_path} outputs {width} logits but {CONFIG_NAME} names {len(labels)} labels")
-    logger.debug("loaded %r", predictor)
-    return predictor
+    if isinstance(width, int) and width != n_labels:
+        raise ModelLoadError(f"{model_path} outputs {width} logits but {CONFIG_NAME} names {n_labels} labels")
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from edge_sdk._errors import ConfigError
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.protocol import Deploy, thaw_json
 from edge_sdk.training._data import TextExample
+
+if TYPE_CHECKING:
+    from edge_sdk.serving._export import ExportReport
 
 __all__ = ["DRIFT_ROWS", "PARITY_ATOL", "PARITY_ROWS", "DeployOutput", "Deployer"]
 
@@ -134,27 +137,59 @@ class Deployer:
 
         from edge_sdk.protocol import numpy_to_torch
         from edge_sdk.scaling._build import build_model
-        from edge_sdk.serving._export import export_onnx
-        from edge_sdk.serving._infer import load
         from edge_sdk.training._train import peak_rss_bytes
 
         if self.threads:
             torch.set_num_threads(self.threads)  # per thread under OpenMP: set it in the worker
-        settings = deploy.settings
         spec = SubnetSpec.from_dict(thaw_json(deploy.spec))
         config = thaw_json(deploy.model_config)
         positions = config.get("max_position_embeddings")
-        max_length = min(settings.seq_len, positions) if isinstance(positions, int) else settings.seq_len
+        seq_len = deploy.settings.seq_len
+        max_length = min(seq_len, positions) if isinstance(positions, int) else seq_len
         model = build_model(spec, config, numpy_to_torch(dict(tensors)))
         parity_batch = self._parity_batch(examples, max_length)
+        report = self._export(
+            model, deploy, spec=spec, examples=examples, parity_batch=parity_batch, max_length=max_length, run_id=run_id
+        )
+        params = sum(p.numel() for p in model.parameters())
+        del model
+        text = parity_batch[0] if isinstance(parity_batch, list) else "a test sentence"
+        metrics: dict[str, float] = {
+            "params": float(params),
+            "parity_max_abs_diff": report.parity.max_abs_diff,
+            "onnx_bytes": float(report.fp32_bytes),
+            "export_s": report.seconds,
+            "latency_ms": self._latency_ms(text),
+            # the process's peak since it started (training included): above the training peak, the export set it
+            "process_peak_rss_bytes": float(peak_rss_bytes()),
+            **_int8_metrics(report),
+        }
+        return {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+
+    def _export(
+        self,
+        model: Any,
+        deploy: Deploy,
+        *,
+        spec: SubnetSpec,
+        examples: Sequence[TextExample],
+        parity_batch: Sequence[str] | dict[str, Any],
+        max_length: int,
+        run_id: str | None,
+    ) -> ExportReport:
+        """Export ``model`` into the deploy folder (checked, then swapped in); the int8 model's drift is
+        measured on a slice of local texts (single-text tasks only)."""
+        from edge_sdk.serving._export import export_onnx
+
+        settings = deploy.settings
         drift_texts = drift_labels = None
         drift_slice: dict[str, Any] | None = None
         if settings.quantize and isinstance(parity_batch, list):
             rows, held_out = self._drift_slice(examples)
             drift_texts, drift_labels = [e.text for e in rows], [e.label for e in rows]
             drift_slice = {"rows": len(rows), "held_out": held_out}
-        report = export_onnx(
-            model,  # type: ignore[arg-type]
+        return export_onnx(
+            model,
             self.data.tokenizer_dir,
             self.folder,
             parity_batch=parity_batch,
@@ -175,32 +210,31 @@ class Deployer:
             method=self.method,  # type: ignore[arg-type]
             parity_atol=PARITY_ATOL,
         )
-        params = sum(p.numel() for p in model.parameters())
-        del model
-        # The installed folder, as `edge-sdk infer` will load it (checksums verified): one text's latency.
+
+    def _latency_ms(self, text: str) -> float:
+        """One text's latency through the installed folder, loaded as `edge-sdk infer` loads it
+        (checksums verified), after one warm-up call."""
+        from edge_sdk.serving._infer import load
+
         predictor = load(self.folder, threads=self.threads)
-        text = parity_batch[0] if isinstance(parity_batch, list) else "a test sentence"
         predictor.predict([text])  # warm-up
         t0 = time.perf_counter()
         predictor.predict([text])
-        metrics: dict[str, float] = {
-            "params": float(params),
-            "parity_max_abs_diff": report.parity.max_abs_diff,
-            "onnx_bytes": float(report.fp32_bytes),
-            "export_s": report.seconds,
-            "latency_ms": (time.perf_counter() - t0) * 1e3,
-            # the process's peak since it started (training included): above the training peak, the export set it
-            "process_peak_rss_bytes": float(peak_rss_bytes()),
-        }
-        if report.int8_bytes is not None:
-            metrics["int8_bytes"] = float(report.int8_bytes)
-        drift = report.drift
-        if drift is not None:
-            metrics["drift_rows"] = float(drift.n)
-            metrics["drift_agreement"] = drift.agreement
-            metrics["drift_max_abs_logit_diff"] = drift.max_abs_logit_diff
-            if drift.accuracy_fp32 is not None and drift.accuracy_int8 is not None:
-                metrics["drift_accuracy_fp32"] = drift.accuracy_fp32
-                metrics["drift_accuracy_int8"] = drift.accuracy_int8
-                metrics["drift_accuracy_drop"] = drift.accuracy_fp32 - drift.accuracy_int8
-        return {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+        return (time.perf_counter() - t0) * 1e3
+
+
+def _int8_metrics(report: ExportReport) -> dict[str, float]:
+    """The int8 model's size and drift from fp32 (agreement, logits, accuracy when labelled), if any."""
+    metrics: dict[str, float] = {}
+    if report.int8_bytes is not None:
+        metrics["int8_bytes"] = float(report.int8_bytes)
+    drift = report.drift
+    if drift is not None:
+        metrics["drift_rows"] = float(drift.n)
+        metrics["drift_agreement"] = drift.agreement
+        metrics["drift_max_abs_logit_diff"] = drift.max_abs_logit_diff
+        if drift.accuracy_fp32 is not None and drift.accuracy_int8 is not None:
+            metrics["drift_accuracy_fp32"] = drift.accuracy_fp32
+            metrics["drift_accuracy_int8"] = drift.accuracy_int8
+            metrics["drift_accuracy_drop"] = drift.accuracy_fp32 - drift.accuracy_int8
+    return metrics
