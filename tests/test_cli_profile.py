@@ -156,5 +156,5 @@ def test_the_cli_drops_onnxruntime_info_on_the_root_logger() -> None:
     quantizer = "/site-packages/onnxruntime/quantization/onnx_quantizer.py"
     assert not _quiet_third_party(record(logging.INFO, "root", quantizer))
     assert _quiet_third_party(record(logging.WARNING, "root", quantizer))
-    assert _quiet_third_party(record(logging.INFO, "edge_sdk.serving._install", "/edge_sdk/_deploy.py"))
+    assert _quiet_third_party(record(logging.INFO, "edge_sdk.serving._install", "/edge_sdk/serving/_install.py"))
     assert _quiet_third_party(record(logging.INFO, "root", "/elsewhere/module.py"))

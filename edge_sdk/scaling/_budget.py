@@ -1,7 +1,7 @@
 """The memory budget a device offers for training a sub-network.
 
 ``usable`` is what weights, gradients, optimizer state and activations may occupy together
-(design.md section 3); the runtime's own footprint and a safety margin are already taken out:
+(``docs/memory.md``); the runtime's own footprint and a safety margin are already taken out:
 
     ceiling = min(available + runtime, cgroup headroom + runtime)   (the most this process may hold)
     usable  = ceiling - margin - runtime

@@ -1,6 +1,6 @@
 """Salience of heads and FFN neurons: which parts of each layer a sub-network should keep first.
 
-Two scores (``../shared/design.md`` section 1):
+Two scores (``docs/method.md`` compares them on MiniLM):
 
 - ``weight_l1``: data-free, the paper's. A head scores the L1 norm of its Q, K, V rows and of its
   O columns; a neuron the L1 norm of its up-projection row and down-projection column.
