@@ -17,6 +17,17 @@ from coordinator.federation._config import (
 )
 from coordinator.federation._deploy_plan import DeployOrder, DeployOutcome, make_order, outcome
 from coordinator.federation._engine import Evaluator, FederationEngine, RoundSummary, TrainOrder
+from coordinator.federation._tables import (
+    FederationConfig,
+    ModelConfig,
+    Table,
+    TrainingConfig,
+    read_federation,
+    read_model,
+    read_toml,
+    read_training,
+    table_reader,
+)
 
 __all__ = [
     "ClientUpdate",
@@ -26,12 +37,16 @@ __all__ = [
     "Evaluator",
     "FedAdam",
     "FedAvg",
+    "FederationConfig",
     "FederationEngine",
+    "ModelConfig",
     "RoundSummary",
     "RunConfig",
     "ServerConfig",
     "ServerOptimizer",
+    "Table",
     "TrainOrder",
+    "TrainingConfig",
     "aggregate",
     "latest_checkpoint",
     "load_checkpoint",
@@ -40,5 +55,10 @@ __all__ = [
     "merge_deltas",
     "outcome",
     "parse_config",
+    "read_federation",
+    "read_model",
+    "read_toml",
+    "read_training",
     "save_checkpoint",
+    "table_reader",
 ]
