@@ -247,6 +247,8 @@ def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str 
         run=_run(table("run")),
         deploy=_deploy(table("deploy"), num_labels=model.num_labels, device_tokens=devices),
     )
+    if model.salience == "activation" and cfg.validation is None:
+        raise ConfigError(f"{where}: [model] salience = 'activation' needs a [validation] data set to calibrate on")
     if federation.min_devices > len(cfg.devices):
         raise ConfigError(
             f"{where}: [federation] min_devices: {federation.min_devices} is more than the"

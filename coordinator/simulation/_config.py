@@ -213,6 +213,8 @@ def parse_simulation_config(
             f"{where}: [federation] min_devices: {cfg.federation.min_devices} is more than the"
             f" {cfg.num_devices} simulated device(s)"
         )
+    if cfg.model.salience == "activation" and (cfg.data.kind != "tsv" or cfg.data.dev is None):
+        raise ConfigError(f"{where}: [model] salience = 'activation' needs [data] dev to calibrate on")
     if cfg.data.kind == "synthetic" and cfg.training.seq_len > cfg.data.seq_len:
         raise ConfigError(
             f"{where}: [training] seq_len {cfg.training.seq_len} is longer than the synthetic data's"
