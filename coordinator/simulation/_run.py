@@ -159,13 +159,7 @@ def run_simulation(
         _metrics_text(start_metrics),
     )
     own = executor is None
-    runner = executor or make_executor(
-        config.simulation.engine,
-        max_workers=config.simulation.max_workers,
-        threads=config.simulation.threads,
-        fresh_process=config.simulation.fresh_process,
-        address=config.simulation.ray_address,
-    )
+    runner = executor or _make_executor(config)
     try:
         rounds = _run_rounds(config, engine, links, data=data, executor=runner, out=out)
     finally:
@@ -185,6 +179,17 @@ def run_simulation(
     )
     (out / "simulation.json").write_text(json.dumps(_result_json(config, result), indent=1) + "\n", encoding="utf-8")
     return result
+
+
+def _make_executor(config: SimulationConfig) -> Executor:
+    sim = config.simulation
+    return make_executor(
+        sim.engine,
+        max_workers=sim.max_workers,
+        threads=sim.threads,
+        fresh_process=sim.fresh_process,
+        address=sim.ray_address,
+    )
 
 
 def _engine(
