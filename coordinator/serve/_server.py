@@ -318,7 +318,6 @@ class CoordinatorServer:
             await close_quietly(ws, 1008, "no Hello in time")
             return
         frame: str | bytes = first
-        frames = aiter(ws)
         while True:
             verdict = session.receive(frame, loop.time())
             await connection.flush()
@@ -328,7 +327,4 @@ class CoordinatorServer:
                 assert verdict.close_code is not None
                 await close_quietly(ws, verdict.close_code, verdict.close_reason)
                 return
-            try:
-                frame = await anext(frames)
-            except StopAsyncIteration:
-                return
+            frame = await ws.recv()  # ConnectionClosed when the device goes
