@@ -1,10 +1,11 @@
 """A federated run with many simulated devices on one machine (or a Ray cluster).
 
-The coordinator side is the real one: a :class:`~coordinator.federation._engine.FederationEngine` plans, selects,
-merges and evaluates, and each device has a :class:`~edge_sdk.protocol.CoordinatorConnection` that
-admits it (Hello with its budget, Welcome) and sends it its tasks. The device side of every task runs
-in a worker (:mod:`coordinator.simulation._device`): the SDK's DeviceConnection and TaskRunner, as on a
-device. Only protocol frames travel between the two.
+The coordinator side is the daemon's: a :class:`~coordinator.federation.FederationEngine` plans,
+selects, merges and evaluates; each device has a :class:`~coordinator.federation.DeviceSession` that
+admits it (Hello with its budget, Welcome), sends it its tasks and takes its answers; the
+:class:`~coordinator.federation.RoundLoop` runs the rounds (with no wait for devices: all are there).
+The device side of every task runs in a worker (:mod:`coordinator.simulation._device`): the SDK's
+DeviceConnection and TaskRunner, as on a device. Only protocol frames travel between the two.
 
 Devices come from device classes (``profiles/``): a device's training budget is its class's budget
 (``budget_for_device_class``: installed memory x usable fraction, less the safety margin and the
