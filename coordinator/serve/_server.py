@@ -228,8 +228,10 @@ class CoordinatorServer:
             connection = self._connections.get(order.device_id)
             if connection is None or not connection.idle:
                 self.engine.task_failed(order.task_id, "disconnected before its task was sent")
+                self._changes.wake()
                 return
-            if not connection.session.start_task(order):
+            if not connection.session.start_task(order):  # it cannot go: the task failed
+                self._changes.wake()
                 return
             try:
                 sent = await connection.flush()
