@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmark.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("coordinator.federation._engine", "edge_sdk.training._runner", "transformers", "matplotlib"):
+    for noisy in ("coordinator.federation", "edge_sdk.training._runner", "transformers", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for name in ("train.tsv", "dev.tsv"):
         if not (args.data / name).is_file():

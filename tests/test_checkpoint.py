@@ -19,7 +19,7 @@ from .test_engine import FULL_BUDGET, TRAINING, hello, make_engine, trained
 
 
 def run_round(engine: FederationEngine, shift: float) -> None:
-    orders = engine.begin_round(sorted(engine.expected_devices()), now=0.0)
+    orders = engine.begin_round(sorted(engine.registry.expected()), now=0.0)
     for i, order in enumerate(orders):
         engine.accept_update(order.task_id, trained(order, shift * (i + 1)), num_samples=3 + i, now=0.0)
     engine.close_round(0.0)
@@ -32,7 +32,7 @@ def test_a_checkpoint_restores_weights_moments_registry_and_history(tmp_path: Pa
     engine.admit("a", hello(FULL_BUDGET))
     engine.admit("b", hello(FULL_BUDGET, runtime=123))
     run_round(engine, 0.5)
-    engine.device_disconnected("b")
+    engine.registry.disconnected("b")
     path = save_checkpoint(tmp_path, engine.snapshot())
     assert latest_checkpoint(tmp_path) == path and path.name == "round-000001"
 
@@ -50,9 +50,9 @@ def test_a_checkpoint_restores_weights_moments_registry_and_history(tmp_path: Pa
     assert moments.keys() == again.keys() and moments
     for name, tensor in moments.items():
         assert torch.equal(tensor, again[name]), name
-    assert torch.equal(restored._salience.heads, engine._salience.heads)
+    assert torch.equal(restored.salience.heads, engine.salience.heads)
     assert restored.devices() == engine.devices()
-    assert restored.devices()["b"]["status"] == "disconnected" and restored.expected_devices() == ["a"]
+    assert restored.devices()["b"]["status"] == "disconnected" and restored.registry.expected() == ["a"]
     assert restored.history == engine.history and restored.history[0]["round"] == 1
     # The restored run goes on exactly as the original would.
     engine.admit("b", hello(FULL_BUDGET, runtime=123))

@@ -52,7 +52,7 @@ def test_admitted_devices_serve_at_least_what_they_train_and_more_when_their_bud
     config = DeployConfig(batch_size=1, seq_len=16)
     plans = {name: plan_deployment(engine, name, config) for name in budgets}
     for name, plan in plans.items():
-        assert plan.training.spec == engine.plan_for_device(name).spec  # the floor is what it trains
+        assert plan.training.spec == engine.registry.training_plan(name).spec  # the floor is what it trains
         assert at_least(plan.inference.spec, plan.training.spec), name
         assert plan.inference.params >= plan.training.params
         assert plan.inference.estimate.total <= plan.budget_bytes

@@ -71,23 +71,23 @@ def trained(order: TrainOrder, shift: float) -> dict[str, np.ndarray]:
 def test_round_size_is_the_fraction_of_expected_devices_but_at_least_min_devices() -> None:
     names = [f"d{i}" for i in range(10)]
     engine = make_engine(names, fraction=0.3, min_devices=2)
-    assert engine.wait_target() == 3
-    assert engine.round_size(10) == 3
-    assert engine.round_size(2) == 2  # never more than are idle
-    assert not engine.can_start(1)
-    assert engine.can_start(2)
-    chosen = engine.select(names)
+    assert engine.selection.wait_target() == 3
+    assert engine.selection.round_size(10) == 3
+    assert engine.selection.round_size(2) == 2  # never more than are idle
+    assert not engine.selection.can_start(1)
+    assert engine.selection.can_start(2)
+    chosen = engine.selection.select(names, engine.round + 1)
     assert len(chosen) == 3 and set(chosen) <= set(names)
-    assert engine.select(names) == chosen  # seeded: the same draw for the same round
+    assert engine.selection.select(names, engine.round + 1) == chosen  # seeded: the same draw for the same round
 
 
 def test_devices_seen_to_disconnect_are_not_waited_for() -> None:
     engine = make_engine(["a", "b", "c"], min_devices=1)
-    assert engine.wait_target() == 3  # named devices are expected until seen to go
-    engine.device_disconnected("c")
-    assert engine.expected_devices() == ["a", "b"] and engine.wait_target() == 2
-    engine.device_connected("c")
-    assert engine.wait_target() == 3
+    assert engine.selection.wait_target() == 3  # named devices are expected until seen to go
+    engine.registry.disconnected("c")
+    assert engine.registry.expected() == ["a", "b"] and engine.selection.wait_target() == 2
+    engine.registry.connected("c")
+    assert engine.selection.wait_target() == 3
 
 
 def test_begin_round_refuses_fewer_than_min_devices_and_unadmitted_devices() -> None:
@@ -116,7 +116,7 @@ def test_each_device_gets_the_largest_sub_network_its_budget_trains() -> None:
     assert orders["large"].spec.is_full
     for name, order in orders.items():
         assert order.predicted_bytes <= budgets[name]  # what the memory model counts fits the budget
-        plan = plan_training(engine.parent, engine._salience, budgets[name], Workload(4, 16), runtime=0)
+        plan = plan_training(engine.parent, engine.salience, budgets[name], Workload(4, 16), runtime=0)
         assert order.spec == plan.spec
         assert order.settings.local_steps == TRAINING.local_steps
         assert order.settings.batch_size == 4 and order.settings.seq_len == 16
@@ -127,9 +127,9 @@ def test_planning_keeps_a_margin_unless_the_device_already_did() -> None:
     engine = make_engine(["override", "detected"], min_margin_bytes=100_000_000)
     dims = engine.parent.dims
     usable = budget_for(engine, SubnetSpec.uniform(dims, heads=2, ffn=dims.ffn)) + 100_000_000
-    assert engine.planning_bytes(usable, 0) == usable - 100_000_000  # --memory-budget: no margin taken yet
-    assert engine.planning_bytes(usable, 150_000_000) == usable  # a detected budget already set it aside
-    assert engine.planning_bytes(usable, 30_000_000) == usable - 70_000_000
+    assert engine.planner.planning_bytes(usable, 0) == usable - 100_000_000  # --memory-budget: no margin taken yet
+    assert engine.planner.planning_bytes(usable, 150_000_000) == usable  # a detected budget already set it aside
+    assert engine.planner.planning_bytes(usable, 30_000_000) == usable - 70_000_000
     override = engine.admit("override", hello(usable))
     detected = engine.admit("detected", {"budget": {"usable": usable, "margin": 150_000_000}})
     assert override.estimate.total <= usable - 100_000_000 < detected.estimate.total <= usable

@@ -1,9 +1,10 @@
 """Federation: the engine of a run, with no I/O.
 
-The engine admits devices and plans each one's sub-network, runs rounds (select, order, accept or
-refuse updates, aggregate coordinate by coordinate, evaluate), and snapshots its state for
-checkpoints. The daemon (:mod:`coordinator.serve`) and the simulator (:mod:`coordinator.simulation`)
-both drive it.
+The engine admits devices and plans each one's sub-network under a width policy (its registry and
+planner), runs rounds (select, order, accept or refuse updates, aggregate coordinate by coordinate,
+evaluate), and snapshots its state for checkpoints. The daemon (:mod:`coordinator.serve`) and the
+simulator (:mod:`coordinator.simulation`) both drive it the same way: a :class:`DeviceSession` per
+device connection (protocol events in, engine calls, a verdict out) and one :class:`RoundLoop`.
 """
 
 from coordinator.federation._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate, merge_deltas
@@ -17,22 +18,70 @@ from coordinator.federation._config import (
 )
 from coordinator.federation._deploy_plan import DeployOrder, DeployOutcome, make_order, outcome
 from coordinator.federation._engine import Evaluator, FederationEngine, RoundSummary, TrainOrder
+from coordinator.federation._loop import (
+    FinishRound,
+    RoundLoop,
+    RoundResult,
+    RunAbortedError,
+    RunComplete,
+    SendOrders,
+    Step,
+    WaitFor,
+)
+from coordinator.federation._planner import BUDGET, WIDTHS, Planner, WidthPolicy
+from coordinator.federation._registry import DeviceRecord, DeviceRegistry
+from coordinator.federation._session import CHANGED, GO_ON, DeployInbox, DeviceSession, Verdict, frame_bytes
+from coordinator.federation._tables import (
+    FederationConfig,
+    ModelConfig,
+    Table,
+    TrainingConfig,
+    read_federation,
+    read_model,
+    read_toml,
+    read_training,
+    table_reader,
+)
 
 __all__ = [
+    "BUDGET",
+    "CHANGED",
+    "GO_ON",
+    "WIDTHS",
     "ClientUpdate",
     "DeployConfig",
+    "DeployInbox",
     "DeployOrder",
     "DeployOutcome",
+    "DeviceRecord",
+    "DeviceRegistry",
+    "DeviceSession",
     "Evaluator",
     "FedAdam",
     "FedAvg",
+    "FederationConfig",
     "FederationEngine",
+    "FinishRound",
+    "ModelConfig",
+    "Planner",
+    "RoundLoop",
+    "RoundResult",
     "RoundSummary",
+    "RunAbortedError",
+    "RunComplete",
     "RunConfig",
+    "SendOrders",
     "ServerConfig",
     "ServerOptimizer",
+    "Step",
+    "Table",
     "TrainOrder",
+    "TrainingConfig",
+    "Verdict",
+    "WaitFor",
+    "WidthPolicy",
     "aggregate",
+    "frame_bytes",
     "latest_checkpoint",
     "load_checkpoint",
     "load_config",
@@ -40,5 +89,10 @@ __all__ = [
     "merge_deltas",
     "outcome",
     "parse_config",
+    "read_federation",
+    "read_model",
+    "read_toml",
+    "read_training",
     "save_checkpoint",
+    "table_reader",
 ]

@@ -2,7 +2,8 @@
 
 Every bad value is a :class:`~edge_sdk.ConfigError` naming the file, the table and the key
 (``run.toml: [federation] fraction: must be in (0, 1], got 1.5``); unknown keys are errors too, so a
-typo is never silently ignored. Relative paths are resolved against the config file's folder.
+typo is never silently ignored. Relative paths are resolved against the config file's folder. The
+tables a simulation shares (``[model]``, ``[federation]``, ``[training]``) are read by ``_tables``.
 
 Tables and keys (see ``examples/run.toml`` and ``docs/running.md``):
 
@@ -24,24 +25,28 @@ simulator builds them directly, without a file.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import sys
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.federation._tables import (
+    STRATEGIES,
+    TASKS,
+    FederationConfig,
+    ModelConfig,
+    Table,
+    TrainingConfig,
+    read_federation,
+    read_model,
+    read_toml,
+    read_training,
+    table_reader,
+)
 from edge_sdk._errors import ConfigError
-from edge_sdk._units import parse_size
 from edge_sdk.protocol import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
-from edge_sdk.scaling import DEFAULT_MIN_MARGIN_BYTES
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = [
     "DEVICE_NAME",
@@ -59,51 +64,8 @@ __all__ = [
     "parse_config",
 ]
 
-STRATEGIES = ("fedavg", "fedadam")
-TASKS = ("text-classification",)
-SALIENCE = ("weight_l1", "activation")
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MIN_TOKEN_CHARS = 8
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str  # a model folder, or a packaged model name (all-MiniLM-L6-v2)
-    task: str = "text-classification"
-    num_labels: int = 2
-    seed: int = 0  # seeds the task head, device selection and each task's local training seed
-    salience: str = "weight_l1"  # or "activation" (calibrated on the validation data)
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    """How rounds run: how many, who takes part, how long to wait, how updates are merged."""
-
-    rounds: int = 10
-    fraction: float = 1.0  # of the expected devices taking part in each round
-    min_devices: int = 1  # a round never starts with fewer
-    device_wait_s: float = 300.0  # bound on waiting for devices before a round
-    round_deadline_s: float = 600.0  # results arriving later are dropped
-    strategy: str = "fedavg"
-    server_lr: float = 1.0  # FedAvg step size; FedAdam's learning rate (default 1e-3 there)
-    beta1: float = 0.9  # FedAdam only
-    beta2: float = 0.99
-    tau: float = 1e-3
-    max_update_norm_ratio: float = 2.0  # an update's L2 norm may be at most this x what was sent
-    # Planning keeps at least this much of each device's budget in reserve for what the memory model
-    # does not count (a detected budget's own safety margin counts towards it; see FederationEngine).
-    min_margin_bytes: int = DEFAULT_MIN_MARGIN_BYTES
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Local training on each device."""
-
-    local_steps: int = 10
-    lr: float = 5e-5
-    batch_size: int = 8
-    seq_len: int = 64
-    prox_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -167,164 +129,10 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------- reading
 
 
-class _Table:
-    """One TOML table being read: typed getters that name ``[table] key`` in every error."""
-
-    def __init__(self, where: str, name: str, data: Any, base: Path) -> None:
-        self.where, self.name, self.base = where, name, base
-        if not isinstance(data, Mapping):
-            raise self.error(None, f"must be a table, got {type(data).__name__}")
-        self.data = dict(data)
-        self.used: set[str] = set()
-
-    def error(self, key: str | None, problem: str) -> ConfigError:
-        place = f"[{self.name}]" + (f" {key}" if key else "")
-        return ConfigError(f"{self.where}: {place}: {problem}")
-
-    def _get(self, key: str, default: Any) -> Any:
-        self.used.add(key)
-        return self.data.get(key, default)
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def text(self, key: str, default: str | None = None, *, choices: tuple[str, ...] = ()) -> str:
-        value = self._get(key, default)
-        if value is None:
-            raise self.error(key, "is required")
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(key, f"must be a non-empty string, got {value!r}")
-        if choices and value not in choices:
-            raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-
-    def integer(
-        self, key: str, default: int | None, *, low: int | None = None, high: int | None = None
-    ) -> int:
-        value = self._get(key, default)
-        if value is None:
-            raise self.error(key, "is required")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"must be an integer, got {value!r}")
-        self._bounds(key, value, low, high)
-        return value
-
-    def number(
-        self,
-        key: str,
-        default: float,
-        *,
-        low: float | None = None,
-        high: float | None = None,
-        open_low: bool = False,
-    ) -> float:
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.error(key, f"must be a finite number, got {value!r}")
-        if open_low and low is not None and value <= low:
-            raise self.error(key, f"must be > {low}, got {value}")
-        self._bounds(key, value, None if open_low else low, high)
-        return float(value)
-
-    def _bounds(self, key: str, value: float, low: float | None, high: float | None) -> None:
-        if low is not None and value < low:
-            raise self.error(key, f"must be >= {low}, got {value}")
-        if high is not None and value > high:
-            raise self.error(key, f"must be <= {high}, got {value}")
-
-    def path(self, key: str, *, must_exist: bool = False, required: bool = False) -> Path | None:
-        value = self._get(key, None)
-        if value is None or value == "":
-            if required:
-                raise self.error(key, "is required")
-            return None
-        if not isinstance(value, str):
-            raise self.error(key, f"must be a path string, got {value!r}")
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else self.base / path
-        if must_exist and not path.exists():
-            raise self.error(key, f"{path} does not exist")
-        return path
-
-    def size(self, key: str, default: int, *, allow_zero: bool = False) -> int:
-        value = self._get(key, default)
-        if isinstance(value, str):
-            try:
-                return parse_size(value)
-            except ConfigError as exc:
-                raise self.error(key, str(exc)) from None
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-            raise self.error(key, f"must be a size such as '1MiB' or a number of bytes, got {value!r}")
-        return value
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self._get(key, default)
-        if not isinstance(value, bool):
-            raise self.error(key, f"must be true or false, got {value!r}")
-        return value
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(None, f"unknown key(s) {', '.join(unknown)}")
-
-
 _TABLES = ("model", "federation", "training", "validation", "server", "devices", "run", "deploy")
 
 
-def _model(t: _Table) -> ModelConfig:
-    name = t.text("name")
-    local = Path(name).expanduser()
-    local = local if local.is_absolute() else t.base / local
-    cfg = ModelConfig(
-        name=str(local) if local.is_dir() else name,
-        task=t.text("task", "text-classification", choices=TASKS),
-        num_labels=t.integer("num_labels", 2, low=2),
-        seed=t.integer("seed", 0, low=0, high=2**31 - 1),
-        salience=t.text("salience", "weight_l1", choices=SALIENCE),
-    )
-    t.done()
-    return cfg
-
-
-def _federation(t: _Table) -> FederationConfig:
-    strategy = t.text("strategy", "fedavg", choices=STRATEGIES)
-    default_lr = 1.0 if strategy == "fedavg" else 1e-3
-    cfg = FederationConfig(
-        rounds=t.integer("rounds", 10, low=1),
-        fraction=t.number("fraction", 1.0, low=0.0, high=1.0, open_low=True),
-        min_devices=t.integer("min_devices", 1, low=1),
-        device_wait_s=t.number("device_wait_s", 300.0, low=0.0, open_low=True),
-        round_deadline_s=t.number("round_deadline_s", 600.0, low=0.0, open_low=True),
-        strategy=strategy,
-        server_lr=t.number("server_lr", default_lr, low=0.0, open_low=True),
-        beta1=t.number("beta1", 0.9, low=0.0, high=0.999999),
-        beta2=t.number("beta2", 0.99, low=0.0, high=0.999999),
-        tau=t.number("tau", 1e-3, low=0.0, open_low=True),
-        max_update_norm_ratio=t.number("max_update_norm_ratio", 2.0, low=1.0),
-        min_margin_bytes=t.size("min_margin", DEFAULT_MIN_MARGIN_BYTES, allow_zero=True),
-    )
-    if strategy == "fedavg":
-        for key in ("beta1", "beta2", "tau"):
-            if t.has(key):
-                raise t.error(key, "only applies to strategy = 'fedadam'")
-    t.done()
-    return cfg
-
-
-def _training(t: _Table) -> TrainingConfig:
-    cfg = TrainingConfig(
-        local_steps=t.integer("local_steps", 10, low=1),
-        lr=t.number("lr", 5e-5, low=0.0, open_low=True),
-        batch_size=t.integer("batch_size", 8, low=1),
-        seq_len=t.integer("seq_len", 64, low=1, high=8192),
-        prox_mu=t.number("prox_mu", 0.0, low=0.0),
-    )
-    t.done()
-    return cfg
-
-
-def _validation(t: _Table) -> ValidationConfig:
+def _validation(t: Table) -> ValidationConfig:
     data = t.path("data", must_exist=True, required=True)
     assert data is not None
     limit = t.integer("limit", 512, low=0)
@@ -339,7 +147,7 @@ def _validation(t: _Table) -> ValidationConfig:
     return cfg
 
 
-def _server(t: _Table) -> ServerConfig:
+def _server(t: Table) -> ServerConfig:
     cert = t.path("tls_cert", must_exist=True)
     key = t.path("tls_key", must_exist=True)
     if (cert is None) != (key is None):
@@ -369,7 +177,7 @@ def _good_token(token: object) -> bool:
 _TOKEN_RULE = f"the token must be a string of at least {MIN_TOKEN_CHARS} printable characters without spaces"
 
 
-def _devices(t: _Table) -> Mapping[str, str]:
+def _devices(t: Table) -> Mapping[str, str]:
     tokens: dict[str, str] = {}
     for name, token in t.data.items():
         t.used.add(name)
@@ -385,7 +193,7 @@ def _devices(t: _Table) -> Mapping[str, str]:
     return types.MappingProxyType(tokens)
 
 
-def _run(t: _Table) -> StorageConfig:
+def _run(t: Table) -> StorageConfig:
     directory = t.path("dir", required=True)
     assert directory is not None
     cfg = StorageConfig(dir=directory, keep_checkpoints=t.integer("keep_checkpoints", 3, low=1))
@@ -393,8 +201,8 @@ def _run(t: _Table) -> StorageConfig:
     return cfg
 
 
-def _deploy(t: _Table, *, num_labels: int, device_tokens: Mapping[str, str]) -> DeployConfig:
-    labels = t._get("labels", [])
+def _deploy(t: Table, *, num_labels: int, device_tokens: Mapping[str, str]) -> DeployConfig:
+    labels = t.value("labels", [])
     if (
         not isinstance(labels, list)
         or not all(isinstance(x, str) and x.strip() for x in labels)
@@ -403,7 +211,7 @@ def _deploy(t: _Table, *, num_labels: int, device_tokens: Mapping[str, str]) -> 
         raise t.error("labels", f"must be a list of distinct, non-empty names, got {labels!r}")
     if labels and len(labels) != num_labels:
         raise t.error("labels", f"names {len(labels)} classes; [model] num_labels is {num_labels}")
-    token = t._get("operator_token", None)
+    token = t.value("operator_token", None)
     if token is not None:
         if not _good_token(token):
             raise t.error("operator_token", _TOKEN_RULE)
@@ -422,54 +230,31 @@ def _deploy(t: _Table, *, num_labels: int, device_tokens: Mapping[str, str]) -> 
     return cfg
 
 
-def _tables(
-    data: Mapping[str, Any], known: tuple[str, ...], *, base: Path, where: str
-) -> Callable[[str], _Table]:
-    """Check a config's table names ([model], [devices] and [run] required); returns a table reader."""
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)} (known: {', '.join(known)})")
-    for required in ("model", "devices", "run"):
-        if required not in data:
-            raise ConfigError(f"{where}: the [{required}] table is required")
-    return lambda name: _Table(where, name, data.get(name, {}), base)
-
-
 def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str = "config") -> RunConfig:
     """A :class:`RunConfig` from parsed TOML ``data``; relative paths resolve against ``base``."""
-    table = _tables(data, _TABLES, base=Path(base), where=where)
+    table = table_reader(data, _TABLES, base=Path(base), where=where)
 
-    federation = _federation(table("federation"))
-    model = _model(table("model"))
+    federation = read_federation(table("federation"))
+    model = read_model(table("model"))
     devices = _devices(table("devices"))
     cfg = RunConfig(
         model=model,
         federation=federation,
-        training=_training(table("training")),
+        training=read_training(table("training")),
         validation=_validation(table("validation")) if "validation" in data else None,
         server=_server(table("server")),
         devices=devices,
         run=_run(table("run")),
         deploy=_deploy(table("deploy"), num_labels=model.num_labels, device_tokens=devices),
     )
+    if model.salience == "activation" and cfg.validation is None:
+        raise ConfigError(f"{where}: [model] salience = 'activation' needs a [validation] data set to calibrate on")
     if federation.min_devices > len(cfg.devices):
         raise ConfigError(
             f"{where}: [federation] min_devices: {federation.min_devices} is more than the"
             f" {len(cfg.devices)} device(s) named in [devices]"
         )
     return cfg
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML file's tables; an unreadable file or bad TOML is a :class:`ConfigError` naming the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -12,7 +12,7 @@ for it, and the inference memory model counts ONNX Runtime's own::
     inference bytes = training bytes + runtime footprint     (training bytes: usable less the reserve)
 
 searched at ``[deploy] batch_size`` x ``seq_len``, never below the device's training sub-network (its
-*floor*: what :meth:`FederationEngine.plan_for_device` gives it). :attr:`DeployPlan.could_grow` says
+*floor*: what the engine's registry plans for its training). :attr:`DeployPlan.could_grow` says
 whether the budget holds more than the floor: the floor is not the full model and one more head or
 FFN block (the search's unit) on some layer still fits.
 """
@@ -30,7 +30,7 @@ from coordinator.federation._config import DeployConfig
 from coordinator.federation._records import width_of
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import InferenceSettings, torch_to_numpy
-from edge_sdk.scaling import ParentModel, Plan, Salience, Workload, extract, inference_bytes, plan_serving
+from edge_sdk.scaling import ParentModel, Plan, Salience, Workload, extract, plan_serving
 
 if TYPE_CHECKING:
     from coordinator.federation._engine import FederationEngine
@@ -167,23 +167,21 @@ def plan_inference_for(
 
 
 def plan_deployment(engine: FederationEngine, device_id: str, config: DeployConfig) -> DeployPlan:
-    """The inference plan of an admitted device (KeyError if it never joined; BudgetError if nothing fits)."""
-    record = engine.devices()[device_id]
-    training = engine.plan_for_device(device_id)
-    budget = inference_bytes(
-        record["usable_bytes"] - record["shrink_bytes"],
-        record["margin_bytes"],
-        record["runtime_bytes"],
-        engine.federation.min_margin_bytes,
-    )
+    """The inference plan of an admitted device (KeyError if it never joined; BudgetError if nothing fits).
+
+    Its budgets come from the engine's registry (:meth:`DeviceRegistry.training_plan` and
+    :meth:`DeviceRegistry.serving_bytes`: the device's record, its measured peaks included).
+    """
+    registry = engine.registry
+    record = registry.record(device_id)
     return plan_inference_for(
         engine.parent,
         engine.salience,
-        training,
+        registry.training_plan(device_id),
         device_id=device_id,
-        budget_bytes=budget,
+        budget_bytes=registry.serving_bytes(device_id),
         work=Workload(config.batch_size, config.seq_len),
-        runtime_footprint=record["runtime_bytes"],
+        runtime_footprint=record.runtime_bytes,
         quantize=config.quantize,
     )
 

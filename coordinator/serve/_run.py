@@ -18,12 +18,14 @@ import logging
 import signal
 from pathlib import Path
 
+import torch
+
 from coordinator.federation import FederationEngine, RunConfig, latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import CoordinatorServer
 from coordinator.serve._validation import Validator, calibration_batches
 from edge_sdk._errors import ConfigError
-from edge_sdk.scaling import activation_aware, load_parent, reorder, resolve_model_dir, weight_l1
+from edge_sdk.scaling import ranked_parent, resolve_model_dir
 
 __all__ = ["build_engine", "run_coordinator", "serve_async"]
 
@@ -51,60 +53,70 @@ def _validator(config: RunConfig, model_dir: Path) -> Validator | None:
 def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine:
     """The engine of ``config``: resumed from the run directory's last checkpoint, or a new run.
 
-    A new run loads the model, ranks salience, reorders it once and writes a round-0 checkpoint.
-    Without ``resume``, a run directory that already holds a checkpoint is an error (never overwritten).
+    A new run loads the model, ranks salience and reorders it once (``ranked_parent``), and writes a
+    round-0 checkpoint. Without ``resume``, a run directory that already holds a checkpoint is an
+    error (never overwritten).
     """
     run_dir = config.run.dir
     model_dir = resolve_model_dir(config.model.name)
     validator = _validator(config, model_dir)
     latest = latest_checkpoint(run_dir)
-    devices = list(config.devices)
     if latest is not None and not resume:
         raise ConfigError(
             f"{run_dir} already holds a run (checkpoint {latest.name}): pass --resume to continue it,"
             " or set another [run] dir"
         )
     if latest is not None:
-        state = load_checkpoint(latest)
-        if state.model_name and state.model_name != config.model.name:
-            raise ConfigError(
-                f"{run_dir} holds a run of model {state.model_name!r}; the config names {config.model.name!r}"
-            )
-        engine = FederationEngine.restore(
-            state,
-            config.federation,
-            config.training,
-            devices=devices,
-            evaluator=validator,
-            seed=config.model.seed,
-        )
-        logger.info(
-            "resumed run %s from %s: %d of %d rounds done, global weights sha256 %s",
-            engine.run_id,
-            latest,
-            engine.round,
-            config.federation.rounds,
-            engine.weights_digest(),
-        )
-        return engine
+        return _resumed(config, latest, validator)
     if resume:
         logger.info("--resume: %s has no checkpoint yet, starting a new run", run_dir)
-    parent = load_parent(
-        model_dir, task=config.model.task, num_labels=config.model.num_labels, seed=config.model.seed
+    return _new_run(config, model_dir, validator)
+
+
+def _resumed(config: RunConfig, checkpoint: Path, validator: Validator | None) -> FederationEngine:
+    state = load_checkpoint(checkpoint)
+    if state.model_name and state.model_name != config.model.name:
+        raise ConfigError(
+            f"{config.run.dir} holds a run of model {state.model_name!r}; the config names {config.model.name!r}"
+        )
+    engine = FederationEngine.restore(
+        state,
+        config.federation,
+        config.training,
+        devices=list(config.devices),
+        evaluator=validator,
+        seed=config.model.seed,
     )
-    if config.model.salience == "activation":
-        if validator is None:
-            raise ConfigError("[model] salience = 'activation' needs a [validation] data set to calibrate on")
-        salience = activation_aware(parent, calibration_batches(validator))
-    else:
-        salience = weight_l1(parent)
-    parent, ranked, _ = reorder(parent, salience)
+    logger.info(
+        "resumed run %s from %s: %d of %d rounds done, global weights sha256 %s",
+        engine.run_id,
+        checkpoint,
+        engine.round,
+        config.federation.rounds,
+        engine.weights_digest(),
+    )
+    return engine
+
+
+def _new_run(config: RunConfig, model_dir: Path, validator: Validator | None) -> FederationEngine:
+    def calibration() -> list[dict[str, torch.Tensor]]:
+        assert validator is not None  # the config requires [validation] for activation salience
+        return calibration_batches(validator)
+
+    parent, ranked = ranked_parent(
+        model_dir,
+        salience=config.model.salience,
+        calibration=calibration,
+        task=config.model.task,
+        num_labels=config.model.num_labels,
+        seed=config.model.seed,
+    )
     engine = FederationEngine(
         parent,
         ranked,
         config.federation,
         config.training,
-        devices=devices,
+        devices=list(config.devices),
         evaluator=validator,
         seed=config.model.seed,
         model_name=config.model.name,
@@ -114,7 +126,7 @@ def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine
         logger.info(
             "round 0 (pre-trained model): accuracy %.4f loss %.4f", metrics["accuracy"], metrics["loss"]
         )
-    path = save_checkpoint(run_dir, engine.snapshot(), keep=config.run.keep_checkpoints)
+    path = save_checkpoint(config.run.dir, engine.snapshot(), keep=config.run.keep_checkpoints)
     logger.info("new run %s: global weights sha256 %s (%s)", engine.run_id, engine.weights_digest(), path)
     return engine
 

@@ -2,7 +2,8 @@
 
 Tables (``examples/sim.toml`` is a complete, commented example):
 
-- ``[model]``, ``[federation]``, ``[training]``: as in a served run (``coordinator.federation._config``);
+- ``[model]``, ``[federation]``, ``[training]``: as in a served run (the shared table readers of
+  ``coordinator.federation``);
 - ``[data]`` kind ("tsv" or "synthetic"), train, dev, tokenizer, train_limit, dev_limit, partition
   ("iid" or "dirichlet"), alpha, min_shard; for synthetic data size, dev_size, vocab_size, seq_len;
 - ``[devices]`` device class = how many (classes from ``profiles/``), e.g. ``raspberry-pi-4-2gb = 5``;
@@ -25,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.federation._config import (
+from coordinator.federation import (
     FederationConfig,
     ModelConfig,
+    Table,
     TrainingConfig,
-    _federation,
-    _model,
-    _Table,
-    _tables,
-    _training,
+    read_federation,
+    read_model,
     read_toml,
+    read_training,
+    table_reader,
 )
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import TRAINING_RUNTIME_BYTES
@@ -107,21 +108,14 @@ class SimulationConfig:
         return sum(self.devices.values())
 
 
-def _boolean(t: _Table, key: str, default: bool) -> bool:
-    value = t._get(key, default)
-    if not isinstance(value, bool):
-        raise t.error(key, f"must be true or false, got {value!r}")
-    return value
-
-
-def _optional_int(t: _Table, key: str, *, low: int) -> int | None:
+def _optional_int(t: Table, key: str, *, low: int) -> int | None:
     if not t.has(key):
         return None
     value = t.integer(key, None, low=low)
     return value or None
 
 
-def _data(t: _Table) -> DataConfig:
+def _data(t: Table) -> DataConfig:
     kind = t.text("kind", "tsv", choices=("tsv", "synthetic"))
     cfg = DataConfig(
         kind=kind,
@@ -142,7 +136,7 @@ def _data(t: _Table) -> DataConfig:
     return cfg
 
 
-def _devices(t: _Table) -> Mapping[str, int]:
+def _devices(t: Table) -> Mapping[str, int]:
     from edge_sdk import load_device_class
 
     counts: dict[str, int] = {}
@@ -159,8 +153,8 @@ def _devices(t: _Table) -> Mapping[str, int]:
     return types.MappingProxyType(counts)
 
 
-def _method(t: _Table) -> MethodConfig:
-    ratios = t._get("ratios", [1.0, 0.5, 0.25])
+def _method(t: Table) -> MethodConfig:
+    ratios = t.value("ratios", [1.0, 0.5, 0.25])
     if (
         not isinstance(ratios, list)
         or not ratios
@@ -170,15 +164,15 @@ def _method(t: _Table) -> MethodConfig:
     cfg = MethodConfig(
         name=t.text("name", "raffm"),
         width=t.text("width", "budget", choices=WIDTHS),
-        reorder=_boolean(t, "reorder", True),
+        reorder=t.flag("reorder", True),
         ratios=tuple(float(r) for r in ratios),
     )
     t.done()
     return cfg
 
 
-def _simulation(t: _Table) -> SimulationSettings:
-    address = t._get("ray_address", None)
+def _simulation(t: Table) -> SimulationSettings:
+    address = t.value("ray_address", None)
     if address is not None and (not isinstance(address, str) or not address.strip()):
         raise t.error("ray_address", f"must be a non-empty string, got {address!r}")
     cfg = SimulationSettings(
@@ -186,7 +180,7 @@ def _simulation(t: _Table) -> SimulationSettings:
         ray_address=address,
         max_workers=t.integer("max_workers", 2, low=1),
         threads=t.integer("threads", 1, low=1),
-        fresh_process=_boolean(t, "fresh_process", False),
+        fresh_process=t.flag("fresh_process", False),
         budget_scale=t.number("budget_scale", 1.0, low=0.0, open_low=True),
         runtime_footprint=t.size("runtime_footprint", TRAINING_RUNTIME_BYTES, allow_zero=True),
     )
@@ -198,19 +192,19 @@ def parse_simulation_config(
     data: Mapping[str, Any], *, base: Path | str = ".", where: str = "config"
 ) -> SimulationConfig:
     """A :class:`SimulationConfig` from parsed TOML ``data``; relative paths resolve against ``base``."""
-    table = _tables(data, _TABLES, base=Path(base), where=where)
+    table = table_reader(data, _TABLES, base=Path(base), where=where)
 
     run = table("run")
     run_dir = run.path("dir", required=True)
     assert run_dir is not None
     run.done()
     cfg = SimulationConfig(
-        model=_model(table("model")),
+        model=read_model(table("model")),
         data=_data(table("data")),
         devices=_devices(table("devices")),
         method=_method(table("method")),
-        federation=_federation(table("federation")),
-        training=_training(table("training")),
+        federation=read_federation(table("federation")),
+        training=read_training(table("training")),
         simulation=_simulation(table("simulation")),
         run_dir=run_dir,
     )
@@ -219,6 +213,8 @@ def parse_simulation_config(
             f"{where}: [federation] min_devices: {cfg.federation.min_devices} is more than the"
             f" {cfg.num_devices} simulated device(s)"
         )
+    if cfg.model.salience == "activation" and (cfg.data.kind != "tsv" or cfg.data.dev is None):
+        raise ConfigError(f"{where}: [model] salience = 'activation' needs [data] dev to calibrate on")
     if cfg.data.kind == "synthetic" and cfg.training.seq_len > cfg.data.seq_len:
         raise ConfigError(
             f"{where}: [training] seq_len {cfg.training.seq_len} is longer than the synthetic data's"

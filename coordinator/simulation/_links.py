@@ -1,41 +1,30 @@
 """Simulated devices as the coordinator sees them: who they are, and their end of the wire protocol.
 
 A :class:`VirtualDevice` is a device class's budget (scaled) and a shard of the data. Its
-:class:`Link` is the coordinator's :class:`~edge_sdk.protocol.CoordinatorConnection` to it, opened by
-:func:`connect` as on a real connection (the device's Hello with its budget, the engine's admission,
-the Welcome); :func:`send_task` turns an engine order into the TrainTask's frames and a
-:class:`~coordinator.simulation._device.DeviceJob`, and :func:`receive` feeds the device's answer back to the
-connection and the engine.
+:class:`Link` holds the coordinator's :class:`~coordinator.federation.DeviceSession` for it, the same
+session a real device's websocket drives: :func:`connect` feeds it the device's Hello (its budget) and
+keeps the Welcome; :func:`send_task` turns an engine order into the TrainTask's frames and a
+:class:`~coordinator.simulation._device.DeviceJob`; :func:`receive` feeds the device's answer to the
+session. Only the bytes' path differs from the daemon's: packed frames instead of a socket.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from coordinator.federation import FederationEngine, TrainOrder
+from coordinator.federation import GO_ON, DeviceSession, FederationEngine, TrainOrder
 from coordinator.simulation._config import SimulationConfig
 from coordinator.simulation._data import SimData
 from coordinator.simulation._device import DeviceJob, DeviceReport, frames_size, pack_frames, read_frames
 from coordinator.simulation._executor import Executor
 from coordinator.simulation._partition import partition
 from edge_sdk import __version__, load_device_class
-from edge_sdk._errors import BudgetError, ProfileError
-from edge_sdk.protocol import (
-    CoordinatorConnection,
-    DeviceConnection,
-    ErrorReceived,
-    HelloReceived,
-    ProtocolViolation,
-    UpdateReceived,
-    UpdateRejected,
-    thaw_json,
-)
+from edge_sdk.protocol import DeviceConnection
 from edge_sdk.scaling import MemoryBudget, budget_for_device_class
 
 __all__ = ["Link", "VirtualDevice", "connect", "receive", "send_task", "virtual_devices"]
@@ -87,34 +76,33 @@ class Link:
     """The coordinator's end of one simulated device's connection."""
 
     device: VirtualDevice
-    conn: CoordinatorConnection
-    welcome: bytes
+    session: DeviceSession
+    welcome: bytes  # the packed Welcome the worker replays to join
 
 
-def connect(engine: FederationEngine, device: VirtualDevice) -> Link | None:
-    """Admission over the protocol: the device's Hello (its budget), the engine's decision, the Welcome."""
-    hello_side = DeviceConnection()
-    hello_side.send_hello(
+def connect(engine: FederationEngine, device: VirtualDevice, now: float) -> Link | None:
+    """Admission over the protocol: the device's Hello (its budget) to its session; None if refused."""
+    device_side = DeviceConnection()
+    device_side.send_hello(
         device_id=device.name, sdk_version=__version__, profile=device.hello_profile(), capabilities=("train",)
     )
-    conn = CoordinatorConnection()
-    events = [e for frame in hello_side.data_to_send() for e in conn.receive(frame)]
-    hello = next(e.hello for e in events if isinstance(e, HelloReceived))
-    try:
-        engine.admit(device.name, thaw_json(hello.profile))
-    except (BudgetError, ProfileError) as exc:
-        logger.warning("device %s refused: %s", device.name, exc)
+    session = DeviceSession(engine, device.name)
+    verdict = GO_ON
+    for frame in device_side.data_to_send():
+        verdict = verdict.then(session.receive(frame, now))
+    welcome = session.conn.data_to_send()
+    if not verdict.go_on or not session.admitted:
         return None
-    conn.send_welcome(run_id=engine.run_id, round=engine.round, server_time=time.time(), device_id=device.name)
-    return Link(device, conn, pack_frames(conn.data_to_send()))
+    return Link(device, session, pack_frames(welcome))
 
 
 def send_task(
     link: Link, order: TrainOrder, *, data: SimData, executor: Executor, wire: Path, threads: int
-) -> tuple[DeviceJob, int]:
-    order.send(link.conn)
-    frames = link.conn.data_to_send()
-    size = frames_size(frames)
+) -> DeviceJob | None:
+    """The worker job delivering ``order`` (None when it cannot be sent: the task failed)."""
+    if not link.session.start_task(order):
+        return None
+    frames = link.session.conn.data_to_send()
     task: bytes | str
     result_path = None
     if executor.uses_files:
@@ -124,40 +112,33 @@ def send_task(
         task, result_path = str(path), str(wire / f"{order.task_id}.out")
     else:
         task = pack_frames(frames)
-    job = DeviceJob(
+    link.session.task_sent(order, frames_size(frames))
+    return DeviceJob(
         link.device.name, order.task_id, data, link.device.indices, link.welcome, task, result_path, threads
     )
-    return job, size
 
 
-def receive(engine: FederationEngine, link: Link, report: DeviceReport, now: float) -> dict[str, Any]:
-    """Feed the device's answer to its connection and the engine; what the Update said beyond that."""
-    engine.record_traffic(link.device.name, bytes_in=report.bytes_up)
-    extra: dict[str, Any] = {"baseline_rss_bytes": report.baseline_rss_bytes, "worker_pid": report.pid}
+def receive(link: Link, report: DeviceReport, now: float) -> dict[str, Any]:
+    """Feed the device's answer to its session; what the worker measured beyond the Update.
+
+    The simulated device's peak is its class's runtime footprint plus what the task took on this host
+    beyond the worker's own runtime (the engine compares it to the device's budget).
+    """
+    session = link.session
+    runtime = link.device.budget.runtime_footprint
+
+    def peak_of(host_peak: int) -> int:
+        return runtime + max(0, host_peak - report.baseline_rss_bytes)
+
     for frame in read_frames(report.frames):
-        for event in link.conn.receive(frame):
-            if isinstance(event, UpdateReceived):
-                update = event.update
-                extra["train_time_s"] = update.train_time_s
-                extra["host_peak_rss_bytes"] = update.peak_rss_bytes
-                # The simulated device's peak: its class's runtime footprint plus what the task took
-                # on this host beyond the worker's own runtime (the engine compares it to the budget).
-                training = max(0, update.peak_rss_bytes - report.baseline_rss_bytes)
-                engine.accept_update(
-                    update.task_id,
-                    event.tensors,
-                    num_samples=update.num_samples,
-                    now=now,
-                    encoding=update.encoding,
-                    metrics=update.metrics,
-                    peak_rss_bytes=link.device.budget.runtime_footprint + training,
-                    step_time_s=update.step_time_s,
-                )
-            elif isinstance(event, UpdateRejected):
-                engine.task_failed(event.task_id, f"update rejected: {event.reason}")
-            elif isinstance(event, ErrorReceived) and event.error.task_id:
-                engine.task_failed(event.error.task_id, f"device error {event.error.code}: {event.error.message[:200]}")
-            elif isinstance(event, ProtocolViolation):
-                engine.task_failed(report.task_id, f"protocol violation: {event.reason[:200]}")
-    link.conn.data_to_send()  # answers to a device that has gone (e.g. an Error for a bad update)
+        verdict = session.receive(frame, now, peak_of=peak_of)
+        if not verdict.go_on:
+            session.lost(verdict.close_code, verdict.close_reason)
+            break
+    session.conn.data_to_send()  # answers to a device that has gone (e.g. an Error for a bad update)
+    extra: dict[str, Any] = {"baseline_rss_bytes": report.baseline_rss_bytes, "worker_pid": report.pid}
+    update = session.last_update
+    if update is not None and update.task_id == report.task_id:
+        extra["train_time_s"] = update.train_time_s
+        extra["host_peak_rss_bytes"] = update.peak_rss_bytes
     return extra

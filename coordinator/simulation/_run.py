@@ -1,10 +1,11 @@
 """A federated run with many simulated devices on one machine (or a Ray cluster).
 
-The coordinator side is the real one: a :class:`~coordinator.federation._engine.FederationEngine` plans, selects,
-merges and evaluates, and each device has a :class:`~edge_sdk.protocol.CoordinatorConnection` that
-admits it (Hello with its budget, Welcome) and sends it its tasks. The device side of every task runs
-in a worker (:mod:`coordinator.simulation._device`): the SDK's DeviceConnection and TaskRunner, as on a
-device. Only protocol frames travel between the two.
+The coordinator side is the daemon's: a :class:`~coordinator.federation.FederationEngine` plans,
+selects, merges and evaluates; each device has a :class:`~coordinator.federation.DeviceSession` that
+admits it (Hello with its budget, Welcome), sends it its tasks and takes its answers; the
+:class:`~coordinator.federation.RoundLoop` runs the rounds (with no wait for devices: all are there).
+The device side of every task runs in a worker (:mod:`coordinator.simulation._device`): the SDK's
+DeviceConnection and TaskRunner, as on a device. Only protocol frames travel between the two.
 
 Devices come from device classes (``profiles/``): a device's training budget is its class's budget
 (``budget_for_device_class``: installed memory x usable fraction, less the safety margin and the
@@ -13,7 +14,8 @@ process does not enforce it, and the memory each task really took is measured an
 
 Width policies (``[method] width``): "budget" (RaFFM: the largest sub-network whose training fits),
 "full" (every device trains the whole model, memory ignored: FedAvg) and "static" (fixed ratios,
-HeteroFL-style, whatever the device). ``reorder = false`` slices in index order (the ablation).
+HeteroFL-style, whatever the device): a :class:`~coordinator.federation.WidthPolicy` value the engine
+takes. ``reorder = false`` slices in index order (the ablation).
 """
 
 from __future__ import annotations
@@ -22,38 +24,35 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import shutil
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
-from coordinator.federation import Evaluator, FederationEngine, RoundSummary, TrainOrder
+from coordinator.federation import (
+    Evaluator,
+    FederationEngine,
+    FinishRound,
+    RoundLoop,
+    RoundSummary,
+    RunComplete,
+    SendOrders,
+    TrainOrder,
+    WidthPolicy,
+)
 from coordinator.simulation._config import MethodConfig, SimulationConfig
 from coordinator.simulation._data import FastValidator, SimData, SyntheticData, SyntheticEvaluator, TsvData
 from coordinator.simulation._executor import Executor, make_executor
 from coordinator.simulation._links import Link, VirtualDevice, connect, receive, send_task, virtual_devices
 from edge_sdk import LayerSpec, SubnetSpec
-from edge_sdk._errors import BudgetError, ConfigError
+from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError
 from edge_sdk._units import format_bytes
-from edge_sdk.scaling import (
-    ParentModel,
-    Plan,
-    Workload,
-    activation_aware,
-    load_parent,
-    param_count,
-    reorder,
-    resolve_model_dir,
-    training_estimate,
-    weight_l1,
-)
+from edge_sdk.scaling import ParentModel, ranked_parent, resolve_model_dir
 
-__all__ = ["PolicyEngine", "SimulationResult", "VirtualDevice", "run_simulation", "virtual_devices"]
+__all__ = ["SimulationResult", "VirtualDevice", "run_simulation", "virtual_devices", "width_policy"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,37 +78,9 @@ class SimulationResult:
         return float(self.rounds[-1]["accuracy"]) if self.rounds else float("nan")
 
 
-class PolicyEngine(FederationEngine):
-    """The federation engine with a width policy: budget-matched (the engine's own), full, or static."""
-
-    def __init__(self, *args: Any, method: MethodConfig, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.method = method
-        self._workload = Workload(self.training.batch_size, self.training.seq_len)
-        self._full_params = param_count(self.parent, SubnetSpec.full(self.parent.dims))
-        names = sorted(self.devices())
-        random.Random(zlib.crc32(f"{method.name}/levels".encode())).shuffle(names)
-        self._levels = {name: method.ratios[i % len(method.ratios)] for i, name in enumerate(names)}
-
-    def fixed_plan(self, ratio: float, budget: int) -> Plan:
-        """The plan of a fixed width ratio (1: the full model), with its predicted training memory."""
-        dims = self.parent.dims
-        spec = SubnetSpec.full(dims) if ratio >= 1 else SubnetSpec.from_ratio(dims, ratio)
-        params = param_count(self.parent, spec)
-        estimate = training_estimate(spec, params, self._workload, runtime=0)
-        return Plan(spec, params, estimate, budget, float("nan"), params / self._full_params)
-
-    def plan_for(self, usable_bytes: int, margin_bytes: int = 0) -> Plan:
-        if self.method.width == "budget":
-            return super().plan_for(usable_bytes, margin_bytes)
-        return self.fixed_plan(1.0, usable_bytes)  # admission: memory does not decide here
-
-    def plan_for_device(self, device_id: str) -> Plan:
-        if self.method.width == "budget":
-            return super().plan_for_device(device_id)
-        usable = int(self.devices()[device_id]["usable_bytes"])
-        ratio = 1.0 if self.method.width == "full" else self._levels.get(device_id, self.method.ratios[0])
-        return self.fixed_plan(ratio, usable)
+def width_policy(method: MethodConfig) -> WidthPolicy:
+    """The engine's width policy for a ``[method]`` table (its name seeds the static ratios' deal)."""
+    return WidthPolicy(kind=method.width, ratios=method.ratios, salt=method.name)
 
 
 def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData, Evaluator | None, Any]:
@@ -170,36 +141,12 @@ def run_simulation(
     if (out / "simulation.json").exists():
         raise ConfigError(f"{out} already holds a finished simulation: choose another [run] dir")
     (out / "rounds").mkdir(parents=True, exist_ok=True)
-    model_dir = None
-    if parent is None:
-        model_dir = resolve_model_dir(config.model.name)
-        parent = load_parent(
-            model_dir, task=config.model.task, num_labels=config.model.num_labels, seed=config.model.seed
-        )
+    model_dir = resolve_model_dir(config.model.name) if parent is None else None
     data, evaluator, validator = _sim_data(config, model_dir)
     devices = virtual_devices(config, data.labels())
-
-    if config.model.salience == "activation":
-        if validator is None:
-            raise ConfigError("[model] salience = 'activation' needs [data] dev to calibrate on")
-        salience = activation_aware(parent, validator.calibration_batches())
-    else:
-        salience = weight_l1(parent)
-    if config.method.reorder:
-        parent, salience, _ = reorder(parent, salience)
-    engine = PolicyEngine(
-        parent,
-        salience,
-        config.federation,
-        config.training,
-        devices=[d.name for d in devices],
-        evaluator=evaluator,
-        seed=config.model.seed,
-        model_name=config.model.name,
-        method=config.method,
-    )
+    engine = _engine(config, parent if parent is not None else model_dir, devices, evaluator, validator)
     start_metrics = dict(evaluator(engine.parent)) if evaluator is not None else {}
-    links = {d.name: link for d in devices if (link := connect(engine, d)) is not None}
+    links = {d.name: link for d in devices if (link := connect(engine, d, time.monotonic())) is not None}
     if not links:
         raise BudgetError("no simulated device can train any sub-network of this model")
     device_rows = [_device_row(engine, d, d.name in links) for d in devices]
@@ -209,28 +156,14 @@ def run_simulation(
         len(devices),
         len(links),
         config.federation.rounds,
-        engine.round_size(len(links)),
+        engine.selection.round_size(len(links)),
         _metrics_text(start_metrics),
     )
-
     own = executor is None
-    runner = executor or make_executor(
-        config.simulation.engine,
-        max_workers=config.simulation.max_workers,
-        threads=config.simulation.threads,
-        fresh_process=config.simulation.fresh_process,
-        address=config.simulation.ray_address,
-    )
-    wire = out / ".wire"
-    rounds: list[dict[str, Any]] = []
+    runner = executor or _make_executor(config)
     try:
-        while not engine.finished:
-            rounds.append(_one_round(config, engine, links, data=data, executor=runner, wire=wire))
-            (out / "rounds" / f"round-{rounds[-1]['round']:03d}.json").write_text(
-                json.dumps(rounds[-1], indent=1) + "\n", encoding="utf-8"
-            )
+        rounds = _run_rounds(config, engine, links, data=data, executor=runner, out=out)
     finally:
-        shutil.rmtree(wire, ignore_errors=True)
         if own:
             runner.close()
     save_file({k: v.contiguous() for k, v in engine.parent.state.items()}, str(out / "final.safetensors"))
@@ -242,47 +175,139 @@ def run_simulation(
         start_metrics=start_metrics,
         weights_digest=engine.weights_digest(),
         wall_s=time.monotonic() - started,
-        full_predicted_bytes=engine.fixed_plan(1.0, 0).estimate.total,
+        full_predicted_bytes=engine.planner.fixed(1.0, 0).estimate.total,
         width_metrics=_width_metrics(engine, evaluator, device_rows),
     )
     (out / "simulation.json").write_text(json.dumps(_result_json(config, result), indent=1) + "\n", encoding="utf-8")
     return result
 
 
-def _one_round(
+def _make_executor(config: SimulationConfig) -> Executor:
+    sim = config.simulation
+    return make_executor(
+        sim.engine,
+        max_workers=sim.max_workers,
+        threads=sim.threads,
+        fresh_process=sim.fresh_process,
+        address=sim.ray_address,
+    )
+
+
+def _engine(
+    config: SimulationConfig,
+    model: ParentModel | Path | None,
+    devices: Sequence[VirtualDevice],
+    evaluator: Evaluator | None,
+    validator: FastValidator | None,
+) -> FederationEngine:
+    """The run's engine: the model ranked (and reordered unless ``[method] reorder = false``)."""
+    assert model is not None
+    parent, salience = ranked_parent(
+        model,
+        salience=config.model.salience,
+        calibration=validator.calibration_batches if validator is not None else None,
+        reordered=config.method.reorder,
+        task=config.model.task,
+        num_labels=config.model.num_labels,
+        seed=config.model.seed,
+    )
+    return FederationEngine(
+        parent,
+        salience,
+        config.federation,
+        config.training,
+        devices=[d.name for d in devices],
+        evaluator=evaluator,
+        seed=config.model.seed,
+        model_name=config.model.name,
+        width=width_policy(config.method),
+    )
+
+
+def _run_rounds(
     config: SimulationConfig,
     engine: FederationEngine,
     links: dict[str, Link],
     *,
     data: SimData,
     executor: Executor,
-    wire: Path,
-) -> dict[str, Any]:
+    out: Path,
+) -> list[dict[str, Any]]:
+    """The federation's round loop over the simulated links; one record per round (also written)."""
+    rounds = RoundLoop(engine, device_wait_s=0.0)  # every simulated device is there from the start
+    wire = out / ".wire"
+    records: list[dict[str, Any]] = []
+    orders: dict[str, TrainOrder] = {}
+    extras: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
+    try:
+        while True:
+            idle = [name for name, link in links.items() if link.session.ready]
+            step = rounds.poll(idle, time.monotonic())
+            if isinstance(step, SendOrders):
+                started = time.monotonic()
+                orders = {o.device_id: o for o in step.orders}
+                extras = _train(config, engine, links, step.orders, data=data, executor=executor, wire=wire)
+                rounds.close(time.monotonic())  # every worker answered or timed out: nothing more comes
+            elif isinstance(step, FinishRound):
+                summary = rounds.finish().summary
+                records.append(_round_record(config, summary, orders, links, extras, wall_s=time.monotonic() - started))
+                (out / "rounds" / f"round-{summary.round:03d}.json").write_text(
+                    json.dumps(records[-1], indent=1) + "\n", encoding="utf-8"
+                )
+            elif isinstance(step, RunComplete):
+                return records
+            else:
+                raise EdgeFMError(f"the simulation cannot wait for devices: {step}")
+    finally:
+        shutil.rmtree(wire, ignore_errors=True)
+
+
+def _train(
+    config: SimulationConfig,
+    engine: FederationEngine,
+    links: dict[str, Link],
+    orders: Sequence[TrainOrder],
+    *,
+    data: SimData,
+    executor: Executor,
+    wire: Path,
+) -> dict[str, dict[str, Any]]:
+    """Send a round's orders to the workers and feed back their answers; what each worker measured."""
     wire.mkdir(parents=True, exist_ok=True)
-    orders = {o.device_id: o for o in engine.begin_round(sorted(links), time.monotonic())}
     jobs = []
-    for device_id, order in orders.items():
-        job, size = send_task(
-            links[device_id], order, data=data, executor=executor, wire=wire, threads=config.simulation.threads
+    for order in orders:
+        job = send_task(
+            links[order.device_id], order, data=data, executor=executor, wire=wire, threads=config.simulation.threads
         )
-        engine.record_traffic(device_id, bytes_out=size)
-        jobs.append(job)
+        if job is not None:
+            jobs.append(job)
     extras: dict[str, dict[str, Any]] = {}
     for job, outcome in executor.run(jobs, config.federation.round_deadline_s):
-        link = links[job.device_id]
         if isinstance(outcome, BaseException):
             logger.warning("device %s: task %s failed: %s", job.device_id, job.task_id, outcome)
             engine.task_failed(job.task_id, f"worker: {type(outcome).__name__}: {outcome}"[:300])
-            relinked = connect(engine, link.device)  # its connection is gone: it reconnects
-            if relinked is not None:
-                links[job.device_id] = relinked
-            continue
-        extras[job.device_id] = receive(engine, link, outcome, time.monotonic())
+        else:
+            extras[job.device_id] = receive(links[job.device_id], outcome, time.monotonic())
     for path in wire.iterdir():
         path.unlink(missing_ok=True)
-    engine.close_round(time.monotonic())
-    summary = engine.finish_round()
+    for name, link in list(links.items()):
+        if not link.session.ready:  # its connection is gone (a lost worker, a broken answer): it reconnects
+            relinked = connect(engine, link.device, time.monotonic())
+            if relinked is not None:
+                links[name] = relinked
+    return extras
+
+
+def _round_record(
+    config: SimulationConfig,
+    summary: RoundSummary,
+    orders: Mapping[str, TrainOrder],
+    links: Mapping[str, Link],
+    extras: Mapping[str, Mapping[str, Any]],
+    *,
+    wall_s: float,
+) -> dict[str, Any]:
     rows = _device_rows(summary, orders, links, extras)
     record = {
         "method": config.method.name,
@@ -294,7 +319,7 @@ def _one_round(
         "bytes_down": summary.bytes_out,
         "bytes_up": summary.bytes_in,
         "weights_digest": summary.weights_digest,
-        "wall_s": time.monotonic() - started,
+        "wall_s": wall_s,
         "devices": rows,
     }
     ok = [r for r in rows if r["status"] == "ok"]
@@ -309,12 +334,12 @@ def _one_round(
         ", ".join(f"{r['params'] / 1e6:.1f}M" for r in rows),
         format_bytes(summary.bytes_out),
         format_bytes(summary.bytes_in),
-        record["wall_s"],
+        wall_s,
     )
     return record
 
 
-def _device_row(engine: PolicyEngine, device: VirtualDevice, admitted: bool) -> dict[str, Any]:
+def _device_row(engine: FederationEngine, device: VirtualDevice, admitted: bool) -> dict[str, Any]:
     row: dict[str, Any] = {
         "device_id": device.name,
         "device_class": device.device_class,
@@ -323,7 +348,7 @@ def _device_row(engine: PolicyEngine, device: VirtualDevice, admitted: bool) -> 
         "admitted": admitted,
     }
     if admitted:
-        plan = engine.plan_for_device(device.name)
+        plan = engine.registry.training_plan(device.name)
         row.update(
             params=plan.params,
             params_fraction=plan.params_fraction,
@@ -334,7 +359,7 @@ def _device_row(engine: PolicyEngine, device: VirtualDevice, admitted: bool) -> 
 
 
 def _width_metrics(
-    engine: PolicyEngine, evaluator: Evaluator | None, rows: Sequence[Mapping[str, Any]]
+    engine: FederationEngine, evaluator: Evaluator | None, rows: Sequence[Mapping[str, Any]]
 ) -> dict[int, dict[str, float]]:
     score = getattr(evaluator, "score", None)
     if score is None:

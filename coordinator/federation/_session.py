@@ -1,0 +1,263 @@
+"""One device's connection as the federation sees it, sans I/O: frames in, engine calls, a verdict out.
+
+A transport owns the bytes (the websocket server, or the simulator's in-memory frames). For each
+message a device sends it calls :meth:`DeviceSession.receive`, sends what the session queued
+(``session.conn.data_to_send()``: a Welcome, an Error, a Bye) and acts on the :class:`Verdict`: go
+on, or close the connection with the verdict's code and reason. Both transports drive this one
+class, so a device is treated the same whether it is real or simulated:
+
+- ``HelloReceived``: the engine admits the device from its profile's budget and a Welcome is queued;
+  a profile without a budget, or a budget no sub-network fits, gets ``Error(rejected)`` and a Bye,
+  and the verdict closes with ``CLOSE_REJECTED``;
+- ``UpdateReceived``: the engine takes the update. The protocol checked its values as they arrived
+  (finite, global norm within the order's ``max_update_norm``), so the engine does not check them
+  again (``values_checked``); shapes, dtypes and the sample count it still checks;
+- ``UpdateRejected`` (NaN/Inf or above the bound), an ``ErrorReceived`` naming a task, a
+  ``ProtocolViolation`` naming one, a ``ByeReceived`` with a task pending, or the connection lost
+  mid-task (:meth:`DeviceSession.lost`): that task failed. A violation or a Bye also closes (with
+  the violation's code, or the one the device said goodbye with);
+- ``DeployResultReceived``, and failures of a deploy task, go to the deploy awaiting them
+  (``deploys``, see :class:`DeployInbox`), never to the round.
+
+The bytes a device sends while a training task is out count as that round's traffic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from coordinator.federation._records import TrainOrder
+from edge_sdk._errors import BudgetError, ProfileError, ProtocolError
+from edge_sdk.protocol import (
+    CLOSE_REJECTED,
+    ByeReceived,
+    ConnectionLost,
+    ConnectionState,
+    CoordinatorConnection,
+    DeployResultReceived,
+    ErrorCode,
+    ErrorReceived,
+    Event,
+    HelloReceived,
+    ProtocolViolation,
+    Update,
+    UpdateReceived,
+    UpdateRejected,
+    WireLimits,
+    thaw_json,
+)
+
+if TYPE_CHECKING:
+    from coordinator.federation._engine import FederationEngine
+
+__all__ = ["CHANGED", "GO_ON", "DeployInbox", "DeviceSession", "Verdict"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What the transport does next: go on, or close with ``close_code`` and ``close_reason``.
+
+    ``changed``: something a waiting round or deploy may care about happened (wake them up).
+    """
+
+    close_code: int | None = None
+    close_reason: str = ""
+    changed: bool = False
+
+    @property
+    def go_on(self) -> bool:
+        return self.close_code is None
+
+    def then(self, other: Verdict) -> Verdict:
+        """Both verdicts of one frame's events: the first close stands."""
+        first = self if not self.go_on else other
+        return dataclasses.replace(first, changed=self.changed or other.changed)
+
+
+GO_ON = Verdict()
+CHANGED = Verdict(changed=True)
+
+
+class DeployInbox(Protocol):
+    """Where a deploy's answer goes: True when a deploy was awaiting ``task_id`` (and took it)."""
+
+    def answer(self, task_id: str, ok: bool, metrics: Mapping[str, float], message: str) -> bool: ...
+
+
+def frame_bytes(frame: str | bytes) -> int:
+    """A websocket message's payload size (text as UTF-8)."""
+    return len(frame.encode("utf-8")) if isinstance(frame, str) else len(frame)
+
+
+class DeviceSession:
+    """The federation's side of one device connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: FederationEngine,
+        device_id: str,
+        *,
+        limits: WireLimits | None = None,
+        deploys: DeployInbox | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.device_id = device_id
+        self.conn = CoordinatorConnection(limits=limits)
+        self.admitted = False
+        self.bytes_in = 0
+        self.last_update: Update | None = None  # the Update of the last task answered (for reports)
+        self._task_mark: int | None = None  # bytes_in when the outstanding training task was sent
+        self._deploys = deploys
+        self._wall_clock = wall_clock
+
+    @property
+    def ready(self) -> bool:
+        """Admitted, and no task outstanding: a round (or a deploy) may send it one."""
+        return self.admitted and self.conn.state is ConnectionState.READY
+
+    def receive(self, frame: str | bytes, now: float, *, peak_of: Callable[[int], int] | None = None) -> Verdict:
+        """Handle one message from the device; ``now`` is the engine's clock (round deadlines).
+
+        ``peak_of`` maps the peak resident set an Update reports to the device's own (a simulator
+        measures a host worker and subtracts what the worker itself holds).
+        """
+        self.bytes_in += frame_bytes(frame)
+        verdict = GO_ON
+        for event in self.conn.receive(frame):
+            verdict = verdict.then(self.handle(event, now, peak_of=peak_of))
+        return verdict
+
+    def handle(self, event: Event, now: float, *, peak_of: Callable[[int], int] | None = None) -> Verdict:
+        """What one protocol event does to the engine (and the deploys), and what follows."""
+        name = self.device_id
+        if isinstance(event, HelloReceived):
+            return self._hello(event)
+        if isinstance(event, UpdateReceived):
+            self._update(event, now, peak_of)
+        elif isinstance(event, UpdateRejected):
+            logger.warning("device %s: update for %s rejected: %s", name, event.task_id, event.reason)
+            self._failed(event.task_id, f"update rejected: {event.reason}")
+        elif isinstance(event, DeployResultReceived):
+            result = event.result
+            if not self._deploy_answer(result.task_id, result.ok, result.metrics, result.message):
+                logger.warning("device %s: late answer to deploy %s ignored", name, result.task_id)
+        elif isinstance(event, ErrorReceived):
+            error = event.error
+            on_task = f" for task {error.task_id}" if error.task_id else ""
+            logger.warning("device %s reports %s%s: %s", name, error.code, on_task, error.message)
+            if error.task_id:
+                self._failed(error.task_id, f"device error {error.code}: {error.message[:200]}")
+        elif isinstance(event, ProtocolViolation):
+            logger.warning("device %s broke the protocol (close %d): %s", name, event.close_code, event.reason)
+            if event.task_id:
+                self._failed(event.task_id, f"protocol violation: {event.reason[:200]}")
+            return Verdict(event.close_code, event.close_reason, changed=True)
+        elif isinstance(event, ByeReceived):
+            logger.info("device %s says goodbye (%d %s)", name, event.bye.code, event.bye.reason)
+            if event.pending_task_id:
+                self._failed(event.pending_task_id, "device left")
+            return Verdict(event.bye.code, event.bye.reason, changed=True)
+        else:
+            logger.info("device %s: ignoring %s", name, type(event).__name__)
+            return GO_ON
+        return CHANGED
+
+    def start_task(self, order: TrainOrder) -> bool:
+        """Queue ``order``'s TrainTask and tensors; False (the task failed) when they cannot go."""
+        try:
+            order.send(self.conn)
+        except ProtocolError as exc:  # e.g. the device's transfer limit is below the sub-network
+            logger.warning("round %d: cannot send task to %s: %s", order.round, order.device_id, exc)
+            self.engine.task_failed(order.task_id, f"cannot send: {exc}")
+            return False
+        self._task_mark = self.bytes_in
+        return True
+
+    def task_sent(self, order: TrainOrder, bytes_out: int) -> None:
+        """The transport delivered the task's ``bytes_out`` bytes."""
+        self.engine.record_traffic(self.device_id, bytes_out=bytes_out)
+        logger.info(
+            "round %d: sent task %s to %s (%.1f MB)", order.round, order.task_id, order.device_id, bytes_out / 1e6
+        )
+
+    def lost(self, code: int | None, reason: str) -> None:
+        """The connection is gone: a task it owed fails now (the round goes on without it)."""
+        for event in self.conn.receive_close(code, reason):
+            if isinstance(event, ConnectionLost) and event.pending_task_id:
+                logger.warning(
+                    "device %s disconnected (code %s) during task %s", self.device_id, code, event.pending_task_id
+                )
+                self._failed(event.pending_task_id, f"disconnected (code {code})")
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _hello(self, event: HelloReceived) -> Verdict:
+        hello = event.hello
+        try:
+            plan = self.engine.admit(self.device_id, thaw_json(hello.profile))
+        except (BudgetError, ProfileError) as exc:
+            logger.warning("device %s refused: %s", self.device_id, exc)
+            self.conn.send_error(code=ErrorCode.REJECTED, message=str(exc)[:2000])
+            self.conn.send_bye(reason="rejected", code=CLOSE_REJECTED)
+            return Verdict(CLOSE_REJECTED, "rejected")
+        self.conn.send_welcome(
+            run_id=self.engine.run_id,
+            round=self.engine.round,
+            server_time=self._wall_clock(),
+            device_id=self.device_id,
+        )
+        self.admitted = True
+        logger.info(
+            "device %s (sdk %s, says it is %r) joined: %.2fM-parameter sub-network",
+            self.device_id,
+            hello.sdk_version,
+            hello.device_id,
+            plan.params / 1e6,
+        )
+        return CHANGED
+
+    def _update(self, event: UpdateReceived, now: float, peak_of: Callable[[int], int] | None) -> None:
+        update = event.update
+        self.last_update = update
+        self._count_traffic()
+        outcome = self.engine.accept_update(
+            update.task_id,
+            event.tensors,
+            num_samples=update.num_samples,
+            now=now,
+            encoding=update.encoding,
+            metrics=update.metrics,
+            peak_rss_bytes=peak_of(update.peak_rss_bytes) if peak_of is not None else update.peak_rss_bytes,
+            step_time_s=update.step_time_s,
+            values_checked=True,  # the protocol checked finite values and the norm bound on arrival
+        )
+        if outcome.status != "ok":
+            logger.warning(
+                "device %s: update for %s not used: %s (%s)",
+                self.device_id,
+                update.task_id,
+                outcome.status,
+                outcome.reason,
+            )
+
+    def _failed(self, task_id: str, reason: str) -> None:
+        """A task is over without a usable result: a deploy's, or else the round's."""
+        if self._deploy_answer(task_id, False, {}, reason):
+            return
+        self._count_traffic()
+        self.engine.task_failed(task_id, reason)
+
+    def _deploy_answer(self, task_id: str, ok: bool, metrics: Mapping[str, float], message: str) -> bool:
+        return self._deploys is not None and self._deploys.answer(task_id, ok, metrics, message)
+
+    def _count_traffic(self) -> None:
+        if self._task_mark is not None:
+            self.engine.record_traffic(self.device_id, bytes_in=self.bytes_in - self._task_mark)
+            self._task_mark = None

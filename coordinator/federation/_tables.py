@@ -1,0 +1,265 @@
+"""Reading TOML configuration tables: a typed table reader, and the tables every config shares.
+
+:class:`Table` reads one table with typed getters whose errors name the file, the table and the key
+(``run.toml: [federation] fraction: must be in (0, 1], got 1.5``); :meth:`Table.done` makes unknown
+keys errors, so a typo is never silently ignored. :func:`table_reader` checks a file's table names.
+The ``[model]``, ``[federation]`` and ``[training]`` tables mean the same in a served run
+(``_config``) and a simulation (``coordinator.simulation``): :func:`read_model`,
+:func:`read_federation` and :func:`read_training` read them for both.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_sdk._errors import ConfigError
+from edge_sdk._units import parse_size
+from edge_sdk.scaling import DEFAULT_MIN_MARGIN_BYTES, SALIENCE_KINDS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "STRATEGIES",
+    "TASKS",
+    "FederationConfig",
+    "ModelConfig",
+    "Table",
+    "TrainingConfig",
+    "read_federation",
+    "read_model",
+    "read_toml",
+    "read_training",
+    "table_reader",
+]
+
+STRATEGIES = ("fedavg", "fedadam")
+TASKS = ("text-classification",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str  # a model folder, or a packaged model name (all-MiniLM-L6-v2)
+    task: str = "text-classification"
+    num_labels: int = 2
+    seed: int = 0  # seeds the task head, device selection and each task's local training seed
+    salience: str = "weight_l1"  # or "activation" (calibrated on the validation data)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How rounds run: how many, who takes part, how long to wait, how updates are merged."""
+
+    rounds: int = 10
+    fraction: float = 1.0  # of the expected devices taking part in each round
+    min_devices: int = 1  # a round never starts with fewer
+    device_wait_s: float = 300.0  # bound on waiting for devices before a round
+    round_deadline_s: float = 600.0  # results arriving later are dropped
+    strategy: str = "fedavg"
+    server_lr: float = 1.0  # FedAvg step size; FedAdam's learning rate (default 1e-3 there)
+    beta1: float = 0.9  # FedAdam only
+    beta2: float = 0.99
+    tau: float = 1e-3
+    max_update_norm_ratio: float = 2.0  # an update's L2 norm may be at most this x what was sent
+    # Planning keeps at least this much of each device's budget in reserve for what the memory model
+    # does not count (a detected budget's own safety margin counts towards it; see FederationEngine).
+    min_margin_bytes: int = DEFAULT_MIN_MARGIN_BYTES
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local training on each device."""
+
+    local_steps: int = 10
+    lr: float = 5e-5
+    batch_size: int = 8
+    seq_len: int = 64
+    prox_mu: float = 0.0
+
+
+
+class Table:
+    """One TOML table being read: typed getters that name ``[table] key`` in every error."""
+
+    def __init__(self, where: str, name: str, data: Any, base: Path) -> None:
+        self.where, self.name, self.base = where, name, base
+        if not isinstance(data, Mapping):
+            raise self.error(None, f"must be a table, got {type(data).__name__}")
+        self.data = dict(data)
+        self.used: set[str] = set()
+
+    def error(self, key: str | None, problem: str) -> ConfigError:
+        place = f"[{self.name}]" + (f" {key}" if key else "")
+        return ConfigError(f"{self.where}: {place}: {problem}")
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """The raw value of ``key`` (``default`` when absent), marked as read; check it yourself."""
+        self.used.add(key)
+        return self.data.get(key, default)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def text(self, key: str, default: str | None = None, *, choices: tuple[str, ...] = ()) -> str:
+        value = self.value(key, default)
+        if value is None:
+            raise self.error(key, "is required")
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"must be a non-empty string, got {value!r}")
+        if choices and value not in choices:
+            raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    def integer(
+        self, key: str, default: int | None, *, low: int | None = None, high: int | None = None
+    ) -> int:
+        value = self.value(key, default)
+        if value is None:
+            raise self.error(key, "is required")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be an integer, got {value!r}")
+        self._bounds(key, value, low, high)
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: float,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        open_low: bool = False,
+    ) -> float:
+        value = self.value(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(key, f"must be a finite number, got {value!r}")
+        if open_low and low is not None and value <= low:
+            raise self.error(key, f"must be > {low}, got {value}")
+        self._bounds(key, value, None if open_low else low, high)
+        return float(value)
+
+    def _bounds(self, key: str, value: float, low: float | None, high: float | None) -> None:
+        if low is not None and value < low:
+            raise self.error(key, f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise self.error(key, f"must be <= {high}, got {value}")
+
+    def path(self, key: str, *, must_exist: bool = False, required: bool = False) -> Path | None:
+        value = self.value(key, None)
+        if value is None or value == "":
+            if required:
+                raise self.error(key, "is required")
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a path string, got {value!r}")
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else self.base / path
+        if must_exist and not path.exists():
+            raise self.error(key, f"{path} does not exist")
+        return path
+
+    def size(self, key: str, default: int, *, allow_zero: bool = False) -> int:
+        value = self.value(key, default)
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except ConfigError as exc:
+                raise self.error(key, str(exc)) from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+            raise self.error(key, f"must be a size such as '1MiB' or a number of bytes, got {value!r}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.value(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {value!r}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(None, f"unknown key(s) {', '.join(unknown)}")
+
+
+def read_model(t: Table) -> ModelConfig:
+    name = t.text("name")
+    local = Path(name).expanduser()
+    local = local if local.is_absolute() else t.base / local
+    cfg = ModelConfig(
+        name=str(local) if local.is_dir() else name,
+        task=t.text("task", "text-classification", choices=TASKS),
+        num_labels=t.integer("num_labels", 2, low=2),
+        seed=t.integer("seed", 0, low=0, high=2**31 - 1),
+        salience=t.text("salience", "weight_l1", choices=SALIENCE_KINDS),
+    )
+    t.done()
+    return cfg
+
+
+def read_federation(t: Table) -> FederationConfig:
+    strategy = t.text("strategy", "fedavg", choices=STRATEGIES)
+    default_lr = 1.0 if strategy == "fedavg" else 1e-3
+    cfg = FederationConfig(
+        rounds=t.integer("rounds", 10, low=1),
+        fraction=t.number("fraction", 1.0, low=0.0, high=1.0, open_low=True),
+        min_devices=t.integer("min_devices", 1, low=1),
+        device_wait_s=t.number("device_wait_s", 300.0, low=0.0, open_low=True),
+        round_deadline_s=t.number("round_deadline_s", 600.0, low=0.0, open_low=True),
+        strategy=strategy,
+        server_lr=t.number("server_lr", default_lr, low=0.0, open_low=True),
+        beta1=t.number("beta1", 0.9, low=0.0, high=0.999999),
+        beta2=t.number("beta2", 0.99, low=0.0, high=0.999999),
+        tau=t.number("tau", 1e-3, low=0.0, open_low=True),
+        max_update_norm_ratio=t.number("max_update_norm_ratio", 2.0, low=1.0),
+        min_margin_bytes=t.size("min_margin", DEFAULT_MIN_MARGIN_BYTES, allow_zero=True),
+    )
+    if strategy == "fedavg":
+        for key in ("beta1", "beta2", "tau"):
+            if t.has(key):
+                raise t.error(key, "only applies to strategy = 'fedadam'")
+    t.done()
+    return cfg
+
+
+def read_training(t: Table) -> TrainingConfig:
+    cfg = TrainingConfig(
+        local_steps=t.integer("local_steps", 10, low=1),
+        lr=t.number("lr", 5e-5, low=0.0, open_low=True),
+        batch_size=t.integer("batch_size", 8, low=1),
+        seq_len=t.integer("seq_len", 64, low=1, high=8192),
+        prox_mu=t.number("prox_mu", 0.0, low=0.0),
+    )
+    t.done()
+    return cfg
+
+
+def table_reader(
+    data: Mapping[str, Any], known: tuple[str, ...], *, base: Path, where: str
+) -> Callable[[str], Table]:
+    """Check a config's table names ([model], [devices] and [run] required); returns a table reader."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    for required in ("model", "devices", "run"):
+        if required not in data:
+            raise ConfigError(f"{where}: the [{required}] table is required")
+    return lambda name: Table(where, name, data.get(name, {}), base)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; an unreadable file or bad TOML is a :class:`ConfigError` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
