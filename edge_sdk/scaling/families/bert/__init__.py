@@ -20,6 +20,8 @@ _KEYS = {
     "ffn": "intermediate_size",
 }
 
+# LoRA on all six Linear modules of a layer (attention projections and the FFN).
+_LORA_TARGETS = (_LAYER.query, _LAYER.key, _LAYER.value, _LAYER.output, _LAYER.up, _LAYER.down)
 
 # BertSelfAttention / RobertaSelfAttention reshape with these two attributes.
 _set_heads = head_attributes("num_attention_heads", "all_head_size")
@@ -33,6 +35,8 @@ BERT = Family(
     config_keys=_KEYS,
     set_heads=_set_heads,
     modeling_module="transformers.models.bert.modeling_bert",
+    lora_targets=_LORA_TARGETS,
+    word_embeddings={"text-classification": "bert.embeddings.word_embeddings.weight"},
 )
 
 ROBERTA = Family(
@@ -44,4 +48,6 @@ ROBERTA = Family(
     config_keys=_KEYS,
     set_heads=_set_heads,
     modeling_module="transformers.models.roberta.modeling_roberta",
+    lora_targets=_LORA_TARGETS,
+    word_embeddings={"text-classification": "roberta.embeddings.word_embeddings.weight"},
 )

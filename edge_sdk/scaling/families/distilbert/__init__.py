@@ -24,4 +24,7 @@ DISTILBERT = Family(
     config_keys={"num_layers": "n_layers", "num_heads": "n_heads", "hidden": "dim", "ffn": "hidden_dim"},
     set_heads=_set_heads,
     modeling_module="transformers.models.distilbert.modeling_distilbert",
+    # LoRA on all six Linear modules of a layer (attention projections and the FFN).
+    lora_targets=("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2"),
+    word_embeddings={"text-classification": "distilbert.embeddings.word_embeddings.weight"},
 )
