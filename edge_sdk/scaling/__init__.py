@@ -21,6 +21,7 @@ _NAMES: dict[str, str] = {
     "INFERENCE_RUNTIME_BYTES": "edge_sdk.scaling._memory",
     "LEVER_NAMES": "edge_sdk.scaling._policy",
     "LeverPolicy": "edge_sdk.scaling._policy",
+    "Levers": "edge_sdk._levers",
     "MemoryBudget": "edge_sdk.scaling._budget",
     "MemoryEstimate": "edge_sdk.scaling._memory",
     "ParentModel": "edge_sdk.scaling._parent",
@@ -76,6 +77,7 @@ __all__ = [
     "TRAINING_RUNTIME_BYTES",
     "DevicePlans",
     "LeverPolicy",
+    "Levers",
     "MemoryBudget",
     "MemoryEstimate",
     "ParentModel",
@@ -124,6 +126,7 @@ __all__ = [
 __getattr__, __dir__ = lazy_face(__name__, _NAMES, globals())
 
 if TYPE_CHECKING:
+    from edge_sdk._levers import Levers
     from edge_sdk.scaling._budget import (
         DEFAULT_MIN_MARGIN_BYTES,
         MemoryBudget,
