@@ -96,7 +96,7 @@ def test_json_without_a_model_has_no_plan(capsys: pytest.CaptureFixture[str]) ->
 def test_a_small_budget_trains_less_than_it_serves(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = in_process(
         capsys, "--json", "--no-probe", "--memory-budget", "900MB", "--model", "all-MiniLM-L6-v2",
-        "--batch", "16", "--seq", "128",
+        "--batch", "16", "--seq", "128", "--no-levers",  # plain training: the width binds
     )
     assert code == 0
     report = json.loads(out)
@@ -106,6 +106,29 @@ def test_a_small_budget_trains_less_than_it_serves(capsys: pytest.CaptureFixture
     assert plan["training"]["params_fraction"] < 1.0
     assert plan["inference"]["params"] > plan["training"]["params"]
     assert plan["training"]["predicted"]["activations"] > 0  # batch 16 x 128 taken into account
+
+
+def test_levers_train_the_full_model_where_plain_training_would_cut_it(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = in_process(
+        capsys, "--json", "--no-probe", "--memory-budget", "900MB", "--model", "all-MiniLM-L6-v2",
+        "--batch", "16", "--seq", "128",
+    )
+    assert code == 0
+    report = json.loads(out)
+    plan = report["plan"]
+    check_plans(plan, report["budget"])
+    training = plan["training"]
+    assert training["params_fraction"] == 1.0 and training["levers"] != {
+        "micro_batches": 1, "checkpointing": False, "embeddings": "train", "lora_rank": 0, "attention": "eager"
+    }
+    assert training["plain_peak_bytes"] > training["budget_bytes"] >= training["predicted_peak_bytes"]
+    assert plan["lever_policy"] is not None and plan["steps"] == 10
+    code, out, _ = in_process(capsys, "--no-probe", "--memory-budget", "900MB", "--model", "all-MiniLM-L6-v2",
+                              "--batch", "16", "--seq", "128", "--forbid", "lora")
+    assert code == 0
+    assert "levers: forbidden: lora" in out
+    assert any(line.strip().startswith("levers: ") and "plain training of this sub-network needs" in line
+               for line in out.splitlines())
 
 
 def test_memory_budget_override(capsys: pytest.CaptureFixture[str]) -> None:

@@ -114,7 +114,7 @@ def test_minilm_plan_cli_as_a_newcomer_runs_it(capsys: pytest.CaptureFixture[str
     """Once as the installed script in a fresh process (JSON), the table and a bad size through ``main``."""
     from coordinator.cli._main import main
 
-    args = ["plan", "--model", "all-MiniLM-L6-v2", "--memory", "1.2GB"]
+    args = ["plan", "--model", "all-MiniLM-L6-v2", "--no-levers", "--memory", "1.2GB"]  # plain: width binds
     script = os.path.join(os.path.dirname(sys.executable), "edge-coordinator")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([script, *args, "--json"], capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -133,6 +133,30 @@ def test_minilm_plan_cli_as_a_newcomer_runs_it(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as bad:
         main([*args[:-1], "12 parsecs"])
     assert bad.value.code == 2 and "unknown unit" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_plan_cli_shows_the_levers_and_what_they_buy(capsys: pytest.CaptureFixture[str]) -> None:
+    from coordinator.cli._main import main
+
+    assert main(["plan", "--model", "all-MiniLM-L6-v2", "--memory", "1.2GB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    train = plan["training"]
+    assert train["params_fraction"] == 1.0  # levers before widths: the full model trains in 1.2 GB
+    assert train["predicted_peak_bytes"] <= 1_200_000_000 < train["plain_peak_bytes"]
+    assert train["levers_save_bytes"] == train["plain_peak_bytes"] - train["predicted_peak_bytes"]
+    assert train["levers"]["lora_rank"] == 0 and train["levers"]["embeddings"] != "frozen"  # no accuracy cost
+    assert plan["lever_policy"]["forbid"] == [] and plan["steps"] == 10
+    assert "plain_peak_bytes" not in plan["inference"]
+    args = ["plan", "--model", "all-MiniLM-L6-v2", "--memory", "700MB", "--forbid", "lora"]
+    args += ["--pin", "checkpointing=true"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "levers: forbidden: lora; checkpointing=True" in table
+    line = next(line.strip() for line in table.splitlines() if line.strip().startswith("levers:") and "peak" in line)
+    assert "checkpointing" in line and "LoRA" not in line and "where plain training of this sub-network needs" in line
+    assert main([*args, "--no-levers"]) == 2
+    assert "--no-levers cannot be combined" in capsys.readouterr().err
 
 
 def test_plan_cli_refuses_a_budget_that_fits_nothing(capsys: pytest.CaptureFixture[str]) -> None:

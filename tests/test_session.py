@@ -113,7 +113,7 @@ def test_an_update_reaches_the_engine_once_checked_and_its_traffic_is_counted(mo
     def checked_twice(*args: Any, **kwargs: Any) -> float:
         raise AssertionError("the engine checked values the protocol had already checked")
 
-    monkeypatch.setattr("coordinator.federation._updates.check_tensor_values", checked_twice)
+    monkeypatch.setattr("coordinator.federation._update_check.check_tensor_values", checked_twice)
     engine, devices = joined(["a"])
     (order,) = engine.begin_round(["a"], now=0.0)
     device = devices["a"]

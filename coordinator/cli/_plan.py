@@ -1,4 +1,8 @@
-"""``edge-coordinator plan``: the training and inference sub-networks for a memory budget."""
+"""``edge-coordinator plan``: the training and inference sub-networks for a memory budget.
+
+Training levers come before widths (``--no-levers``: plain training, the width search alone);
+``--forbid`` and ``--pin`` give the planner a lever policy as a run's configuration would.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,13 @@ from edge_sdk.scaling import (
     INFERENCE_RUNTIME_BYTES,
     TRAINING_RUNTIME_BYTES,
     Workload,
+    add_lever_arguments,
+    describe_policy,
     plan_dict,
     plan_inference,
     plan_table,
     plan_training,
+    policy_from_arguments,
     ranked_parent,
     resolve_model_dir,
 )
@@ -25,7 +32,9 @@ def add_parser(sub: Any) -> None:
         "plan",
         help="the sub-networks a device with this much memory would train and serve",
         description="Rank heads and neurons by salience, then find the largest sub-network whose "
-        "training fits the budget, and the larger one whose inference fits.",
+        "training fits the budget (training levers first: micro-batches, checkpointing, embedding rows, "
+        "then frozen embeddings and LoRA, cutting width only when none fits), and the larger one whose "
+        "inference fits.",
     )
     p.add_argument("--model", required=True, help="model folder, or a packaged model name (all-MiniLM-L6-v2)")
     p.add_argument(
@@ -35,15 +44,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     p.add_argument("--infer-batch", type=int, default=1, help="inference batch size (default 1)")
     p.add_argument("--runtime", type=size_argument, default=None, help="the training runtime's own footprint")
+    add_lever_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
+    policy = policy_from_arguments(args)
     model_dir = resolve_model_dir(args.model)
     parent, salience = ranked_parent(model_dir)
-    train_work = Workload(args.batch, args.seq)
+    train_work = Workload(args.batch, args.seq, steps=args.steps)
     training = plan_training(
-        parent, salience, args.memory, train_work, runtime=args.runtime or TRAINING_RUNTIME_BYTES
+        parent, salience, args.memory, train_work, runtime=args.runtime or TRAINING_RUNTIME_BYTES, policy=policy
     )
     inference = plan_inference(
         parent,
@@ -61,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
                     "budget_bytes": args.memory,
                     "batch": args.batch,
                     "seq": args.seq,
+                    "steps": args.steps,
+                    "lever_policy": None if policy is None else policy.to_dict(),
                     "training": plan_dict(training),
                     "inference": plan_dict(inference),
                 },
@@ -75,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"budget {args.memory:,} bytes ({format_bytes(args.memory)}); "
-        f"training batch {args.batch} x sequence {args.seq}; inference batch {args.infer_batch}\n"
+        f"training batch {args.batch} x sequence {args.seq}, {args.steps} steps a task; inference batch "
+        f"{args.infer_batch}; levers: {describe_policy(policy)}\n"
     )
     print("\n".join(plan_table("training sub-network", training)))
     print()
     print("\n".join(plan_table("inference sub-network", inference)))
     return 0
+

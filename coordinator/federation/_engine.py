@@ -24,7 +24,7 @@ each device's training and serving budgets, planned by the
 :class:`~coordinator.federation._planner.Planner` under a :class:`WidthPolicy`, "budget" by default),
 the :class:`~coordinator.federation._selection.Selection` (who takes part), the
 :class:`~coordinator.federation._round.OpenRound` (orders, answers, traffic) and
-:func:`~coordinator.federation._updates.check_update`. Updates are full sub-network weights (or
+:func:`~coordinator.federation._update_check.accept_tensors`. Updates are full sub-network weights (or
 deltas), checked against what was sent and merged per coordinate, sample-weighted (``aggregate``).
 
 All public methods may be called from one thread while :meth:`finish_round` runs in another: its
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.federation._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate
+from coordinator.federation._aggregate import FedAdam, FedAvg, ServerOptimizer, aggregate
 from coordinator.federation._checkpoint import EngineState, state_digest
 from coordinator.federation._planner import BUDGET, Planner, WidthPolicy
 from coordinator.federation._records import DeviceOutcome, RoundSummary, TrainOrder, width_of
@@ -50,7 +50,7 @@ from coordinator.federation._registry import DeviceRegistry
 from coordinator.federation._round import OpenRound, train_orders
 from coordinator.federation._selection import Selection
 from coordinator.federation._tables import FederationConfig, TrainingConfig
-from coordinator.federation._updates import check_update
+from coordinator.federation._update_check import accept_tensors
 from edge_sdk._errors import ConfigError, EdgeFMError
 from edge_sdk.scaling import ParentModel, Plan, Salience, Workload, family_for
 
@@ -259,7 +259,7 @@ class FederationEngine:
             if task_id in rnd.outcomes:
                 return DeviceOutcome(order.device_id, task_id, "rejected", "this task was already answered")
         try:
-            weights = check_update(
+            update = accept_tensors(
                 self.parent, order, tensors, num_samples=num_samples, encoding=encoding, values_checked=values_checked
             )
         except EdgeFMError as exc:
@@ -268,7 +268,7 @@ class FederationEngine:
         with self._lock:
             if rnd.closed or task_id in rnd.outcomes:
                 return DeviceOutcome(order.device_id, task_id, "late", "arrived after the round's deadline")
-            rnd.updates[task_id] = ClientUpdate(order.spec, weights, num_samples)
+            rnd.updates[task_id] = update
             outcome = rnd.answer(
                 task_id,
                 "ok",

@@ -5,7 +5,8 @@ The hook ``edge_sdk.cli._profile`` imports lazily: :func:`add_arguments` adds th
 and nothing heavy is imported (the profile itself needs no torch).
 
 The plans follow the coordinator's rule (``edge_sdk.scaling._planning``): training from the budget's usable
-bytes less the coordinator's reserve, inference (ONNX Runtime, no torch) from that plus the runtime
+bytes less the coordinator's reserve, training levers before widths (``--no-levers``: plain training;
+``--forbid``/``--pin``: a run's lever policy), inference (ONNX Runtime, no torch) from that plus the runtime
 footprint, never smaller than the training sub-network. Salience is the data-free weight L1; a
 coordinator configured with activation-aware salience may choose slightly different heads and neurons.
 """
@@ -18,6 +19,7 @@ from typing import Any
 from edge_sdk._units import format_bytes, size_argument
 from edge_sdk.device._profile import DeviceProfile
 from edge_sdk.scaling._budget import DEFAULT_MIN_MARGIN_BYTES, MemoryBudget
+from edge_sdk.scaling._policy import add_lever_arguments, describe_policy, policy_from_arguments
 
 __all__ = ["add_arguments", "run_plan"]
 
@@ -51,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the coordinator's reserve, its [federation] min_margin "
         f"(default {format_bytes(DEFAULT_MIN_MARGIN_BYTES)})",
     )
+    add_lever_arguments(group)
 
 
 def run_plan(
@@ -65,6 +68,7 @@ def run_plan(
     from edge_sdk.scaling._planning import plan_device, plan_dict, plan_table
     from edge_sdk.scaling._ranked import ranked_parent
 
+    policy = policy_from_arguments(args)
     model_dir = resolve_model_dir(args.model)
     parent, salience = ranked_parent(model_dir)
     plans = plan_device(
@@ -73,16 +77,19 @@ def run_plan(
         usable=budget.usable,
         margin=budget.margin,
         runtime_footprint=budget.runtime_footprint,
-        train=Workload(args.batch, args.seq),
+        train=Workload(args.batch, args.seq, steps=args.steps),
         infer=Workload(args.infer_batch, args.infer_seq),
         quantize=args.int8,
         min_margin=args.min_margin,
+        policy=policy,
     )
     section = {
         "model": str(model_dir),
         "salience": "weight_l1",
         "min_margin_bytes": args.min_margin,
         "training_workload": {"batch": args.batch, "seq": args.seq},
+        "steps": args.steps,
+        "lever_policy": None if policy is None else policy.to_dict(),
         "inference_workload": {"batch": args.infer_batch, "seq": args.infer_seq, "int8": args.int8},
         "training": plan_dict(plans.training),
         "inference": plan_dict(plans.inference),
@@ -94,7 +101,8 @@ def run_plan(
         "",
         f"Plan for {args.model} ({d.family}: {d.num_layers} layers, {d.num_heads} heads, FFN {d.ffn}; "
         f"salience: weight L1; coordinator reserve {format_bytes(args.min_margin)})",
-        f"  training batch {args.batch} x sequence {args.seq}; inference batch {args.infer_batch} x sequence "
+        f"  training batch {args.batch} x sequence {args.seq}, {args.steps} steps a task, levers: "
+        f"{describe_policy(policy)}; inference batch {args.infer_batch} x sequence "
         f"{args.infer_seq}{' int8' if args.int8 else ''}, in ONNX Runtime without torch (the runtime footprint "
         "is free for it; the export on this device must fit too)",
         *(f"  {line}".rstrip() for line in plan_table("training sub-network", plans.training)),

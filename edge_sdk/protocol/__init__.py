@@ -78,6 +78,13 @@ from edge_sdk.protocol._tensors import (
     read_safetensors_header,
     torch_to_numpy,
 )
+from edge_sdk.protocol._update_entries import (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    ROWS_SUFFIX,
+    split_update_name,
+    update_entry_mismatches,
+)
 from edge_sdk.protocol._wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
@@ -104,11 +111,14 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_TRANSFER_BYTES",
     "DTYPES",
+    "LORA_A_SUFFIX",
+    "LORA_B_SUFFIX",
     "MAX_CHUNK_BYTES",
     "MAX_TEXT_BYTES",
     "MESSAGE_TYPES",
     "MIN_CHUNK_BYTES",
     "PROTOCOL_VERSION",
+    "ROWS_SUFFIX",
     "STOP_CODES",
     "Bye",
     "ByeReceived",
@@ -160,6 +170,8 @@ __all__ = [
     "entry_mismatches",
     "numpy_to_torch",
     "read_safetensors_header",
+    "split_update_name",
     "thaw_json",
     "torch_to_numpy",
+    "update_entry_mismatches",
 ]

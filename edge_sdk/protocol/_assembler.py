@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -31,7 +31,10 @@ from edge_sdk.protocol._tensors import (
 )
 from edge_sdk.protocol._wire import CLOSE_MESSAGE_TOO_BIG, CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR
 
-__all__ = ["TensorAssembler", "decode_tensors"]
+__all__ = ["EntryCheck", "TensorAssembler", "decode_tensors"]
+
+# What a receiver expects: exact entries, or a function listing every problem with the entries received.
+EntryCheck = Callable[[Iterable[TensorEntry]], list[str]]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,8 @@ class TensorAssembler:
     """Rebuild the tensors of one announced transfer from its chunk frames.
 
     ``expected``: the tensors the receiver asked for (for the coordinator, what it sent): names, shapes
-    and dtypes must match exactly, every mismatch is reported in one ProtocolError (1008).
+    and dtypes must match exactly, every mismatch is reported in one ProtocolError (1008). It may also
+    be a function of the received entries returning every problem (an update shaped by training levers).
     ``check_values``: run :func:`check_tensor_values` (finite values, ``max_norm``) in :meth:`finish`.
     """
 
@@ -48,7 +52,7 @@ class TensorAssembler:
         self,
         manifest: TensorManifest,
         *,
-        expected: Iterable[TensorEntry] | None = None,
+        expected: Iterable[TensorEntry] | EntryCheck | None = None,
         max_total_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         check_values: bool = True,
@@ -57,7 +61,12 @@ class TensorAssembler:
     ) -> None:
         self._manifest = manifest
         self._what = what
-        self._expected = tuple(expected) if expected is not None else None
+        self._expected: EntryCheck | None = None
+        if callable(expected):
+            self._expected = expected
+        elif expected is not None:
+            wanted = tuple(expected)
+            self._expected = lambda entries: entry_mismatches(entries, wanted)
         self._check_values = check_values
         self._max_norm = max_norm
         tid = manifest.transfer_id
@@ -174,7 +183,7 @@ class TensorAssembler:
 
     def _raise_mismatches(self, entries: Iterable[TensorEntry], source: str) -> None:
         assert self._expected is not None
-        problems = entry_mismatches(entries, self._expected)
+        problems = self._expected(entries)
         if problems:
             raise ProtocolError(
                 f"{self._what}: {source} does not match the expected tensors: " + "; ".join(problems),

@@ -45,6 +45,7 @@ from edge_sdk.protocol._messages import (
     WireLimits,
 )
 from edge_sdk.protocol._tensors import check_tensor_values
+from edge_sdk.protocol._update_entries import update_entry_check
 from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
 __all__ = ["CoordinatorConnection"]
@@ -115,7 +116,8 @@ class CoordinatorConnection(BaseConnection):
         tensors: Mapping[str, np.ndarray],
         max_update_norm: float | None = None,
     ) -> TrainTask:
-        """Send a training task; the Update must return the same tensor names, shapes and dtypes.
+        """Send a training task; the Update must return the same tensor names, shapes and dtypes, or
+        what ``settings.levers`` allows instead (``edge_sdk.protocol._update_entries``).
 
         ``max_update_norm``: bound on the global L2 norm of the returned tensors (for delta updates).
         """
@@ -240,7 +242,9 @@ class CoordinatorConnection(BaseConnection):
             )
         if isinstance(message, Update):
             try:
-                self._open_transfer(message.weights, task.weights.entries, f"update for task {task_id!r}")
+                assert isinstance(task, TrainTask)  # an Update answers only a TrainTask (checked above)
+                expected = update_entry_check(task.weights.entries, task.settings.levers)
+                self._open_transfer(message.weights, expected, f"update for task {task_id!r}")
             except ProtocolError as exc:
                 return self._violation(
                     str(exc), exc.close_code, error_code_for(exc.close_code, ErrorCode.BAD_UPDATE), task_id

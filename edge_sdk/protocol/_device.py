@@ -32,7 +32,8 @@ from edge_sdk.protocol._messages import (
     Welcome,
     WireLimits,
 )
-from edge_sdk.protocol._tensors import check_tensor_values, describe_tensors, entry_mismatches
+from edge_sdk.protocol._tensors import check_tensor_values, describe_tensors
+from edge_sdk.protocol._update_entries import update_entry_mismatches
 from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
 __all__ = ["DeviceConnection"]
@@ -91,14 +92,15 @@ class DeviceConnection(BaseConnection):
         train_time_s: float,
         encoding: Literal["weights", "delta"] = "delta",
     ) -> Update:
-        """Answer the running TrainTask with its trained tensors (same names, shapes, dtypes as received).
+        """Answer the running TrainTask with its trained tensors (same names, shapes, dtypes as received,
+        or what the task's levers allow instead: row updates, LoRA factors, frozen tensors left out).
 
         Raises ProtocolError, queueing nothing, if the tensors differ from the task's, hold NaN/Inf or
         exceed the coordinator's transfer limit: report the failure with ``send_error`` instead.
         """
         task = self._working_task("send_update", task_id, TrainTask)
         what = f"update for task {task_id!r}"
-        problems = entry_mismatches(describe_tensors(tensors), task.weights.entries)
+        problems = update_entry_mismatches(describe_tensors(tensors), task.weights.entries, task.settings.levers)
         if problems:
             raise ProtocolError(
                 f"{what} does not match the task's tensors: " + "; ".join(problems), CLOSE_POLICY_VIOLATION

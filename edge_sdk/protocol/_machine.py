@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 
 from edge_sdk._errors import ProtocolError
-from edge_sdk.protocol._assembler import TensorAssembler
+from edge_sdk.protocol._assembler import EntryCheck, TensorAssembler
 from edge_sdk.protocol._events import ByeReceived, ConnectionLost, Event, ProtocolViolation
 from edge_sdk.protocol._messages import (
     MAX_TEXT_BYTES,
@@ -260,7 +260,7 @@ class BaseConnection:
         return self._on_transfer_complete(tensors)
 
     def _open_transfer(
-        self, manifest: TensorManifest, expected: tuple[TensorEntry, ...] | None, what: str
+        self, manifest: TensorManifest, expected: tuple[TensorEntry, ...] | EntryCheck | None, what: str
     ) -> None:
         """Start receiving an announced transfer (limits and expected tensors are checked here)."""
         if manifest.num_chunks > 1 and manifest.chunk_bytes < MIN_CHUNK_BYTES:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Final, Literal
 
 from edge_sdk._errors import ProtocolError
+from edge_sdk._levers import Levers
 from edge_sdk.protocol._tensors import (
     CHUNK_HEADER_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -28,6 +29,7 @@ from edge_sdk.protocol._wire import (
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,
+    OPTIONAL_ON_WIRE,
     JSONObject,
     WireRecord,
     dumps_json,
@@ -127,9 +129,21 @@ class WireLimits(WireRecord):
         return max(self.max_chunk_bytes + CHUNK_HEADER_BYTES, self.max_text_bytes)
 
 
+MAX_GRAD_NORM: Final = 1e6  # the largest gradient-clipping bound a task may carry
+PLAIN_LEVERS: Final = Levers()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSettings(WireRecord):
-    """Local training of one task: exactly one of ``local_steps`` / ``local_epochs``."""
+    """Local training of one task: exactly one of ``local_steps`` / ``local_epochs``.
+
+    ``seq_len`` is the longest row a batch may hold (rows are truncated to it; each (micro-)batch is
+    padded to its own longest row). The fields after ``seed`` came with the memory levers and are
+    optional on the wire (sent only when set, so a device that predates them still gets plain tasks):
+    ``levers`` is the training recipe the coordinator planned (its ``micro_batches`` split the batch,
+    so at most ``batch_size``), ``max_grad_norm`` clips the global gradient norm (None: no clipping),
+    ``dropout`` overrides the model's dropout probabilities (None: the model's own).
+    """
 
     local_steps: int | None = None
     local_epochs: int | None = None
@@ -139,6 +153,9 @@ class TrainSettings(WireRecord):
     optimizer: str = "adamw"
     prox_mu: float = 0.0
     seed: int = 0
+    levers: Levers = dataclasses.field(default=PLAIN_LEVERS, metadata=OPTIONAL_ON_WIRE)
+    max_grad_norm: float | None = dataclasses.field(default=None, metadata=OPTIONAL_ON_WIRE)
+    dropout: float | None = dataclasses.field(default=None, metadata=OPTIONAL_ON_WIRE)
 
     def _validate(self) -> None:
         _require(
@@ -156,6 +173,21 @@ class TrainSettings(WireRecord):
         _require(self, "optimizer", bool(self.optimizer), "must not be empty")
         _require(self, "prox_mu", self.prox_mu >= 0, f"must be >= 0, got {self.prox_mu}")
         _require(self, "seed", 0 <= self.seed < 2**63, f"must be in 0..2**63-1, got {self.seed}")
+        _require(
+            self,
+            "levers",
+            self.levers.micro_batches <= self.batch_size,
+            f"{self.levers.micro_batches} micro-batches cannot split a batch of {self.batch_size}",
+        )
+        if self.max_grad_norm is not None:
+            _require(
+                self,
+                "max_grad_norm",
+                0 < self.max_grad_norm <= MAX_GRAD_NORM,
+                f"must be in (0, {MAX_GRAD_NORM:g}] or null (no clipping), got {self.max_grad_norm}",
+            )
+        if self.dropout is not None:
+            _require(self, "dropout", 0 <= self.dropout < 1, f"must be in [0, 1) or null, got {self.dropout}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

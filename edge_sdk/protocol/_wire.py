@@ -17,7 +17,7 @@ import types
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from edge_sdk._errors import ProtocolError
+from edge_sdk._errors import EdgeFMError, ProtocolError
 
 __all__ = [
     "CLOSE_INTERNAL_ERROR",
@@ -26,6 +26,8 @@ __all__ = [
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_UNSUPPORTED_DATA",
+    "OPTIONAL_ON_WIRE",
+    "WIRE_OPTIONAL",
     "JSONObject",
     "WireRecord",
     "dumps_json",
@@ -47,6 +49,13 @@ CLOSE_INTERNAL_ERROR = 1011  # a bug on this side; the peer did nothing wrong
 JSONObject = Mapping[str, Any]
 
 _MAX_JSON_DEPTH = 64
+
+# Field metadata key: a field added to a record after its protocol version was fixed. It travels only
+# when its value differs from its default and decodes to its default when absent, so peers that do not
+# know it still exchange every message that does not use it (the version ``v`` stays the same).
+# Declare one as ``name: T = dataclasses.field(default=..., metadata=OPTIONAL_ON_WIRE)``.
+WIRE_OPTIONAL = "wire_optional"
+OPTIONAL_ON_WIRE: Mapping[str, bool] = types.MappingProxyType({WIRE_OPTIONAL: True})
 
 _R = TypeVar("_R", bound="WireRecord")
 
@@ -127,10 +136,22 @@ def freeze_json(value: object, path: str, _depth: int = 0) -> Any:
     raise _fail(path, f"not a JSON value: {type(value).__name__}")
 
 
+def _is_dict_record(ann: Any) -> bool:
+    """A plain frozen dataclass that parses and writes itself (``from_dict``/``to_dict``), e.g. Levers."""
+    return (
+        isinstance(ann, type)
+        and dataclasses.is_dataclass(ann)
+        and callable(getattr(ann, "from_dict", None))
+        and callable(getattr(ann, "to_dict", None))
+    )
+
+
 def thaw_json(value: Any) -> Any:
     """Plain ``dict``/``list`` copy of a frozen JSON value or a :class:`WireRecord`'s JSON form."""
     if isinstance(value, WireRecord):
         return value.to_json()
+    if _is_dict_record(type(value)):
+        return thaw_json(value.to_dict())
     if isinstance(value, Mapping):
         return {key: thaw_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -176,6 +197,15 @@ def _coerce(value: object, ann: Any, path: str) -> Any:
         raise _fail(path, f"expected a number, got {json_type_name(value)}")
     if isinstance(ann, type) and issubclass(ann, WireRecord):
         return value if isinstance(value, ann) else ann.from_json(value, path)
+    if _is_dict_record(ann):
+        if isinstance(value, ann):
+            return value
+        if not isinstance(value, Mapping):
+            raise _fail(path, f"expected an object, got {json_type_name(value)}")
+        try:
+            return ann.from_dict(freeze_json(value, path))
+        except EdgeFMError as exc:
+            raise _fail(path, str(exc)) from None
     origin, args = get_origin(ann), get_args(ann)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -224,8 +254,12 @@ class WireRecord:
         return _fail(f"{type(self).__name__}.{field}", problem, close_code)
 
     def to_json(self) -> dict[str, Any]:
-        """The record as plain JSON-ready ``dict``/``list`` values."""
-        return {field.name: thaw_json(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        """The record as plain JSON-ready ``dict``/``list`` values (wire-optional fields only when set)."""
+        return {
+            field.name: thaw_json(getattr(self, field.name))
+            for field in dataclasses.fields(self)
+            if not (field.metadata.get(WIRE_OPTIONAL) and getattr(self, field.name) == field.default)
+        }
 
     @classmethod
     def from_json(cls: type[_R], obj: object, path: str | None = None) -> _R:
@@ -234,12 +268,13 @@ class WireRecord:
         if not isinstance(obj, Mapping):
             raise _fail(path, f"expected an object, got {json_type_name(obj)}")
         names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in obj]
+        optional = {field.name for field in dataclasses.fields(cls) if field.metadata.get(WIRE_OPTIONAL)}
+        missing = [name for name in names if name not in obj and name not in optional]
         unknown = sorted(key for key in obj if key not in names)
         if missing or unknown:
             problems = [f"missing field {name!r}" for name in missing]
             problems += [f"unknown field {name!r}" for name in unknown]
             raise _fail(path, "; ".join(problems))
         hints = _field_types(cls)
-        values = {name: _coerce(obj[name], hints[name], f"{path}.{name}") for name in names}
+        values = {name: _coerce(obj[name], hints[name], f"{path}.{name}") for name in names if name in obj}
         return cls(**values)

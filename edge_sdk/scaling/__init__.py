@@ -19,6 +19,9 @@ _NAMES: dict[str, str] = {
     "DEFAULT_MIN_MARGIN_BYTES": "edge_sdk.scaling._budget",
     "DevicePlans": "edge_sdk.scaling._planning",
     "INFERENCE_RUNTIME_BYTES": "edge_sdk.scaling._memory",
+    "LEVER_NAMES": "edge_sdk.scaling._policy",
+    "LeverPolicy": "edge_sdk.scaling._policy",
+    "Levers": "edge_sdk._levers",
     "MemoryBudget": "edge_sdk.scaling._budget",
     "MemoryEstimate": "edge_sdk.scaling._memory",
     "ParentModel": "edge_sdk.scaling._parent",
@@ -30,16 +33,19 @@ _NAMES: dict[str, str] = {
     "TRAINING_RUNTIME_BYTES": "edge_sdk.scaling._memory",
     "Workload": "edge_sdk.scaling._memory",
     "activation_aware": "edge_sdk.scaling._salience",
+    "add_lever_arguments": "edge_sdk.scaling._policy",
     "activation_bytes": "edge_sdk.scaling._memory",
     "apply_reordering": "edge_sdk.scaling._reorder",
     "budget_for_device_class": "edge_sdk.scaling._budget",
     "build_model": "edge_sdk.scaling._build",
     "default_margin": "edge_sdk.scaling._budget",
+    "describe_policy": "edge_sdk.scaling._policy",
     "export_estimate": "edge_sdk.scaling._memory",
     "extract": "edge_sdk.scaling._extract",
     "family_for": "edge_sdk.scaling.families",
     "inference_bytes": "edge_sdk.scaling._budget",
     "inference_estimate": "edge_sdk.scaling._memory",
+    "levers_line": "edge_sdk.scaling._planning",
     "load_parent": "edge_sdk.scaling._parent",
     "model_class": "edge_sdk.scaling._build",
     "param_count": "edge_sdk.scaling._extract",
@@ -51,8 +57,10 @@ _NAMES: dict[str, str] = {
     "plan_serving": "edge_sdk.scaling._planning",
     "plan_table": "edge_sdk.scaling._planning",
     "plan_training": "edge_sdk.scaling._search",
+    "policy_from_arguments": "edge_sdk.scaling._policy",
     "ranked_parent": "edge_sdk.scaling._ranked",
     "regions": "edge_sdk.scaling._extract",
+    "relative_step_time": "edge_sdk.scaling._step_time",
     "reorder": "edge_sdk.scaling._reorder",
     "resolve_model_dir": "edge_sdk.scaling._models",
     "serving_estimate": "edge_sdk.scaling._memory",
@@ -64,9 +72,12 @@ _NAMES: dict[str, str] = {
 __all__ = [
     "DEFAULT_MIN_MARGIN_BYTES",
     "INFERENCE_RUNTIME_BYTES",
+    "LEVER_NAMES",
     "SALIENCE_KINDS",
     "TRAINING_RUNTIME_BYTES",
     "DevicePlans",
+    "LeverPolicy",
+    "Levers",
     "MemoryBudget",
     "MemoryEstimate",
     "ParentModel",
@@ -77,15 +88,18 @@ __all__ = [
     "Workload",
     "activation_aware",
     "activation_bytes",
+    "add_lever_arguments",
     "apply_reordering",
     "budget_for_device_class",
     "build_model",
     "default_margin",
+    "describe_policy",
     "export_estimate",
     "extract",
     "family_for",
     "inference_bytes",
     "inference_estimate",
+    "levers_line",
     "load_parent",
     "model_class",
     "param_count",
@@ -97,8 +111,10 @@ __all__ = [
     "plan_serving",
     "plan_table",
     "plan_training",
+    "policy_from_arguments",
     "ranked_parent",
     "regions",
+    "relative_step_time",
     "reorder",
     "resolve_model_dir",
     "serving_estimate",
@@ -110,6 +126,7 @@ __all__ = [
 __getattr__, __dir__ = lazy_face(__name__, _NAMES, globals())
 
 if TYPE_CHECKING:
+    from edge_sdk._levers import Levers
     from edge_sdk.scaling._budget import (
         DEFAULT_MIN_MARGIN_BYTES,
         MemoryBudget,
@@ -133,9 +150,25 @@ if TYPE_CHECKING:
     )
     from edge_sdk.scaling._models import resolve_model_dir
     from edge_sdk.scaling._parent import ParentModel, load_parent, parent_from_module
-    from edge_sdk.scaling._planning import DevicePlans, ServingPlan, plan_device, plan_dict, plan_serving, plan_table
+    from edge_sdk.scaling._planning import (
+        DevicePlans,
+        ServingPlan,
+        levers_line,
+        plan_device,
+        plan_dict,
+        plan_serving,
+        plan_table,
+    )
+    from edge_sdk.scaling._policy import (
+        LEVER_NAMES,
+        LeverPolicy,
+        add_lever_arguments,
+        describe_policy,
+        policy_from_arguments,
+    )
     from edge_sdk.scaling._ranked import SALIENCE_KINDS, ranked_parent
     from edge_sdk.scaling._reorder import Reordering, apply_reordering, plan_reordering, reorder
     from edge_sdk.scaling._salience import Salience, activation_aware, weight_l1
     from edge_sdk.scaling._search import Plan, plan_inference, plan_training
+    from edge_sdk.scaling._step_time import relative_step_time
     from edge_sdk.scaling.families import family_for

@@ -1,16 +1,40 @@
 """The memory model: predicted peak bytes of training, or serving, a sub-network.
 
-Training, fp32 weights and AdamW, P trainable parameters (``../shared/design.md`` section 3)::
+Training (fp32, AdamW). Every parameter is held as 4 bytes of weights; a *trainable* one also has a
+gradient (4 B) and two AdamW moments (8 B). With T trainable and F frozen parameters the resident
+state is ``4(T + F) + 8T``, and a step's peak is the larger of two moments::
 
-    weights 4P + Adam moments 8P + max(activations, gradients 4P) + transient + runtime footprint
+    end of forward:  4(T+F) + 8T + [k > 1: 4T] + A + c_f
+    backward:        4(T+F) + 8T + 4T + a_b * A + R + c_b
 
-where the transient is fitted to measured peaks (below): gradients are freed between steps, so the
-peak is either the end of the forward pass or the backward pass, whichever holds more.
+where A is what autograd saves for backward (activations, below), R what a checkpointed layer
+recomputes in backward (0 without checkpointing), and c_f, c_b, a_b are fitted to measured peaks
+(autograd's and AdamW's temporaries). Gradients are freed between steps (``zero_grad(set_to_none=True)``),
+so with one micro-batch they are not alive at the end of the forward pass; with k > 1 micro-batches
+the gradients accumulated so far stay resident while the next micro-batch runs forward.
+
+Levers (:class:`~edge_sdk._levers.Levers`) change T, F, A and R:
+
+* ``embeddings="frozen"``: the word-embedding table (V x h, ``Workload.vocab`` rows) moves from T
+  to F. ``"rows"``: it moves to F, and a compact copy of the n rows a task can touch becomes
+  trainable, ``n = min(V, batch x seq x steps)`` (every token of every step distinct, the bound).
+* ``lora_rank=r``: the six linear layers of every encoder layer (query, key, value, attention
+  output, FFN up and down: weights and biases) move to F and their adapters (``r (in + out)`` per
+  linear) are trainable; the rest (LayerNorms, task head, the embedding table per its lever, and,
+  conservatively, position and token-type embeddings) stays trainable. Each adapter saves a
+  ``b x s x r`` intermediate.
+* ``micro_batches=k``: A is that of ``ceil(b / k)`` rows (the gradients stay whole, see above).
+* ``checkpointing``: a layer keeps only its input ``beta s b h``; in backward one layer at a time
+  recomputes its activations, R = the largest layer's activations.
+* ``attention="sdpa"`` without dropout (``Workload.dropout`` False): the fused kernel saves no
+  ``a x s^2`` attention probabilities. With dropout, SDPA on CPU falls back to the same tensors as
+  eager attention.
 
 Activations per post-LN encoder layer (batch b, sequence s, element bytes beta, kept attention width
-d_a = heads x head_dim, kept FFN width d_ff, heads a)::
+d_a = heads x head_dim, kept FFN width d_ff, heads a; dropout masks of m bytes an element, m = 0
+without dropout)::
 
-    beta*s*b*(4h + 4 d_a + 2 d_ff) + mask_bytes*2*s*b*h + [eager] (2 beta + mask_bytes)*a*s^2*b
+    beta*s*b*(4h + 4 d_a + 2 d_ff) + m*2*s*b*h + [attention probabilities] (2 beta + m)*a*s^2*b
 
 plus the embeddings and task head: ``3*beta*s*b*h`` (sum, LayerNorm and dropout) and a few values
 per token and per sequence, measured against what autograd saves (``tests/test_memory.py``).
@@ -22,9 +46,11 @@ footprint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
-from edge_sdk._spec import SubnetSpec
+from edge_sdk._levers import Levers
+from edge_sdk._spec import LayerSpec, SubnetSpec
 
 __all__ = [
     "INFERENCE_RUNTIME_BYTES",
@@ -34,7 +60,9 @@ __all__ = [
     "activation_bytes",
     "export_estimate",
     "inference_estimate",
+    "recompute_bytes",
     "serving_estimate",
+    "trainable_params",
     "training_estimate",
 ]
 
@@ -44,38 +72,49 @@ __all__ = [
 TRAINING_RUNTIME_BYTES = 415_000_000
 INFERENCE_RUNTIME_BYTES = 55_000_000
 
-# Training's peak, measured in fresh processes training MiniLM sub-networks (12 shapes: 14.7M-22.7M
-# parameters, batch 2-64, sequence 16-256; allocator tuned by ``_alloc.tune_allocator``; the same to
-# within 0.3 % run to run), is the larger of two moments of a step:
-#   end of the forward pass:  weights + Adam moments + activations + 95 MB
-#   backward / optimizer:     weights + Adam moments + gradients + 0.75 x activations + 160 MB
-# (gradients are freed between steps by ``zero_grad(set_to_none=True)``, and activations are
-# released as the backward pass allocates gradients; the fixed parts are autograd's and AdamW's
-# temporaries and the embedding's dense gradient buffers). Fitted so that every measurement lies
-# at or under the prediction: 0.5 % to 13 % above the measured peak, never below.
+# The fitted parts of training's peak (see the module docstring), measured in fresh processes
+# training MiniLM sub-networks with the allocator tuned by ``tune_allocator``.
 _FORWARD_FIXED = 95_000_000
 _BACKWARD_FIXED = 160_000_000
 _BACKWARD_ACTIVATIONS = 0.75
 
+PLAIN = Levers()  # plain training: no lever
+
 
 @dataclass(frozen=True)
 class Workload:
-    """What one step processes: batch size, sequence length, and how tensors are stored."""
+    """What one step processes: batch size, the longest row, and how tensors are stored.
+
+    ``seq`` is the longest row a device's batches can reach (batches are padded only to their
+    longest row, rows truncated at the task's max length). ``steps`` (0: unknown) and ``vocab`` (the
+    word-embedding table's rows, 0: unknown) matter only to the embedding levers.
+    """
 
     batch: int
     seq: int
     bytes_per_elem: int = 4  # fp32
     mask_bytes: int = 4  # dropout masks are kept as fp32 on CPU
     eager_attention: bool = True  # attention probabilities saved for backward (a*s^2 per sequence)
+    dropout: bool = True  # dropout active in training: its masks are saved for backward
+    steps: int = 0  # optimizer steps of a task: bounds the embedding rows it can touch
+    vocab: int = 0  # rows of the word-embedding table
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 1:
             raise ValueError(f"batch and sequence length must be positive, got {self.batch} and {self.seq}")
+        if self.steps < 0 or self.vocab < 0:
+            raise ValueError(f"steps and vocab must be >= 0, got {self.steps} and {self.vocab}")
+
+    def touched_rows(self) -> int:
+        """At most how many embedding rows a task's batches touch: ``min(V, b x s x steps)``."""
+        if self.steps == 0:
+            return self.vocab
+        return min(self.vocab, self.batch * self.seq * self.steps)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted resident bytes, by part."""
+    """Predicted resident bytes, by part. ``params`` counts the trainable parameters."""
 
     params: int
     weights: int
@@ -88,40 +127,117 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         """The peak: gradients and saved activations are not alive at the same time."""
-        return (
-            self.runtime
-            + self.weights
-            + self.optimizer
-            + max(self.activations, self.gradients)
-            + self.transient
-        )
+        return self.runtime + self.weights + self.optimizer + max(self.activations, self.gradients) + self.transient
 
 
-def activation_bytes(spec: SubnetSpec, work: Workload) -> int:
-    """Bytes autograd saves for backward in one training step."""
-    h, d = spec.parent.hidden, spec.parent.head_dim
-    b, s, beta, mask = work.batch, work.seq, work.bytes_per_elem, work.mask_bytes
-    total = 0
-    for layer in spec.layers:
-        d_a = layer.heads * d
-        total += beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn) + mask * 2 * s * b * h
-        if work.eager_attention:
-            total += (2 * beta + mask) * layer.heads * s * s * b
-    # embeddings (sum, LayerNorm, dropout mask) and per-token/per-sequence odds and ends
-    total += 3 * beta * s * b * h + 32 * beta * s * b + 3 * beta * b * h
+def _layer_bytes(layer: LayerSpec, h: int, d: int, work: Workload, *, probabilities: bool, lora: int) -> int:
+    b, s, beta = work.batch, work.seq, work.bytes_per_elem
+    mask = work.mask_bytes if work.dropout else 0
+    d_a = layer.heads * d
+    total = beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn + 6 * lora) + mask * 2 * s * b * h
+    if probabilities:
+        total += (2 * beta + mask) * layer.heads * s * s * b
     return total
 
 
+def _outside_layers(h: int, work: Workload) -> int:
+    """Embeddings (sum, LayerNorm, dropout mask) and per-token/per-sequence odds and ends."""
+    b, s, beta = work.batch, work.seq, work.bytes_per_elem
+    return 3 * beta * s * b * h + 32 * beta * s * b + 3 * beta * b * h
+
+
+def _micro(work: Workload, levers: Levers) -> tuple[Workload, bool]:
+    """One micro-batch's workload, and whether attention probabilities are saved."""
+    micro = replace(work, batch=math.ceil(work.batch / levers.micro_batches))
+    probabilities = work.eager_attention and not (levers.attention == "sdpa" and not work.dropout)
+    return micro, probabilities
+
+
+def activation_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) -> int:
+    """Bytes autograd saves for backward in one (micro-batch's) forward pass."""
+    h, d = spec.parent.hidden, spec.parent.head_dim
+    micro, probabilities = _micro(work, levers)
+    if levers.checkpointing:
+        layers = len(spec.layers) * micro.bytes_per_elem * micro.seq * micro.batch * h
+    else:
+        layers = sum(
+            _layer_bytes(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank) for ly in spec.layers
+        )
+    return layers + _outside_layers(h, micro)
+
+
+def recompute_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) -> int:
+    """With checkpointing, what one layer rebuilds in backward (the largest layer); else 0."""
+    if not levers.checkpointing:
+        return 0
+    h, d = spec.parent.hidden, spec.parent.head_dim
+    micro, probabilities = _micro(work, levers)
+    return max(_layer_bytes(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank) for ly in spec.layers)
+
+
+def _linear_params(spec: SubnetSpec) -> int:
+    """Weights and biases of the six linear layers of every kept encoder layer."""
+    h, d = spec.parent.hidden, spec.parent.head_dim
+    total = 0
+    for ly in spec.layers:
+        d_a, f = ly.heads * d, ly.ffn
+        total += 3 * (h * d_a + d_a) + (d_a * h + h) + (h * f + f) + (f * h + h)
+    return total
+
+
+def _lora_params(spec: SubnetSpec, rank: int) -> int:
+    """Adapter parameters ``r (in + out)`` of the six linears of every kept layer."""
+    h, d = spec.parent.hidden, spec.parent.head_dim
+    return sum(rank * (4 * (h + ly.heads * d) + 2 * (h + ly.ffn)) for ly in spec.layers)
+
+
+def _table_params(spec: SubnetSpec, work: Workload, levers: Levers) -> int:
+    if levers.embeddings != "train" and work.vocab == 0:
+        raise ValueError(f"embeddings={levers.embeddings!r} needs the vocabulary size (Workload.vocab)")
+    return work.vocab * spec.parent.hidden
+
+
+def trainable_params(spec: SubnetSpec, params: int, work: Workload, levers: Levers = PLAIN) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts of ``spec`` (``params`` parameters) under ``levers``.
+
+    Adapters and compact embedding rows count as extra trainable parameters; frozen ones still hold
+    their 4-byte weights.
+    """
+    trainable, frozen = params, 0
+    if levers.lora_rank:
+        linear = _linear_params(spec)
+        trainable += _lora_params(spec, levers.lora_rank) - linear
+        frozen += linear
+    if levers.embeddings != "train":
+        table = _table_params(spec, work, levers)
+        trainable -= table
+        frozen += table
+        if levers.embeddings == "rows":
+            trainable += work.touched_rows() * spec.parent.hidden
+    return trainable, frozen
+
+
 def training_estimate(
-    spec: SubnetSpec, params: int, work: Workload, runtime: int = TRAINING_RUNTIME_BYTES
+    spec: SubnetSpec,
+    params: int,
+    work: Workload,
+    runtime: int = TRAINING_RUNTIME_BYTES,
+    levers: Levers = PLAIN,
 ) -> MemoryEstimate:
-    """Peak bytes of training ``spec`` (``params`` trainable fp32 parameters) with AdamW."""
-    weights, gradients, optimizer = 4 * params, 4 * params, 8 * params
-    activations = activation_bytes(spec, work)
-    forward_end = activations + _FORWARD_FIXED
-    backward = gradients + int(_BACKWARD_ACTIVATIONS * activations) + _BACKWARD_FIXED
+    """Peak bytes of training ``spec`` (``params`` fp32 parameters) with AdamW under ``levers``."""
+    trainable, frozen = trainable_params(spec, params, work, levers)
+    weights, gradients, optimizer = 4 * (trainable + frozen), 4 * trainable, 8 * trainable
+    activations = activation_bytes(spec, work, levers)
+    held = gradients if levers.micro_batches > 1 else 0
+    forward_end = held + activations + _FORWARD_FIXED
+    backward = (
+        gradients
+        + int(_BACKWARD_ACTIVATIONS * activations)
+        + recompute_bytes(spec, work, levers)
+        + _BACKWARD_FIXED
+    )
     return MemoryEstimate(
-        params=params,
+        params=trainable,
         weights=weights,
         gradients=gradients,
         optimizer=optimizer,

@@ -10,6 +10,9 @@ counts towards it, an override (``--memory-budget``, margin 0) gets all of it ta
 
     training bytes  = usable - max(0, min_margin - margin)      (memory model with runtime = 0)
 
+With a lever policy (:class:`~edge_sdk.scaling._policy.LeverPolicy`) the training plan chooses levers
+before widths (:func:`~edge_sdk.scaling._search.plan_training`); without one it is plain training.
+
 Inference. The served model runs in a process without torch (ONNX Runtime), so the runtime footprint
 the device reported is free for it; the inference memory model counts ONNX Runtime's own::
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_sdk._errors import BudgetError
+from edge_sdk._levers import Levers
 from edge_sdk._spec import SubnetSpec
 from edge_sdk._units import format_bytes
 from edge_sdk.scaling._budget import DEFAULT_MIN_MARGIN_BYTES, inference_bytes, training_bytes
@@ -43,10 +47,20 @@ from edge_sdk.scaling._memory import (
     serving_estimate,
 )
 from edge_sdk.scaling._parent import ParentModel
+from edge_sdk.scaling._policy import LeverPolicy
 from edge_sdk.scaling._salience import Salience
 from edge_sdk.scaling._search import Plan, _ffn_step, plan_inference, plan_training
 
-__all__ = ["DevicePlans", "ServingPlan", "could_grow", "plan_device", "plan_dict", "plan_serving", "plan_table"]
+__all__ = [
+    "DevicePlans",
+    "ServingPlan",
+    "could_grow",
+    "levers_line",
+    "plan_device",
+    "plan_dict",
+    "plan_serving",
+    "plan_table",
+]
 
 @dataclass(frozen=True)
 class ServingPlan:
@@ -138,12 +152,16 @@ def plan_device(
     infer: Workload,
     quantize: bool = False,
     min_margin: int = DEFAULT_MIN_MARGIN_BYTES,
+    policy: LeverPolicy | None = None,
 ) -> DevicePlans:
-    """Both plans for a device's budget; BudgetError when not even the smallest sub-network trains."""
+    """Both plans for a device's budget; BudgetError when not even the smallest sub-network trains.
+
+    ``policy``: the levers training may use (None: plain training).
+    """
     budget = training_bytes(usable, margin, min_margin)
     if budget <= 0:
         raise BudgetError(f"no sub-network fits: the budget is below the safety margin of {format_bytes(min_margin)}")
-    training = plan_training(parent, salience, budget, train, runtime=0)
+    training = plan_training(parent, salience, budget, train, runtime=0, policy=policy)
     serving = plan_serving(
         parent,
         salience,
@@ -172,8 +190,12 @@ def _estimate_dict(est: MemoryEstimate) -> dict[str, int]:
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:
-    """A plan as JSON: spec, per-layer widths, parameters, predicted peak and its parts."""
-    return {
+    """A plan as JSON: spec, per-layer widths, parameters, predicted peak and its parts.
+
+    A training plan adds its levers, what plain training of the same sub-network would need and
+    what the levers save, and the step's predicted compute relative to plain training.
+    """
+    out = {
         "spec": plan.spec.to_dict(),
         "layers": [{"index": ly.index, "heads": ly.heads, "ffn": ly.ffn} for ly in plan.spec.layers],
         "params": plan.params,
@@ -183,10 +205,30 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "predicted_peak_bytes": plan.estimate.total,
         "predicted": _estimate_dict(plan.estimate),
     }
+    if plan.plain is not None:
+        out |= {
+            "levers": plan.levers.to_dict(),
+            "levers_described": plan.levers.describe(),
+            "plain_peak_bytes": plan.plain.total,
+            "levers_save_bytes": plan.plain.total - plan.estimate.total,
+            "relative_step_time": plan.step_time,
+        }
+    return out
+
+
+def levers_line(plan: Plan) -> str | None:
+    """One line on a training plan's levers and the memory they buy (None without levers)."""
+    if plan.plain is None or plan.levers == Levers():
+        return None
+    return (
+        f"levers: {plan.levers.describe()}: peak {format_bytes(plan.estimate.total)} where plain training of "
+        f"this sub-network needs {format_bytes(plan.plain.total)} (saves "
+        f"{format_bytes(plan.plain.total - plan.estimate.total)}); step compute x{plan.step_time:.2f} of plain"
+    )
 
 
 def plan_table(title: str, plan: Plan) -> list[str]:
-    """A plan as table lines: a summary, one row per layer, and the memory model's parts."""
+    """A plan as table lines: a summary, one row per layer, its levers if any, the memory model's parts."""
     d = plan.spec.parent
     rows = [
         f"{title}: {plan.params:,} parameters ({plan.params_fraction:.0%} of the full model), "
@@ -198,6 +240,9 @@ def plan_table(title: str, plan: Plan) -> list[str]:
         f"  {ly.index:>5}  {ly.heads:>4} / {d.num_heads:<2}  {ly.ffn:>5} / {d.ffn:<5}" for ly in plan.spec.layers
     ]
     e = plan.estimate
+    line = levers_line(plan)
+    if line is not None:
+        rows.append(f"  {line}")
     rows.append(
         f"  memory: weights {format_bytes(e.weights)}, gradients {format_bytes(e.gradients)}, "
         f"optimizer {format_bytes(e.optimizer)}, activations {format_bytes(e.activations)}, "

@@ -10,6 +10,14 @@ model, it drops the unit that loses the least of that objective per byte saved u
 fits; the sub-networks it returns for growing budgets are nested (the drop order does not depend on
 the budget).
 
+Levers before widths. Given a :class:`~edge_sdk.scaling._policy.LeverPolicy`, training is planned
+in three tiers: the full model with the levers that cost no accuracy (micro-batches, checkpointing,
+embedding rows, SDPA), then with those that cost a little (frozen embeddings, then LoRA, the largest
+rank that fits), and only when no allowed lever set fits the full model, the width search above,
+run on the least memory any allowed lever set needs for each candidate sub-network; the levers of
+the sub-network it finds are then chosen again by the same order
+(:mod:`~edge_sdk.scaling._lever_choice`). Without a policy, training is planned plain (no lever).
+
 Inference is planned the same way with the inference memory model, never below the training
 sub-network (a device can always serve what it trained).
 """
@@ -18,14 +26,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from edge_sdk._errors import BudgetError
+from edge_sdk._levers import Levers
 from edge_sdk._spec import LayerSpec, SubnetSpec
 from edge_sdk._units import format_bytes
 from edge_sdk.scaling._extract import param_count
+from edge_sdk.scaling._lever_choice import LeverChooser
 from edge_sdk.scaling._memory import (
     INFERENCE_RUNTIME_BYTES,
     TRAINING_RUNTIME_BYTES,
@@ -36,6 +46,7 @@ from edge_sdk.scaling._memory import (
     training_estimate,
 )
 from edge_sdk.scaling._parent import ParentModel
+from edge_sdk.scaling._policy import LeverPolicy
 from edge_sdk.scaling._salience import Salience
 
 __all__ = ["Plan", "plan_inference", "plan_training"]
@@ -45,7 +56,12 @@ Estimator = Callable[[SubnetSpec, int], MemoryEstimate]
 
 @dataclass(frozen=True)
 class Plan:
-    """A sub-network chosen for a budget, with what it costs and keeps."""
+    """A sub-network chosen for a budget, with what it costs and keeps.
+
+    Training plans also carry the levers to train it with, what plain training of the same
+    sub-network would need (``plain``: what the levers buy is ``plain.total - estimate.total``) and
+    the step's predicted compute relative to plain training (``step_time``, 1.0 without levers).
+    """
 
     spec: SubnetSpec
     params: int
@@ -53,6 +69,9 @@ class Plan:
     budget: int
     salience_kept: float  # mean over groups of the fraction of salience kept, in [0, 1]
     params_fraction: float  # params / params of the full model
+    levers: Levers = field(default_factory=Levers)
+    plain: MemoryEstimate | None = None  # training plans: plain training's estimate of the same spec
+    step_time: float = 1.0  # training plans: step compute relative to plain training of the same spec
 
 
 def _ffn_step(ffn: int) -> int:
@@ -173,15 +192,69 @@ def plan_training(
     work: Workload,
     *,
     runtime: int = TRAINING_RUNTIME_BYTES,
+    policy: LeverPolicy | None = None,
 ) -> Plan:
-    """The sub-network whose training (AdamW, fp32) fits ``budget`` bytes and keeps the most salience."""
-    return _search(
+    """The sub-network whose training (AdamW, fp32) fits ``budget`` bytes and keeps the most salience.
+
+    With ``policy``, levers come before widths (see the module docstring) and the plan carries the
+    chosen :class:`~edge_sdk._levers.Levers`; without one, training is plain (no lever), as a
+    coordinator that does not send levers must plan it.
+    """
+    if policy is not None:
+        return _plan_with_levers(parent, salience, budget, work, runtime=runtime, policy=policy)
+    plan = _search(
         parent,
         salience,
         budget,
         lambda spec, p: training_estimate(spec, p, work, runtime),
         floor=None,
         what="trainable",
+    )
+    return replace(plan, plain=plan.estimate)
+
+
+def _plan_with_levers(
+    parent: ParentModel, salience: Salience, budget: int, work: Workload, *, runtime: int, policy: LeverPolicy
+) -> Plan:
+    chooser = LeverChooser(parent, work, runtime, policy)
+    full = SubnetSpec.full(parent.dims)
+    full_params = param_count(parent, full)
+    choice = chooser.best(full, full_params, budget)
+    if choice is not None:
+        spec, params, kept = full, full_params, 1.0
+    else:
+        try:
+            cut = _search(
+                parent, salience, budget, lambda s, p: chooser.cheapest(s, p).estimate, floor=None, what="trainable"
+            )
+        except BudgetError:
+            raise _lever_budget_error(parent, budget, chooser) from None
+        spec, params, kept = cut.spec, cut.params, cut.salience_kept
+        choice = chooser.best(spec, params, budget)
+        assert choice is not None, "the width search returned a sub-network no lever set fits"
+    plain = chooser.price(spec, params, Levers())
+    return Plan(
+        spec=spec,
+        params=params,
+        estimate=choice.estimate,
+        budget=budget,
+        salience_kept=kept,
+        params_fraction=params / full_params,
+        levers=choice.levers,
+        plain=plain.estimate,
+        step_time=choice.macs / plain.macs,
+    )
+
+
+def _lever_budget_error(parent: ParentModel, budget: int, chooser: LeverChooser) -> BudgetError:
+    dims = parent.dims
+    smallest = SubnetSpec.uniform(dims, heads=1, ffn=_ffn_step(dims.ffn))
+    least = chooser.cheapest(smallest, param_count(parent, smallest))
+    return BudgetError(
+        f"no trainable sub-network of {dims.family} fits {format_bytes(budget)}, not even with every lever "
+        f"the policy allows: the smallest sub-network (1 head, 1 FFN block a layer) with "
+        f"{least.levers.describe()} needs {format_bytes(least.estimate.total)} "
+        f"({format_bytes(least.estimate.runtime)} of it the runtime itself)"
     )
 
 

@@ -6,10 +6,17 @@ batch the training function asks for raises, so any training function that pulls
 within one step.
 
 Data: anything with ``len()`` (the samples held, the weight of this device's update) and
-``batches(batch_size, seq_len, seed)`` (endless shuffled batches of numpy arrays with ``labels``) is a
+``batches(batch_size, seq_len, seed)`` (endless shuffled batches of numpy arrays with ``labels``,
+rows truncated at ``seq_len`` tokens, each batch padded to its longest row) is a
 :class:`BatchSource`; ``eval_batches(batch_size, seq_len)`` (one pass) is needed for evaluation
 tasks. :class:`TextDataset` is one for text classification: (label, sentence) examples tokenized with
-the model's ``tokenizer.json``.
+the model's ``tokenizer.json``. ``batches`` must be deterministic for a seed: row-only embedding
+training draws the task's batches once more to learn which rows they touch.
+
+Levers (:class:`~edge_sdk._levers.Levers`): the model is built with the levers' attention kind, the
+training function applies the others, and the update holds what the levers trained
+(:func:`edge_sdk.training._levers.trained_tensors`): dense tensors, ``NAME`` + ``NAME@rows`` for a
+row-trained embedding table, ``NAME@lora_A`` + ``NAME@lora_B`` for LoRA, nothing for frozen ones.
 
 Tokenizer: the coordinator sends the model's config, not its tokenizer. A device names the folder
 holding ``tokenizer.json`` (``--tokenizer DIR``), or a packaged model name; by default the packaged
@@ -24,16 +31,25 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from edge_sdk._errors import ConfigError, EdgeFMError, SpecError
+from edge_sdk._levers import Levers
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.protocol import DeviceConnection, EvaluateTask, TrainTask, numpy_to_torch, thaw_json, torch_to_numpy
 from edge_sdk.scaling._models import packaged_model_dir
-from edge_sdk.training._data import Encoded, TextExample, encode, iter_batches, load_tokenizer
+from edge_sdk.training._data import (
+    Encoded,
+    TextExample,
+    default_max_length,
+    encode,
+    iter_batches,
+    load_tokenizer,
+)
 
 __all__ = [
     "BatchSource",
@@ -43,6 +59,7 @@ __all__ = [
     "TrainFn",
     "TrainOutput",
     "resolve_tokenizer_dir",
+    "settings_levers",
     "warm_up",
 ]
 
@@ -113,8 +130,14 @@ class TextDataset:
     def vocab_size(self) -> int:
         return int(self._tokenizer.get_vocab_size())
 
+    def default_max_length(self, cap: int | None = None) -> int:
+        """The 99.9th percentile of the examples' token lengths, at most ``cap`` (max positions)."""
+        limit = cap or 1 << 20
+        return default_max_length(self.encoded(limit).lengths, cap=cap)
+
     def encoded(self, seq_len: int) -> Encoded:
-        """The examples tokenized to ``seq_len`` (int64 ids, mask, types: 24 bytes per token)."""
+        """The examples tokenized, truncated at ``seq_len`` tokens, padded to the longest row (int64
+        ids, mask, types: 24 bytes per token)."""
         with self._lock:
             if self._cache is None or self._cache[0] != seq_len:
                 self._cache = (seq_len, encode(load_tokenizer(self.tokenizer_dir, seq_len), self.examples))
@@ -212,7 +235,7 @@ class TaskRunner:
         self.threads = threads
 
     def _build(
-        self, task: TrainTask | EvaluateTask, tensors: Mapping[str, np.ndarray]
+        self, task: TrainTask | EvaluateTask, tensors: Mapping[str, np.ndarray], attention: str = "eager"
     ) -> tuple[SubnetSpec, Any]:
         import torch
 
@@ -223,52 +246,66 @@ class TaskRunner:
         spec = SubnetSpec.from_dict(thaw_json(task.spec))
         config = thaw_json(task.model_config)
         vocab = getattr(self.data, "vocab_size", None)
-        if (
-            isinstance(vocab, int)
-            and isinstance(config.get("vocab_size"), int)
-            and vocab > config["vocab_size"]
-        ):
+        if isinstance(vocab, int) and isinstance(config.get("vocab_size"), int) and vocab > config["vocab_size"]:
             raise SpecError(
                 f"the tokenizer has {vocab} tokens but the model's vocabulary has {config['vocab_size']}:"
                 " this is not the model's tokenizer (pass --tokenizer DIR)"
             )
-        return spec, build_model(spec, config, numpy_to_torch(dict(tensors)))
+        return spec, build_model(spec, config, numpy_to_torch(dict(tensors)), attn_implementation=attention)
 
     def train(
-        self, task: TrainTask, tensors: Mapping[str, np.ndarray], cancel: threading.Event | None = None
+        self,
+        task: TrainTask,
+        tensors: Mapping[str, np.ndarray],
+        cancel: threading.Event | None = None,
+        *,
+        levers: Levers | None = None,
+        dropout: float | None = None,
+        max_grad_norm: float | None = 1.0,
     ) -> TrainOutput:
-        """Train the task's sub-network on local data; TaskCancelledError once ``cancel`` is set."""
+        """Train the task's sub-network on local data; TaskCancelledError once ``cancel`` is set.
+
+        ``levers`` (default: the task settings' ``levers`` when they carry some, else plain training),
+        ``dropout`` (None: the model's) and ``max_grad_norm`` (None or 0: no clipping) shape the
+        training; rows are truncated at the task's ``seq_len``, at most the model's max positions.
+        """
+        from edge_sdk.training._levers import install_rows, touched_rows, trained_tensors
         from edge_sdk.training._train import TrainConfig, train_local
 
         cancel = cancel or threading.Event()
         settings = task.settings
         if settings.optimizer != "adamw":
-            raise ConfigError(
-                f"optimizer {settings.optimizer!r} is not supported on this device (adamw only)"
-            )
-        spec, model = self._build(task, tensors)
+            raise ConfigError(f"optimizer {settings.optimizer!r} is not supported on this device (adamw only)")
+        levers = levers if levers is not None else settings_levers(settings)
+        spec, model = self._build(task, tensors, attention=levers.attention)
         steps = settings.local_steps or max(1, math.ceil(len(self.data) / settings.batch_size)) * (
             settings.local_epochs or 1
         )
+        max_length = _max_length(settings.seq_len, thaw_json(task.model_config))
         logger.info(
-            "task %s: training %s for %d steps (batch %d, sequence %d)",
+            "task %s: training %s for %d steps (batch %d, rows truncated at %d tokens; %s)",
             task.task_id,
             spec.describe(),
             steps,
             settings.batch_size,
-            settings.seq_len,
+            max_length,
+            levers.describe(),
         )
-        batches = _cancellable(
-            self.data.batches(settings.batch_size, settings.seq_len, settings.seed), cancel
+        if levers.embeddings == "rows":  # the same batches, drawn once more for their tokens
+            drawn = islice(self.data.batches(settings.batch_size, max_length, settings.seed), steps)
+            install_rows(model, touched_rows(drawn))
+        batches = _cancellable(self.data.batches(settings.batch_size, max_length, settings.seed), cancel)
+        config = TrainConfig(
+            steps=steps,
+            lr=settings.lr,
+            prox_mu=settings.prox_mu,
+            seed=settings.seed,
+            levers=levers,
+            dropout=dropout,
+            max_grad_norm=max_grad_norm,
         )
-        config = TrainConfig(steps=steps, lr=settings.lr, prox_mu=settings.prox_mu, seed=settings.seed)
         result = (self.train_fn or train_local)(model, batches, config)
-        state = model.state_dict()
-        arrays = torch_to_numpy({name: state[name] for name in tensors})
-        out = {
-            name: array if array.dtype == tensors[name].dtype else array.astype(tensors[name].dtype)
-            for name, array in arrays.items()
-        }
+        out = _as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors)
         metrics = {"steps": float(result.steps), "samples_seen": float(result.samples)}
         if math.isfinite(result.loss):
             metrics["loss"] = float(result.loss)
@@ -292,8 +329,32 @@ class TaskRunner:
         if source is None:
             raise ConfigError("this device's data has no eval_batches(): it cannot run evaluation tasks")
         _, model = self._build(task, tensors)
-        metrics = evaluate(
-            model, _cancellable(source(task.settings.batch_size, task.settings.seq_len), cancel)
-        )
+        metrics = evaluate(model, _cancellable(source(task.settings.batch_size, task.settings.seq_len), cancel))
         samples = int(metrics.pop("samples", 0))
         return samples, {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def settings_levers(settings: Any) -> Levers:
+    """The levers a task's settings carry (a ``levers`` field: a Levers or its dict), else plain."""
+    value = getattr(settings, "levers", None)
+    if value is None:
+        return Levers()
+    if isinstance(value, Levers):
+        return value
+    return Levers.from_dict(thaw_json(value) if not isinstance(value, Mapping) else value)
+
+
+def _max_length(seq_len: int, config: Mapping[str, Any]) -> int:
+    """The task's max length, at most the model's max positions."""
+    positions = config.get("max_position_embeddings")
+    return min(seq_len, positions) if isinstance(positions, int) and positions > 0 else seq_len
+
+
+def _as_received(arrays: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Float arrays in the dtype their parameter was received in (row indices stay int64)."""
+    out = {}
+    for name, array in arrays.items():
+        base = received.get(name.partition("@")[0])
+        cast = base is not None and np.issubdtype(array.dtype, np.floating) and array.dtype != base.dtype
+        out[name] = array.astype(base.dtype) if cast and base is not None else array
+    return out

@@ -1,4 +1,17 @@
-"""Local training of a sub-network: AdamW steps, an optional FedProx proximal term, measured memory."""
+"""Local training of a sub-network: AdamW steps, an optional FedProx proximal term, measured memory.
+
+One step on a batch of B rows split into k micro-batches (``levers.micro_batches``; rows
+``B_1 + ... + B_k = B``, each micro-batch padded to its own longest row) accumulates
+
+    grad = sum_i (B_i / B) * grad(mean loss over micro-batch i)
+
+which is exactly the gradient of the mean loss over the whole batch (the models have no batch
+statistics and padded positions are masked), then clips the gradient's global norm
+(``max_grad_norm``; None or 0: no clipping) and takes one AdamW step over the trainable parameters.
+The FedProx term ``mu/2 * ||w - w_round_start||^2`` is added once per step. The other levers
+(checkpointing, embedding rows or frozen table, LoRA, dropout) are applied to the model in place
+before the first step (:func:`edge_sdk.training._levers.prepare`).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +20,18 @@ import resource
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import torch
 from torch import nn
 
+from edge_sdk._errors import ConfigError
+from edge_sdk._levers import Levers
 from edge_sdk.device._allocator import tune_allocator
+from edge_sdk.training._data import split_batch
+from edge_sdk.training._levers import RowEmbedding, prepare, touched_rows
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "peak_rss_bytes", "proximal_term", "train_local"]
 
@@ -22,13 +40,31 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How to train locally: steps, AdamW, clipping, FedProx, dropout, seed and the memory levers."""
+
     steps: int
     lr: float = 5e-5
     weight_decay: float = 0.01
     prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss when > 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # None or 0: no gradient clipping
     seed: int = 0
     tune_allocator: bool = True  # pin glibc's thresholds: smaller, predictable peak memory (_alloc.py)
+    levers: Levers = field(default_factory=Levers)
+    dropout: float | None = None  # every dropout probability of the model; None: the model's own
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.prox_mu < 0:
+            raise ConfigError(
+                f"lr must be > 0, weight_decay and prox_mu >= 0; got {self.lr}, {self.weight_decay}, {self.prox_mu}"
+            )
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise ConfigError(f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1) or None, got {self.dropout}")
+        if not isinstance(self.levers, Levers):
+            raise ConfigError(f"levers must be a Levers value, got {type(self.levers).__name__}")
 
 
 @dataclass(frozen=True)
@@ -61,9 +97,7 @@ def peak_rss_bytes() -> int:
 
 def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's ``mu/2 * sum ||w - w_anchor||^2`` over the trainable parameters named in ``anchor``."""
-    terms = [
-        ((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad and n in anchor
-    ]
+    terms = [((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad and n in anchor]
     if not terms:
         return torch.zeros(())
     return 0.5 * mu * torch.stack(terms).sum()
@@ -73,33 +107,74 @@ def _to_torch(batch: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch
     return {k: torch.as_tensor(v) for k, v in batch.items()}
 
 
+def _prepare(
+    model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]], config: TrainConfig
+) -> Iterator[Mapping[str, np.ndarray | torch.Tensor]]:
+    """Apply the levers to ``model``; the batches to train on.
+
+    Row-only embedding training needs the rows before the first step: unless the model's table is
+    already a :class:`RowEmbedding`, the task's ``steps`` batches are drawn first (their token ids
+    are small next to the model) and their tokens become the trained rows.
+    """
+    rows = None
+    if config.levers.embeddings == "rows" and not isinstance(model.get_input_embeddings(), RowEmbedding):  # type: ignore[operator]
+        drawn = list(islice(batches, config.steps))
+        rows = touched_rows(drawn)
+        batches = iter(drawn)
+    prepare(model, config.levers, rows=rows, dropout=config.dropout)
+    return batches
+
+
+def _step_loss(
+    model: nn.Module,
+    batch: Mapping[str, np.ndarray | torch.Tensor],
+    micro_batches: int,
+    prox: tuple[Mapping[str, torch.Tensor], float] | None,
+) -> tuple[float, int]:
+    """Accumulate one batch's gradient over its micro-batches; (its loss, its rows)."""
+    whole = {k: np.asarray(v) for k, v in batch.items()}
+    rows = int(whole["labels"].shape[0])
+    total = 0.0
+    for part in split_batch(whole, micro_batches):
+        loss = model(**_to_torch(part)).loss * (int(part["labels"].shape[0]) / rows)
+        loss.backward()
+        total += float(loss.detach())
+    if prox is not None:
+        term = proximal_term(model, prox[0], prox[1])
+        if term.requires_grad:
+            term.backward()
+        total += float(term.detach())
+    return total, rows
+
+
 def train_local(
     model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]], config: TrainConfig
 ) -> TrainResult:
-    """Train ``model`` for ``config.steps`` AdamW steps on ``batches`` (dicts with ``labels``)."""
+    """Train ``model`` for ``config.steps`` AdamW steps on ``batches`` (dicts with ``labels``).
+
+    The levers are applied to ``model`` in place first; afterwards,
+    :func:`edge_sdk.training._levers.trained_tensors` reads what it trained.
+    """
     if config.tune_allocator:
         tune_allocator()
     torch.manual_seed(config.seed)
-    anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if config.prox_mu > 0 else {}
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
-    )
+    batches = _prepare(model, batches, config)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    prox = ({n: p.detach().clone() for n, p in trainable}, config.prox_mu) if config.prox_mu > 0 else None
+    params = [p for _, p in trainable]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     model.train()
     losses, times, samples = [], [], 0
     start = time.perf_counter()
     for step in range(config.steps):
         t0 = time.perf_counter()
-        batch = _to_torch(next(batches))
-        loss = model(**batch).loss
-        if config.prox_mu > 0:
-            loss = loss + proximal_term(model, anchor, config.prox_mu)
-        loss.backward()
-        if config.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        loss, rows = _step_loss(model, next(batches), config.levers.micro_batches, prox)
+        if config.max_grad_norm:
+            nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        samples += int(batch["labels"].shape[0])
+        losses.append(loss)
+        samples += rows
         times.append(time.perf_counter() - t0)
         logger.debug("step %d/%d loss %.4f", step + 1, config.steps, losses[-1])
     model.eval()
@@ -114,9 +189,7 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]]
-) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]]) -> dict[str, float]:
     """Accuracy and mean loss over one pass of ``batches``."""
     model.eval()
     correct = total = 0

@@ -66,11 +66,27 @@ class Family:
     # Non-persistent buffers (absent from state dicts, made from the config in ``__init__``):
     # buffer name (last dotted part) -> how its values are made, one of BUFFER_FILLS.
     buffers: Mapping[str, str] = field(default_factory=dict)
+    # LoRA targets: Linear modules inside a layer (paths as in ``layer``) that LoRA adapts; empty: the
+    # family has no LoRA target map and the LoRA lever does not apply to it.
+    lora_targets: tuple[str, ...] = ()
+    # task -> parameter name of the token-embedding table (the "embeddings" lever's table); a task
+    # without one (ViT's patch projection is not a lookup table) leaves that lever out.
+    word_embeddings: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = {name: fill for name, fill in self.buffers.items() if fill not in BUFFER_FILLS}
         if unknown:
-            raise ValueError(f"{self.name}: unknown buffer fills {unknown} (known: {BUFFER_FILLS})")
+            raise SpecError(f"{self.name}: unknown buffer fills {unknown} (known: {BUFFER_FILLS})")
+        lm = self.layer
+        linears = (lm.query, lm.key, lm.value, lm.output, lm.up, lm.down)
+        untargetable = [t for t in self.lora_targets if t not in linears]
+        if untargetable:
+            raise SpecError(
+                f"{self.name}: LoRA targets {untargetable} are not Linear modules of its layer map {linears}"
+            )
+        extra = sorted(set(self.word_embeddings) - set(self.layers_path))
+        if extra:
+            raise SpecError(f"{self.name}: word embeddings named for unknown task(s) {extra}")
 
     # -- dimensions -----------------------------------------------------------------------------
 
@@ -94,6 +110,28 @@ class Family:
             raise SpecError(
                 f"the {self.name} family has no {task!r} head (it has: {sorted(self.layers_path)})"
             ) from None
+
+    # -- levers -------------------------------------------------------------------------------------
+
+    def word_embedding(self, task: str) -> str | None:
+        """The parent name of ``task``'s token-embedding table, or None when it has none."""
+        return self.word_embeddings.get(task)
+
+    def lora_target(self, name: str, task: str) -> bool:
+        """Whether parent parameter ``name`` is the weight of a LoRA target Linear of a layer."""
+        prefix = self.layers_of(task) + "."
+        if not name.startswith(prefix) or not name.endswith(".weight"):
+            return False
+        _, _, rest = name[len(prefix) :].partition(".")
+        return rest[: -len(".weight")] in self.lora_targets
+
+    def require_lora(self) -> None:
+        """Raise :class:`SpecError` unless the family has a LoRA target map."""
+        if not self.lora_targets:
+            raise SpecError(
+                f"LoRA does not apply to the {self.name} family: it has no LoRA target map "
+                "(Family.lora_targets is empty); forbid the LoRA lever or register the family's targets"
+            )
 
     # -- parameter regions ---------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ _KEYS = {
     "ffn": "intermediate_size",
 }
 
+# LoRA on all six Linear modules of a layer (attention projections and the FFN).
+_LORA_TARGETS = (_LAYER.query, _LAYER.key, _LAYER.value, _LAYER.output, _LAYER.up, _LAYER.down)
 
 # BertSelfAttention / RobertaSelfAttention reshape with these two attributes.
 _set_heads = head_attributes("num_attention_heads", "all_head_size")
@@ -36,6 +38,8 @@ BERT = Family(
     set_heads=_set_heads,
     modeling_module="transformers.models.bert.modeling_bert",
     buffers=_BUFFERS,
+    lora_targets=_LORA_TARGETS,
+    word_embeddings={"text-classification": "bert.embeddings.word_embeddings.weight"},
 )
 
 ROBERTA = Family(
@@ -48,4 +52,6 @@ ROBERTA = Family(
     set_heads=_set_heads,
     modeling_module="transformers.models.roberta.modeling_roberta",
     buffers=_BUFFERS,
+    lora_targets=_LORA_TARGETS,
+    word_embeddings={"text-classification": "roberta.embeddings.word_embeddings.weight"},
 )

@@ -25,4 +25,7 @@ DISTILBERT = Family(
     set_heads=_set_heads,
     modeling_module="transformers.models.distilbert.modeling_distilbert",
     buffers={"position_ids": "positions"},  # Embeddings registers it from max_position_embeddings
+    # LoRA on all six Linear modules of a layer (attention projections and the FFN).
+    lora_targets=("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2"),
+    word_embeddings={"text-classification": "distilbert.embeddings.word_embeddings.weight"},
 )

@@ -29,4 +29,13 @@ VIT = Family(
     },
     set_heads=_set_heads,
     modeling_module="transformers.models.vit.modeling_vit",
+    # LoRA on all six Linear modules of a layer; no token-embedding table (patches are projected).
+    lora_targets=(
+        "attention.attention.query",
+        "attention.attention.key",
+        "attention.attention.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ),
 )
