@@ -17,6 +17,7 @@ from edge_sdk._spec import SubnetSpec
 from edge_sdk.scaling._extract import param_count
 from edge_sdk.scaling._memory import Workload, training_estimate
 from edge_sdk.scaling._parent import ParentModel
+from edge_sdk.scaling._policy import LeverPolicy
 from edge_sdk.scaling._reorder import reorder
 from edge_sdk.scaling._salience import weight_l1
 from edge_sdk.scaling._search import plan_training
@@ -32,11 +33,13 @@ def ranked_parent() -> tuple[ParentModel, object]:
     return parent, salience
 
 
-def make_engine(names: list[str], **federation: object) -> FederationEngine:
+def make_engine(names: list[str], levers: LeverPolicy | None = None, **federation: object) -> FederationEngine:
+    """An engine on a tiny BERT; width-only planning (plain training) unless ``levers`` says otherwise."""
     parent, salience = ranked_parent()
     defaults = {"rounds": 3, "min_devices": 1, "min_margin_bytes": 0, "max_update_norm_ratio": 1e3}
     fed = FederationConfig(**{**defaults, **federation})  # type: ignore[arg-type]
-    return FederationEngine(parent, salience, fed, TRAINING, devices=names, seed=7)  # type: ignore[arg-type]
+    policy = LeverPolicy.plain() if levers is None else levers
+    return FederationEngine(parent, salience, fed, TRAINING, devices=names, seed=7, levers=policy)  # type: ignore[arg-type]
 
 
 def budget_for(engine: FederationEngine, spec: SubnetSpec) -> int:
@@ -141,7 +144,9 @@ def test_a_device_that_measured_a_peak_above_its_budget_gets_a_smaller_sub_netwo
     parent, salience = ranked_parent()
     big = TrainingConfig(local_steps=1, lr=1e-3, batch_size=64, seq_len=128)  # activations matter
     fed = FederationConfig(rounds=3, min_devices=1, min_margin_bytes=0, max_update_norm_ratio=1e3)
-    engine = FederationEngine(parent, salience, fed, big, devices=["pi", "ok"], seed=7)  # type: ignore[arg-type]
+    engine = FederationEngine(
+        parent, salience, fed, big, devices=["pi", "ok"], seed=7, levers=LeverPolicy.plain()  # type: ignore[arg-type]
+    )
     dims = engine.parent.dims
     full = SubnetSpec.full(dims)
     usable = training_estimate(full, param_count(parent, full), Workload(64, 128), runtime=0).total
@@ -353,3 +358,15 @@ def test_the_run_finishes_after_the_configured_rounds() -> None:
     assert engine.finished
     with pytest.raises(EdgeFMError, match="finished"):
         engine.begin_round(["a"], now=0.0)
+
+
+def test_with_levers_a_small_budget_trains_the_full_width_and_its_task_says_how() -> None:
+    engine = make_engine(["small", "large"], levers=LeverPolicy())
+    dims = engine.parent.dims
+    small = budget_for(engine, SubnetSpec.uniform(dims, heads=2, ffn=dims.ffn))  # plain: a cut width
+    admit_all(engine, {"small": small, "large": FULL_BUDGET})
+    orders = {o.device_id: o for o in engine.begin_round(["small", "large"], now=0.0)}
+    assert orders["small"].spec.is_full and orders["large"].spec.is_full
+    assert orders["small"].predicted_bytes <= small
+    assert not orders["small"].settings.levers.is_plain  # the levers bought the width
+    assert orders["large"].settings.levers.is_plain  # nothing to buy: plain training

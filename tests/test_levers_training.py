@@ -205,10 +205,10 @@ def test_the_runner_returns_what_the_levers_trained(levers: Levers) -> None:
         round=1,
         spec=spec.to_dict(),
         model_config=json.loads(json.dumps(parent.config, default=str)),
-        settings=TrainSettings(local_steps=2, lr=1e-3, batch_size=4, seq_len=8),
+        settings=TrainSettings(local_steps=2, lr=1e-3, batch_size=4, seq_len=8, levers=levers, max_grad_norm=1.0),
         weights=manifest,
     )
-    out = TaskRunner(RaggedTokens(), threads=1).train(task, tensors, levers=levers).tensors
+    out = TaskRunner(RaggedTokens(), threads=1).train(task, tensors).tensors
     assert all(a.dtype == (np.int64 if n.endswith("@rows") else np.float32) for n, a in out.items())
     if levers.embeddings == "train" and not levers.lora_rank:
         assert out.keys() == tensors.keys()

@@ -40,6 +40,7 @@ from coordinator.federation._tables import (
     Table,
     TrainingConfig,
     read_federation,
+    read_levers,
     read_model,
     read_toml,
     read_training,
@@ -47,6 +48,7 @@ from coordinator.federation._tables import (
 )
 from edge_sdk._errors import ConfigError
 from edge_sdk.protocol import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from edge_sdk.scaling import LeverPolicy
 
 __all__ = [
     "DEVICE_NAME",
@@ -123,13 +125,14 @@ class RunConfig:
     devices: Mapping[str, str]  # device name -> bearer token (read-only)
     run: StorageConfig
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    levers: LeverPolicy = field(default_factory=LeverPolicy)  # [levers]: what the planner may use
     source: Path | None = field(default=None, compare=False)
 
 
 # ---------------------------------------------------------------------------------------- reading
 
 
-_TABLES = ("model", "federation", "training", "validation", "server", "devices", "run", "deploy")
+_TABLES = ("model", "federation", "training", "levers", "validation", "server", "devices", "run", "deploy")
 
 
 def _validation(t: Table) -> ValidationConfig:
@@ -246,6 +249,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str 
         devices=devices,
         run=_run(table("run")),
         deploy=_deploy(table("deploy"), num_labels=model.num_labels, device_tokens=devices),
+        levers=read_levers(table("levers")),
     )
     if model.salience == "activation" and cfg.validation is None:
         raise ConfigError(f"{where}: [model] salience = 'activation' needs a [validation] data set to calibrate on")

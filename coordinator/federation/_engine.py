@@ -52,7 +52,7 @@ from coordinator.federation._selection import Selection
 from coordinator.federation._tables import FederationConfig, TrainingConfig
 from coordinator.federation._update_check import accept_tensors
 from edge_sdk._errors import ConfigError, EdgeFMError
-from edge_sdk.scaling import ParentModel, Plan, Salience, Workload, family_for
+from edge_sdk.scaling import LeverPolicy, ParentModel, Plan, Salience, Workload, family_for
 
 __all__ = [
     "DeviceOutcome",
@@ -110,6 +110,7 @@ class FederationEngine:
         completed_rounds: int = 0,
         history: Sequence[Mapping[str, Any]] = (),
         width: WidthPolicy = BUDGET,
+        levers: LeverPolicy | None = None,
     ) -> None:
         self.federation = federation
         self.training = training
@@ -118,9 +119,21 @@ class FederationEngine:
         self.parent = parent
         self.salience = salience
         self.model_config = _json_safe(parent.config)
-        work = Workload(training.batch_size, training.seq_len)
+        work = Workload(
+            training.batch_size,
+            training.seq_len,
+            dropout=training.dropout != 0.0,
+            steps=training.local_steps,
+            vocab=int(parent.config.get("vocab_size", 0) or 0),
+        )
         self.planner = Planner(
-            parent, salience, work, min_margin_bytes=federation.min_margin_bytes, policy=width, devices=devices
+            parent,
+            salience,
+            work,
+            min_margin_bytes=federation.min_margin_bytes,
+            policy=width,
+            levers=LeverPolicy() if levers is None else levers,
+            devices=devices,
         )
         self.registry = DeviceRegistry(self.planner, devices)
         self.selection = Selection(federation, self.registry, seed)
@@ -353,6 +366,7 @@ class FederationEngine:
         evaluator: Evaluator | None = None,
         seed: int = 0,
         width: WidthPolicy = BUDGET,
+        levers: LeverPolicy | None = None,
     ) -> FederationEngine:
         """An engine that continues from ``state`` (a checkpoint) with the given settings."""
         if state.strategy != federation.strategy:
@@ -379,6 +393,7 @@ class FederationEngine:
             completed_rounds=state.round,
             history=state.history,
             width=width,
+            levers=levers,
         )
         engine.registry.load(state.devices, keep=devices)
         return engine

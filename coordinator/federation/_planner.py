@@ -33,6 +33,7 @@ from edge_sdk import SubnetSpec
 from edge_sdk._errors import BudgetError, ConfigError
 from edge_sdk._units import format_bytes
 from edge_sdk.scaling import (
+    LeverPolicy,
     ParentModel,
     Plan,
     Salience,
@@ -84,6 +85,7 @@ class Planner:
         *,
         min_margin_bytes: int,
         policy: WidthPolicy = BUDGET,
+        levers: LeverPolicy | None = None,
         devices: Sequence[str] = (),
     ) -> None:
         skeleton = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in parent.state.items()}
@@ -91,6 +93,7 @@ class Planner:
         self.salience = salience
         self.work = work
         self.policy = policy
+        self.levers = LeverPolicy() if levers is None else levers
         self.min_margin_bytes = min_margin_bytes
         self._levels = policy.levels(devices) if policy.kind == "static" else {}
         self._full_params = param_count(self._shapes, SubnetSpec.full(self._shapes.dims))
@@ -125,7 +128,7 @@ class Planner:
         with self._lock:
             plan = self._cache.get(budget)
         if plan is None:
-            plan = plan_training(self._shapes, self.salience, budget, self.work, runtime=0)
+            plan = plan_training(self._shapes, self.salience, budget, self.work, runtime=0, policy=self.levers)
             with self._lock:
                 if len(self._cache) >= _CACHE_LIMIT:
                     self._cache.clear()

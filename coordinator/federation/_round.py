@@ -23,22 +23,29 @@ from coordinator.federation._registry import DeviceRecord
 from coordinator.federation._tables import TrainingConfig
 from edge_sdk import SubnetSpec
 from edge_sdk.protocol import TrainSettings, check_tensor_values, torch_to_numpy
-from edge_sdk.scaling import ParentModel, Plan, extract
+from edge_sdk.scaling import Levers, ParentModel, Plan, extract
 
 __all__ = ["OpenRound", "train_orders", "train_settings"]
 
 logger = logging.getLogger(__name__)
 
 
-def train_settings(training: TrainingConfig, *, seed: int, round_index: int, device_id: str) -> TrainSettings:
-    """What a device's local training runs with: the run's ``[training]`` and a seed of its own."""
+def train_settings(
+    training: TrainingConfig, *, seed: int, round_index: int, device_id: str, levers: Levers | None = None
+) -> TrainSettings:
+    """What a device's local training runs with: the run's ``[training]``, the levers planned for it,
+    and a seed of its own (from ``[training] seed``, else the run's seed)."""
+    base = seed if training.seed is None else training.seed
     return TrainSettings(
         local_steps=training.local_steps,
         lr=training.lr,
         batch_size=training.batch_size,
         seq_len=training.seq_len,
         prox_mu=training.prox_mu,
-        seed=zlib.crc32(f"{seed}/train/{round_index}/{device_id}".encode()),
+        seed=zlib.crc32(f"{base}/train/{round_index}/{device_id}".encode()),
+        levers=Levers() if levers is None else levers,
+        max_grad_norm=training.max_grad_norm,
+        dropout=training.dropout,
     )
 
 
@@ -68,7 +75,9 @@ def train_orders(
             params=plan.params,
             params_fraction=plan.params_fraction,
             predicted_bytes=plan.estimate.total,
-            settings=train_settings(training, seed=seed, round_index=round_index, device_id=device_id),
+            settings=train_settings(
+                training, seed=seed, round_index=round_index, device_id=device_id, levers=plan.levers
+            ),
             model_config=model_config,
             tensors=tensors,
             max_update_norm=max_update_norm_ratio * norm + 1.0,

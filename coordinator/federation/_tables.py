@@ -19,7 +19,7 @@ from typing import Any
 
 from edge_sdk._errors import ConfigError
 from edge_sdk._units import parse_size
-from edge_sdk.scaling import DEFAULT_MIN_MARGIN_BYTES, SALIENCE_KINDS
+from edge_sdk.scaling import DEFAULT_MIN_MARGIN_BYTES, SALIENCE_KINDS, LeverPolicy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +34,7 @@ __all__ = [
     "Table",
     "TrainingConfig",
     "read_federation",
+    "read_levers",
     "read_model",
     "read_toml",
     "read_training",
@@ -80,8 +81,11 @@ class TrainingConfig:
     local_steps: int = 10
     lr: float = 5e-5
     batch_size: int = 8
-    seq_len: int = 64
+    seq_len: int = 64  # the longest row: rows are truncated to it, batches padded to their longest row
     prox_mu: float = 0.0
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
+    dropout: float | None = None  # None: the model's own dropout probabilities
+    seed: int | None = None  # seeds batch order and local training; None: the [model] seed
 
 
 
@@ -235,9 +239,33 @@ def read_training(t: Table) -> TrainingConfig:
         batch_size=t.integer("batch_size", 8, low=1),
         seq_len=t.integer("seq_len", 64, low=1, high=8192),
         prox_mu=t.number("prox_mu", 0.0, low=0.0),
+        max_grad_norm=t.number("max_grad_norm", 1.0, low=0.0, high=1e6) or None,
+        dropout=t.number("dropout", 0.0, low=0.0, high=0.99) if t.has("dropout") else None,
+        seed=t.integer("seed", 0, low=0, high=2**63 - 1) if t.has("seed") else None,
     )
     t.done()
     return cfg
+
+
+def read_levers(t: Table) -> LeverPolicy:
+    """The ``[levers]`` table: which training levers the planner may use (all, by default).
+
+    ``enabled = false`` forbids every lever (plain training: width cuts only); ``forbid`` lists lever
+    names, ``pin`` fixes Levers fields (``pin = { checkpointing = true }``), ``lora_ranks`` and
+    ``max_micro_batches`` bound the search.
+    """
+    enabled = t.flag("enabled", True)
+    raw = {key: t.value(key) for key in ("forbid", "pin", "lora_ranks", "max_micro_batches") if t.has(key)}
+    t.done()
+    try:
+        policy = LeverPolicy.from_dict(raw)
+    except ConfigError as exc:
+        raise t.error(None, str(exc)) from None
+    if not enabled:
+        if raw:
+            raise t.error("enabled", "is false: forbid, pin and the rest would have no effect")
+        return LeverPolicy.plain()
+    return policy
 
 
 def table_reader(

@@ -86,6 +86,7 @@ def _resumed(config: RunConfig, checkpoint: Path, validator: Validator | None) -
         devices=list(config.devices),
         evaluator=validator,
         seed=config.model.seed,
+        levers=config.levers,
     )
     logger.info(
         "resumed run %s from %s: %d of %d rounds done, global weights sha256 %s",
@@ -120,6 +121,7 @@ def _new_run(config: RunConfig, model_dir: Path, validator: Validator | None) ->
         evaluator=validator,
         seed=config.model.seed,
         model_name=config.model.name,
+        levers=config.levers,
     )
     if validator is not None:
         metrics = validator(engine.parent)

@@ -32,13 +32,14 @@ from coordinator.federation import (
     Table,
     TrainingConfig,
     read_federation,
+    read_levers,
     read_model,
     read_toml,
     read_training,
     table_reader,
 )
 from edge_sdk._errors import ConfigError
-from edge_sdk.scaling import TRAINING_RUNTIME_BYTES
+from edge_sdk.scaling import TRAINING_RUNTIME_BYTES, LeverPolicy
 
 __all__ = [
     "DataConfig",
@@ -52,7 +53,7 @@ __all__ = [
 WIDTHS = ("budget", "full", "static")
 ENGINES = ("local", "ray")
 PARTITIONS = ("iid", "dirichlet")
-_TABLES = ("model", "data", "devices", "method", "federation", "training", "simulation", "run")
+_TABLES = ("model", "data", "devices", "method", "federation", "training", "levers", "simulation", "run")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class SimulationConfig:
     training: TrainingConfig
     simulation: SimulationSettings
     run_dir: Path
+    levers: LeverPolicy = field(default_factory=LeverPolicy)  # [levers]: what the planner may use
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -207,6 +209,7 @@ def parse_simulation_config(
         training=read_training(table("training")),
         simulation=_simulation(table("simulation")),
         run_dir=run_dir,
+        levers=read_levers(table("levers")),
     )
     if cfg.federation.min_devices > cfg.num_devices:
         raise ConfigError(

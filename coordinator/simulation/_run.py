@@ -221,6 +221,7 @@ def _engine(
         seed=config.model.seed,
         model_name=config.model.name,
         width=width_policy(config.method),
+        levers=config.levers,
     )
 
 

@@ -169,43 +169,51 @@ def _field_types(cls: type) -> dict[str, Any]:
     return hints
 
 
+_SCALARS: tuple[type, ...] = (str, bool, int, float)
+
+
+def _coerce_scalar(value: object, ann: type, path: str) -> Any:
+    """A JSON scalar checked against ``str``, ``bool``, ``int`` or ``float`` (finite)."""
+    if ann is str and isinstance(value, str):
+        return value
+    if ann is bool and isinstance(value, bool):
+        return value
+    if ann is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if ann is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise _fail(path, "number out of range") from None
+        if not math.isfinite(number):
+            raise _fail(path, f"expected a finite number, got {number!r}")
+        return number
+    expected = {str: "a string", bool: "a boolean", int: "an integer", float: "a number"}[ann]
+    raise _fail(path, f"expected {expected}, got {json_type_name(value)}")
+
+
+def _coerce_dict_record(value: object, ann: Any, path: str) -> Any:
+    """A value record parsed from a JSON object by its ``from_dict`` (e.g. the training levers)."""
+    if isinstance(value, ann):
+        return value
+    if not isinstance(value, Mapping):
+        raise _fail(path, f"expected an object, got {json_type_name(value)}")
+    try:
+        return ann.from_dict(freeze_json(value, path))
+    except EdgeFMError as exc:
+        raise _fail(path, str(exc)) from None
+
+
 def _coerce(value: object, ann: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``ann`` and return its normalized, frozen form."""
     if ann is Any:
         return freeze_json(value, path)
-    if ann is str:
-        if isinstance(value, str):
-            return value
-        raise _fail(path, f"expected a string, got {json_type_name(value)}")
-    if ann is bool:
-        if isinstance(value, bool):
-            return value
-        raise _fail(path, f"expected a boolean, got {json_type_name(value)}")
-    if ann is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _fail(path, f"expected an integer, got {json_type_name(value)}")
-    if ann is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:
-                raise _fail(path, "number out of range") from None
-            if not math.isfinite(number):
-                raise _fail(path, f"expected a finite number, got {number!r}")
-            return number
-        raise _fail(path, f"expected a number, got {json_type_name(value)}")
+    if ann in _SCALARS:
+        return _coerce_scalar(value, ann, path)
     if isinstance(ann, type) and issubclass(ann, WireRecord):
         return value if isinstance(value, ann) else ann.from_json(value, path)
     if _is_dict_record(ann):
-        if isinstance(value, ann):
-            return value
-        if not isinstance(value, Mapping):
-            raise _fail(path, f"expected an object, got {json_type_name(value)}")
-        try:
-            return ann.from_dict(freeze_json(value, path))
-        except EdgeFMError as exc:
-            raise _fail(path, str(exc)) from None
+        return _coerce_dict_record(value, ann, path)
     origin, args = get_origin(ann), get_args(ann)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:

@@ -38,7 +38,6 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from edge_sdk._errors import ConfigError, EdgeFMError, SpecError
-from edge_sdk._levers import Levers
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.protocol import DeviceConnection, EvaluateTask, TrainTask, numpy_to_torch, thaw_json, torch_to_numpy
 from edge_sdk.scaling._models import packaged_model_dir
@@ -59,7 +58,6 @@ __all__ = [
     "TrainFn",
     "TrainOutput",
     "resolve_tokenizer_dir",
-    "settings_levers",
     "warm_up",
 ]
 
@@ -258,16 +256,12 @@ class TaskRunner:
         task: TrainTask,
         tensors: Mapping[str, np.ndarray],
         cancel: threading.Event | None = None,
-        *,
-        levers: Levers | None = None,
-        dropout: float | None = None,
-        max_grad_norm: float | None = 1.0,
     ) -> TrainOutput:
         """Train the task's sub-network on local data; TaskCancelledError once ``cancel`` is set.
 
-        ``levers`` (default: the task settings' ``levers`` when they carry some, else plain training),
-        ``dropout`` (None: the model's) and ``max_grad_norm`` (None or 0: no clipping) shape the
-        training; rows are truncated at the task's ``seq_len``, at most the model's max positions.
+        The task's settings say how: its ``levers``, ``dropout`` (None: the model's) and
+        ``max_grad_norm`` (None: no clipping); rows are truncated at the task's ``seq_len``, at most
+        the model's max positions, and each batch is padded to its longest row.
         """
         from edge_sdk.training._levers import install_rows, touched_rows, trained_tensors
         from edge_sdk.training._train import TrainConfig, train_local
@@ -276,7 +270,7 @@ class TaskRunner:
         settings = task.settings
         if settings.optimizer != "adamw":
             raise ConfigError(f"optimizer {settings.optimizer!r} is not supported on this device (adamw only)")
-        levers = levers if levers is not None else settings_levers(settings)
+        levers = settings.levers
         spec, model = self._build(task, tensors, attention=levers.attention)
         steps = settings.local_steps or max(1, math.ceil(len(self.data) / settings.batch_size)) * (
             settings.local_epochs or 1
@@ -301,8 +295,8 @@ class TaskRunner:
             prox_mu=settings.prox_mu,
             seed=settings.seed,
             levers=levers,
-            dropout=dropout,
-            max_grad_norm=max_grad_norm,
+            dropout=settings.dropout,
+            max_grad_norm=settings.max_grad_norm,
         )
         result = (self.train_fn or train_local)(model, batches, config)
         out = _as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors)
@@ -332,16 +326,6 @@ class TaskRunner:
         metrics = evaluate(model, _cancellable(source(task.settings.batch_size, task.settings.seq_len), cancel))
         samples = int(metrics.pop("samples", 0))
         return samples, {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
-
-
-def settings_levers(settings: Any) -> Levers:
-    """The levers a task's settings carry (a ``levers`` field: a Levers or its dict), else plain."""
-    value = getattr(settings, "levers", None)
-    if value is None:
-        return Levers()
-    if isinstance(value, Levers):
-        return value
-    return Levers.from_dict(thaw_json(value) if not isinstance(value, Mapping) else value)
 
 
 def _max_length(seq_len: int, config: Mapping[str, Any]) -> int:
