@@ -319,7 +319,7 @@ dir = "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = (folder / "coordinator.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli._main", "serve", "--config", str(config)],
+        [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)],
         cwd=folder,
         env=env,
         stdout=log,

@@ -46,11 +46,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SST2 = ROOT / "examples" / "data" / "sst2"
 CLASSES = ("raspberry-pi-4-2gb", "jetson-nano-4gb", "raspberry-pi-5-8gb")
 BUDGET_SCALE = 0.45
-ROUNDS, STEPS, BATCH, SEQ = 3, 3, 8, 256
-ROWS_PER_DEVICE = 400
+# Rows are truncated at SEQ tokens and each batch padded to its longest row (SST-2's sentences are
+# short: most batches hold 20-40 tokens), so 4 rounds of 15 steps of 16 take about a minute a round.
+ROUNDS, STEPS, BATCH, SEQ, LR = 4, 15, 16, 64, 1e-4
+ROWS_PER_DEVICE = 1000
 HOLDOUT = 32  # examples each device holds back from training (an int8 deploy measures its drift on them)
 LABELS = ("negative", "positive")
-SENTENCE = "a gorgeous, witty, seductive movie."
+# Obvious sentences (not in the data) every device's served model is asked about at the end.
+SENTENCES = (
+    ("a gorgeous, witty, seductive movie.", "positive"),
+    ("one of the best films of the year, moving and beautifully acted.", "positive"),
+    ("a dull, tedious mess with nothing to say.", "negative"),
+    ("the worst movie i have seen in years: boring and badly written.", "negative"),
+)
 DEV_ROWS = 256
 WAIT_S = 600.0  # bound on the whole federation
 
@@ -79,9 +87,8 @@ def _config(folder: Path, tokens: dict[str, str], rounds: int) -> Any:
             # class budgets keep their own safety margin: no further reserve
             "federation": {"rounds": rounds, "min_devices": len(tokens), "device_wait_s": 180,
                            "round_deadline_s": 600, "min_margin": 0},
-            "training": {"local_steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, "lr": 1e-4},
-            # SST-2's sentences are at most 63 tokens: validating at 64 gives the figures of 256, 7x faster
-            "validation": {"data": "dev.tsv", "limit": DEV_ROWS, "batch_size": 32, "seq_len": 64},
+            "training": {"local_steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, "lr": LR},
+            "validation": {"data": "dev.tsv", "limit": DEV_ROWS, "batch_size": 32, "seq_len": SEQ},
             "server": {"host": "127.0.0.1", "port": 0, "port_file": "port"},
             "devices": tokens,
             "run": {"dir": "coordinator"},
@@ -107,13 +114,48 @@ def _start_devices(folder: Path, tokens: dict[str, str], budgets: dict[str, int]
     for (name, token), shard in zip(tokens.items(), shards, strict=True):
         log = (folder / f"{name}.log").open("ab")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "edge_sdk.cli._main", "join", url, "--token", token, "--data", str(shard),
+            [sys.executable, "-m", "edge_sdk.cli", "join", url, "--token", token, "--data", str(shard),
              "--memory-budget", str(budgets[name]), "--threads", "1", "--no-probe", "--device-id", name,
              "--retry-initial", "0.5", "--retry-max", "2", "--give-up-after", "120",
              "--deploy-dir", str(folder / "models" / name), "--holdout", str(HOLDOUT)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder,
         ))
         log.close()
+
+
+class _Progress(threading.Thread):
+    """Prints one line per finished round as it happens: accuracy, loss, what each device trained."""
+
+    def __init__(self, engine: Any, rounds: int) -> None:
+        super().__init__(daemon=True)
+        self.engine, self.rounds, self.done = engine, rounds, threading.Event()
+
+    def run(self) -> None:
+        shown = 0
+        while not self.done.wait(0.5) or shown < len(self.engine.history):
+            history = self.engine.history
+            for entry in history[shown:]:
+                print(_round_line(dict(entry), self.rounds), flush=True)
+            shown = len(history)
+
+
+def _round_line(entry: dict[str, Any], rounds: int) -> str:
+    m = entry.get("metrics", {})
+    devices = "; ".join(
+        f"{d['device_id']}: {d['params'] / 1e6:.1f}M params, {d.get('levers') or 'plain'}"
+        + ("" if d["status"] == "ok" else f" ({d['status']})")
+        for d in entry["devices"]
+    )
+    return (f"round {entry['round']}/{rounds}: accuracy {m.get('accuracy', float('nan')):.3f},"
+            f" loss {m.get('loss', float('nan')):.3f} | {devices}")
+
+
+class _RoundZero(logging.Handler):
+    """Prints the pre-trained model's validation line (round 0) when the coordinator logs it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("round 0"):
+            print(record.getMessage().replace("round 0 (pre-trained model):", "round 0 (before training):"), flush=True)
 
 
 def _federate(folder: Path, rounds: int) -> tuple[Any, dict[str, int]]:
@@ -126,7 +168,18 @@ def _federate(folder: Path, rounds: int) -> tuple[Any, dict[str, int]]:
     }
     shards = _write_shards(folder)
     config = _config(folder, tokens, rounds)
-    engine = build_engine(config)
+    round_zero, run_logger = _RoundZero(), logging.getLogger("coordinator.serve._run")
+    run_logger.addHandler(round_zero)
+    run_logger.setLevel(logging.INFO)
+    run_logger.propagate = False  # only round 0's line, not the run's other INFO lines
+    try:
+        engine = build_engine(config)
+    finally:
+        run_logger.removeHandler(round_zero)
+        run_logger.setLevel(logging.NOTSET)
+        run_logger.propagate = True
+    progress = _Progress(engine, rounds)
+    progress.start()
     procs: list[subprocess.Popen[bytes]] = []
     starter = threading.Thread(target=_start_devices, args=(folder, tokens, budgets, shards, procs), daemon=True)
     starter.start()
@@ -135,6 +188,8 @@ def _federate(folder: Path, rounds: int) -> tuple[Any, dict[str, int]]:
         if code != 0:
             raise EdgeFMError(f"the coordinator stopped with code {code}")
     finally:
+        progress.done.set()
+        progress.join(timeout=5)
         starter.join(timeout=130)
         for proc in procs:
             try:
@@ -147,7 +202,7 @@ def _federate(folder: Path, rounds: int) -> tuple[Any, dict[str, int]]:
 
 def _table(history: list[dict[str, Any]], budgets: dict[str, int]) -> str:
     head = "| round | accuracy | loss | " + " | ".join(
-        f"{n} (budget {format_bytes(budgets[n])}): params / predicted / measured peak" for n in CLASSES
+        f"{n} (budget {format_bytes(budgets[n])}): params, levers / predicted / measured peak" for n in CLASSES
     )
     rows = [head + " |", "| --- | ---: | ---: | " + " | ".join("---" for _ in CLASSES) + " |"]
     for entry in history:
@@ -159,7 +214,8 @@ def _table(history: list[dict[str, Any]], budgets: dict[str, int]) -> str:
                 cells.append(d["status"] if d else "-")
                 continue
             cells.append(
-                f"{d['params'] / 1e6:.1f}M ({d['params_fraction']:.0%}), {format_bytes(d['predicted_bytes'])},"
+                f"{d['params'] / 1e6:.1f}M ({d['params_fraction']:.0%}), {d.get('levers') or 'plain'},"
+                f" {format_bytes(d['predicted_bytes'])},"
                 f" {format_bytes(d['peak_rss_bytes'])}"
             )
         m = entry.get("metrics", {})
@@ -192,12 +248,21 @@ def _deploy_table(deployments: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def _predict(folder: Path) -> tuple[Path, Any]:
-    """One prediction from the smallest device's installed model, with the torch-free runtime."""
+def _answers(folder: Path, deployed: list[str]) -> tuple[str, int, int]:
+    """Each installed model (ONNX Runtime, no torch) labels the obvious sentences: a table, right, asked."""
     from edge_sdk import load
 
-    served = folder / "models" / CLASSES[0]
-    return served, load(served, threads=1).predict([SENTENCE])[0]
+    rows = ["| sentence | expected | " + " | ".join(deployed) + " |", "| --- | --- |" + " --- |" * len(deployed)]
+    answers = {name: load(folder / "models" / name, threads=1).predict([s for s, _ in SENTENCES]) for name in deployed}
+    right = 0
+    for i, (sentence, expected) in enumerate(SENTENCES):
+        cells = []
+        for name in deployed:
+            p = answers[name][i]
+            right += p.label == expected
+            cells.append(f"{p.label} ({p.score:.2f}) {'ok' if p.label == expected else 'WRONG'}")
+        rows.append(f"| {sentence} | {expected} | " + " | ".join(cells) + " |")
+    return "\n".join(rows), right, len(SENTENCES) * len(deployed)
 
 
 def run_demo(folder: Path, rounds: int = ROUNDS) -> Path:
@@ -206,8 +271,9 @@ def run_demo(folder: Path, rounds: int = ROUNDS) -> Path:
         raise ConfigError(f"the vendored SST-2 subset is missing ({SST2}): run the demo from a clone of edge-fm")
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    print(f"edge-fm demo: a coordinator and {len(CLASSES)} devices over loopback websockets, all-MiniLM-L6-v2,"
-          f" {rounds} round(s) of {STEPS} local steps (batch {BATCH}, sequence {SEQ}); logs in {folder}\n")
+    print(f"edge-fm demo: a coordinator and {len(CLASSES)} devices over loopback websockets, all-MiniLM-L6-v2"
+          f" on SST-2 (sentiment), {rounds} round(s) of {STEPS} local steps (batch {BATCH}, rows up to {SEQ}"
+          f" tokens); accuracy on {DEV_ROWS} held-out sentences; logs in {folder}\n", flush=True)
     engine, budgets = _federate(folder, rounds)
     history = [dict(h) for h in engine.history]
     table = _table(history, budgets)
@@ -218,18 +284,18 @@ def run_demo(folder: Path, rounds: int = ROUNDS) -> Path:
     print(f"\nfederation and deployment: {time.monotonic() - started:.0f} s; what each device trains and now serves"
           " (exported to ONNX on the device, installed in models/<device>):\n")
     print(deploy_table)
-    if not any(d["device_id"] == CLASSES[0] and d["status"] == "ok" for d in deployments):
+    deployed = [n for n in CLASSES if any(d["device_id"] == n and d["status"] == "ok" for d in deployments)]
+    if CLASSES[0] not in deployed:
         raise EdgeFMError(f"{CLASSES[0]} did not install its inference model (see {records} and the device logs)")
-    served, prediction = _predict(folder)
-    sentence_line = (f"{served} (ONNX Runtime, no torch) predicts {prediction.label} ({prediction.score:.2f})"
-                     f" for {SENTENCE!r}")
-    print(f"\n{sentence_line}")
+    answer_table, right, asked = _answers(folder, deployed)
+    sentence_line = f"the installed models (ONNX Runtime, no torch) label {right} of {asked} obvious sentences right"
+    print(f"\n{sentence_line}:\n\n{answer_table}")
     report = folder / "summary.md"
     report.write_text(
         "# edge-fm demo\n\n"
         f"Budgets: device classes' usable training budgets x {BUDGET_SCALE} (simulated; not enforced here). "
         "Peak: each device process's measured peak RSS (runtime included).\n\n"
-        f"{table}\n\nDeployed inference models:\n\n{deploy_table}\n\n{sentence_line}\n\n"
+        f"{table}\n\nDeployed inference models:\n\n{deploy_table}\n\n{sentence_line}:\n\n{answer_table}\n\n"
         f"Rounds (JSON): {folder / 'rounds.json'}; deployments (JSON): {records}\n",
         encoding="utf-8",
     )

@@ -153,7 +153,7 @@ class Proc:
 
 
 def coordinator(config: Path, log: Path, *, resume: bool = False) -> Proc:
-    args = [sys.executable, "-m", "coordinator.cli._main", "serve", "--config", str(config)]
+    args = [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)]
     return Proc([*args, "--resume"] if resume else args, log, config.parent)
 
 
@@ -161,7 +161,7 @@ def device(url: str, token: str, data: Path, budget: str, log: Path, *extra: str
     args = [
         sys.executable,
         "-m",
-        "edge_sdk.cli._main",
+        "edge_sdk.cli",
         "join",
         url,
         "--token",

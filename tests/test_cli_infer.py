@@ -163,7 +163,7 @@ def test_infer_in_a_venv_without_torch(tmp_path: Path, served: Path, pytestconfi
     assert probe.stdout.strip() == "[]"  # torch really is absent
 
     out = subprocess.run(
-        [str(python), "-m", "edge_sdk.cli._main", "infer", "--model", str(served), "--json", "a fine film"],
+        [str(python), "-m", "edge_sdk.cli", "infer", "--model", str(served), "--json", "a fine film"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

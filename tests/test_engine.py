@@ -12,6 +12,7 @@ import torch
 from coordinator.federation._aggregate import ClientUpdate, FedAdam, aggregate
 from coordinator.federation._config import FederationConfig, TrainingConfig
 from coordinator.federation._engine import FederationEngine, TrainOrder
+from coordinator.federation._planner import BUDGET, WidthPolicy
 from edge_sdk import BudgetError, EdgeFMError, ProfileError
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.scaling._extract import param_count
@@ -33,13 +34,17 @@ def ranked_parent() -> tuple[ParentModel, object]:
     return parent, salience
 
 
-def make_engine(names: list[str], levers: LeverPolicy | None = None, **federation: object) -> FederationEngine:
+def make_engine(
+    names: list[str], levers: LeverPolicy | None = None, width: WidthPolicy = BUDGET, **federation: object
+) -> FederationEngine:
     """An engine on a tiny BERT; width-only planning (plain training) unless ``levers`` says otherwise."""
     parent, salience = ranked_parent()
     defaults = {"rounds": 3, "min_devices": 1, "min_margin_bytes": 0, "max_update_norm_ratio": 1e3}
     fed = FederationConfig(**{**defaults, **federation})  # type: ignore[arg-type]
     policy = LeverPolicy.plain() if levers is None else levers
-    return FederationEngine(parent, salience, fed, TRAINING, devices=names, seed=7, levers=policy)  # type: ignore[arg-type]
+    return FederationEngine(
+        parent, salience, fed, TRAINING, devices=names, seed=7, levers=policy, width=width  # type: ignore[arg-type]
+    )
 
 
 def budget_for(engine: FederationEngine, spec: SubnetSpec) -> int:
@@ -370,3 +375,13 @@ def test_with_levers_a_small_budget_trains_the_full_width_and_its_task_says_how(
     assert orders["small"].predicted_bytes <= small
     assert not orders["small"].settings.levers.is_plain  # the levers bought the width
     assert orders["large"].settings.levers.is_plain  # nothing to buy: plain training
+
+
+def test_exclusive_admits_only_devices_that_can_train_the_whole_model_plainly() -> None:
+    engine = make_engine(["small", "large"], width=WidthPolicy(kind="exclusive"))
+    dims = engine.parent.dims
+    small = budget_for(engine, SubnetSpec.uniform(dims, heads=2, ffn=dims.ffn))
+    with pytest.raises(BudgetError, match="exclusive"):
+        engine.admit("small", hello(small))
+    plan = engine.admit("large", hello(FULL_BUDGET))
+    assert plan.spec.is_full and plan.levers.is_plain

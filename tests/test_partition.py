@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.simulation._partition import partition, partition_dirichlet, partition_iid
+from coordinator.simulation._partition import partition, partition_dirichlet, partition_iid, partition_sorted
 from edge_sdk._errors import ConfigError
 
 
@@ -77,3 +77,20 @@ def test_unknown_partition_and_bad_alpha_are_config_errors() -> None:
         partition([0, 1], 2, kind="pathological")
     with pytest.raises(ConfigError, match="alpha"):
         partition_dirichlet([0, 1], 2, alpha=0.0)
+
+
+@given(n=st.integers(20, 400), devices=st.integers(1, 10), skew=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+@settings(max_examples=40, deadline=None)
+def test_sorted_shards_are_disjoint_equal_and_cover_everything(n: int, devices: int, skew: float, seed: int) -> None:
+    labels = np.random.default_rng(seed).integers(0, 3, n)
+    shards = partition_sorted(labels, devices, skew=skew, seed=seed)
+    assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(n))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_sorted_skew_puts_the_first_label_on_the_first_devices() -> None:
+    labels = np.array([0, 1] * 500)
+    iid = partition_sorted(labels, 4, skew=0.0, seed=1)
+    skewed = partition_sorted(labels, 4, skew=0.9, seed=1)
+    assert abs(labels[iid[0]].mean() - 0.5) < 0.1  # skew 0: IID
+    assert labels[skewed[0]].mean() < 0.15 and labels[skewed[-1]].mean() > 0.85

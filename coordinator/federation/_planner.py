@@ -11,7 +11,9 @@ A :class:`WidthPolicy` says how a device's sub-network is chosen:
   the memory model does not count, ``[federation] min_margin``);
 - ``"full"`` (FedAvg): every device trains the whole model, memory ignored;
 - ``"static"`` (HeteroFL-style): fixed width ratios (``ratios``), dealt to the named devices after a
-  seeded shuffle (``salt``), whatever their memory.
+  seeded shuffle (``salt``), whatever their memory;
+- ``"exclusive"``: the full model in plain training, and only for devices whose budget affords it;
+  the others are refused (the federation of a peer that can only train the whole model).
 
 Under ``"full"`` and ``"static"`` memory never refuses a device; the plans still carry the memory
 model's prediction, so a report can show who was sent more than fits. Plans depend on the parent's
@@ -46,7 +48,7 @@ from edge_sdk.scaling import (
 
 __all__ = ["BUDGET", "WIDTHS", "Planner", "WidthPolicy"]
 
-WIDTHS = ("budget", "full", "static")
+WIDTHS = ("budget", "full", "static", "exclusive")
 _CACHE_LIMIT = 1024  # distinct planning budgets remembered (a search costs milliseconds)
 
 
@@ -115,7 +117,20 @@ class Planner:
             return self.fixed(1.0, usable_bytes)
         if self.policy.kind == "static":
             return self.fixed(self._levels.get(device_id, self.policy.ratios[0]), usable_bytes)
+        if self.policy.kind == "exclusive":
+            return self.exclusive(usable_bytes, margin_bytes)
         return self.search(usable_bytes, margin_bytes)
+
+    def exclusive(self, usable_bytes: int, margin_bytes: int = 0) -> Plan:
+        """The full model in plain training, for a device whose budget affords it; BudgetError otherwise
+        (under "exclusive" only such devices take part: the federation a memory-blind peer would run)."""
+        plan = self.fixed(1.0, usable_bytes)
+        if plan.estimate.total > self.planning_bytes(usable_bytes, margin_bytes):
+            raise BudgetError(
+                f"exclusive: plain training of the full model needs {format_bytes(plan.estimate.total)},"
+                f" more than this budget's {format_bytes(self.planning_bytes(usable_bytes, margin_bytes))}"
+            )
+        return plan
 
     def search(self, usable_bytes: int, margin_bytes: int = 0) -> Plan:
         """The largest sub-network whose training fits the planning bytes of this budget."""

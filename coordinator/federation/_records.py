@@ -64,6 +64,7 @@ class DeviceOutcome:
     params: int = 0
     params_fraction: float = 0.0
     width: str = ""  # mean heads / FFN kept, e.g. "heads 9.0/12 ffn 1104/1536"
+    levers: str = ""  # the training levers of the task, e.g. "checkpointing, embedding rows", or "plain"
     predicted_bytes: int = 0
     usable_bytes: int = 0
     runtime_bytes: int = 0

@@ -124,6 +124,7 @@ class OpenRound:
             params=order.params,
             params_fraction=order.params_fraction,
             width=width_of(order.spec),
+            levers=order.settings.levers.describe(),
             predicted_bytes=order.predicted_bytes,
             usable_bytes=record.usable_bytes if record else 0,
             runtime_bytes=record.runtime_bytes if record else 0,

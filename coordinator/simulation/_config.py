@@ -5,10 +5,11 @@ Tables (``examples/sim.toml`` is a complete, commented example):
 - ``[model]``, ``[federation]``, ``[training]``: as in a served run (the shared table readers of
   ``coordinator.federation``);
 - ``[data]`` kind ("tsv" or "synthetic"), train, dev, tokenizer, train_limit, dev_limit, partition
-  ("iid" or "dirichlet"), alpha, min_shard; for synthetic data size, dev_size, vocab_size, seq_len;
+  ("iid", "dirichlet" or "sorted"), alpha, skew, min_shard; for synthetic data size, dev_size, vocab_size, seq_len;
 - ``[devices]`` device class = how many (classes from ``profiles/``), e.g. ``raspberry-pi-4-2gb = 5``;
 - ``[method]`` name, width ("budget": the largest sub-network whose training fits each device's budget;
-  "full": every device the whole model, memory ignored; "static": fixed width ratios whatever the
+  "full": every device the whole model, memory ignored; "exclusive": the whole model, plain, on the
+  devices that can train it and no others; "static": fixed width ratios whatever the
   device), reorder (salience reordering before slicing), ratios (for "static");
 - ``[simulation]`` engine ("local" or "ray"), ray_address, max_workers, threads, fresh_process,
   budget_scale (multiplies every device class's usable budget), runtime_footprint;
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.federation import (
+    WIDTHS,
     FederationConfig,
     ModelConfig,
     Table,
@@ -38,6 +40,7 @@ from coordinator.federation import (
     read_training,
     table_reader,
 )
+from coordinator.simulation._partition import PARTITIONS
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import TRAINING_RUNTIME_BYTES, LeverPolicy
 
@@ -50,9 +53,7 @@ __all__ = [
     "parse_simulation_config",
 ]
 
-WIDTHS = ("budget", "full", "static")
 ENGINES = ("local", "ray")
-PARTITIONS = ("iid", "dirichlet")
 _TABLES = ("model", "data", "devices", "method", "federation", "training", "levers", "simulation", "run")
 
 
@@ -66,6 +67,7 @@ class DataConfig:
     dev_limit: int | None = None
     partition: str = "iid"
     alpha: float = 0.5  # Dirichlet concentration (partition = "dirichlet")
+    skew: float = 0.8  # share of examples placed by label (partition = "sorted"; 0: IID)
     min_shard: int = 8  # every device holds at least this many examples
     size: int = 2000  # synthetic: training examples
     dev_size: int = 256  # synthetic: validation examples
@@ -76,7 +78,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "raffm"
-    width: str = "budget"  # "budget" | "full" | "static"
+    width: str = "budget"  # "budget" | "full" | "static" | "exclusive"
     reorder: bool = True
     ratios: tuple[float, ...] = (1.0, 0.5, 0.25)
 
@@ -128,6 +130,7 @@ def _data(t: Table) -> DataConfig:
         dev_limit=_optional_int(t, "dev_limit", low=0),
         partition=t.text("partition", "iid", choices=PARTITIONS),
         alpha=t.number("alpha", 0.5, low=0.0, open_low=True),
+        skew=t.number("skew", 0.8, low=0.0, high=1.0),
         min_shard=t.integer("min_shard", 8, low=1),
         size=t.integer("size", 2000, low=1),
         dev_size=t.integer("dev_size", 256, low=1),

@@ -65,6 +65,7 @@ def virtual_devices(config: SimulationConfig, labels: np.ndarray) -> list[Virtua
         len(named),
         kind=config.data.partition,
         alpha=config.data.alpha,
+        skew=config.data.skew,
         seed=config.model.seed,
         min_size=config.data.min_shard,
     )

@@ -6,7 +6,14 @@
   ``alpha`` gives each device a few dominant labels, large ``alpha`` approaches IID. Every device is
   then given at least ``min_size`` examples, moved from the largest shards, so none is empty.
 
-Both return one sorted ``int64`` index array per device; the shards are disjoint and their union is
+- :func:`partition_sorted`: label skew by device order. Each example is, with probability
+  ``skew``, placed by its label (the examples sorted by label) and otherwise at random; the examples
+  are then cut in that order into equal shards. The first devices hold mostly the first label and the
+  last devices mostly the last; ``skew = 0`` is IID, ``skew = 1`` gives each device one or two labels.
+  A benchmark lists device classes in order so that, say, the devices that can train the full model
+  hold data the small devices do not (leaving the small devices out then costs accuracy).
+
+All return one sorted ``int64`` index array per device; the shards are disjoint and their union is
 ``range(n)`` (tested as a property).
 """
 
@@ -18,7 +25,9 @@ import numpy as np
 
 from edge_sdk._errors import ConfigError
 
-__all__ = ["partition", "partition_dirichlet", "partition_iid"]
+__all__ = ["PARTITIONS", "partition", "partition_dirichlet", "partition_iid", "partition_sorted"]
+
+PARTITIONS = ("iid", "dirichlet", "sorted")
 
 
 def _check(n: int, devices: int, min_size: int) -> None:
@@ -62,18 +71,40 @@ def partition_dirichlet(
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
 
+def partition_sorted(
+    labels: Sequence[int] | np.ndarray, devices: int, *, skew: float, seed: int = 0
+) -> list[np.ndarray]:
+    """Label skew by device order (see the module docstring): equal shards, disjoint, covering all."""
+    y = np.asarray(labels)
+    _check(len(y), devices, 1)
+    if not 0.0 <= skew <= 1.0:
+        raise ConfigError(f"skew must be in [0, 1], got {skew}")
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    shuffled = rng.permutation(n)
+    by_label = shuffled[np.argsort(y[shuffled], kind="stable")]  # sorted by label, random within a label
+    key = rng.random(n)  # where an unsorted example goes
+    placed = rng.random(n) < skew
+    key[by_label[placed[by_label]]] = (np.flatnonzero(placed[by_label]) + 0.5) / n
+    order = np.argsort(key, kind="stable")
+    return [np.sort(shard.astype(np.int64)) for shard in np.array_split(order, devices)]
+
+
 def partition(
     labels: Sequence[int] | np.ndarray,
     devices: int,
     *,
     kind: str = "iid",
     alpha: float = 0.5,
+    skew: float = 0.8,
     seed: int = 0,
     min_size: int = 1,
 ) -> list[np.ndarray]:
-    """Shards by name: ``"iid"`` or ``"dirichlet"`` (label skew with ``alpha``)."""
+    """Shards by name: ``"iid"``, ``"dirichlet"`` (label skew with ``alpha``) or ``"sorted"`` (``skew``)."""
     if kind == "iid":
         return partition_iid(len(labels), devices, seed=seed)
     if kind == "dirichlet":
         return partition_dirichlet(labels, devices, alpha=alpha, seed=seed, min_size=min_size)
-    raise ConfigError(f"unknown partition {kind!r} (known: 'iid', 'dirichlet')")
+    if kind == "sorted":
+        return partition_sorted(labels, devices, skew=skew, seed=seed)
+    raise ConfigError(f"unknown partition {kind!r} (known: {', '.join(PARTITIONS)})")
