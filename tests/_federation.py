@@ -61,6 +61,7 @@ def write_config(
     seq_len: int = 64,
     validation_rows: int = 32,
     tls: tuple[Path, Path] | None = None,
+    levers: bool = True,
 ) -> Path:
     dev = folder / "dev.tsv"
     lines = (SST2 / "dev.tsv").read_text(encoding="utf-8").splitlines()
@@ -82,6 +83,9 @@ local_steps = {local_steps}
 batch_size = {batch_size}
 seq_len = {seq_len}
 lr = 1e-4
+
+[levers]
+enabled = {"true" if levers else "false"}
 
 [validation]
 data = "dev.tsv"

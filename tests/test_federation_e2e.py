@@ -66,7 +66,8 @@ def outcomes(entry: Any) -> dict[str, dict[str, Any]]:
 
 def test_three_devices_train_three_widths_within_their_budgets(tmp_path: Path) -> None:
     budgets = three_budgets()
-    config = write_config(tmp_path, devices=TOKENS, rounds=2, min_devices=3, local_steps=2)
+    # width planning end to end: levers off, so the three budgets buy three widths
+    config = write_config(tmp_path, devices=TOKENS, rounds=2, min_devices=3, local_steps=2, levers=False)
     server = coordinator(config, tmp_path / "coordinator.log")
     devices = {}
     try:
