@@ -1,27 +1,17 @@
 """The memory model: predicted peak bytes of training, or serving, a sub-network.
 
 Training (fp32, AdamW). Every parameter is held as 4 bytes of weights; a *trainable* one also has a
-gradient (4 B) and two AdamW moments (8 B). With T trainable and F frozen parameters the state
-between steps is ``S = 4(T + F) + 8T`` and a step's peak is the larger of two moments::
+gradient (4 B) and two AdamW moments (8 B). With T trainable and F frozen parameters the resident
+state is ``4(T + F) + 8T``, and a step's peak is the larger of two moments::
 
-    forward / backward:  S + alpha*A + R + [k > 1: 4T + H] + c_step
-    optimizer step:      S + 4T + 2*4*T_max + [k > 1: H] + c_update
+    end of forward:  4(T+F) + 8T + [k > 1: 4T] + A + c_f
+    backward:        4(T+F) + 8T + 4T + a_b * A + R + c_b
 
-* A: what autograd saves for backward in one micro-batch's forward pass (below); alpha > 1 covers
-  the gradients of activations that backward allocates while it frees them.
-* R: with checkpointing, the activations one layer rebuilds in backward (the largest layer).
-* 4T: the gradients. With one micro-batch they are freed between steps (``zero_grad(set_to_none=
-  True)``) and built while the activations are released; with k > 1 the gradients accumulated so
-  far stay resident while the next micro-batch runs forward.
-* ``2*4*T_max``: AdamW on CPU updates one tensor at a time; its temporaries (``sqrt(v)``, the
-  step) are those of the largest trainable tensor (T_max elements: the word-embedding table when
-  it is trained densely, 11.7M elements for MiniLM).
-* H: micro-batches whose activations are small tensors (a ``b_k x s x h`` fp32 tensor under the
-  allocator's 1 MiB mmap threshold) come from the C heap, interleaved with the accumulated
-  gradients; the heap keeps a fragmented working set even though the trainer trims it every step.
-* alpha, c_step, c_update, H: fitted on fresh processes training MiniLM (full, half and quarter
-  width; batch 4-32, sequence 32-128; every lever; ``bench/levers_memory.py``) so that every
-  measured peak is at or under the prediction and within 15 % of it.
+where A is what autograd saves for backward (activations, below), R what a checkpointed layer
+recomputes in backward (0 without checkpointing), and c_f, c_b, a_b are fitted to measured peaks
+(autograd's and AdamW's temporaries). Gradients are freed between steps (``zero_grad(set_to_none=True)``),
+so with one micro-batch they are not alive at the end of the forward pass; with k > 1 micro-batches
+the gradients accumulated so far stay resident while the next micro-batch runs forward.
 
 Levers (:class:`~edge_sdk._levers.Levers`) change T, F, A and R:
 
@@ -33,22 +23,21 @@ Levers (:class:`~edge_sdk._levers.Levers`) change T, F, A and R:
   linear) are trainable; the rest (LayerNorms, task head, the embedding table per its lever, and,
   conservatively, position and token-type embeddings) stays trainable. Each adapter saves a
   ``b x s x r`` intermediate.
-* ``micro_batches=k``: A is that of ``ceil(b / k)`` rows; the gradients stay whole (above).
-* ``checkpointing``: a layer keeps only its input ``beta s b h``; R as above.
+* ``micro_batches=k``: A is that of ``ceil(b / k)`` rows (the gradients stay whole, see above).
+* ``checkpointing``: a layer keeps only its input ``beta s b h``; in backward one layer at a time
+  recomputes its activations, R = the largest layer's activations.
 * ``attention="sdpa"`` without dropout (``Workload.dropout`` False): the fused kernel saves no
   ``a x s^2`` attention probabilities. With dropout, SDPA on CPU falls back to the same tensors as
   eager attention.
 
 Activations per post-LN encoder layer (batch b, sequence s, element bytes beta, kept attention width
-d_a = heads x head_dim, kept FFN width d_ff, heads a, LoRA rank r; dropout masks of m bytes an
-element)::
+d_a = heads x head_dim, kept FFN width d_ff, heads a; dropout masks of m bytes an element, m = 0
+without dropout)::
 
-    with dropout:     beta*s*b*(4h + 4 d_a + 2 d_ff + 6r) + m*2*s*b*h + (2 beta + m)*a*s^2*b
-    without dropout:  beta*s*b*(4h + 4 d_a + 2 d_ff + 6r) + beta*a*s^2*b
+    beta*s*b*(4h + 4 d_a + 2 d_ff) + m*2*s*b*h + [attention probabilities] (2 beta + m)*a*s^2*b
 
-(the last term, the attention probabilities, is absent with SDPA and no dropout) plus the
-embeddings and task head: ``3*beta*s*b*h`` (sum, LayerNorm and dropout) and a few values per token
-and per sequence. Checked against what autograd saves (``tests/test_memory.py``): within 1.3 %.
+plus the embeddings and task head: ``3*beta*s*b*h`` (sum, LayerNorm and dropout) and a few values
+per token and per sequence, measured against what autograd saves (``tests/test_memory.py``).
 
 Inference (fp32 ONNX Runtime; int8 needs less) keeps the weights and a transient working set of
 one layer at a time, plus the session's own allocations; the runtime is a separate, measured
@@ -83,13 +72,11 @@ __all__ = [
 TRAINING_RUNTIME_BYTES = 415_000_000
 INFERENCE_RUNTIME_BYTES = 55_000_000
 
-# The fitted parts of training's peak (module docstring), from fresh processes training MiniLM
-# with the allocator tuned (``tune_allocator``) and the heap trimmed once a step (``trim_heap``).
-_ACTIVATIONS = 1.12  # alpha
-_STEP_FIXED = 65_000_000  # c_step
-_UPDATE_FIXED = 75_000_000  # c_update
-_HEAP_MICRO_BATCHES = 50_000_000  # H
-_HEAP_TENSOR_BYTES = 1 << 20  # the allocator's mmap threshold: smaller tensors come from the heap
+# The fitted parts of training's peak (see the module docstring), measured in fresh processes
+# training MiniLM sub-networks with the allocator tuned by ``tune_allocator``.
+_FORWARD_FIXED = 95_000_000
+_BACKWARD_FIXED = 160_000_000
+_BACKWARD_ACTIVATIONS = 0.75
 
 PLAIN = Levers()  # plain training: no lever
 
@@ -144,16 +131,12 @@ class MemoryEstimate:
 
 
 def _layer_bytes(layer: LayerSpec, h: int, d: int, work: Workload, *, probabilities: bool, lora: int) -> int:
-    """What one encoder layer saves for backward (module docstring)."""
     b, s, beta = work.batch, work.seq, work.bytes_per_elem
+    mask = work.mask_bytes if work.dropout else 0
     d_a = layer.heads * d
-    total = beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn + 6 * lora)
-    probs = layer.heads * s * s * b
-    if work.dropout:
-        total += work.mask_bytes * 2 * s * b * h
-        total += (2 * beta + work.mask_bytes) * probs if probabilities else 0
-    else:
-        total += beta * probs if probabilities else 0
+    total = beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn + 6 * lora) + mask * 2 * s * b * h
+    if probabilities:
+        total += (2 * beta + mask) * layer.heads * s * s * b
     return total
 
 
@@ -192,13 +175,6 @@ def recompute_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) ->
     return max(_layer_bytes(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank) for ly in spec.layers)
 
 
-def _heap_micro_batches(spec: SubnetSpec, work: Workload, levers: Levers) -> int:
-    """H: micro-batches whose activations come from the heap (module docstring)."""
-    micro, _ = _micro(work, levers)
-    small = micro.bytes_per_elem * micro.batch * micro.seq * spec.parent.hidden < _HEAP_TENSOR_BYTES
-    return _HEAP_MICRO_BATCHES if levers.micro_batches > 1 and small else 0
-
-
 def _linear_params(spec: SubnetSpec) -> int:
     """Weights and biases of the six linear layers of every kept encoder layer."""
     h, d = spec.parent.hidden, spec.parent.head_dim
@@ -215,28 +191,10 @@ def _lora_params(spec: SubnetSpec, rank: int) -> int:
     return sum(rank * (4 * (h + ly.heads * d) + 2 * (h + ly.ffn)) for ly in spec.layers)
 
 
-def _table_params(spec: SubnetSpec, params: int, work: Workload, levers: Levers) -> int:
-    """The word-embedding table's parameters: ``V h``. Unknown V (trained table only): at most every
-    parameter outside the encoder layers and the pooler."""
-    if work.vocab:
-        return work.vocab * spec.parent.hidden
-    if levers.embeddings != "train":
+def _table_params(spec: SubnetSpec, work: Workload, levers: Levers) -> int:
+    if levers.embeddings != "train" and work.vocab == 0:
         raise ValueError(f"embeddings={levers.embeddings!r} needs the vocabulary size (Workload.vocab)")
-    h = spec.parent.hidden
-    return max(0, params - _linear_params(spec) - 4 * h * len(spec.layers) - h * h - h)
-
-
-def _largest_trainable(spec: SubnetSpec, params: int, work: Workload, levers: Levers) -> int:
-    """Elements of the largest trainable tensor (AdamW's per-tensor temporaries scale with it)."""
-    h, d = spec.parent.hidden, spec.parent.head_dim
-    sizes = [h * h]  # the pooler (or a head of that order)
-    if not levers.lora_rank:
-        sizes += [h * max(ly.ffn, ly.heads * d) for ly in spec.layers]
-    if levers.embeddings == "train":
-        sizes.append(_table_params(spec, params, work, levers))
-    elif levers.embeddings == "rows":
-        sizes.append(work.touched_rows() * h)
-    return max(sizes)
+    return work.vocab * spec.parent.hidden
 
 
 def trainable_params(spec: SubnetSpec, params: int, work: Workload, levers: Levers = PLAIN) -> tuple[int, int]:
@@ -251,7 +209,7 @@ def trainable_params(spec: SubnetSpec, params: int, work: Workload, levers: Leve
         trainable += _lora_params(spec, levers.lora_rank) - linear
         frozen += linear
     if levers.embeddings != "train":
-        table = _table_params(spec, params, work, levers)
+        table = _table_params(spec, work, levers)
         trainable -= table
         frozen += table
         if levers.embeddings == "rows":
@@ -270,11 +228,14 @@ def training_estimate(
     trainable, frozen = trainable_params(spec, params, work, levers)
     weights, gradients, optimizer = 4 * (trainable + frozen), 4 * trainable, 8 * trainable
     activations = activation_bytes(spec, work, levers)
-    heap = _heap_micro_batches(spec, work, levers)
-    held = gradients + heap if levers.micro_batches > 1 else 0
-    step = int(_ACTIVATIONS * activations) + recompute_bytes(spec, work, levers) + held + _STEP_FIXED
-    largest = 4 * _largest_trainable(spec, params, work, levers)
-    update = gradients + 2 * largest + heap + _UPDATE_FIXED
+    held = gradients if levers.micro_batches > 1 else 0
+    forward_end = held + activations + _FORWARD_FIXED
+    backward = (
+        gradients
+        + int(_BACKWARD_ACTIVATIONS * activations)
+        + recompute_bytes(spec, work, levers)
+        + _BACKWARD_FIXED
+    )
     return MemoryEstimate(
         params=trainable,
         weights=weights,
@@ -282,7 +243,7 @@ def training_estimate(
         optimizer=optimizer,
         activations=activations,
         # what the larger moment holds beyond max(activations, gradients), so ``total`` is the peak
-        transient=max(step, update) - max(activations, gradients),
+        transient=max(forward_end, backward) - max(activations, gradients),
         runtime=runtime,
     )
 
