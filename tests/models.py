@@ -84,3 +84,22 @@ def tiny_vocab_bert_config() -> transformers.BertConfig:
         max_position_embeddings=128,
         num_labels=2,
     )
+
+
+def long_rows_tsv(folder: Path, rows: int = 128, words: int = 200) -> Path:
+    """SST-2 training sentences joined into rows of ``words``+ words each (label of the first): every
+    row fills any max length up to about 200 tokens, the worst case the memory model plans for."""
+    lines = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    out, current, label = ["label\tsentence"], [], "0"
+    for line in lines:
+        lab, _, sentence = line.partition("\t")
+        label = label if current else lab
+        current += sentence.split()
+        if len(current) >= words:
+            out.append(label + "\t" + " ".join(current))
+            current = []
+            if len(out) > rows:
+                break
+    path = folder / "long_rows.tsv"
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return path

@@ -5,6 +5,8 @@ process per distinct plan. ``bench/budgets.py`` measures every class of 8 GB or 
 plans too, and prints the table.
 """
 
+from pathlib import Path
+
 import pytest
 
 from coordinator.simulation._memcheck import check_device_classes
@@ -15,11 +17,11 @@ from edge_sdk.scaling._reorder import reorder
 from edge_sdk.scaling._salience import weight_l1
 from edge_sdk.scaling._search import plan_training
 
-from .models import SST2, minilm, minilm_dir
+from .models import long_rows_tsv, minilm, minilm_dir
 
 
 @pytest.mark.slow
-def test_device_class_budgets_hold_in_fresh_processes() -> None:
+def test_device_class_budgets_hold_in_fresh_processes(tmp_path: Path) -> None:
     parent, salience, _ = reorder(minilm(), weight_l1(minilm()))
     work = Workload(32, 128)
     classes = [dc for dc in list_device_classes() if dc.memory <= 8 * 1024**3]
@@ -30,7 +32,8 @@ def test_device_class_budgets_hold_in_fresh_processes() -> None:
                              runtime=0).spec.is_full
     ]
     assert "raspberry-pi-4-2gb" in [dc.name for dc in binding]  # its 2 GB bind at batch 32 x 128
-    rows = check_device_classes(parent, salience, binding, work, data=SST2 / "train.tsv", tokenizer_dir=minilm_dir())
+    data = long_rows_tsv(tmp_path)  # rows that fill the max length: the workload the model plans for
+    rows = check_device_classes(parent, salience, binding, work, data=data, tokenizer_dir=minilm_dir())
     for r in rows:
         print(r.device_class, r.allowance, r.predicted, r.measured.peak_rss_bytes, f"{r.error:+.1%}")
         assert r.within_budget, r

@@ -1,5 +1,7 @@
 """The memory model against what autograd saves and against the peak RSS of real training runs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from edge_sdk.scaling._reorder import reorder
 from edge_sdk.scaling._salience import weight_l1
 from edge_sdk.scaling._search import plan_training
 
-from .models import SST2, minilm, minilm_dir
+from .models import long_rows_tsv, minilm, minilm_dir
 
 
 def saved_activation_bytes(model: torch.nn.Module, batch: int, seq: int) -> int:
@@ -50,13 +52,13 @@ def test_activation_bytes_within_5_percent_of_what_autograd_saves(layers, batch,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [1_300_000_000, 1_600_000_000, 1_850_000_000])
-def test_training_peak_rss_is_predicted_and_within_budget(budget: int) -> None:
+def test_training_peak_rss_is_predicted_and_within_budget(budget: int, tmp_path: Path) -> None:
     """A fresh process trains the sub-network the search picked for ``budget``."""
     parent, salience, _ = reorder(minilm(), weight_l1(minilm()))
     work = Workload(batch=32, seq=128)
     plan = plan_training(parent, salience, budget, work)
     assert not plan.spec.is_full  # the budget binds
-    measured = measure_training(parent, plan.spec, work, data=SST2 / "train.tsv", tokenizer_dir=minilm_dir())
+    measured = measure_training(parent, plan.spec, work, data=long_rows_tsv(tmp_path), tokenizer_dir=minilm_dir())
     predicted = training_estimate(plan.spec, param_count(parent, plan.spec), work).total
     print(f"budget {budget} predicted {predicted} measured {measured.peak_rss_bytes}")
     assert measured.params == plan.params
