@@ -98,7 +98,9 @@ class BudgetCheck:
 
     @property
     def within_budget(self) -> bool:
-        return self.measured.peak_rss_bytes <= self.allowance
+        """What training added to the runtime this process measured fits the usable budget (a device
+        reports its own runtime footprint; its usable budget is what remains after it)."""
+        return self.measured.peak_rss_bytes - self.measured.runtime_rss_bytes <= self.usable
 
 
 def check_device_classes(
