@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from edge_sdk.training._data import (
     iter_batches,
     load_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from edge_sdk.training._train import TrainConfig
 
 __all__ = [
     "BatchSource",
@@ -261,16 +264,17 @@ class TaskRunner:
         *,
         levers: Levers | None = None,
         dropout: float | None = None,
-        max_grad_norm: float | None = 1.0,
+        max_grad_norm: float | None = None,
     ) -> TrainOutput:
         """Train the task's sub-network on local data; TaskCancelledError once ``cancel`` is set.
 
-        ``levers`` (default: the task settings' ``levers`` when they carry some, else plain training),
-        ``dropout`` (None: the model's) and ``max_grad_norm`` (None or 0: no clipping) shape the
-        training; rows are truncated at the task's ``seq_len``, at most the model's max positions.
+        ``levers``, ``dropout`` and ``max_grad_norm`` (0: no clipping) default to the task settings'
+        fields of those names when the settings carry them, else to plain training, the model's
+        dropout and a norm of 1. Rows are truncated at the task's ``seq_len``, at most the model's
+        max positions.
         """
         from edge_sdk.training._levers import install_rows, touched_rows, trained_tensors
-        from edge_sdk.training._train import TrainConfig, train_local
+        from edge_sdk.training._train import train_local
 
         cancel = cancel or threading.Event()
         settings = task.settings
@@ -278,9 +282,8 @@ class TaskRunner:
             raise ConfigError(f"optimizer {settings.optimizer!r} is not supported on this device (adamw only)")
         levers = levers if levers is not None else settings_levers(settings)
         spec, model = self._build(task, tensors, attention=levers.attention)
-        steps = settings.local_steps or max(1, math.ceil(len(self.data) / settings.batch_size)) * (
-            settings.local_epochs or 1
-        )
+        config = _train_config(settings, len(self.data), levers, dropout, max_grad_norm)
+        steps = config.steps
         max_length = _max_length(settings.seq_len, thaw_json(task.model_config))
         logger.info(
             "task %s: training %s for %d steps (batch %d, rows truncated at %d tokens; %s)",
@@ -295,15 +298,6 @@ class TaskRunner:
             drawn = islice(self.data.batches(settings.batch_size, max_length, settings.seed), steps)
             install_rows(model, touched_rows(drawn))
         batches = _cancellable(self.data.batches(settings.batch_size, max_length, settings.seed), cancel)
-        config = TrainConfig(
-            steps=steps,
-            lr=settings.lr,
-            prox_mu=settings.prox_mu,
-            seed=settings.seed,
-            levers=levers,
-            dropout=dropout,
-            max_grad_norm=max_grad_norm,
-        )
         result = (self.train_fn or train_local)(model, batches, config)
         out = _as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors)
         metrics = {"steps": float(result.steps), "samples_seen": float(result.samples)}
@@ -342,6 +336,28 @@ def settings_levers(settings: Any) -> Levers:
     if isinstance(value, Levers):
         return value
     return Levers.from_dict(thaw_json(value) if not isinstance(value, Mapping) else value)
+
+
+def _train_config(
+    settings: Any, samples: int, levers: Levers, dropout: float | None, max_grad_norm: float | None
+) -> TrainConfig:
+    """The TrainConfig of a task: its steps (``local_steps``, or epochs over ``samples``) and recipe."""
+    from edge_sdk.training._train import TrainConfig
+
+    steps = settings.local_steps or max(1, math.ceil(samples / settings.batch_size)) * (settings.local_epochs or 1)
+    if dropout is None:
+        dropout = getattr(settings, "dropout", None)
+    if max_grad_norm is None:
+        max_grad_norm = getattr(settings, "max_grad_norm", 1.0)
+    return TrainConfig(
+        steps=steps,
+        lr=settings.lr,
+        prox_mu=settings.prox_mu,
+        seed=settings.seed,
+        levers=levers,
+        dropout=dropout,
+        max_grad_norm=max_grad_norm,
+    )
 
 
 def _max_length(seq_len: int, config: Mapping[str, Any]) -> int:
