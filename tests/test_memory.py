@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from coordinator.simulation._memcheck import measure_training
+from edge_sdk._levers import Levers
 from edge_sdk._spec import LayerSpec, SubnetSpec
 from edge_sdk.scaling._build import build_model
 from edge_sdk.scaling._extract import extract, param_count
@@ -13,6 +14,7 @@ from edge_sdk.scaling._memory import TRAINING_RUNTIME_BYTES, Workload, activatio
 from edge_sdk.scaling._reorder import reorder
 from edge_sdk.scaling._salience import weight_l1
 from edge_sdk.scaling._search import plan_training
+from edge_sdk.training._levers import prepare
 
 from .models import long_rows_tsv, minilm, minilm_dir
 
@@ -47,6 +49,33 @@ def test_activation_bytes_within_5_percent_of_what_autograd_saves(layers, batch,
     model = build_model(spec, parent.config, extract(parent, spec))
     measured = saved_activation_bytes(model, batch, seq)
     predicted = activation_bytes(spec, Workload(batch, seq))
+    print(f"predicted {predicted} measured {measured} ({(predicted - measured) / measured:+.1%})")
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+
+
+@pytest.mark.parametrize(
+    ("levers", "dropout"),
+    [
+        (Levers(), 0.0),  # no dropout masks; the attention probabilities saved once
+        (Levers(attention="sdpa"), 0.0),  # fused attention saves no probabilities
+        (Levers(attention="sdpa"), None),  # with dropout, SDPA saves what eager attention does
+        (Levers(lora_rank=8, embeddings="frozen"), None),  # LoRA adds a small b x s x r per linear
+        (Levers(micro_batches=4), None),  # a micro-batch's share
+    ],
+    ids=lambda v: v.describe() if isinstance(v, Levers) else f"dropout {v}",
+)
+def test_activation_bytes_with_levers_within_5_percent_of_what_autograd_saves(
+    levers: Levers, dropout: float | None
+) -> None:
+    parent = minilm()
+    spec = SubnetSpec(parent.dims, tuple(LayerSpec(i, 12 - 2 * i, 1536 - 200 * i) for i in range(6)))
+    model = build_model(spec, parent.config, extract(parent, spec), attn_implementation=levers.attention)
+    prepare(model, levers, dropout=dropout)
+    batch, seq = 8, 64
+    measured = saved_activation_bytes(model, batch // levers.micro_batches, seq)
+    work = Workload(batch, seq, dropout=dropout != 0.0, vocab=int(parent.config["vocab_size"]))
+    predicted = activation_bytes(spec, work, levers)
+    print(f"predicted {predicted} measured {measured} ({(predicted - measured) / measured:+.1%})")
     assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
 
 

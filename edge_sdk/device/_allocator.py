@@ -5,6 +5,12 @@ on, the activations of each step come from the heap, whose freed blocks stay res
 Pinning the mmap and trim thresholds at 1 MiB keeps large tensors in their own mappings, returned to
 the system when freed. Measured on MiniLM sub-networks (``bench/budgets.py``): peak RSS 22-26 %
 lower, and the same to within 0.3 % from run to run instead of 4 %. No effect elsewhere than glibc.
+
+Tensors under the threshold (small batches, micro-batches: a ``4 x 128 x 384`` fp32 activation is
+768 KiB) come from the heap, whose freed chunks stay resident and fragment: without a trim, the
+optimizer step of MiniLM at micro-batches of 4 x 128 peaked 100-200 MB higher, growing from step to
+step. :func:`trim_heap` (``malloc_trim``), called once a step after the backward pass, returns them:
+about 11 ms a step, and the optimizer step's peak is then the same at every step.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from collections.abc import Callable
 
-__all__ = ["tune_allocator"]
+__all__ = ["trim_heap", "tune_allocator"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,3 +46,23 @@ def tune_allocator() -> bool:
     logger.debug("allocator thresholds pinned: %s", ok)
     _done.append(ok)
     return ok
+
+
+_trim: list[Callable[[int], int] | None] = []
+
+
+def trim_heap() -> bool:
+    """Return the heap's free memory to the system (glibc ``malloc_trim(0)``); True when it ran."""
+    if not _trim:
+        fn = None
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                fn = None
+        _trim.append(fn)
+    trim = _trim[0]
+    if trim is None:
+        return False
+    trim(0)
+    return True

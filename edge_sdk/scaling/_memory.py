@@ -74,9 +74,13 @@ INFERENCE_RUNTIME_BYTES = 55_000_000
 
 # The fitted parts of training's peak (see the module docstring), measured in fresh processes
 # training MiniLM sub-networks with the allocator tuned by ``tune_allocator``.
-_FORWARD_FIXED = 95_000_000
-_BACKWARD_FIXED = 160_000_000
-_BACKWARD_ACTIVATIONS = 0.75
+_STEP_FIXED = 50_000_000
+_UPDATE_FIXED = 40_000_000
+_HEAP_IN_STEP = 0.7
+_HEAP_AFTER_STEP = 1.4
+# Tensors smaller than this come from the C heap (the mmap threshold ``tune_allocator`` pins):
+# freed, they stay resident, so after a step the heap still holds about one micro-batch's worth.
+_HEAP_TENSOR_BYTES = 1 << 20
 
 PLAIN = Levers()  # plain training: no lever
 
@@ -130,20 +134,39 @@ class MemoryEstimate:
         return self.runtime + self.weights + self.optimizer + max(self.activations, self.gradients) + self.transient
 
 
-def _layer_bytes(layer: LayerSpec, h: int, d: int, work: Workload, *, probabilities: bool, lora: int) -> int:
-    b, s, beta = work.batch, work.seq, work.bytes_per_elem
+def _layer_terms(
+    layer: LayerSpec, h: int, d: int, work: Workload, *, probabilities: bool, lora: int
+) -> list[tuple[int, int]]:
+    """What one encoder layer saves, as (bytes of one tensor, bytes of all such tensors) pairs."""
+    tokens, beta = work.batch * work.seq, work.bytes_per_elem
     mask = work.mask_bytes if work.dropout else 0
     d_a = layer.heads * d
-    total = beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn + 6 * lora) + mask * 2 * s * b * h
-    if probabilities:
-        total += (2 * beta + mask) * layer.heads * s * s * b
-    return total
+    terms = [
+        (beta * tokens * h, 4 * beta * tokens * h),
+        (beta * tokens * d_a, 4 * beta * tokens * d_a),
+        (beta * tokens * layer.ffn, 2 * beta * tokens * layer.ffn),
+        (beta * tokens * lora, 6 * beta * tokens * lora),
+        (mask * tokens * h, 2 * mask * tokens * h),
+    ]
+    if probabilities:  # softmax output, and with dropout its mask and the dropped probabilities
+        probs = beta * layer.heads * work.seq * work.seq * work.batch
+        terms.append((probs, probs * (2 * beta + mask) // beta if mask else probs))
+    return terms
 
 
-def _outside_layers(h: int, work: Workload) -> int:
+def _outside_terms(h: int, work: Workload) -> list[tuple[int, int]]:
     """Embeddings (sum, LayerNorm, dropout mask) and per-token/per-sequence odds and ends."""
-    b, s, beta = work.batch, work.seq, work.bytes_per_elem
-    return 3 * beta * s * b * h + 32 * beta * s * b + 3 * beta * b * h
+    tokens, beta = work.batch * work.seq, work.bytes_per_elem
+    return [
+        (beta * tokens * h, 3 * beta * tokens * h),
+        (beta * tokens, 32 * beta * tokens),
+        (0, 3 * beta * work.batch * h),
+    ]
+
+
+def _sum(terms: list[tuple[int, int]]) -> tuple[int, int]:
+    """(all bytes, bytes in tensors below the allocator's mmap threshold)."""
+    return sum(t for _, t in terms), sum(t for one, t in terms if one < _HEAP_TENSOR_BYTES)
 
 
 def _micro(work: Workload, levers: Levers) -> tuple[Workload, bool]:
@@ -153,17 +176,23 @@ def _micro(work: Workload, levers: Levers) -> tuple[Workload, bool]:
     return micro, probabilities
 
 
-def activation_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) -> int:
-    """Bytes autograd saves for backward in one (micro-batch's) forward pass."""
+def _activations(spec: SubnetSpec, work: Workload, levers: Levers) -> tuple[int, int]:
+    """(saved bytes of one micro-batch's forward pass, the part in heap-sized tensors)."""
     h, d = spec.parent.hidden, spec.parent.head_dim
     micro, probabilities = _micro(work, levers)
+    terms = _outside_terms(h, micro)
     if levers.checkpointing:
-        layers = len(spec.layers) * micro.bytes_per_elem * micro.seq * micro.batch * h
+        one = micro.bytes_per_elem * micro.seq * micro.batch * h
+        terms.append((one, len(spec.layers) * one))
     else:
-        layers = sum(
-            _layer_bytes(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank) for ly in spec.layers
-        )
-    return layers + _outside_layers(h, micro)
+        for ly in spec.layers:
+            terms += _layer_terms(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank)
+    return _sum(terms)
+
+
+def activation_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) -> int:
+    """Bytes autograd saves for backward in one (micro-batch's) forward pass."""
+    return _activations(spec, work, levers)[0]
 
 
 def recompute_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) -> int:
@@ -172,7 +201,9 @@ def recompute_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) ->
         return 0
     h, d = spec.parent.hidden, spec.parent.head_dim
     micro, probabilities = _micro(work, levers)
-    return max(_layer_bytes(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank) for ly in spec.layers)
+    return max(
+        _sum(_layer_terms(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank))[0] for ly in spec.layers
+    )
 
 
 def _linear_params(spec: SubnetSpec) -> int:
@@ -191,10 +222,28 @@ def _lora_params(spec: SubnetSpec, rank: int) -> int:
     return sum(rank * (4 * (h + ly.heads * d) + 2 * (h + ly.ffn)) for ly in spec.layers)
 
 
-def _table_params(spec: SubnetSpec, work: Workload, levers: Levers) -> int:
-    if levers.embeddings != "train" and work.vocab == 0:
+def _table_params(spec: SubnetSpec, params: int, work: Workload, levers: Levers) -> int:
+    """The word-embedding table's parameters: ``V h``. Unknown V (trained table only): at most every
+    parameter outside the encoder layers and the pooler."""
+    if work.vocab:
+        return work.vocab * spec.parent.hidden
+    if levers.embeddings != "train":
         raise ValueError(f"embeddings={levers.embeddings!r} needs the vocabulary size (Workload.vocab)")
-    return work.vocab * spec.parent.hidden
+    h = spec.parent.hidden
+    return max(0, params - _linear_params(spec) - 4 * h * len(spec.layers) - h * h - h)
+
+
+def _largest_trainable(spec: SubnetSpec, params: int, work: Workload, levers: Levers) -> int:
+    """Elements of the largest trainable tensor (AdamW's per-tensor temporaries scale with it)."""
+    h, d = spec.parent.hidden, spec.parent.head_dim
+    sizes = [h * h]  # the pooler (or a head of that order)
+    if not levers.lora_rank:
+        sizes += [h * max(ly.ffn, ly.heads * d) for ly in spec.layers]
+    if levers.embeddings == "train":
+        sizes.append(_table_params(spec, params, work, levers))
+    elif levers.embeddings == "rows":
+        sizes.append(work.touched_rows() * h)
+    return max(sizes)
 
 
 def trainable_params(spec: SubnetSpec, params: int, work: Workload, levers: Levers = PLAIN) -> tuple[int, int]:
@@ -209,7 +258,7 @@ def trainable_params(spec: SubnetSpec, params: int, work: Workload, levers: Leve
         trainable += _lora_params(spec, levers.lora_rank) - linear
         frozen += linear
     if levers.embeddings != "train":
-        table = _table_params(spec, work, levers)
+        table = _table_params(spec, params, work, levers)
         trainable -= table
         frozen += table
         if levers.embeddings == "rows":
@@ -227,15 +276,11 @@ def training_estimate(
     """Peak bytes of training ``spec`` (``params`` fp32 parameters) with AdamW under ``levers``."""
     trainable, frozen = trainable_params(spec, params, work, levers)
     weights, gradients, optimizer = 4 * (trainable + frozen), 4 * trainable, 8 * trainable
-    activations = activation_bytes(spec, work, levers)
-    held = gradients if levers.micro_batches > 1 else 0
-    forward_end = held + activations + _FORWARD_FIXED
-    backward = (
-        gradients
-        + int(_BACKWARD_ACTIVATIONS * activations)
-        + recompute_bytes(spec, work, levers)
-        + _BACKWARD_FIXED
-    )
+    activations, heap = _activations(spec, work, levers)
+    held = gradients if levers.micro_batches > 1 or levers.checkpointing else 0
+    compute = held + activations + recompute_bytes(spec, work, levers) + int(_HEAP_IN_STEP * heap) + _STEP_FIXED
+    largest = 4 * _largest_trainable(spec, params, work, levers)
+    update = gradients + 2 * largest + int(_HEAP_AFTER_STEP * heap) + _UPDATE_FIXED
     return MemoryEstimate(
         params=trainable,
         weights=weights,
@@ -243,7 +288,7 @@ def training_estimate(
         optimizer=optimizer,
         activations=activations,
         # what the larger moment holds beyond max(activations, gradients), so ``total`` is the peak
-        transient=max(forward_end, backward) - max(activations, gradients),
+        transient=max(compute, update) - max(activations, gradients),
         runtime=runtime,
     )
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from edge_sdk._errors import ConfigError
 from edge_sdk._levers import Levers
-from edge_sdk.device._allocator import tune_allocator
+from edge_sdk.device._allocator import trim_heap, tune_allocator
 from edge_sdk.training._data import split_batch
 from edge_sdk.training._levers import RowEmbedding, prepare, touched_rows
 
@@ -48,7 +48,7 @@ class TrainConfig:
     prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss when > 0
     max_grad_norm: float | None = 1.0  # None or 0: no gradient clipping
     seed: int = 0
-    tune_allocator: bool = True  # pin glibc's thresholds: smaller, predictable peak memory (_alloc.py)
+    tune_allocator: bool = True  # pin glibc's thresholds, trim the heap each step: predictable peak memory
     levers: Levers = field(default_factory=Levers)
     dropout: float | None = None  # every dropout probability of the model; None: the model's own
 
@@ -169,6 +169,8 @@ def train_local(
     for step in range(config.steps):
         t0 = time.perf_counter()
         loss, rows = _step_loss(model, next(batches), config.levers.micro_batches, prox)
+        if config.tune_allocator:
+            trim_heap()  # the freed activations in heap-sized tensors: back to the system before AdamW
         if config.max_grad_norm:
             nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
