@@ -1,9 +1,11 @@
 """The memory model against what autograd saves and against the peak RSS of real training runs."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from coordinator.simulation._memcheck import measure_training
 from edge_sdk._levers import Levers
@@ -15,6 +17,7 @@ from edge_sdk.scaling._reorder import reorder
 from edge_sdk.scaling._salience import weight_l1
 from edge_sdk.scaling._search import plan_training
 from edge_sdk.training._levers import prepare
+from edge_sdk.training._probe import run_probe
 
 from .models import long_rows_tsv, minilm, minilm_dir
 
@@ -96,3 +99,46 @@ def test_training_peak_rss_is_predicted_and_within_budget(budget: int, tmp_path:
     assert measured.params == plan.params
     assert measured.peak_rss_bytes - runtime <= budget - TRAINING_RUNTIME_BYTES
     assert abs(predicted - measured.peak_rss_bytes) / measured.peak_rss_bytes <= 0.15
+
+
+# (label, width ratio, levers, dropout): fresh processes training the real MiniLM classifier
+LEVER_CASES = [
+    ("plain", 1.0, Levers(), None),
+    ("4 micro-batches", 1.0, Levers(micro_batches=4), None),
+    ("frozen embeddings", 1.0, Levers(embeddings="frozen"), None),
+    ("embedding rows", 1.0, Levers(embeddings="rows"), None),
+    ("checkpointing", 1.0, Levers(checkpointing=True), None),
+    ("frozen embeddings + checkpointing", 1.0, Levers(embeddings="frozen", checkpointing=True), None),
+    ("LoRA r8, frozen embeddings", 1.0, Levers(lora_rank=8, embeddings="frozen"), None),
+    ("half width, rows + ckpt, SDPA", 0.5, Levers(embeddings="rows", checkpointing=True, attention="sdpa"), 0.0),
+]
+
+
+@pytest.mark.slow
+def test_training_peak_with_levers_is_at_or_under_the_prediction_and_within_15_percent(tmp_path: Path) -> None:
+    """Batch 16 of 64 random tokens a row (the worst case of a 64-token max length), 3 AdamW steps."""
+    parent = minilm()
+    batch, seq, steps = 16, 64, 3
+    vocab = int(parent.config["vocab_size"])
+    measured: dict[str, int] = {}
+    print(f"\n{'levers':<40} {'predicted':>10} {'measured':>10} {'error':>7}")
+    for label, ratio, levers, dropout in LEVER_CASES:
+        spec = SubnetSpec.from_ratio(parent.dims, ratio)
+        folder = tmp_path / label.replace(" ", "_")
+        folder.mkdir()
+        (folder / "spec.json").write_text(spec.to_json())
+        (folder / "config.json").write_text(json.dumps(dict(parent.config)))
+        save_file(extract(parent, spec), folder / "weights.safetensors")
+        result = run_probe(folder, batch=batch, seq=seq, steps=steps, levers=levers.to_dict(), dropout=dropout)
+        work = Workload(batch, seq, steps=steps, vocab=vocab, dropout=dropout != 0.0)
+        runtime = int(result["runtime_rss_bytes"])
+        estimate = training_estimate(spec, param_count(parent, spec), work, runtime=runtime, levers=levers)
+        peak, predicted = int(result["peak_rss_bytes"]), estimate.total
+        measured[label] = peak
+        print(f"{label:<40} {predicted / 1e6:>8.0f}MB {peak / 1e6:>8.0f}MB {(predicted - peak) / peak:>+7.1%}")
+        assert result["trainable"] == estimate.params, label
+        assert peak <= predicted <= 1.15 * peak, (label, predicted, peak)
+    # the levers really save memory: at batch 16 x 64 the activations and the embedding table dominate
+    plain = measured["plain"]
+    for label in ("frozen embeddings", "embedding rows", "checkpointing", "LoRA r8, frozen embeddings"):
+        assert measured[label] < plain - 50_000_000, (label, measured[label], plain)

@@ -1,17 +1,27 @@
 """The memory model: predicted peak bytes of training, or serving, a sub-network.
 
 Training (fp32, AdamW). Every parameter is held as 4 bytes of weights; a *trainable* one also has a
-gradient (4 B) and two AdamW moments (8 B). With T trainable and F frozen parameters the resident
-state is ``4(T + F) + 8T``, and a step's peak is the larger of two moments::
+gradient (4 B) and two AdamW moments (8 B). With T trainable and F frozen parameters the state
+between steps is ``S = 4(T + F) + 8T`` and a step's peak is the larger of two moments::
 
-    end of forward:  4(T+F) + 8T + [k > 1: 4T] + A + c_f
-    backward:        4(T+F) + 8T + 4T + a_b * A + R + c_b
+    forward / backward:  S + alpha*A + R + [k > 1: 4T + H] + c_step
+    optimizer step:      S + 4T + 2*4*T_max + [k > 1: H] + c_update
 
-where A is what autograd saves for backward (activations, below), R what a checkpointed layer
-recomputes in backward (0 without checkpointing), and c_f, c_b, a_b are fitted to measured peaks
-(autograd's and AdamW's temporaries). Gradients are freed between steps (``zero_grad(set_to_none=True)``),
-so with one micro-batch they are not alive at the end of the forward pass; with k > 1 micro-batches
-the gradients accumulated so far stay resident while the next micro-batch runs forward.
+* A: what autograd saves for backward in one micro-batch's forward pass (below); alpha > 1 covers
+  the gradients of activations that backward allocates while it frees them.
+* R: with checkpointing, the activations one layer rebuilds in backward (the largest layer).
+* 4T: the gradients. With one micro-batch they are freed between steps (``zero_grad(set_to_none=
+  True)``) and built while the activations are released; with k > 1 the gradients accumulated so
+  far stay resident while the next micro-batch runs forward.
+* ``2*4*T_max``: AdamW on CPU updates one tensor at a time; its temporaries (``sqrt(v)``, the
+  step) are those of the largest trainable tensor (T_max elements: the word-embedding table when
+  it is trained densely, 11.7M elements for MiniLM).
+* H: micro-batches whose activations are small tensors (a ``b_k x s x h`` fp32 tensor under the
+  allocator's 1 MiB mmap threshold) come from the C heap, interleaved with the accumulated
+  gradients; the heap keeps a fragmented working set even though the trainer trims it every step.
+* alpha, c_step, c_update, H: fitted on fresh processes training MiniLM (full, half and quarter
+  width; batch 4-32, sequence 32-128; every lever; ``bench/levers_memory.py``) so that every
+  measured peak is at or under the prediction and within 15 % of it.
 
 Levers (:class:`~edge_sdk._levers.Levers`) change T, F, A and R:
 
@@ -23,21 +33,22 @@ Levers (:class:`~edge_sdk._levers.Levers`) change T, F, A and R:
   linear) are trainable; the rest (LayerNorms, task head, the embedding table per its lever, and,
   conservatively, position and token-type embeddings) stays trainable. Each adapter saves a
   ``b x s x r`` intermediate.
-* ``micro_batches=k``: A is that of ``ceil(b / k)`` rows (the gradients stay whole, see above).
-* ``checkpointing``: a layer keeps only its input ``beta s b h``; in backward one layer at a time
-  recomputes its activations, R = the largest layer's activations.
+* ``micro_batches=k``: A is that of ``ceil(b / k)`` rows; the gradients stay whole (above).
+* ``checkpointing``: a layer keeps only its input ``beta s b h``; R as above.
 * ``attention="sdpa"`` without dropout (``Workload.dropout`` False): the fused kernel saves no
   ``a x s^2`` attention probabilities. With dropout, SDPA on CPU falls back to the same tensors as
   eager attention.
 
 Activations per post-LN encoder layer (batch b, sequence s, element bytes beta, kept attention width
-d_a = heads x head_dim, kept FFN width d_ff, heads a; dropout masks of m bytes an element, m = 0
-without dropout)::
+d_a = heads x head_dim, kept FFN width d_ff, heads a, LoRA rank r; dropout masks of m bytes an
+element)::
 
-    beta*s*b*(4h + 4 d_a + 2 d_ff) + m*2*s*b*h + [attention probabilities] (2 beta + m)*a*s^2*b
+    with dropout:     beta*s*b*(4h + 4 d_a + 2 d_ff + 6r) + m*2*s*b*h + (2 beta + m)*a*s^2*b
+    without dropout:  beta*s*b*(4h + 4 d_a + 2 d_ff + 6r) + beta*a*s^2*b
 
-plus the embeddings and task head: ``3*beta*s*b*h`` (sum, LayerNorm and dropout) and a few values
-per token and per sequence, measured against what autograd saves (``tests/test_memory.py``).
+(the last term, the attention probabilities, is absent with SDPA and no dropout) plus the
+embeddings and task head: ``3*beta*s*b*h`` (sum, LayerNorm and dropout) and a few values per token
+and per sequence. Checked against what autograd saves (``tests/test_memory.py``): within 1.3 %.
 
 Inference (fp32 ONNX Runtime; int8 needs less) keeps the weights and a transient working set of
 one layer at a time, plus the session's own allocations; the runtime is a separate, measured
@@ -72,15 +83,13 @@ __all__ = [
 TRAINING_RUNTIME_BYTES = 415_000_000
 INFERENCE_RUNTIME_BYTES = 55_000_000
 
-# The fitted parts of training's peak (see the module docstring), measured in fresh processes
-# training MiniLM sub-networks with the allocator tuned by ``tune_allocator``.
-_STEP_FIXED = 50_000_000
-_UPDATE_FIXED = 40_000_000
-_HEAP_IN_STEP = 0.7
-_HEAP_AFTER_STEP = 1.4
-# Tensors smaller than this come from the C heap (the mmap threshold ``tune_allocator`` pins):
-# freed, they stay resident, so after a step the heap still holds about one micro-batch's worth.
-_HEAP_TENSOR_BYTES = 1 << 20
+# The fitted parts of training's peak (module docstring), from fresh processes training MiniLM
+# with the allocator tuned (``tune_allocator``) and the heap trimmed once a step (``trim_heap``).
+_ACTIVATIONS = 1.12  # alpha
+_STEP_FIXED = 65_000_000  # c_step
+_UPDATE_FIXED = 75_000_000  # c_update
+_HEAP_MICRO_BATCHES = 50_000_000  # H
+_HEAP_TENSOR_BYTES = 1 << 20  # the allocator's mmap threshold: smaller tensors come from the heap
 
 PLAIN = Levers()  # plain training: no lever
 
@@ -134,39 +143,24 @@ class MemoryEstimate:
         return self.runtime + self.weights + self.optimizer + max(self.activations, self.gradients) + self.transient
 
 
-def _layer_terms(
-    layer: LayerSpec, h: int, d: int, work: Workload, *, probabilities: bool, lora: int
-) -> list[tuple[int, int]]:
-    """What one encoder layer saves, as (bytes of one tensor, bytes of all such tensors) pairs."""
-    tokens, beta = work.batch * work.seq, work.bytes_per_elem
-    mask = work.mask_bytes if work.dropout else 0
+def _layer_bytes(layer: LayerSpec, h: int, d: int, work: Workload, *, probabilities: bool, lora: int) -> int:
+    """What one encoder layer saves for backward (module docstring)."""
+    b, s, beta = work.batch, work.seq, work.bytes_per_elem
     d_a = layer.heads * d
-    terms = [
-        (beta * tokens * h, 4 * beta * tokens * h),
-        (beta * tokens * d_a, 4 * beta * tokens * d_a),
-        (beta * tokens * layer.ffn, 2 * beta * tokens * layer.ffn),
-        (beta * tokens * lora, 6 * beta * tokens * lora),
-        (mask * tokens * h, 2 * mask * tokens * h),
-    ]
-    if probabilities:  # softmax output, and with dropout its mask and the dropped probabilities
-        probs = beta * layer.heads * work.seq * work.seq * work.batch
-        terms.append((probs, probs * (2 * beta + mask) // beta if mask else probs))
-    return terms
+    total = beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn + 6 * lora)
+    probs = layer.heads * s * s * b
+    if work.dropout:
+        total += work.mask_bytes * 2 * s * b * h
+        total += (2 * beta + work.mask_bytes) * probs if probabilities else 0
+    else:
+        total += beta * probs if probabilities else 0
+    return total
 
 
-def _outside_terms(h: int, work: Workload) -> list[tuple[int, int]]:
+def _outside_layers(h: int, work: Workload) -> int:
     """Embeddings (sum, LayerNorm, dropout mask) and per-token/per-sequence odds and ends."""
-    tokens, beta = work.batch * work.seq, work.bytes_per_elem
-    return [
-        (beta * tokens * h, 3 * beta * tokens * h),
-        (beta * tokens, 32 * beta * tokens),
-        (0, 3 * beta * work.batch * h),
-    ]
-
-
-def _sum(terms: list[tuple[int, int]]) -> tuple[int, int]:
-    """(all bytes, bytes in tensors below the allocator's mmap threshold)."""
-    return sum(t for _, t in terms), sum(t for one, t in terms if one < _HEAP_TENSOR_BYTES)
+    b, s, beta = work.batch, work.seq, work.bytes_per_elem
+    return 3 * beta * s * b * h + 32 * beta * s * b + 3 * beta * b * h
 
 
 def _micro(work: Workload, levers: Levers) -> tuple[Workload, bool]:
@@ -176,23 +170,17 @@ def _micro(work: Workload, levers: Levers) -> tuple[Workload, bool]:
     return micro, probabilities
 
 
-def _activations(spec: SubnetSpec, work: Workload, levers: Levers) -> tuple[int, int]:
-    """(saved bytes of one micro-batch's forward pass, the part in heap-sized tensors)."""
-    h, d = spec.parent.hidden, spec.parent.head_dim
-    micro, probabilities = _micro(work, levers)
-    terms = _outside_terms(h, micro)
-    if levers.checkpointing:
-        one = micro.bytes_per_elem * micro.seq * micro.batch * h
-        terms.append((one, len(spec.layers) * one))
-    else:
-        for ly in spec.layers:
-            terms += _layer_terms(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank)
-    return _sum(terms)
-
-
 def activation_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) -> int:
     """Bytes autograd saves for backward in one (micro-batch's) forward pass."""
-    return _activations(spec, work, levers)[0]
+    h, d = spec.parent.hidden, spec.parent.head_dim
+    micro, probabilities = _micro(work, levers)
+    if levers.checkpointing:
+        layers = len(spec.layers) * micro.bytes_per_elem * micro.seq * micro.batch * h
+    else:
+        layers = sum(
+            _layer_bytes(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank) for ly in spec.layers
+        )
+    return layers + _outside_layers(h, micro)
 
 
 def recompute_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) -> int:
@@ -201,9 +189,14 @@ def recompute_bytes(spec: SubnetSpec, work: Workload, levers: Levers = PLAIN) ->
         return 0
     h, d = spec.parent.hidden, spec.parent.head_dim
     micro, probabilities = _micro(work, levers)
-    return max(
-        _sum(_layer_terms(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank))[0] for ly in spec.layers
-    )
+    return max(_layer_bytes(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank) for ly in spec.layers)
+
+
+def _heap_micro_batches(spec: SubnetSpec, work: Workload, levers: Levers) -> int:
+    """H: micro-batches whose activations come from the heap (module docstring)."""
+    micro, _ = _micro(work, levers)
+    small = micro.bytes_per_elem * micro.batch * micro.seq * spec.parent.hidden < _HEAP_TENSOR_BYTES
+    return _HEAP_MICRO_BATCHES if levers.micro_batches > 1 and small else 0
 
 
 def _linear_params(spec: SubnetSpec) -> int:
@@ -276,11 +269,12 @@ def training_estimate(
     """Peak bytes of training ``spec`` (``params`` fp32 parameters) with AdamW under ``levers``."""
     trainable, frozen = trainable_params(spec, params, work, levers)
     weights, gradients, optimizer = 4 * (trainable + frozen), 4 * trainable, 8 * trainable
-    activations, heap = _activations(spec, work, levers)
-    held = gradients if levers.micro_batches > 1 or levers.checkpointing else 0
-    compute = held + activations + recompute_bytes(spec, work, levers) + int(_HEAP_IN_STEP * heap) + _STEP_FIXED
+    activations = activation_bytes(spec, work, levers)
+    heap = _heap_micro_batches(spec, work, levers)
+    held = gradients + heap if levers.micro_batches > 1 else 0
+    step = int(_ACTIVATIONS * activations) + recompute_bytes(spec, work, levers) + held + _STEP_FIXED
     largest = 4 * _largest_trainable(spec, params, work, levers)
-    update = gradients + 2 * largest + int(_HEAP_AFTER_STEP * heap) + _UPDATE_FIXED
+    update = gradients + 2 * largest + heap + _UPDATE_FIXED
     return MemoryEstimate(
         params=trainable,
         weights=weights,
@@ -288,7 +282,7 @@ def training_estimate(
         optimizer=optimizer,
         activations=activations,
         # what the larger moment holds beyond max(activations, gradients), so ``total`` is the peak
-        transient=max(compute, update) - max(activations, gradients),
+        transient=max(step, update) - max(activations, gradients),
         runtime=runtime,
     )
 

@@ -19,6 +19,7 @@ _NAMES: dict[str, str] = {
     "TextExample": "edge_sdk.training._data",
     "TrainConfig": "edge_sdk.training._train",
     "TrainResult": "edge_sdk.training._train",
+    "default_max_length": "edge_sdk.training._data",
     "encode": "edge_sdk.training._data",
     "evaluate": "edge_sdk.training._train",
     "iter_batches": "edge_sdk.training._data",
@@ -27,7 +28,11 @@ _NAMES: dict[str, str] = {
     "prepare_runtime": "edge_sdk.training._runtime",
     "proximal_term": "edge_sdk.training._train",
     "read_tsv": "edge_sdk.training._data",
+    "settings_levers": "edge_sdk.training._runner",
+    "split_batch": "edge_sdk.training._data",
     "train_local": "edge_sdk.training._train",
+    "trained_tensors": "edge_sdk.training._levers",
+    "trim": "edge_sdk.training._data",
     "warm_up": "edge_sdk.training._runner",
 }
 
@@ -40,6 +45,7 @@ __all__ = [
     "TextExample",
     "TrainConfig",
     "TrainResult",
+    "default_max_length",
     "encode",
     "evaluate",
     "iter_batches",
@@ -48,14 +54,29 @@ __all__ = [
     "prepare_runtime",
     "proximal_term",
     "read_tsv",
+    "settings_levers",
+    "split_batch",
     "train_local",
+    "trained_tensors",
+    "trim",
     "warm_up",
 ]
 
 __getattr__, __dir__ = lazy_face(__name__, _NAMES, globals())
 
 if TYPE_CHECKING:
-    from edge_sdk.training._data import Encoded, TextExample, encode, iter_batches, load_tokenizer, read_tsv
-    from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, warm_up
+    from edge_sdk.training._data import (
+        Encoded,
+        TextExample,
+        default_max_length,
+        encode,
+        iter_batches,
+        load_tokenizer,
+        read_tsv,
+        split_batch,
+        trim,
+    )
+    from edge_sdk.training._levers import trained_tensors
+    from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, settings_levers, warm_up
     from edge_sdk.training._runtime import RUNTIME_MODULES, prepare_runtime
     from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, peak_rss_bytes, proximal_term, train_local
