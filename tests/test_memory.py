@@ -136,7 +136,8 @@ def test_training_peak_with_levers_is_at_or_under_the_prediction_and_within_15_p
         peak, predicted = int(result["peak_rss_bytes"]), estimate.total
         measured[label] = peak
         print(f"{label:<40} {predicted / 1e6:>8.0f}MB {peak / 1e6:>8.0f}MB {(predicted - peak) / peak:>+7.1%}")
-        assert result["trainable"] == estimate.params, label
+        exact = levers.embeddings != "rows"  # rows: the model bounds the rows a task touches, b x s x steps
+        assert result["trainable"] == estimate.params if exact else result["trainable"] <= estimate.params, label
         assert peak <= predicted <= 1.15 * peak, (label, predicted, peak)
     # the levers really save memory: at batch 16 x 64 the activations and the embedding table dominate
     plain = measured["plain"]

@@ -30,9 +30,9 @@ Levers (:class:`~edge_sdk._levers.Levers`) change T, F, A and R:
   trainable, ``n = min(V, batch x seq x steps)`` (every token of every step distinct, the bound).
 * ``lora_rank=r``: the six linear layers of every encoder layer (query, key, value, attention
   output, FFN up and down: weights and biases) move to F and their adapters (``r (in + out)`` per
-  linear) are trainable; the rest (LayerNorms, task head, the embedding table per its lever, and,
-  conservatively, position and token-type embeddings) stays trainable. Each adapter saves a
-  ``b x s x r`` intermediate.
+  linear) are trainable, as are the LayerNorms, the task head (pooler and classifier; counted as a
+  2-label one) and the embedding table per its lever; the rest (position and token-type
+  embeddings) is frozen. Each adapter saves a ``b x s x r`` intermediate.
 * ``micro_batches=k``: A is that of ``ceil(b / k)`` rows; the gradients stay whole (above).
 * ``checkpointing``: a layer keeps only its input ``beta s b h``; R as above.
 * ``attention="sdpa"`` without dropout (``Workload.dropout`` False): the fused kernel saves no
@@ -85,9 +85,9 @@ INFERENCE_RUNTIME_BYTES = 55_000_000
 
 # The fitted parts of training's peak (module docstring), from fresh processes training MiniLM
 # with the allocator tuned (``tune_allocator``) and the heap trimmed once a step (``trim_heap``).
-_ACTIVATIONS = 1.12  # alpha
-_STEP_FIXED = 65_000_000  # c_step
-_UPDATE_FIXED = 75_000_000  # c_update
+_ACTIVATIONS = 1.04  # alpha
+_STEP_FIXED = 85_000_000  # c_step
+_UPDATE_FIXED = 130_000_000  # c_update
 _HEAP_MICRO_BATCHES = 50_000_000  # H
 _HEAP_TENSOR_BYTES = 1 << 20  # the allocator's mmap threshold: smaller tensors come from the heap
 
@@ -247,9 +247,13 @@ def trainable_params(spec: SubnetSpec, params: int, work: Workload, levers: Leve
     """
     trainable, frozen = params, 0
     if levers.lora_rank:
+        h = spec.parent.hidden
+        norms = 4 * h * len(spec.layers) + 2 * h  # LayerNorms of the layers and of the embeddings
+        head = h * h + h + 2 * h + 2  # pooler and a 2-label classifier
         linear = _linear_params(spec)
-        trainable += _lora_params(spec, levers.lora_rank) - linear
-        frozen += linear
+        other = max(0, params - linear - _table_params(spec, params, work, levers) - norms - head)
+        trainable += _lora_params(spec, levers.lora_rank) - linear - other
+        frozen += linear + other
     if levers.embeddings != "train":
         table = _table_params(spec, params, work, levers)
         trainable -= table
