@@ -19,7 +19,6 @@ import ctypes
 import ctypes.util
 import logging
 import sys
-from collections.abc import Callable
 
 __all__ = ["trim_heap", "tune_allocator"]
 
@@ -48,21 +47,48 @@ def tune_allocator() -> bool:
     return ok
 
 
-_trim: list[Callable[[int], int] | None] = []
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")
+    ]  # fmt: skip
 
 
-def trim_heap() -> bool:
-    """Return the heap's free memory to the system (glibc ``malloc_trim(0)``); True when it ran."""
-    if not _trim:
-        fn = None
+_libc: list[ctypes.CDLL | None] = []
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not _libc:
+        lib = None
         if sys.platform.startswith("linux"):
             try:
-                fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                lib.malloc_trim  # noqa: B018  (glibc only)
             except (OSError, AttributeError):
-                fn = None
-        _trim.append(fn)
-    trim = _trim[0]
-    if trim is None:
+                lib = None
+        _libc.append(lib)
+    return _libc[0]
+
+
+def _free_heap_bytes(libc: ctypes.CDLL) -> int | None:
+    """Free bytes held in the main heap (``mallinfo2().fordblks``, glibc 2.33+), None if unknown."""
+    try:
+        mallinfo2 = libc.mallinfo2
+    except AttributeError:
+        return None
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
+def trim_heap(min_free: int = 16 << 20) -> bool:
+    """Return the heap's free memory to the system (glibc ``malloc_trim(0)``) when it holds at least
+    ``min_free`` free bytes (or when that is unknown); True when it trimmed."""
+    libc = _glibc()
+    if libc is None:
         return False
-    trim(0)
+    free = _free_heap_bytes(libc)
+    if free is not None and free < min_free:
+        return False
+    libc.malloc_trim(0)
     return True
