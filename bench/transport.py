@@ -127,9 +127,7 @@ def raw_echo(port: int, size: int, repeat: int) -> None:
 # ----------------------------------------------------------------------------------- throughput
 
 
-async def protocol_round_trips(
-    tensors: dict[str, np.ndarray], repeat: int, tls: tuple[str, str] | None
-) -> list[float]:
+async def protocol_round_trips(tensors: dict[str, np.ndarray], repeat: int, tls: tuple[str, str] | None) -> list[float]:
     limits = WireLimits()
     times: list[float] = []
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -166,9 +164,7 @@ async def protocol_round_trips(
     if tls is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(tls[0], tls[1])
-    async with serve(
-        handler, "127.0.0.1", 0, max_size=limits.max_frame_bytes, compression=None, ssl=context
-    ) as server:
+    async with serve(handler, "127.0.0.1", 0, max_size=limits.max_frame_bytes, compression=None, ssl=context) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         scheme = "wss" if tls else "ws"
         args = ["--role", "ws-device", "--url", f"{scheme}://127.0.0.1:{port}"]
@@ -329,9 +325,7 @@ dir = "run"
         deadline = time.monotonic() + TIMEOUT_S
         while not (folder / "port").exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    "the coordinator did not start:\n" + (folder / "coordinator.log").read_text()
-                )
+                raise RuntimeError("the coordinator did not start:\n" + (folder / "coordinator.log").read_text())
             time.sleep(0.2)
         port = int((folder / "port").read_text())
         return asyncio.run(asyncio.wait_for(idle_clients(port, count, proc.pid), TIMEOUT_S))
@@ -348,9 +342,7 @@ dir = "run"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--no-tls", action="store_true")
@@ -375,9 +367,7 @@ def main() -> None:
     rows: dict[str, float] = {}
     rows["raw TCP socket"] = 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
     rows["codec only, no socket"] = 2 * mb / statistics.median(codec_round_trips(tensors, args.repeat))
-    rows["protocol, ws://"] = (
-        2 * mb / statistics.median(asyncio.run(protocol_round_trips(tensors, args.repeat, None)))
-    )
+    rows["protocol, ws://"] = 2 * mb / statistics.median(asyncio.run(protocol_round_trips(tensors, args.repeat, None)))
     with tempfile.TemporaryDirectory() as tmp:
         cert = None if args.no_tls else make_certificate(Path(tmp))
         if cert is not None:

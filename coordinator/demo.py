@@ -85,23 +85,32 @@ def _config(folder: Path, tokens: dict[str, str], rounds: int) -> Any:
         {
             "model": {"name": "all-MiniLM-L6-v2", "seed": 0},
             # class budgets keep their own safety margin: no further reserve
-            "federation": {"rounds": rounds, "min_devices": len(tokens), "device_wait_s": 180,
-                           "round_deadline_s": 600, "min_margin": 0},
+            "federation": {
+                "rounds": rounds,
+                "min_devices": len(tokens),
+                "device_wait_s": 180,
+                "round_deadline_s": 600,
+                "min_margin": 0,
+            },
             "training": {"local_steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, "lr": LR},
             "validation": {"data": "dev.tsv", "limit": DEV_ROWS, "batch_size": 32, "seq_len": SEQ},
             "server": {"host": "127.0.0.1", "port": 0, "port_file": "port"},
             "devices": tokens,
             "run": {"dir": "coordinator"},
-            "deploy": {"batch_size": 1, "seq_len": 128, "quantize": False, "labels": list(LABELS),
-                       "timeout_s": 300},
+            "deploy": {"batch_size": 1, "seq_len": 128, "quantize": False, "labels": list(LABELS), "timeout_s": 300},
         },
         base=folder,
         where="demo",
     )
 
 
-def _start_devices(folder: Path, tokens: dict[str, str], budgets: dict[str, int], shards: list[Path],
-                   procs: list[subprocess.Popen[bytes]]) -> None:
+def _start_devices(
+    folder: Path,
+    tokens: dict[str, str],
+    budgets: dict[str, int],
+    shards: list[Path],
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
     """Wait (bounded) for the coordinator's port, then start one ``edge-sdk join`` process per device."""
     port_file = folder / "port"
     deadline = time.monotonic() + 120
@@ -113,13 +122,42 @@ def _start_devices(folder: Path, tokens: dict[str, str], budgets: dict[str, int]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     for (name, token), shard in zip(tokens.items(), shards, strict=True):
         log = (folder / f"{name}.log").open("ab")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "edge_sdk.cli", "join", url, "--token", token, "--data", str(shard),
-             "--memory-budget", str(budgets[name]), "--threads", "1", "--no-probe", "--device-id", name,
-             "--retry-initial", "0.5", "--retry-max", "2", "--give-up-after", "120",
-             "--deploy-dir", str(folder / "models" / name), "--holdout", str(HOLDOUT)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "edge_sdk.cli",
+                    "join",
+                    url,
+                    "--token",
+                    token,
+                    "--data",
+                    str(shard),
+                    "--memory-budget",
+                    str(budgets[name]),
+                    "--threads",
+                    "1",
+                    "--no-probe",
+                    "--device-id",
+                    name,
+                    "--retry-initial",
+                    "0.5",
+                    "--retry-max",
+                    "2",
+                    "--give-up-after",
+                    "120",
+                    "--deploy-dir",
+                    str(folder / "models" / name),
+                    "--holdout",
+                    str(HOLDOUT),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=folder,
+            )
+        )
         log.close()
 
 
@@ -146,8 +184,10 @@ def _round_line(entry: dict[str, Any], rounds: int) -> str:
         + ("" if d["status"] == "ok" else f" ({d['status']})")
         for d in entry["devices"]
     )
-    return (f"round {entry['round']}/{rounds}: accuracy {m.get('accuracy', float('nan')):.3f},"
-            f" loss {m.get('loss', float('nan')):.3f} | {devices}")
+    return (
+        f"round {entry['round']}/{rounds}: accuracy {m.get('accuracy', float('nan')):.3f},"
+        f" loss {m.get('loss', float('nan')):.3f} | {devices}"
+    )
 
 
 class _RoundZero(logging.Handler):
@@ -219,8 +259,11 @@ def _table(history: list[dict[str, Any]], budgets: dict[str, int]) -> str:
                 f" {format_bytes(d['peak_rss_bytes'])}"
             )
         m = entry.get("metrics", {})
-        rows.append(f"| {entry['round']} | {m.get('accuracy', float('nan')):.4f} | {m.get('loss', float('nan')):.4f} | "
-                    + " | ".join(cells) + " |")
+        rows.append(
+            f"| {entry['round']} | {m.get('accuracy', float('nan')):.4f} | {m.get('loss', float('nan')):.4f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -237,8 +280,11 @@ def _deploy_table(deployments: list[dict[str, Any]]) -> str:
             rows.append(f"| {name} | {d['status'] if d else 'not deployed'}: {d['reason'] if d else ''} |")
             continue
         m = d["metrics"]
-        drift = (f"{m['drift_agreement']:.3f}, {m['drift_accuracy_drop']:+.3f} on {int(m['drift_rows'])}"
-                 if "drift_accuracy_drop" in m else "-")
+        drift = (
+            f"{m['drift_agreement']:.3f}, {m['drift_accuracy_drop']:+.3f} on {int(m['drift_rows'])}"
+            if "drift_accuracy_drop" in m
+            else "-"
+        )
         rows.append(
             f"| {name} | {d['train_params'] / 1e6:.2f}M | {d['params'] / 1e6:.2f}M ({d['params_fraction']:.0%}) |"
             f" {m['parity_max_abs_diff']:.1e} | {format_bytes(int(m['onnx_bytes']))} |"
@@ -271,9 +317,12 @@ def run_demo(folder: Path, rounds: int = ROUNDS) -> Path:
         raise ConfigError(f"the vendored SST-2 subset is missing ({SST2}): run the demo from a clone of edge-fm")
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    print(f"edge-fm demo: a coordinator and {len(CLASSES)} devices over loopback websockets, all-MiniLM-L6-v2"
-          f" on SST-2 (sentiment), {rounds} round(s) of {STEPS} local steps (batch {BATCH}, rows up to {SEQ}"
-          f" tokens); accuracy on {DEV_ROWS} held-out sentences; logs in {folder}\n", flush=True)
+    print(
+        f"edge-fm demo: a coordinator and {len(CLASSES)} devices over loopback websockets, all-MiniLM-L6-v2"
+        f" on SST-2 (sentiment), {rounds} round(s) of {STEPS} local steps (batch {BATCH}, rows up to {SEQ}"
+        f" tokens); accuracy on {DEV_ROWS} held-out sentences; logs in {folder}\n",
+        flush=True,
+    )
     engine, budgets = _federate(folder, rounds)
     history = [dict(h) for h in engine.history]
     table = _table(history, budgets)
@@ -281,8 +330,10 @@ def run_demo(folder: Path, rounds: int = ROUNDS) -> Path:
     records = folder / "coordinator" / "deployments.json"
     deployments = json.loads(records.read_text(encoding="utf-8")) if records.is_file() else []
     deploy_table = _deploy_table(deployments)
-    print(f"\nfederation and deployment: {time.monotonic() - started:.0f} s; what each device trains and now serves"
-          " (exported to ONNX on the device, installed in models/<device>):\n")
+    print(
+        f"\nfederation and deployment: {time.monotonic() - started:.0f} s; what each device trains and now serves"
+        " (exported to ONNX on the device, installed in models/<device>):\n"
+    )
     print(deploy_table)
     deployed = [n for n in CLASSES if any(d["device_id"] == n and d["status"] == "ok" for d in deployments)]
     if CLASSES[0] not in deployed:

@@ -65,16 +65,12 @@ class SubnetSpec:
         previous = -1
         for layer in self.layers:
             if not 0 <= layer.index < self.parent.num_layers:
-                raise SpecError(
-                    f"layer index {layer.index} is outside the parent's {self.parent.num_layers} layers"
-                )
+                raise SpecError(f"layer index {layer.index} is outside the parent's {self.parent.num_layers} layers")
             if layer.index <= previous:
                 raise SpecError("layer indices must be strictly increasing (each parent layer at most once)")
             previous = layer.index
             if not 1 <= layer.heads <= self.parent.num_heads:
-                raise SpecError(
-                    f"layer {layer.index}: heads={layer.heads} is outside 1..{self.parent.num_heads}"
-                )
+                raise SpecError(f"layer {layer.index}: heads={layer.heads} is outside 1..{self.parent.num_heads}")
             if not 1 <= layer.ffn <= self.parent.ffn:
                 raise SpecError(f"layer {layer.index}: ffn={layer.ffn} is outside 1..{self.parent.ffn}")
 
@@ -86,9 +82,7 @@ class SubnetSpec:
         return cls.uniform(parent, heads=parent.num_heads, ffn=parent.ffn)
 
     @classmethod
-    def uniform(
-        cls, parent: ParentDims, *, heads: int, ffn: int, layers: Sequence[int] | None = None
-    ) -> SubnetSpec:
+    def uniform(cls, parent: ParentDims, *, heads: int, ffn: int, layers: Sequence[int] | None = None) -> SubnetSpec:
         """The same widths in every kept layer (all layers unless ``layers`` names some)."""
         indices = range(parent.num_layers) if layers is None else layers
         return cls(parent, tuple(LayerSpec(i, heads, ffn) for i in indices))
@@ -114,9 +108,7 @@ class SubnetSpec:
         """True when every coordinate ``other`` keeps is kept here too (nested prefixes)."""
         mine = {layer.index: layer for layer in self.layers}
         return self.parent == other.parent and all(
-            layer.index in mine
-            and mine[layer.index].heads >= layer.heads
-            and mine[layer.index].ffn >= layer.ffn
+            layer.index in mine and mine[layer.index].heads >= layer.heads and mine[layer.index].ffn >= layer.ffn
             for layer in other.layers
         )
 

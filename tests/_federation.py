@@ -113,9 +113,7 @@ class Proc:
         self.log = log
         self.args = list(args)
         with log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=child_env()
-            )
+            self.popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=child_env())
 
     @property
     def pid(self) -> int:
@@ -247,9 +245,7 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path] | None:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             False,
         )
         .sign(private, hashes.SHA256())

@@ -82,14 +82,16 @@ def fitted_minilm_classifier(train_rows: int = 2000) -> BertForSequenceClassific
     rows = read_tsv(SST2_DEV.parent / "train.tsv", limit=train_rows)
     enc = encode(load_tokenizer(MINILM, 64), rows)
     with torch.no_grad():
-        features = torch.cat([
-            model.bert(
-                input_ids=torch.from_numpy(enc.input_ids[i : i + 100]),
-                attention_mask=torch.from_numpy(enc.attention_mask[i : i + 100]),
-                token_type_ids=torch.from_numpy(enc.token_type_ids[i : i + 100]),
-            ).pooler_output
-            for i in range(0, len(rows), 100)
-        ])
+        features = torch.cat(
+            [
+                model.bert(
+                    input_ids=torch.from_numpy(enc.input_ids[i : i + 100]),
+                    attention_mask=torch.from_numpy(enc.attention_mask[i : i + 100]),
+                    token_type_ids=torch.from_numpy(enc.token_type_ids[i : i + 100]),
+                ).pooler_output
+                for i in range(0, len(rows), 100)
+            ]
+        )
     y = torch.tensor([r.label for r in rows])
     head = torch.nn.Linear(features.shape[1], 2)
     opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
@@ -111,8 +113,9 @@ def export_tiny(out: Path, seed: int) -> Path:
     """The tiny pruned BERT exported (torch exporter) with an int8 model beside fp32, into ``out``."""
     from edge_sdk.serving._export import export_onnx
 
-    export_onnx(tiny_pruned_bert(seed=seed), MINILM, out, parity_batch=TEXTS, max_length=32, quantize=True,
-                method="torch")
+    export_onnx(
+        tiny_pruned_bert(seed=seed), MINILM, out, parity_batch=TEXTS, max_length=32, quantize=True, method="torch"
+    )
     return out
 
 

@@ -20,18 +20,14 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     """A random model of ``family`` with 3 layers, 4 heads of 8, FFN 48 (biases perturbed too)."""
     torch.manual_seed(seed)
     if family == "bert":
-        model = transformers.BertForSequenceClassification(
-            transformers.BertConfig(vocab_size=50, num_labels=3, **TINY)
-        )
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(vocab_size=50, num_labels=3, **TINY))
     elif family == "roberta":
         model = transformers.RobertaForSequenceClassification(
             transformers.RobertaConfig(vocab_size=50, num_labels=3, max_position_embeddings=40, **TINY)
         )
     elif family == "distilbert":
         model = transformers.DistilBertForSequenceClassification(
-            transformers.DistilBertConfig(
-                vocab_size=50, num_labels=3, dim=32, n_heads=4, hidden_dim=48, n_layers=3
-            )
+            transformers.DistilBertConfig(vocab_size=50, num_labels=3, dim=32, n_heads=4, hidden_dim=48, n_layers=3)
         )
     elif family == "vit":
         model = transformers.ViTForImageClassification(

@@ -17,15 +17,11 @@ UP = "bert.encoder.layer.0.intermediate.dense.weight"  # [48, 32]: rows are neur
 
 def zero_parent() -> ParentModel:
     parent = tiny_parent("bert")
-    return parent.with_state(
-        {n: torch.zeros_like(t) if t.is_floating_point() else t for n, t in parent.state.items()}
-    )
+    return parent.with_state({n: torch.zeros_like(t) if t.is_floating_point() else t for n, t in parent.state.items()})
 
 
 def filled(parent: ParentModel, spec: SubnetSpec, value: float, n: int) -> ClientUpdate:
-    weights = {
-        k: torch.full_like(t, value) if t.is_floating_point() else t for k, t in extract(parent, spec).items()
-    }
+    weights = {k: torch.full_like(t, value) if t.is_floating_point() else t for k, t in extract(parent, spec).items()}
     return ClientUpdate(spec, weights, n)
 
 

@@ -32,9 +32,7 @@ UP = "bert.encoder.layer.0.intermediate.dense.weight"  # [48, 32]
 
 def zero_parent() -> ParentModel:
     parent = tiny_parent("bert")
-    return parent.with_state(
-        {n: torch.zeros_like(t) if t.is_floating_point() else t for n, t in parent.state.items()}
-    )
+    return parent.with_state({n: torch.zeros_like(t) if t.is_floating_point() else t for n, t in parent.state.items()})
 
 
 def dense(parent: ParentModel, spec: SubnetSpec, value: float) -> dict[str, torch.Tensor]:
@@ -165,8 +163,14 @@ def test_fedadam_moments_move_only_on_covered_rows_and_regions() -> None:
 def test_shared_tensors_are_those_every_width_trains_whole() -> None:
     parent = tiny_parent("bert")
     shared = shared_tensors(parent)
-    for name in (EMB, LN, "bert.pooler.dense.weight", "classifier.weight", "bert.embeddings.LayerNorm.bias",
-                 "bert.encoder.layer.2.attention.output.dense.bias"):
+    for name in (
+        EMB,
+        LN,
+        "bert.pooler.dense.weight",
+        "classifier.weight",
+        "bert.embeddings.LayerNorm.bias",
+        "bert.encoder.layer.2.attention.output.dense.bias",
+    ):
         assert name in shared, name
     for name in (Q, QB, UP, "bert.encoder.layer.0.output.dense.weight"):
         assert name not in shared, name
@@ -292,8 +296,12 @@ def test_frozen_tables_and_tables_that_do_not_exist() -> None:
 def test_weights_from_delta_handles_rows_and_factors() -> None:
     sent = {EMB: torch.arange(6.0).reshape(3, 2), LN: torch.ones(2), "ids": torch.arange(3)}
     received = {
-        EMB: torch.full((1, 2), 10.0), EMB + "@rows": torch.tensor([2]), LN: torch.full((2,), 0.5),
-        "ids": torch.arange(3), Q + "@lora_A": torch.ones(1, 2), Q + "@lora_B": torch.ones(2, 1),
+        EMB: torch.full((1, 2), 10.0),
+        EMB + "@rows": torch.tensor([2]),
+        LN: torch.full((2,), 0.5),
+        "ids": torch.arange(3),
+        Q + "@lora_A": torch.ones(1, 2),
+        Q + "@lora_B": torch.ones(2, 1),
     }
     out = weights_from_delta(sent, received)
     assert out[EMB].tolist() == [[14.0, 15.0]] and out[LN].tolist() == [1.5, 1.5]

@@ -27,9 +27,11 @@ def test_device_class_budgets_hold_in_fresh_processes(tmp_path: Path) -> None:
     classes = [dc for dc in list_device_classes() if dc.memory <= 8 * 1024**3]
     assert len(classes) >= 7
     binding = [
-        dc for dc in classes
-        if not plan_training(parent, salience, budget_for_device_class(dc, TRAINING_RUNTIME_BYTES).usable, work,
-                             runtime=0).spec.is_full
+        dc
+        for dc in classes
+        if not plan_training(
+            parent, salience, budget_for_device_class(dc, TRAINING_RUNTIME_BYTES).usable, work, runtime=0
+        ).spec.is_full
     ]
     assert "raspberry-pi-4-2gb" in [dc.name for dc in binding]  # its 2 GB bind at batch 32 x 128
     data = long_rows_tsv(tmp_path)  # rows that fill the max length: the workload the model plans for

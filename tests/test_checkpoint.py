@@ -62,9 +62,7 @@ def test_a_checkpoint_restores_weights_moments_registry_and_history(tmp_path: Pa
     assert restored.weights_digest() == engine.weights_digest()
 
 
-def test_a_crash_while_writing_leaves_the_previous_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = make_engine(["a"])
     engine.admit("a", hello(FULL_BUDGET))
     first = save_checkpoint(tmp_path, engine.snapshot())
@@ -133,9 +131,7 @@ def test_old_checkpoints_are_pruned_and_files_are_plain_json_and_safetensors(tmp
     meta = json.loads((tmp_path / "checkpoints" / "round-000004" / "state.json").read_text())
     assert meta["round"] == 4 and len(meta["history"]) == 4 and meta["strategy"] == "fedavg"
     assert meta["weights_digest"] == engine.weights_digest()
-    assert all(
-        p.suffix in {".json", ".safetensors"} for p in (tmp_path / "checkpoints" / "round-000004").iterdir()
-    )
+    assert all(p.suffix in {".json", ".safetensors"} for p in (tmp_path / "checkpoints" / "round-000004").iterdir())
 
 
 def test_restore_refuses_another_strategy(tmp_path: Path) -> None:

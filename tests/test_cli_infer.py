@@ -43,12 +43,7 @@ def test_table_has_label_score_and_latency_per_text(served: Path, capsys: pytest
 
 
 def test_json_output(served: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(
-            ["infer", "--model", str(served), "--threads", "1", "--fp32", "--json", "a fine film", LONG_TEXT]
-        )
-        == 0
-    )
+    assert main(["infer", "--model", str(served), "--threads", "1", "--fp32", "--json", "a fine film", LONG_TEXT]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["model"] == str(served / "model.onnx")
     assert (doc["threads"], doc["max_length"]) == (1, 32) and doc["load_ms"] > 0
@@ -61,9 +56,7 @@ def test_json_output(served: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (first["truncated"], second["truncated"], second["n_tokens"]) == (False, True, 32)
 
 
-def test_texts_from_stdin(
-    served: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_texts_from_stdin(served: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("a fine film\n\nwow\n"))
     assert main(["infer", "--model", str(served), "--json", "--max-length", "8"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -132,9 +125,7 @@ def test_infer_in_a_venv_without_torch(tmp_path: Path, served: Path, pytestconfi
         *requirements,
     )
     if _pip(*install).returncode != 0:
-        fetched = _pip(
-            "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(wheels), *requirements
-        )
+        fetched = _pip("download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(wheels), *requirements)
         if fetched.returncode != 0:
             pytest.skip(f"no wheels for {requirements} and none downloadable: {fetched.stderr[-400:]}")
         done = _pip(*install)
@@ -150,8 +141,7 @@ def test_infer_in_a_venv_without_torch(tmp_path: Path, served: Path, pytestconfi
         [
             str(python),
             "-c",
-            "import importlib.util as u; print([n for n in ('torch', 'transformers', 'onnx') "
-            "if u.find_spec(n)])",
+            "import importlib.util as u; print([n for n in ('torch', 'transformers', 'onnx') if u.find_spec(n)])",
         ],
         env=env,
         cwd=tmp_path,

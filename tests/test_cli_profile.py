@@ -54,8 +54,20 @@ def test_table_on_this_machine_with_the_probe_and_a_model() -> None:
     lines = out.stdout.splitlines()
     for heading in ("Device", "Memory budget"):
         assert heading in lines
-    for row in ("system", "cpu", "temperatures", "battery", "accelerator", "compute", "total", "available",
-                "cgroup limit", "runtime footprint", "safety margin", "usable"):
+    for row in (
+        "system",
+        "cpu",
+        "temperatures",
+        "battery",
+        "accelerator",
+        "compute",
+        "total",
+        "available",
+        "cgroup limit",
+        "runtime footprint",
+        "safety margin",
+        "usable",
+    ):
         assert any(line.strip().startswith(row) for line in lines), row
     assert "GFLOPS float32 matmul (torch on cpu" in out.stdout
     assert "source             detected (system memory)" in out.stdout
@@ -95,8 +107,18 @@ def test_json_without_a_model_has_no_plan(capsys: pytest.CaptureFixture[str]) ->
 
 def test_a_small_budget_trains_less_than_it_serves(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = in_process(
-        capsys, "--json", "--no-probe", "--memory-budget", "900MB", "--model", "all-MiniLM-L6-v2",
-        "--batch", "16", "--seq", "128", "--no-levers",  # plain training: the width binds
+        capsys,
+        "--json",
+        "--no-probe",
+        "--memory-budget",
+        "900MB",
+        "--model",
+        "all-MiniLM-L6-v2",
+        "--batch",
+        "16",
+        "--seq",
+        "128",
+        "--no-levers",  # plain training: the width binds
     )
     assert code == 0
     report = json.loads(out)
@@ -110,8 +132,17 @@ def test_a_small_budget_trains_less_than_it_serves(capsys: pytest.CaptureFixture
 
 def test_levers_train_the_full_model_where_plain_training_would_cut_it(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = in_process(
-        capsys, "--json", "--no-probe", "--memory-budget", "900MB", "--model", "all-MiniLM-L6-v2",
-        "--batch", "16", "--seq", "128",
+        capsys,
+        "--json",
+        "--no-probe",
+        "--memory-budget",
+        "900MB",
+        "--model",
+        "all-MiniLM-L6-v2",
+        "--batch",
+        "16",
+        "--seq",
+        "128",
     )
     assert code == 0
     report = json.loads(out)
@@ -119,16 +150,34 @@ def test_levers_train_the_full_model_where_plain_training_would_cut_it(capsys: p
     check_plans(plan, report["budget"])
     training = plan["training"]
     assert training["params_fraction"] == 1.0 and training["levers"] != {
-        "micro_batches": 1, "checkpointing": False, "embeddings": "train", "lora_rank": 0, "attention": "eager"
+        "micro_batches": 1,
+        "checkpointing": False,
+        "embeddings": "train",
+        "lora_rank": 0,
+        "attention": "eager",
     }
     assert training["plain_peak_bytes"] > training["budget_bytes"] >= training["predicted_peak_bytes"]
     assert plan["lever_policy"] is not None and plan["steps"] == 10
-    code, out, _ = in_process(capsys, "--no-probe", "--memory-budget", "900MB", "--model", "all-MiniLM-L6-v2",
-                              "--batch", "16", "--seq", "128", "--forbid", "lora")
+    code, out, _ = in_process(
+        capsys,
+        "--no-probe",
+        "--memory-budget",
+        "900MB",
+        "--model",
+        "all-MiniLM-L6-v2",
+        "--batch",
+        "16",
+        "--seq",
+        "128",
+        "--forbid",
+        "lora",
+    )
     assert code == 0
     assert "levers: forbidden: lora" in out
-    assert any(line.strip().startswith("levers: ") and "plain training of this sub-network needs" in line
-               for line in out.splitlines())
+    assert any(
+        line.strip().startswith("levers: ") and "plain training of this sub-network needs" in line
+        for line in out.splitlines()
+    )
 
 
 def test_memory_budget_override(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from edge_sdk.scaling._extract import extract, param_count
 from edge_sdk.scaling._memory import INFERENCE_RUNTIME_BYTES, Workload, inference_estimate
 from edge_sdk.scaling._search import Plan, plan_training
 
-from .test_engine import TRAINING, budget_for, hello, make_engine
+from .test_engine import budget_for, hello, make_engine
 
 INFER = Workload(1, 16)
 
@@ -31,7 +31,7 @@ def at_least(big: SubnetSpec, small: SubnetSpec) -> bool:
 
 def training_plan(engine: Any, heads: int, ffn: int) -> Plan:
     spec = SubnetSpec.uniform(engine.parent.dims, heads=heads, ffn=ffn)
-    work = Workload(TRAINING.batch_size, TRAINING.seq_len)
+    work = engine.planner.work
     return plan_training(engine.parent, engine.salience, budget_for(engine, spec), work, runtime=0)
 
 

@@ -43,14 +43,20 @@ def make_engine(
     fed = FederationConfig(**{**defaults, **federation})  # type: ignore[arg-type]
     policy = LeverPolicy.plain() if levers is None else levers
     return FederationEngine(
-        parent, salience, fed, TRAINING, devices=names, seed=7, levers=policy, width=width  # type: ignore[arg-type]
+        parent,
+        salience,
+        fed,
+        TRAINING,
+        devices=names,
+        seed=7,
+        levers=policy,
+        width=width,  # type: ignore[arg-type]
     )
 
 
 def budget_for(engine: FederationEngine, spec: SubnetSpec) -> int:
     """The usable bytes that exactly fit training ``spec`` (runtime excluded, as devices report)."""
-    work = Workload(TRAINING.batch_size, TRAINING.seq_len)
-    return training_estimate(spec, param_count(engine.parent, spec), work, runtime=0).total
+    return training_estimate(spec, param_count(engine.parent, spec), engine.planner.work, runtime=0).total
 
 
 def hello(usable: int, runtime: int = 400_000_000) -> dict[str, object]:
@@ -124,7 +130,7 @@ def test_each_device_gets_the_largest_sub_network_its_budget_trains() -> None:
     assert orders["large"].spec.is_full
     for name, order in orders.items():
         assert order.predicted_bytes <= budgets[name]  # what the memory model counts fits the budget
-        plan = plan_training(engine.parent, engine.salience, budgets[name], Workload(4, 16), runtime=0)
+        plan = plan_training(engine.parent, engine.salience, budgets[name], engine.planner.work, runtime=0)
         assert order.spec == plan.spec
         assert order.settings.local_steps == TRAINING.local_steps
         assert order.settings.batch_size == 4 and order.settings.seq_len == 16
@@ -150,7 +156,13 @@ def test_a_device_that_measured_a_peak_above_its_budget_gets_a_smaller_sub_netwo
     big = TrainingConfig(local_steps=1, lr=1e-3, batch_size=64, seq_len=128)  # activations matter
     fed = FederationConfig(rounds=3, min_devices=1, min_margin_bytes=0, max_update_norm_ratio=1e3)
     engine = FederationEngine(
-        parent, salience, fed, big, devices=["pi", "ok"], seed=7, levers=LeverPolicy.plain()  # type: ignore[arg-type]
+        parent,
+        salience,
+        fed,
+        big,
+        devices=["pi", "ok"],
+        seed=7,
+        levers=LeverPolicy.plain(),  # type: ignore[arg-type]
     )
     dims = engine.parent.dims
     full = SubnetSpec.full(dims)
@@ -236,18 +248,13 @@ def test_results_after_the_deadline_are_late_and_unanswered_tasks_missing() -> N
     before = engine.weights_digest()
     orders = {o.device_id: o for o in engine.begin_round(["a", "b", "c"], now=100.0)}
     assert engine.deadline == 110.0
-    assert (
-        engine.accept_update(orders["a"].task_id, trained(orders["a"], 0.1), num_samples=5, now=105.0).status
-        == "ok"
-    )
+    assert engine.accept_update(orders["a"].task_id, trained(orders["a"], 0.1), num_samples=5, now=105.0).status == "ok"
     assert not engine.settled(109.9)  # b and c still owe their results, and time remains
     assert engine.settled(110.0)  # the deadline passed
     late = engine.accept_update(orders["b"].task_id, trained(orders["b"], 9.0), num_samples=5, now=110.5)
     assert late.status == "late"
     engine.close_round(110.5)
-    after_close = engine.accept_update(
-        orders["c"].task_id, trained(orders["c"], 9.0), num_samples=5, now=110.6
-    )
+    after_close = engine.accept_update(orders["c"].task_id, trained(orders["c"], 9.0), num_samples=5, now=110.6)
     assert after_close.status == "late"
     summary = engine.finish_round()
     status = {o.device_id: (o.status, o.reason) for o in summary.outcomes}
@@ -276,9 +283,7 @@ def test_bad_updates_are_refused_and_never_merged() -> None:
     results = {
         "shape": engine.accept_update(orders["shape"].task_id, wrong_shape, num_samples=5, now=1.0),
         "nan": engine.accept_update(orders["nan"].task_id, nan, num_samples=5, now=1.0),
-        "zero": engine.accept_update(
-            orders["zero"].task_id, trained(orders["zero"], 5.0), num_samples=0, now=1.0
-        ),
+        "zero": engine.accept_update(orders["zero"].task_id, trained(orders["zero"], 5.0), num_samples=0, now=1.0),
         "extra": engine.accept_update(orders["extra"].task_id, extra, num_samples=5, now=1.0),
     }
     assert {n: r.status for n, r in results.items()} == dict.fromkeys(results, "rejected")
@@ -312,9 +317,7 @@ def test_delta_updates_are_added_to_what_was_sent() -> None:
     engine = make_engine(["a"])
     engine.admit("a", hello(FULL_BUDGET))
     (order,) = engine.begin_round(["a"], now=0.0)
-    delta = {
-        n: np.full_like(a, 0.5) if a.dtype.kind == "f" else np.zeros_like(a) for n, a in order.tensors.items()
-    }
+    delta = {n: np.full_like(a, 0.5) if a.dtype.kind == "f" else np.zeros_like(a) for n, a in order.tensors.items()}
     assert engine.accept_update(order.task_id, delta, num_samples=3, now=1.0, encoding="delta").status == "ok"
     engine.close_round(1.0)
     engine.finish_round()

@@ -55,9 +55,7 @@ def tiny() -> BertForSequenceClassification:
 
 
 @pytest.fixture(scope="module")
-def optimum_export(
-    tmp_path_factory: pytest.TempPathFactory, tiny: BertForSequenceClassification
-) -> ExportReport:
+def optimum_export(tmp_path_factory: pytest.TempPathFactory, tiny: BertForSequenceClassification) -> ExportReport:
     out = tmp_path_factory.mktemp("optimum") / "served"
     return export_onnx(
         tiny,
@@ -197,9 +195,7 @@ def test_failed_parity_keeps_the_previous_model_and_leaves_nothing_behind(
 
     monkeypatch.setattr(_export_graph, "export_torch", export_a_different_model)
     with pytest.raises(ExportError, match=r"parity check failed: .* differ by up to 0\.01"):
-        export_onnx(
-            tiny, MINILM, out, parity_batch=TEXTS, method="torch", quantize=True, manifest_extra={"round": 2}
-        )
+        export_onnx(tiny, MINILM, out, parity_batch=TEXTS, method="torch", quantize=True, manifest_extra={"round": 2})
     assert {p.name: sha256_file(p) for p in out.iterdir()} == before
     assert json.loads((out / "edge_manifest.json").read_text())["round"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["served"]  # no temporary or old folders left
@@ -211,9 +207,7 @@ def test_failed_parity_keeps_the_previous_model_and_leaves_nothing_behind(
 
 def test_a_good_export_replaces_the_previous_one(tmp_path: Path, tiny: BertForSequenceClassification) -> None:
     out = tmp_path / "served"
-    export_onnx(
-        tiny, MINILM, out, parity_batch=TEXTS, method="torch", quantize=True, manifest_extra={"round": 1}
-    )
+    export_onnx(tiny, MINILM, out, parity_batch=TEXTS, method="torch", quantize=True, manifest_extra={"round": 1})
     assert (out / INT8).exists()
     export_onnx(tiny, MINILM, out, parity_batch=TEXTS, method="torch", manifest_extra={"round": 2})
     assert json.loads((out / "edge_manifest.json").read_text())["round"] == 2
@@ -221,9 +215,7 @@ def test_a_good_export_replaces_the_previous_one(tmp_path: Path, tiny: BertForSe
     assert [p.name for p in tmp_path.iterdir()] == ["served"]
 
 
-def test_refuses_to_replace_a_folder_that_is_not_an_export(
-    tmp_path: Path, tiny: BertForSequenceClassification
-) -> None:
+def test_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path: Path, tiny: BertForSequenceClassification) -> None:
     out = tmp_path / "notes"
     out.mkdir()
     (out / "todo.txt").write_text("keep me")
@@ -256,9 +248,7 @@ def test_bad_arguments_fail_before_any_work(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_tokenized_parity_batch_and_training_mode_restored(
-    tmp_path: Path, tiny: BertForSequenceClassification
-) -> None:
+def test_tokenized_parity_batch_and_training_mode_restored(tmp_path: Path, tiny: BertForSequenceClassification) -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 2000, size=(3, 11))
     mask = np.ones_like(ids)

@@ -45,9 +45,7 @@ def _labels(family: str, n: int) -> torch.Tensor:
         (LayerSpec(1, 1, 1),),  # the smallest
     ],
 )
-def test_subnetworks_build_with_their_shapes_and_train_a_step(
-    family: str, layers: tuple[LayerSpec, ...]
-) -> None:
+def test_subnetworks_build_with_their_shapes_and_train_a_step(family: str, layers: tuple[LayerSpec, ...]) -> None:
     parent = tiny_parent(family)
     spec = SubnetSpec(parent.dims, layers)
     weights = extract(parent, spec)

@@ -73,9 +73,7 @@ def test_three_devices_train_three_widths_within_their_budgets(tmp_path: Path) -
     try:
         port = read_port(tmp_path, server)
         for (name, token), data in zip(TOKENS.items(), data_slices(tmp_path, 3, 64), strict=True):
-            devices[name] = device(
-                f"ws://127.0.0.1:{port}", token, data, str(budgets[name]), tmp_path / f"{name}.log"
-            )
+            devices[name] = device(f"ws://127.0.0.1:{port}", token, data, str(budgets[name]), tmp_path / f"{name}.log")
         assert server.wait() == 0, server.text()[-4000:]
         for name, proc in devices.items():
             assert proc.wait() == 0, f"{name}:\n{proc.text()[-3000:]}"
@@ -96,9 +94,7 @@ def test_three_devices_train_three_widths_within_their_budgets(tmp_path: Path) -
             assert d["usable_bytes"] == budgets[name]
             assert d["predicted_bytes"] <= d["usable_bytes"] - MARGIN, d
             assert 0 < d["runtime_bytes"] < d["peak_rss_bytes"], d
-            assert d["peak_rss_bytes"] - d["runtime_bytes"] <= d["usable_bytes"], (
-                d
-            )  # see the module docstring
+            assert d["peak_rss_bytes"] - d["runtime_bytes"] <= d["usable_bytes"], d  # see the module docstring
             assert d["bytes_out"] > 4 * d["params"] and d["bytes_in"] > 4 * d["params"]
         assert 0.0 <= entry["metrics"]["accuracy"] <= 1.0
     # The global model changed, and it is what the checkpoint files hold.
@@ -139,9 +135,7 @@ def test_a_killed_device_and_a_killed_coordinator_do_not_stop_the_run(tmp_path: 
         first.popen.send_signal(signal.SIGKILL)
         first.wait()
         assert offset > 0
-        digest = state_digest(
-            load_file(tmp_path / "run" / "checkpoints" / "round-000001" / "weights.safetensors")
-        )
+        digest = state_digest(load_file(tmp_path / "run" / "checkpoints" / "round-000001" / "weights.safetensors"))
 
         second = coordinator(config, tmp_path / "coordinator-2.log", resume=True)
         procs.append(second)

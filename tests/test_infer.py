@@ -74,11 +74,7 @@ def test_truncation_is_flagged_and_logged(served: Path, caplog: pytest.LogCaptur
     assert (short.truncated, long.truncated) == (False, True)
     assert long.n_tokens == 32
     warnings = [r for r in caplog.records if r.name == "edge_sdk.serving._infer" and r.levelno == logging.WARNING]
-    assert (
-        len(warnings) == 1
-        and "1 of 2" in warnings[0].getMessage()
-        and "32 tokens" in warnings[0].getMessage()
-    )
+    assert len(warnings) == 1 and "1 of 2" in warnings[0].getMessage() and "32 tokens" in warnings[0].getMessage()
     # max_length: the manifest's by default, or the caller's, up to the model's position limit.
     assert load(served, max_length=8).predict(["one two three four five six seven"])[0].truncated
     assert load(served, max_length=128).max_length == 128

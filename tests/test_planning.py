@@ -42,12 +42,14 @@ def test_device_plans_are_the_searches_with_those_budgets() -> None:
     one = SubnetSpec.uniform(parent.dims, heads=1, ffn=1)
     least = training_estimate(one, param_count(parent, one), train, runtime=0).total
     small = MiB + (least + full) // 2  # binds: between the smallest and the full sub-network
-    plans = plan_device(parent, salience, usable=small, margin=0, runtime_footprint=3 * MiB,
-                        train=train, infer=infer, min_margin=MiB)
+    plans = plan_device(
+        parent, salience, usable=small, margin=0, runtime_footprint=3 * MiB, train=train, infer=infer, min_margin=MiB
+    )
     expected = plan_training(parent, salience, small - MiB, train, runtime=0)
     assert plans.training.spec == expected.spec and plans.training.budget == small - MiB
-    served = plan_inference(parent, salience, small + 2 * MiB, infer, floor=expected.spec,
-                            runtime=INFERENCE_RUNTIME_BYTES)
+    served = plan_inference(
+        parent, salience, small + 2 * MiB, infer, floor=expected.spec, runtime=INFERENCE_RUNTIME_BYTES
+    )
     assert plans.inference.spec == served.spec
     assert plans.inference.spec.covers(plans.training.spec)
     assert plans.inference.params > plans.training.params  # inference needs far less: it serves more
@@ -72,8 +74,16 @@ def test_the_devices_export_must_fit_too() -> None:
     footprint = 400 * MiB
 
     def plans(quantize: bool):  # type: ignore[no-untyped-def]
-        return plan_device(parent, salience, usable=usable, runtime_footprint=footprint, train=train, infer=infer,
-                           quantize=quantize, min_margin=0)
+        return plan_device(
+            parent,
+            salience,
+            usable=usable,
+            runtime_footprint=footprint,
+            train=train,
+            infer=infer,
+            quantize=quantize,
+            min_margin=0,
+        )
 
     fp32, int8 = plans(False), plans(True)
     params = fp32.training.params

@@ -42,8 +42,14 @@ REPO = Path(__file__).resolve().parent.parent
 class FakePsutil:
     """The psutil functions detect_profile uses, with fixed answers; sensors are added per test."""
 
-    def __init__(self, total: int = 8 * GiB, available: int = 6 * GiB, rss: int = 300 * MiB,
-                 logical: int | None = 4, physical: int | None = 4) -> None:
+    def __init__(
+        self,
+        total: int = 8 * GiB,
+        available: int = 6 * GiB,
+        rss: int = 300 * MiB,
+        logical: int | None = 4,
+        physical: int | None = 4,
+    ) -> None:
         self._memory = SimpleNamespace(total=total, available=available)
         self._rss = rss
         self._cores = {True: logical, False: physical}
@@ -70,8 +76,7 @@ def fake_root(tmp_path: Path, files: dict[str, str | bytes]) -> Path:
 
 
 def detect(root: Path, system: Any, torch_module: Any = None) -> DeviceProfile:
-    return detect_profile(root=root, system=system, torch_module=torch_module, runtime_modules=(),
-                          probe=False)
+    return detect_profile(root=root, system=system, torch_module=torch_module, runtime_modules=(), probe=False)
 
 
 # --- every optional sensor missing ----------------------------------------------------------------
@@ -121,7 +126,11 @@ def test_sensors_that_exist_but_fail_or_answer_nothing(tmp_path: Path) -> None:
     system.sensors_battery = lambda: None  # type: ignore[attr-defined]  # psutil: no battery
     profile = detect(tmp_path, system)
     assert (profile.cpu_freq_mhz, profile.cpu_freq_max_mhz, profile.temperatures, profile.battery) == (
-        None, None, (), None)
+        None,
+        None,
+        (),
+        None,
+    )
 
 
 def test_sensors_present(tmp_path: Path) -> None:
@@ -149,12 +158,15 @@ def test_missing_memory_reading_is_an_error(tmp_path: Path) -> None:
 
 
 def test_cgroup_v2_limit_caps_the_budget(tmp_path: Path) -> None:
-    root = fake_root(tmp_path, {
-        "proc/self/cgroup": "0::/\n",
-        "sys/fs/cgroup/memory.max": f"{2 * GiB}\n",
-        "sys/fs/cgroup/memory.current": f"{768 * MiB}\n",
-        "sys/fs/cgroup/memory.stat": f"anon 600000000\ninactive_file {256 * MiB}\nactive_file 1000\n",
-    })
+    root = fake_root(
+        tmp_path,
+        {
+            "proc/self/cgroup": "0::/\n",
+            "sys/fs/cgroup/memory.max": f"{2 * GiB}\n",
+            "sys/fs/cgroup/memory.current": f"{768 * MiB}\n",
+            "sys/fs/cgroup/memory.stat": f"anon 600000000\ninactive_file {256 * MiB}\nactive_file 1000\n",
+        },
+    )
     assert read_cgroup_memory(root) == (2 * GiB, 2 * GiB - 768 * MiB + 256 * MiB)
     profile = detect(root, FakePsutil(total=16 * GiB, available=12 * GiB, rss=300 * MiB))
     assert profile.cgroup_limit == 2 * GiB
@@ -168,51 +180,68 @@ def test_cgroup_v2_limit_caps_the_budget(tmp_path: Path) -> None:
 
 
 def test_cgroup_v2_max_means_no_limit(tmp_path: Path) -> None:
-    root = fake_root(tmp_path, {"proc/self/cgroup": "0::/\n", "sys/fs/cgroup/memory.max": "max\n",
-                                "sys/fs/cgroup/memory.current": "1000\n"})
+    root = fake_root(
+        tmp_path,
+        {"proc/self/cgroup": "0::/\n", "sys/fs/cgroup/memory.max": "max\n", "sys/fs/cgroup/memory.current": "1000\n"},
+    )
     assert read_cgroup_memory(root) == (None, None)
     profile = detect(root, FakePsutil(available=6 * GiB, rss=300 * MiB))
     assert compute_budget(profile).ceiling == 6 * GiB + 300 * MiB
 
 
 def test_cgroup_v1_limit(tmp_path: Path) -> None:
-    root = fake_root(tmp_path, {
-        "proc/self/cgroup": "5:devices:/\n4:memory:/\n0::/\n",
-        "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{GiB}\n",
-        "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{400 * MiB}\n",
-        "sys/fs/cgroup/memory/memory.stat": (
-            f"cache 5\ninactive_file {10 * MiB}\ntotal_inactive_file {50 * MiB}\n"
-        ),
-    })
+    root = fake_root(
+        tmp_path,
+        {
+            "proc/self/cgroup": "5:devices:/\n4:memory:/\n0::/\n",
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{GiB}\n",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{400 * MiB}\n",
+            "sys/fs/cgroup/memory/memory.stat": (
+                f"cache 5\ninactive_file {10 * MiB}\ntotal_inactive_file {50 * MiB}\n"
+            ),
+        },
+    )
     assert read_cgroup_memory(root) == (GiB, GiB - 400 * MiB + 50 * MiB)
 
 
 def test_cgroup_v1_unlimited_value(tmp_path: Path) -> None:
     # What this machine's own cgroup v1 files hold when no limit is set.
-    root = fake_root(tmp_path, {
-        "proc/self/cgroup": "4:memory:/jobs/abc\n",
-        "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
-        "sys/fs/cgroup/memory/jobs/abc/memory.limit_in_bytes": "9223372036854771712\n",
-        "sys/fs/cgroup/memory/jobs/abc/memory.usage_in_bytes": "123\n",
-    })
+    root = fake_root(
+        tmp_path,
+        {
+            "proc/self/cgroup": "4:memory:/jobs/abc\n",
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+            "sys/fs/cgroup/memory/jobs/abc/memory.limit_in_bytes": "9223372036854771712\n",
+            "sys/fs/cgroup/memory/jobs/abc/memory.usage_in_bytes": "123\n",
+        },
+    )
     assert read_cgroup_memory(root) == (None, None)
 
 
 def test_cgroup_limit_on_an_ancestor_and_tightest_level_wins(tmp_path: Path) -> None:
-    root = fake_root(tmp_path, {
-        "proc/self/cgroup": "0::/outer/inner\n",
-        "sys/fs/cgroup/outer/memory.max": f"{3 * GiB}\n",
-        "sys/fs/cgroup/outer/memory.current": f"{2 * GiB}\n",  # siblings use most of it
-        "sys/fs/cgroup/outer/inner/memory.max": f"{2 * GiB}\n",
-        "sys/fs/cgroup/outer/inner/memory.current": f"{512 * MiB}\n",
-    })
+    root = fake_root(
+        tmp_path,
+        {
+            "proc/self/cgroup": "0::/outer/inner\n",
+            "sys/fs/cgroup/outer/memory.max": f"{3 * GiB}\n",
+            "sys/fs/cgroup/outer/memory.current": f"{2 * GiB}\n",  # siblings use most of it
+            "sys/fs/cgroup/outer/inner/memory.max": f"{2 * GiB}\n",
+            "sys/fs/cgroup/outer/inner/memory.current": f"{512 * MiB}\n",
+        },
+    )
     # inner: 2 GiB limit, 1.5 GiB headroom; outer: 3 GiB limit, only 1 GiB headroom -> outer binds
     assert read_cgroup_memory(root) == (3 * GiB, GiB)
 
 
 def test_cgroup_limit_without_readable_usage_caps_at_the_limit(tmp_path: Path) -> None:
-    root = fake_root(tmp_path, {"proc/self/cgroup": "0::/\n", "sys/fs/cgroup/memory.max": f"{GiB}\n",
-                                "sys/fs/cgroup/memory.current": "garbage\n"})
+    root = fake_root(
+        tmp_path,
+        {
+            "proc/self/cgroup": "0::/\n",
+            "sys/fs/cgroup/memory.max": f"{GiB}\n",
+            "sys/fs/cgroup/memory.current": "garbage\n",
+        },
+    )
     assert read_cgroup_memory(root) == (GiB, None)
     budget = compute_budget(detect(root, FakePsutil(available=6 * GiB, rss=200 * MiB)))
     assert budget.ceiling == GiB
@@ -239,8 +268,11 @@ class FakeCuda:
         return True
 
     def get_device_properties(self, index: int) -> Any:
-        return SimpleNamespace(name="Orin (nvgpu)" if self.integrated else "NVIDIA RTX A2000",
-                               total_memory=self.total, is_integrated=self.integrated)
+        return SimpleNamespace(
+            name="Orin (nvgpu)" if self.integrated else "NVIDIA RTX A2000",
+            total_memory=self.total,
+            is_integrated=self.integrated,
+        )
 
     def mem_get_info(self, index: int = 0) -> tuple[int, int]:
         self.free_memory_asked = True
@@ -250,17 +282,23 @@ class FakeCuda:
 def test_jetson_integrated_gpu_budget_comes_from_system_memory(tmp_path: Path) -> None:
     # Faked at the boundary: no Jetson exists here. The files a JetPack image has, and a torch whose
     # CUDA device reports itself integrated; its free-memory call would answer 7 GiB.
-    root = fake_root(tmp_path, {
-        "etc/nv_tegra_release": "# R36 (release), REVISION: 4.0\n",
-        "proc/device-tree/model": b"NVIDIA Jetson Orin Nano Developer Kit\x00",
-    })
+    root = fake_root(
+        tmp_path,
+        {
+            "etc/nv_tegra_release": "# R36 (release), REVISION: 4.0\n",
+            "proc/device-tree/model": b"NVIDIA Jetson Orin Nano Developer Kit\x00",
+        },
+    )
     cuda = FakeCuda(integrated=True, total=7 * GiB + 400 * MiB, free=7 * GiB)
     torch = SimpleNamespace(__version__="2.5.0a0+nv24.08", cuda=cuda)
     system = FakePsutil(total=7 * GiB + 400 * MiB, available=5 * GiB, rss=900 * MiB)
     profile = detect(root, system, torch)
     assert profile.is_jetson and profile.device_model == "NVIDIA Jetson Orin Nano Developer Kit"
     assert profile.accelerator == Accelerator(
-        kind="cuda", name="Orin (nvgpu)", total_memory=7 * GiB + 400 * MiB, free_memory=None,
+        kind="cuda",
+        name="Orin (nvgpu)",
+        total_memory=7 * GiB + 400 * MiB,
+        free_memory=None,
         unified_memory=True,
     )
     assert cuda.free_memory_asked is False
@@ -341,8 +379,9 @@ def test_probes() -> None:
 
 
 def test_detect_without_torch_uses_numpy(tmp_path: Path) -> None:
-    profile = detect_profile(root=tmp_path, system=FakePsutil(), torch_module=None, runtime_modules=(),
-                             probe_seconds=0.05, probe_step=True)
+    profile = detect_profile(
+        root=tmp_path, system=FakePsutil(), torch_module=None, runtime_modules=(), probe_seconds=0.05, probe_step=True
+    )
     assert profile.compute is not None and profile.compute.backend == "numpy"
     assert profile.compute.step_seconds is None  # the step probe needs torch
 
@@ -358,30 +397,46 @@ def test_edge_sdk_imports_and_profiles_without_torch() -> None:
         "assert p.compute.backend == 'numpy' and p.runtime_modules == ('json',), p\n"
         "print(compute_budget(p).usable > 0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
 
 
 def test_importing_the_profile_modules_does_not_import_torch() -> None:
-    code = ("import sys, edge_sdk.device._profile, edge_sdk.device._budget, edge_sdk.cli._profile\n"
-            "import edge_sdk.device._probe\n"
-            "print('torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys, edge_sdk.device._profile, edge_sdk.device._budget, edge_sdk.cli._profile\n"
+        "import edge_sdk.device._probe\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
 
 def full_profile() -> DeviceProfile:
     return DeviceProfile(
-        version=PROFILE_VERSION, system="Linux", machine="aarch64",
-        device_model="Raspberry Pi 4 Model B Rev 1.4", is_jetson=False, python_version="3.11.2",
-        torch_version="2.4.1", memory_total=4 * GiB,
-        memory_available=3 * GiB, cgroup_limit=None, cgroup_available=None, runtime_rss=280 * MiB,
-        runtime_modules=("torch", "transformers"), cpu_logical_cores=4, cpu_physical_cores=4,
-        cpu_freq_mhz=1800.0, cpu_freq_max_mhz=1800.0, temperatures=(Temperature("cpu_thermal/0", 51.1),),
+        version=PROFILE_VERSION,
+        system="Linux",
+        machine="aarch64",
+        device_model="Raspberry Pi 4 Model B Rev 1.4",
+        is_jetson=False,
+        python_version="3.11.2",
+        torch_version="2.4.1",
+        memory_total=4 * GiB,
+        memory_available=3 * GiB,
+        cgroup_limit=None,
+        cgroup_available=None,
+        runtime_rss=280 * MiB,
+        runtime_modules=("torch", "transformers"),
+        cpu_logical_cores=4,
+        cpu_physical_cores=4,
+        cpu_freq_mhz=1800.0,
+        cpu_freq_max_mhz=1800.0,
+        temperatures=(Temperature("cpu_thermal/0", 51.1),),
         battery=Battery(percent=50.0, plugged=False, seconds_left=3600),
         accelerator=Accelerator("cuda", "gpu", 4 * GiB, None, True),
         compute=ComputeProbe("torch", "cpu", "float32", 512, 12, 1.01, 3.19, step_seconds=0.25),
@@ -439,8 +494,10 @@ def test_from_dict_rejects_non_objects_and_nulls() -> None:
     data["temperatures"] = "hot"
     with pytest.raises(ProfileError) as info:
         DeviceProfile.from_dict(data)
-    assert set(info.value.problems) == {"profile.system: expected str, got NoneType None",
-                                        "profile.temperatures: expected a list, got str"}
+    assert set(info.value.problems) == {
+        "profile.system: expected str, got NoneType None",
+        "profile.temperatures: expected a list, got str",
+    }
 
 
 # --- budgets ----------------------------------------------------------------------------------------
@@ -458,8 +515,15 @@ def test_detected_budget_arithmetic(tmp_path: Path) -> None:
     ceiling = 6 * GiB + 400 * MiB
     margin = int(ceiling * 0.1)
     assert budget == MemoryBudget(
-        total=8 * GiB, available=6 * GiB, cgroup_limit=None, runtime_footprint=400 * MiB, ceiling=ceiling,
-        margin=margin, usable=ceiling - margin - 400 * MiB, source="detected", pool="system",
+        total=8 * GiB,
+        available=6 * GiB,
+        cgroup_limit=None,
+        runtime_footprint=400 * MiB,
+        ceiling=ceiling,
+        margin=margin,
+        usable=ceiling - margin - 400 * MiB,
+        source="detected",
+        pool="system",
     )
     explicit = compute_budget(profile, margin=100 * MiB)
     assert explicit.margin == 100 * MiB and explicit.usable == 6 * GiB - 100 * MiB

@@ -52,9 +52,7 @@ def test_every_error_is_an_edge_fm_error() -> None:
 
 def test_importing_the_sdk_and_its_protocol_does_not_import_torch() -> None:
     code = "import sys, edge_sdk, edge_sdk.protocol; edge_sdk.SubnetSpec; print('torch' in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
 
 

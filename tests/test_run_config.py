@@ -33,9 +33,7 @@ def test_the_example_config_parses_with_paths_relative_to_it() -> None:
     assert cfg.model.name == "all-MiniLM-L6-v2" and cfg.model.task == "text-classification"
     assert cfg.federation.rounds == 10 and cfg.federation.strategy == "fedavg"
     assert cfg.training.batch_size == 8 and cfg.training.seq_len == 64
-    assert (
-        cfg.validation is not None and cfg.validation.data == ROOT / "examples" / "data" / "sst2" / "dev.tsv"
-    )
+    assert cfg.validation is not None and cfg.validation.data == ROOT / "examples" / "data" / "sst2" / "dev.tsv"
     assert cfg.run.dir == ROOT / "examples" / "runs" / "sst2"
     assert cfg.server.chunk_bytes == 1 << 20 and not cfg.server.tls
     assert len(cfg.devices) == 3

@@ -244,9 +244,7 @@ def test_bad_frames_get_an_error_and_a_close_code_and_the_others_are_still_serve
                 device = Device(ws)
                 await device.hello()
                 received = await device.task()
-                trained = {
-                    n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in received.tensors.items()
-                }
+                trained = {n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in received.tensors.items()}
                 device.conn.send_update(
                     task_id=received.task.task_id,
                     tensors=trained,
@@ -301,9 +299,7 @@ def test_bad_updates_and_a_dropped_device_fail_only_their_own_task(tmp_path: Pat
                 await devices["dropped"].ws.close()
 
                 good = tasks["good"]
-                trained = {
-                    n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in good.tensors.items()
-                }
+                trained = {n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in good.tensors.items()}
                 devices["good"].conn.send_update(
                     task_id=good.task.task_id,
                     tensors=trained,

@@ -30,8 +30,15 @@ from edge_sdk._errors import ConfigError
 from edge_sdk.scaling._parent import parent_from_module
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=2)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=32,
+    num_labels=2,
+)
 
 
 def tiny_module(seed: int = 0) -> transformers.BertForSequenceClassification:
@@ -42,8 +49,16 @@ def tiny_module(seed: int = 0) -> transformers.BertForSequenceClassification:
 def tiny_config(run_dir: Path, **tables: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "model": {"name": "tiny", "seed": 3},
-        "data": {"kind": "synthetic", "size": 1200, "dev_size": 128, "vocab_size": 64, "seq_len": 16,
-                 "partition": "dirichlet", "alpha": 0.5, "min_shard": 4},
+        "data": {
+            "kind": "synthetic",
+            "size": 1200,
+            "dev_size": 128,
+            "vocab_size": 64,
+            "seq_len": 16,
+            "partition": "dirichlet",
+            "alpha": 0.5,
+            "min_shard": 4,
+        },
         "devices": {"raspberry-pi-4-2gb": 60, "jetson-nano-4gb": 30, "raspberry-pi-5-8gb": 10},
         "federation": {"rounds": 1, "fraction": 0.1, "min_devices": 1},
         "training": {"local_steps": 3, "batch_size": 8, "seq_len": 16, "lr": 3e-3},
@@ -114,11 +129,15 @@ def test_full_and_static_width_policies(tmp_path: Path) -> None:
     try:
         full = run_simulation(
             dataclasses.replace(base, method=MethodConfig(name="full", width="full", reorder=False)),
-            parent=parent, executor=executor, run_dir=tmp_path / "full",
+            parent=parent,
+            executor=executor,
+            run_dir=tmp_path / "full",
         )
         static = run_simulation(
             dataclasses.replace(base, method=MethodConfig(name="static", width="static", ratios=(1.0, 0.5))),
-            parent=parent, executor=executor, run_dir=tmp_path / "static",
+            parent=parent,
+            executor=executor,
+            run_dir=tmp_path / "static",
         )
     finally:
         executor.close()
@@ -151,8 +170,11 @@ def test_ray_engine_agrees_with_the_local_engine(tmp_path: Path) -> None:
         pytest.skip("no Ray wheels for this Python")
     parent = parent_from_module(tiny_module())
     base = parse_simulation_config(
-        tiny_config(tmp_path, devices={"raspberry-pi-4-2gb": 6, "jetson-nano-4gb": 4, "raspberry-pi-5-8gb": 0},
-                    federation={"rounds": 2, "fraction": 0.4}),
+        tiny_config(
+            tmp_path,
+            devices={"raspberry-pi-4-2gb": 6, "jetson-nano-4gb": 4, "raspberry-pi-5-8gb": 0},
+            federation={"rounds": 2, "fraction": 0.4},
+        ),
         base=tmp_path,
     )
     local = run_simulation(base, parent=parent, run_dir=tmp_path / "local")

@@ -28,9 +28,7 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     return made
 
 
-def test_tls_refuses_wrong_tokens_and_untrusted_servers(
-    tmp_path: Path, certificate: tuple[Path, Path]
-) -> None:
+def test_tls_refuses_wrong_tokens_and_untrusted_servers(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
     cert, key = certificate
     trusted = ssl.create_default_context(cafile=str(cert))
 
@@ -38,9 +36,7 @@ def test_tls_refuses_wrong_tokens_and_untrusted_servers(
         async with coordinator(tmp_path, ["a"], ssl_context=server_ssl_context(cert, key)) as (srv, _):
             url = f"wss://127.0.0.1:{srv.port}"
             with pytest.raises(InvalidStatus) as caught:
-                async with connect(
-                    url, ssl=trusted, additional_headers={"Authorization": "Bearer nope-nope"}
-                ):
+                async with connect(url, ssl=trusted, additional_headers={"Authorization": "Bearer nope-nope"}):
                     pass
             assert caught.value.response.status_code == 401
             with pytest.raises(ssl.SSLCertVerificationError):

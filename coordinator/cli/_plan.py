@@ -37,9 +37,7 @@ def add_parser(sub: Any) -> None:
         "inference fits.",
     )
     p.add_argument("--model", required=True, help="model folder, or a packaged model name (all-MiniLM-L6-v2)")
-    p.add_argument(
-        "--memory", required=True, type=size_argument, help="the device's memory budget, e.g. 1.5GB, 900MiB"
-    )
+    p.add_argument("--memory", required=True, type=size_argument, help="the device's memory budget, e.g. 1.5GB, 900MiB")
     p.add_argument("--batch", type=int, default=16, help="training batch size (default 16)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     p.add_argument("--infer-batch", type=int, default=1, help="inference batch size (default 1)")
@@ -95,4 +93,3 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("\n".join(plan_table("inference sub-network", inference)))
     return 0
-

@@ -48,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
     federation = config.federation
     if args.rounds:
         federation = dataclasses.replace(federation, rounds=args.rounds)
-    config = dataclasses.replace(
-        config, simulation=sim, federation=federation, run_dir=args.run_dir or config.run_dir
-    )
+    config = dataclasses.replace(config, simulation=sim, federation=federation, run_dir=args.run_dir or config.run_dir)
     result = run_simulation(config)
     report = write_report(
         [result],

@@ -213,9 +213,7 @@ def load_checkpoint(path: str | Path) -> EngineState:
             raise ConfigError(f"checkpoint {path}: {name} is corrupt or missing (sha256 {actual})")
     weights = safetensors.torch.load_file(str(path / _WEIGHTS))
     server = safetensors.torch.load_file(str(path / _SERVER))
-    salience = Salience(
-        server["salience/heads"], server["salience/ffn"], str(meta.get("salience_method", ""))
-    )
+    salience = Salience(server["salience/heads"], server["salience/ffn"], str(meta.get("salience_method", "")))
     optimizer = {k[len("optimizer/") :]: t for k, t in server.items() if k.startswith("optimizer/")}
     return EngineState(
         run_id=str(meta["run_id"]),

@@ -160,7 +160,12 @@ def plan_inference_for(
     device can always serve what it trained. The rule is :func:`edge_sdk.scaling._planning.plan_serving`.
     """
     serving = plan_serving(
-        parent, salience, training, budget=budget_bytes, work=work, runtime_footprint=runtime_footprint,
+        parent,
+        salience,
+        training,
+        budget=budget_bytes,
+        work=work,
+        runtime_footprint=runtime_footprint,
         quantize=quantize,
     )
     return DeployPlan(device_id, training, serving.plan, budget_bytes, could_grow=serving.could_grow, fits=serving.fits)
@@ -204,9 +209,7 @@ def make_order(engine: FederationEngine, device_id: str, config: DeployConfig, t
         device_id=device_id,
         round=engine.round,
         plan=plan,
-        settings=InferenceSettings(
-            batch_size=config.batch_size, seq_len=config.seq_len, quantize=config.quantize
-        ),
+        settings=InferenceSettings(batch_size=config.batch_size, seq_len=config.seq_len, quantize=config.quantize),
         model_config=served_config(engine.model_config, config.labels),
         tensors=torch_to_numpy(extract(parent, plan.inference.spec)),
     )

@@ -73,9 +73,7 @@ def make_optimizer(federation: FederationConfig) -> ServerOptimizer:
     if federation.strategy == "fedavg":
         return FedAvg(server_lr=federation.server_lr)
     if federation.strategy == "fedadam":
-        return FedAdam(
-            lr=federation.server_lr, beta1=federation.beta1, beta2=federation.beta2, tau=federation.tau
-        )
+        return FedAdam(lr=federation.server_lr, beta1=federation.beta1, beta2=federation.beta2, tau=federation.tau)
     raise ConfigError(f"unknown strategy {federation.strategy!r}")
 
 
@@ -205,8 +203,7 @@ class FederationEngine:
             usable = [d for d in available if self.registry.admitted(d)]
             if not self.selection.can_start(len(usable)):
                 raise EdgeFMError(
-                    f"round {self._round + 1} needs {self.federation.min_devices} device(s),"
-                    f" {len(usable)} available"
+                    f"round {self._round + 1} needs {self.federation.min_devices} device(s), {len(usable)} available"
                 )
             index = self._round + 1
             chosen = self.selection.select(usable, index)
@@ -225,9 +222,7 @@ class FederationEngine:
             index,
             self.federation.rounds,
             len(orders),
-            ", ".join(
-                f"{o.device_id} ({o.params / 1e6:.2f}M params, {width_of(o.spec)})" for o in orders.values()
-            ),
+            ", ".join(f"{o.device_id} ({o.params / 1e6:.2f}M params, {width_of(o.spec)})" for o in orders.values()),
         )
         return list(orders.values())
 
@@ -374,9 +369,7 @@ class FederationEngine:
                 f"the run used strategy {state.strategy!r}; the config says {federation.strategy!r}"
                 " (start a new run directory to change it)"
             )
-        parent = ParentModel(
-            family_for(state.model_config), dict(state.model_config), state.task, dict(state.weights)
-        )
+        parent = ParentModel(family_for(state.model_config), dict(state.model_config), state.task, dict(state.weights))
         optimizer = make_optimizer(federation)
         optimizer.load_state_dict(state.optimizer_state)
         engine = cls(

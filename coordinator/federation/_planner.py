@@ -137,8 +137,7 @@ class Planner:
         budget = self.planning_bytes(usable_bytes, margin_bytes)
         if budget <= 0:
             raise BudgetError(
-                "no sub-network fits: the budget is below the safety margin of"
-                f" {format_bytes(self.min_margin_bytes)}"
+                f"no sub-network fits: the budget is below the safety margin of {format_bytes(self.min_margin_bytes)}"
             )
         with self._lock:
             plan = self._cache.get(budget)

@@ -115,9 +115,7 @@ class RoundSummary:
 
     def log_line(self) -> str:
         acc, loss = self.metrics.get("accuracy"), self.metrics.get("loss")
-        quality = (
-            f"accuracy {acc:.4f} loss {loss:.4f}" if acc is not None and loss is not None else "no validation"
-        )
+        quality = f"accuracy {acc:.4f} loss {loss:.4f}" if acc is not None and loss is not None else "no validation"
         parts = []
         for o in self.outcomes:
             if o.status == "ok":
@@ -130,8 +128,7 @@ class RoundSummary:
         return (
             f"round {self.round}/{self.rounds}: {self.aggregated}/{len(self.outcomes)} updates merged,"
             f" {quality},"
-            f" sent {format_bytes(self.bytes_out)}, received {format_bytes(self.bytes_in)}; "
-            + "; ".join(parts)
+            f" sent {format_bytes(self.bytes_out)}, received {format_bytes(self.bytes_in)}; " + "; ".join(parts)
         )
 
 

@@ -88,7 +88,6 @@ class TrainingConfig:
     seed: int | None = None  # seeds batch order and local training; None: the [model] seed
 
 
-
 class Table:
     """One TOML table being read: typed getters that name ``[table] key`` in every error."""
 
@@ -121,9 +120,7 @@ class Table:
             raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
 
-    def integer(
-        self, key: str, default: int | None, *, low: int | None = None, high: int | None = None
-    ) -> int:
+    def integer(self, key: str, default: int | None, *, low: int | None = None, high: int | None = None) -> int:
         value = self.value(key, default)
         if value is None:
             raise self.error(key, "is required")
@@ -268,9 +265,7 @@ def read_levers(t: Table) -> LeverPolicy:
     return policy
 
 
-def table_reader(
-    data: Mapping[str, Any], known: tuple[str, ...], *, base: Path, where: str
-) -> Callable[[str], Table]:
+def table_reader(data: Mapping[str, Any], known: tuple[str, ...], *, base: Path, where: str) -> Callable[[str], Table]:
     """Check a config's table names ([model], [devices] and [run] required); returns a table reader."""
     unknown = sorted(set(data) - set(known))
     if unknown:

@@ -73,6 +73,3 @@ def _same_tensors_as_sent(order: TrainOrder, tensors: Mapping[str, np.ndarray]) 
     ]
     if problems:
         raise EdgeFMError("the update does not match its task: " + "; ".join(problems[:8]))
-
-
-

@@ -38,9 +38,7 @@ def _validator(config: RunConfig, model_dir: Path) -> Validator | None:
         return None
     tokenizer = val.tokenizer or model_dir
     if not (Path(tokenizer) / "tokenizer.json").is_file():
-        raise ConfigError(
-            f"[validation]: {tokenizer} has no tokenizer.json: set [validation] tokenizer = DIR"
-        )
+        raise ConfigError(f"[validation]: {tokenizer} has no tokenizer.json: set [validation] tokenizer = DIR")
     return Validator(
         val.data,
         tokenizer,
@@ -125,9 +123,7 @@ def _new_run(config: RunConfig, model_dir: Path, validator: Validator | None) ->
     )
     if validator is not None:
         metrics = validator(engine.parent)
-        logger.info(
-            "round 0 (pre-trained model): accuracy %.4f loss %.4f", metrics["accuracy"], metrics["loss"]
-        )
+        logger.info("round 0 (pre-trained model): accuracy %.4f loss %.4f", metrics["accuracy"], metrics["loss"])
     path = save_checkpoint(config.run.dir, engine.snapshot(), keep=config.run.keep_checkpoints)
     logger.info("new run %s: global weights sha256 %s (%s)", engine.run_id, engine.weights_digest(), path)
     return engine
@@ -167,9 +163,7 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
     if running.done():
         running.result()  # RunAbortedError and bugs propagate
         return 0
-    logger.info(
-        "stopping on a signal: the checkpoint of round %d stands (restart with --resume)", engine.round
-    )
+    logger.info("stopping on a signal: the checkpoint of round %d stands (restart with --resume)", engine.round)
     running.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await running

@@ -252,9 +252,7 @@ class CoordinatorServer:
             return self._operator.respond(connection, request)
         name = self._tokens.identify(request.headers.get("Authorization"))
         if name is None:
-            logger.warning(
-                "refused a connection from %s: missing or unknown bearer token (HTTP 401)", peer(connection)
-            )
+            logger.warning("refused a connection from %s: missing or unknown bearer token (HTTP 401)", peer(connection))
             response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or unknown bearer token\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="edge-fm"'
             return response

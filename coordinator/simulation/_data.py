@@ -80,9 +80,7 @@ class TokenDataset:
         e = self.encoded
         if seq_len > e.input_ids.shape[1]:
             raise ConfigError(f"the synthetic data has sequences of {e.input_ids.shape[1]}, not {seq_len}")
-        return Encoded(
-            e.input_ids[:, :seq_len], e.attention_mask[:, :seq_len], e.token_type_ids[:, :seq_len], e.labels
-        )
+        return Encoded(e.input_ids[:, :seq_len], e.attention_mask[:, :seq_len], e.token_type_ids[:, :seq_len], e.labels)
 
     def batches(self, batch_size: int, seq_len: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         return iter_batches(self._cut(seq_len), batch_size, seed=seed, shuffle=True)

@@ -64,9 +64,7 @@ class LocalExecutor:
 
     def run(self, jobs: Sequence[DeviceJob], timeout_s: float) -> Iterator[Outcome]:
         deadline = time.monotonic() + timeout_s
-        futures: dict[Future[DeviceReport], DeviceJob] = {
-            self._pool.submit(run_device_job, job): job for job in jobs
-        }
+        futures: dict[Future[DeviceReport], DeviceJob] = {self._pool.submit(run_device_job, job): job for job in jobs}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)

@@ -34,9 +34,7 @@ def _check(n: int, devices: int, min_size: int) -> None:
     if devices < 1:
         raise ConfigError(f"need at least one device to partition for, got {devices}")
     if n < devices * max(1, min_size):
-        raise ConfigError(
-            f"{n} examples cannot give {devices} devices at least {max(1, min_size)} each"
-        )
+        raise ConfigError(f"{n} examples cannot give {devices} devices at least {max(1, min_size)} each")
 
 
 def partition_iid(n: int, devices: int, *, seed: int = 0) -> list[np.ndarray]:

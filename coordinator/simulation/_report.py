@@ -135,8 +135,13 @@ def write_plots(results: Sequence[SimulationResult], out_dir: Path) -> list[Path
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for result in results:
         xs = [int(r["round"]) for r in result.rounds]
-        ax.plot(xs, [(r["bytes_down"] + r["bytes_up"]) / _MB for r in result.rounds], marker="o",
-                markersize=3, label=result.method)
+        ax.plot(
+            xs,
+            [(r["bytes_down"] + r["bytes_up"]) / _MB for r in result.rounds],
+            marker="o",
+            markersize=3,
+            label=result.method,
+        )
     ax.set_xlabel("round")
     ax.set_ylabel("MB sent + received (all devices)")
     ax.set_title("Traffic by round")
@@ -164,8 +169,9 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_report(results: Sequence[SimulationResult], out_dir: Path, *, title: str = "Simulation",
-                 notes: str = "") -> Path:
+def write_report(
+    results: Sequence[SimulationResult], out_dir: Path, *, title: str = "Simulation", notes: str = ""
+) -> Path:
     """``summary.md`` (the table, per-device plans) and the plots in ``out_dir``; returns the markdown path."""
     summaries = [summarize(r) for r in results]
     write_plots(results, out_dir)
@@ -186,9 +192,12 @@ def write_report(results: Sequence[SimulationResult], out_dir: Path, *, title: s
         "",
     ]
     for result in results:
-        lines += [f"## {result.method}: device plans", "",
-                  "| device | budget MB | params M | predicted MB | heads / FFN per layer |",
-                  "| --- | ---: | ---: | ---: | --- |"]
+        lines += [
+            f"## {result.method}: device plans",
+            "",
+            "| device | budget MB | params M | predicted MB | heads / FFN per layer |",
+            "| --- | ---: | ---: | ---: | --- |",
+        ]
         for d in result.devices:
             if not d.get("admitted"):
                 lines.append(f"| {d['device_id']} | {d['usable_bytes'] / _MB:.0f} | refused | | |")

@@ -101,8 +101,12 @@ def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData
     return data, validator, validator
 
 
-def _device_rows(summary: RoundSummary, orders: Mapping[str, TrainOrder], links: Mapping[str, Link],
-                 extras: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _device_rows(
+    summary: RoundSummary,
+    orders: Mapping[str, TrainOrder],
+    links: Mapping[str, Link],
+    extras: Mapping[str, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
     rows = []
     for outcome in summary.outcomes:
         row = outcome.to_json()

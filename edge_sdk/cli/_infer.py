@@ -48,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no text to classify: pass texts as arguments or on stdin")
 
     started = time.perf_counter()
-    predictor = load(
-        args.model, threads=args.threads, prefer_quantized=not args.fp32, max_length=args.max_length
-    )
+    predictor = load(args.model, threads=args.threads, prefer_quantized=not args.fp32, max_length=args.max_length)
     load_ms = (time.perf_counter() - started) * 1e3
     predictor.logits(texts[:1])  # warm-up: the first run allocates ONNX Runtime's buffers
 

@@ -45,9 +45,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="local training data, a TSV (label, sentence)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many examples of --data")
     source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--memory-budget", metavar="SIZE", help="training budget instead of detection (e.g. 1.5GB)"
-    )
+    source.add_argument("--memory-budget", metavar="SIZE", help="training budget instead of detection (e.g. 1.5GB)")
     source.add_argument("--profile", metavar="NAME", help="budget of a named device class (or a .toml file)")
     p.add_argument(
         "--tokenizer",
@@ -58,9 +56,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ca-file", type=Path, default=None, help="PEM certificate(s) to trust for wss://")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     p.add_argument("--device-id", default=None, help="a name for logs (the token decides the identity)")
-    p.add_argument(
-        "--retry-initial", type=float, default=0.5, help="first reconnection delay, s (default 0.5)"
-    )
+    p.add_argument("--retry-initial", type=float, default=0.5, help="first reconnection delay, s (default 0.5)")
     p.add_argument("--retry-max", type=float, default=30.0, help="longest reconnection delay, s (default 30)")
     p.add_argument(
         "--give-up-after",

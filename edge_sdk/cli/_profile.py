@@ -49,13 +49,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--memory-budget", metavar="SIZE",
-                        help="use this training budget instead of the detected one (e.g. 1.5GB, 512MiB)")
-    source.add_argument("--profile", metavar="NAME",
-                        help="budget of a named device class (e.g. raspberry-pi-4-4gb) or a .toml file")
+    source.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="use this training budget instead of the detected one (e.g. 1.5GB, 512MiB)",
+    )
+    source.add_argument(
+        "--profile", metavar="NAME", help="budget of a named device class (e.g. raspberry-pi-4-4gb) or a .toml file"
+    )
     parser.add_argument("--no-probe", action="store_true", help="skip the ~1 s compute probe")
-    parser.add_argument("--step-probe", action="store_true",
-                        help="also time a few training steps of a small transformer layer (torch only)")
+    parser.add_argument(
+        "--step-probe",
+        action="store_true",
+        help="also time a few training steps of a small transformer layer (torch only)",
+    )
     plan = _plan_module()
     if plan is not None:
         plan.add_arguments(parser)
@@ -84,16 +91,21 @@ def _device_rows(p: DeviceProfile) -> list[tuple[str, str]]:
     if acc is None:
         accel = "none: training runs on the CPU"
     else:
-        memory = "shares system memory (unified)" if acc.unified_memory else (
-            f"{format_bytes(acc.free_memory)} free" if acc.free_memory is not None else "free memory unknown")
+        memory = (
+            "shares system memory (unified)"
+            if acc.unified_memory
+            else (f"{format_bytes(acc.free_memory)} free" if acc.free_memory is not None else "free memory unknown")
+        )
         total = f"{format_bytes(acc.total_memory)}, " if acc.total_memory is not None else ""
         accel = f"{acc.kind}: {acc.name} ({total}{memory})"
     c = p.compute
     if c is None:
         compute = "not measured"
     else:
-        compute = (f"{c.gflops:.1f} GFLOPS {c.dtype} matmul ({c.backend} on {c.device}, "
-                   f"n={c.matrix_size}, {c.iterations} in {c.seconds:.2f} s)")
+        compute = (
+            f"{c.gflops:.1f} GFLOPS {c.dtype} matmul ({c.backend} on {c.device}, "
+            f"n={c.matrix_size}, {c.iterations} in {c.seconds:.2f} s)"
+        )
         if c.step_seconds is not None:
             compute += f"; small-layer training step {c.step_seconds * 1000:.1f} ms"
     return [
@@ -119,14 +131,19 @@ def _budget_rows(b: MemoryBudget, p: DeviceProfile) -> list[tuple[str, str]]:
         ("runtime footprint", f"{format_bytes(b.runtime_footprint)} ({modules})"),
         ("ceiling", f"{format_bytes(b.ceiling)} (most this process may hold)"),
         ("safety margin", format_bytes(b.margin)),
-        ("usable", f"{format_bytes(b.usable)} ({b.usable} bytes) for weights, gradients, "
-                   "optimizer state and activations"),
+        (
+            "usable",
+            f"{format_bytes(b.usable)} ({b.usable} bytes) for weights, gradients, optimizer state and activations",
+        ),
     ]
 
 
 def _class_rows(d: DeviceClass) -> list[tuple[str, str]]:
-    accel = "none" if d.accelerator == "none" else f"{d.accelerator}: {d.accelerator_name}" + (
-        " (unified memory)" if d.unified_memory else "")
+    accel = (
+        "none"
+        if d.accelerator == "none"
+        else f"{d.accelerator}: {d.accelerator_name}" + (" (unified memory)" if d.unified_memory else "")
+    )
     return [
         ("name", f"{d.name}: {d.display_name}"),
         ("memory", f"{format_bytes(d.memory)} installed, {d.usable_fraction:.0%} expected available"),
@@ -138,9 +155,7 @@ def _class_rows(d: DeviceClass) -> list[tuple[str, str]]:
     ]
 
 
-def render_table(
-    profile: DeviceProfile, budget: MemoryBudget, device_class: DeviceClass | None = None
-) -> str:
+def render_table(profile: DeviceProfile, budget: MemoryBudget, device_class: DeviceClass | None = None) -> str:
     """The human-readable report ``edge-sdk profile`` prints."""
     sections: list[tuple[str, list[tuple[str, str]]]] = [("Device", _device_rows(profile))]
     if device_class is not None:

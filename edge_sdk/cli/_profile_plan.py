@@ -43,8 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seq", type=_positive, default=64, help="training sequence length (default 64)")
     group.add_argument("--infer-batch", type=_positive, default=1, help="inference batch size (default 1)")
     group.add_argument("--infer-seq", type=_positive, default=128, help="inference sequence length (default 128)")
-    group.add_argument("--int8", action="store_true",
-                       help="the run deploys int8 models ([deploy] quantize): their export needs more memory")
+    group.add_argument(
+        "--int8",
+        action="store_true",
+        help="the run deploys int8 models ([deploy] quantize): their export needs more memory",
+    )
     group.add_argument(
         "--min-margin",
         type=size_argument,
@@ -110,6 +113,8 @@ def run_plan(
         *(f"  {line}".rstrip() for line in plan_table("inference sub-network", plans.inference)),
     ]
     if not plans.serving.fits:
-        lines.append("  warning: not even the training sub-network's export fits this budget; it would be served"
-                     " anyway, at the risk of the export's peak")
+        lines.append(
+            "  warning: not even the training sub-network's export fits this budget; it would be served"
+            " anyway, at the risk of the export's peak"
+        )
     return section, lines

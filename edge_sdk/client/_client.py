@@ -185,9 +185,7 @@ class EdgeDevice:
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (401, 403):
-                    raise ConfigError(
-                        f"the coordinator refused this device's token (HTTP {status})"
-                    ) from None
+                    raise ConfigError(f"the coordinator refused this device's token (HTTP {status})") from None
                 logger.warning("the coordinator answered HTTP %d", status)
             except InvalidURI as exc:
                 raise ConfigError(f"bad coordinator URL: {exc}") from None
@@ -293,9 +291,7 @@ class _Session:
             welcome = event.welcome
             self.welcomed = True
             self.run_id = welcome.run_id
-            logger.info(
-                "joined run %s as %s (round %d done)", welcome.run_id, welcome.device_id, welcome.round
-            )
+            logger.info("joined run %s as %s (round %d done)", welcome.run_id, welcome.device_id, welcome.round)
         elif isinstance(event, TaskReceived):
             self.work = asyncio.ensure_future(self.do_task(event.task, dict(event.tensors)))
         elif isinstance(event, DeployReceived):
@@ -325,14 +321,10 @@ class _Session:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(event.bye.code, event.bye.reason), _CLOSE_TIMEOUT_S + 1)
         elif isinstance(event, ProtocolViolation):
-            logger.warning(
-                "the coordinator broke the protocol (close %d): %s", event.close_code, event.reason
-            )
+            logger.warning("the coordinator broke the protocol (close %d): %s", event.close_code, event.reason)
             await self.flush()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self.ws.close(event.close_code, event.close_reason), _CLOSE_TIMEOUT_S + 1
-                )
+                await asyncio.wait_for(self.ws.close(event.close_code, event.close_reason), _CLOSE_TIMEOUT_S + 1)
 
     async def do_deploy(self, deploy: Deploy, tensors: dict[str, Any]) -> None:
         """Export, check and install a deployed model off the event loop; answer with a DeployResult."""

@@ -26,8 +26,16 @@ def _detected(profile: DeviceProfile, margin: int | None) -> MemoryBudget:
     acc = profile.accelerator
     if acc is not None and not acc.unified_memory and acc.free_memory is not None:
         total = acc.total_memory if acc.total_memory is not None else acc.free_memory
-        return finish_budget(total=total, available=acc.free_memory, cgroup_limit=None, runtime=0,
-                       ceiling=acc.free_memory, margin=margin, source="detected", pool="cuda")
+        return finish_budget(
+            total=total,
+            available=acc.free_memory,
+            cgroup_limit=None,
+            runtime=0,
+            ceiling=acc.free_memory,
+            margin=margin,
+            source="detected",
+            pool="cuda",
+        )
     runtime = profile.runtime_rss
     ceiling = profile.memory_available + runtime
     if profile.cgroup_available is not None:
@@ -35,9 +43,16 @@ def _detected(profile: DeviceProfile, margin: int | None) -> MemoryBudget:
     elif profile.cgroup_limit is not None:
         ceiling = min(ceiling, profile.cgroup_limit)
     pool = "unified" if acc is not None and acc.unified_memory else "system"
-    return finish_budget(total=profile.memory_total, available=profile.memory_available,
-                   cgroup_limit=profile.cgroup_limit, runtime=runtime, ceiling=ceiling, margin=margin,
-                   source="detected", pool=pool)
+    return finish_budget(
+        total=profile.memory_total,
+        available=profile.memory_available,
+        cgroup_limit=profile.cgroup_limit,
+        runtime=runtime,
+        ceiling=ceiling,
+        margin=margin,
+        source="detected",
+        pool=pool,
+    )
 
 
 def compute_budget(
@@ -55,9 +70,7 @@ def compute_budget(
     if override is not None and named_profile is not None:
         raise ConfigError("give a memory budget or a device profile, not both")
     if named_profile is not None:
-        device_class = (
-            load_device_class(named_profile) if isinstance(named_profile, str) else named_profile
-        )
+        device_class = load_device_class(named_profile) if isinstance(named_profile, str) else named_profile
         return budget_for_device_class(device_class, profile.runtime_rss, margin)
     detected = _detected(profile, margin)
     if override is None:
@@ -66,9 +79,19 @@ def compute_budget(
     if isinstance(usable, bool) or not isinstance(usable, int) or usable <= 0:
         raise ConfigError(f"the memory budget must be a positive size, got {override!r}")
     if usable > detected.usable:
-        log.warning("memory budget %s exceeds the %s this device appears to offer",
-                    format_bytes(usable), format_bytes(detected.usable))
-    return MemoryBudget(detected.total, detected.available, detected.cgroup_limit,
-                        detected.runtime_footprint, detected.ceiling, 0, usable, "override", detected.pool)
-
-
+        log.warning(
+            "memory budget %s exceeds the %s this device appears to offer",
+            format_bytes(usable),
+            format_bytes(detected.usable),
+        )
+    return MemoryBudget(
+        detected.total,
+        detected.available,
+        detected.cgroup_limit,
+        detected.runtime_footprint,
+        detected.ceiling,
+        0,
+        usable,
+        "override",
+        detected.pool,
+    )

@@ -96,8 +96,13 @@ def read_cgroup_memory(root: Path | str = "/") -> tuple[int | None, int | None]:
     v2_path, v1_path = _cgroup_paths(root)
     layouts = (
         (root / "sys/fs/cgroup", v2_path, "memory.max", "memory.current", ("inactive_file",)),
-        (root / "sys/fs/cgroup/memory", v1_path, "memory.limit_in_bytes", "memory.usage_in_bytes",
-         ("total_inactive_file", "inactive_file")),
+        (
+            root / "sys/fs/cgroup/memory",
+            v1_path,
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            ("total_inactive_file", "inactive_file"),
+        ),
     )
     best: tuple[int, int | None] | None = None  # (limit, headroom)
     for base, own, limit_file, usage_file, inactive_keys in layouts:

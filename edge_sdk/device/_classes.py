@@ -170,9 +170,7 @@ def _check_values(s: dict[str, dict[str, Any]], stem: str | None, problems: list
     """Range and consistency checks on the typed values; returns the parsed memory size."""
     top, mem, cpu, comp, net, acc = (s[k] for k in _SECTIONS)
     if "schema_version" in top and top["schema_version"] != SCHEMA_VERSION:
-        problems.append(
-            f"schema_version {top['schema_version']} is not supported (expected {SCHEMA_VERSION})"
-        )
+        problems.append(f"schema_version {top['schema_version']} is not supported (expected {SCHEMA_VERSION})")
     if "name" in top and stem is not None and top["name"] != stem:
         problems.append(f"name {top['name']!r} differs from the file name {stem + '.toml'!r}")
     if "sources" in top:
@@ -203,8 +201,12 @@ def _check_values(s: dict[str, dict[str, Any]], stem: str | None, problems: list
                 problems.append("[memory] installed must be positive")
     if "usable_fraction" in mem and not 0 < mem["usable_fraction"] <= 1:
         problems.append(f"[memory] usable_fraction must be in (0, 1], got {mem['usable_fraction']}")
-    for where, table, key in (("[cpu] ", cpu, "cores"), ("[cpu] ", cpu, "max_mhz"),
-                              ("[compute] ", comp, "fp32_gflops"), ("[network] ", net, "uplink_mbps")):
+    for where, table, key in (
+        ("[cpu] ", cpu, "cores"),
+        ("[cpu] ", cpu, "max_mhz"),
+        ("[compute] ", comp, "fp32_gflops"),
+        ("[network] ", net, "uplink_mbps"),
+    ):
         if key in table and not table[key] > 0:
             problems.append(f"{where}{key} must be positive, got {table[key]}")
     if "processor" in comp and comp["processor"] not in PROCESSORS:
@@ -221,9 +223,7 @@ def _check_values(s: dict[str, dict[str, Any]], stem: str | None, problems: list
     return memory
 
 
-def parse_device_class(
-    data: Mapping[str, Any], *, stem: str | None = None, path: Path | None = None
-) -> DeviceClass:
+def parse_device_class(data: Mapping[str, Any], *, stem: str | None = None, path: Path | None = None) -> DeviceClass:
     """Build a :class:`DeviceClass` from parsed TOML; raise :class:`ProfileError` listing every problem."""
     problems: list[str] = []
     sections = _read_sections(data, problems)

@@ -21,9 +21,7 @@ __all__ = ["STEP_PROBE_MODEL", "ComputeProbe", "measure_matmul", "measure_step"]
 
 log = logging.getLogger(__name__)
 
-STEP_PROBE_MODEL = (
-    "TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024), batch 8 x seq 64, AdamW"
-)
+STEP_PROBE_MODEL = "TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024), batch 8 x seq 64, AdamW"
 
 
 @dataclass(frozen=True)
@@ -105,8 +103,15 @@ def measure_matmul(
     else:
         return None
     gflops = 2.0 * size**3 * iterations / elapsed / 1e9
-    log.debug("matmul probe: %s %s n=%d, %d iterations in %.3f s: %.1f GFLOPS",
-              used, device, size, iterations, elapsed, gflops)
+    log.debug(
+        "matmul probe: %s %s n=%d, %d iterations in %.3f s: %.1f GFLOPS",
+        used,
+        device,
+        size,
+        iterations,
+        elapsed,
+        gflops,
+    )
     return ComputeProbe(used, device, "float32", size, iterations, elapsed, gflops)
 
 
@@ -119,9 +124,7 @@ def measure_step(device: str = "cpu", steps: int = 3) -> float | None:
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(0)
-        layer = torch.nn.TransformerEncoderLayer(
-            d_model=256, nhead=4, dim_feedforward=1024, batch_first=True
-        ).to(dev)
+        layer = torch.nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, batch_first=True).to(dev)
         optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4)
         inputs = torch.randn(8, 64, 256, device=dev)
 

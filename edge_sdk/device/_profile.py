@@ -335,9 +335,7 @@ def _import_runtime(modules: Sequence[str]) -> tuple[str, ...]:
 
 
 def _is_jetson(root: Path, device_model: str | None) -> bool:
-    return (root / "etc/nv_tegra_release").exists() or (
-        device_model is not None and "jetson" in device_model.lower()
-    )
+    return (root / "etc/nv_tegra_release").exists() or (device_model is not None and "jetson" in device_model.lower())
 
 
 def _cpu(system: Any) -> dict[str, Any]:
@@ -365,9 +363,7 @@ def _memory(system: Any) -> tuple[int, int]:
     return total, available
 
 
-def _probe_compute(
-    torch: Any, accelerator: Accelerator | None, seconds: float, *, step: bool
-) -> ComputeProbe | None:
+def _probe_compute(torch: Any, accelerator: Accelerator | None, seconds: float, *, step: bool) -> ComputeProbe | None:
     """The matmul probe (with torch on its device, else numpy), plus a training step's time if ``step``.
 
     A probe is informative only: a failure is logged and gives None, never a failed profile.

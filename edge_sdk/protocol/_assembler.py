@@ -72,8 +72,7 @@ class TensorAssembler:
         tid = manifest.transfer_id
         if manifest.total_bytes > max_total_bytes:
             raise ProtocolError(
-                f"{what}: transfer {tid} of {manifest.total_bytes} bytes"
-                f" exceeds the limit of {max_total_bytes}",
+                f"{what}: transfer {tid} of {manifest.total_bytes} bytes exceeds the limit of {max_total_bytes}",
                 CLOSE_MESSAGE_TOO_BIG,
             )
         if manifest.chunk_bytes > max_chunk_bytes:
@@ -111,28 +110,21 @@ class TensorAssembler:
         transfer_id, index, payload = decode_chunk(frame)
         if transfer_id != tid:
             raise ProtocolError(
-                f"{self._what}: chunk {index} belongs to foreign transfer {transfer_id},"
-                f" open transfer is {tid}",
+                f"{self._what}: chunk {index} belongs to foreign transfer {transfer_id}, open transfer is {tid}",
                 CLOSE_PROTOCOL_ERROR,
             )
         if self.complete:
-            raise ProtocolError(
-                f"{self._what}: chunk {index} after transfer {tid} was complete", CLOSE_PROTOCOL_ERROR
-            )
+            raise ProtocolError(f"{self._what}: chunk {index} after transfer {tid} was complete", CLOSE_PROTOCOL_ERROR)
         if index >= manifest.num_chunks:
             raise ProtocolError(
-                f"{self._what}: chunk index {index} out of range,"
-                f" transfer {tid} has {manifest.num_chunks} chunks",
+                f"{self._what}: chunk index {index} out of range, transfer {tid} has {manifest.num_chunks} chunks",
                 CLOSE_PROTOCOL_ERROR,
             )
         if index < self._next:
-            raise ProtocolError(
-                f"{self._what}: duplicate chunk {index} of transfer {tid}", CLOSE_PROTOCOL_ERROR
-            )
+            raise ProtocolError(f"{self._what}: duplicate chunk {index} of transfer {tid}", CLOSE_PROTOCOL_ERROR)
         if index > self._next:
             raise ProtocolError(
-                f"{self._what}: chunk {index} of transfer {tid} arrived out of order,"
-                f" expected chunk {self._next}",
+                f"{self._what}: chunk {index} of transfer {tid} arrived out of order, expected chunk {self._next}",
                 CLOSE_PROTOCOL_ERROR,
             )
         want = manifest.chunk_length(index)
@@ -161,8 +153,7 @@ class TensorAssembler:
         digest = self._hash.hexdigest()
         if digest != manifest.sha256:
             raise ProtocolError(
-                f"{self._what}: sha256 mismatch for transfer {tid}: received {digest},"
-                f" manifest says {manifest.sha256}",
+                f"{self._what}: sha256 mismatch for transfer {tid}: received {digest}, manifest says {manifest.sha256}",
                 CLOSE_PROTOCOL_ERROR,
             )
         entries = read_safetensors_header(self._buffer)

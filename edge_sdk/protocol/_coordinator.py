@@ -88,9 +88,7 @@ class CoordinatorConnection(BaseConnection):
         """The task sent and not answered yet."""
         return self._outstanding.task if self._outstanding is not None else None
 
-    def send_welcome(
-        self, *, run_id: str, round: int, server_time: float, device_id: str | None = None
-    ) -> Welcome:
+    def send_welcome(self, *, run_id: str, round: int, server_time: float, device_id: str | None = None) -> Welcome:
         """Accept the device (after HelloReceived); ``device_id`` defaults to the one in its Hello."""
         self._require_state("send_welcome", ConnectionState.HELLO_RECEIVED)
         assert self._hello is not None
@@ -203,9 +201,7 @@ class CoordinatorConnection(BaseConnection):
         if isinstance(message, Error):
             outstanding = self._outstanding
             if outstanding is not None and message.task_id == outstanding.task.task_id:
-                logger.info(
-                    "coordinator: device reports task %r failed: %s", message.task_id, message.message
-                )
+                logger.info("coordinator: device reports task %r failed: %s", message.task_id, message.message)
                 self._outstanding = None
                 self._state = ConnectionState.READY
             return [ErrorReceived(error=message)]
@@ -220,11 +216,7 @@ class CoordinatorConnection(BaseConnection):
         outstanding = self._outstanding
         task_id = message.task_id
         if outstanding is None or task_id != outstanding.task.task_id:
-            known = (
-                f"the outstanding task is {outstanding.task.task_id!r}"
-                if outstanding
-                else "no task is outstanding"
-            )
+            known = f"the outstanding task is {outstanding.task.task_id!r}" if outstanding else "no task is outstanding"
             return self._violation(
                 f"{kind_of(message)} for unknown task {task_id!r} ({known})",
                 CLOSE_POLICY_VIOLATION,
@@ -270,9 +262,7 @@ class CoordinatorConnection(BaseConnection):
             )
         except ProtocolError as exc:
             logger.warning("coordinator: rejected the update for task %r: %s", update.task_id, exc)
-            self._queue(
-                Error(task_id=update.task_id, code=ErrorCode.BAD_UPDATE, message=str(exc)[:MAX_ERROR_TEXT])
-            )
+            self._queue(Error(task_id=update.task_id, code=ErrorCode.BAD_UPDATE, message=str(exc)[:MAX_ERROR_TEXT]))
             return [UpdateRejected(task_id=update.task_id, reason=str(exc))]
         return [UpdateReceived(update=update, tensors=tensors, norm=norm)]
 

@@ -143,11 +143,7 @@ class DeviceConnection(BaseConnection):
     def send_error(self, *, code: str, message: str, task_id: str | None = None) -> Error:
         """Queue an Error; naming the running task (e.g. ``task_failed``) ends that task."""
         error = super().send_error(code=code, message=message, task_id=task_id)
-        if (
-            self._state is ConnectionState.WORKING
-            and self._task is not None
-            and task_id == self._task.task_id
-        ):
+        if self._state is ConnectionState.WORKING and self._task is not None and task_id == self._task.task_id:
             self._finish_task()
         return error
 
@@ -183,8 +179,7 @@ class DeviceConnection(BaseConnection):
                 return self._on_task(message)
             if state is ConnectionState.WORKING and self._task is not None:
                 return self._violation(
-                    f"{kind_of(message)} {message.task_id!r} while task {self._task.task_id!r}"
-                    " is still running",
+                    f"{kind_of(message)} {message.task_id!r} while task {self._task.task_id!r} is still running",
                     CLOSE_PROTOCOL_ERROR,
                     ErrorCode.UNEXPECTED,
                     message.task_id,
@@ -210,9 +205,7 @@ class DeviceConnection(BaseConnection):
         except ProtocolError as exc:
             logger.warning("device: rejected task %r: %s", task.task_id, exc)
             self._finish_task()
-            self._queue(
-                Error(task_id=task.task_id, code=ErrorCode.BAD_TASK, message=str(exc)[:MAX_ERROR_TEXT])
-            )
+            self._queue(Error(task_id=task.task_id, code=ErrorCode.BAD_TASK, message=str(exc)[:MAX_ERROR_TEXT]))
             return [TaskRejected(task_id=task.task_id, reason=str(exc))]
         self._state = ConnectionState.WORKING
         if isinstance(task, Deploy):

@@ -151,9 +151,7 @@ class BaseConnection:
                 return self._receive_binary(message)
             raise ProtocolError(f"unsupported frame of type {type(message).__name__}", CLOSE_UNSUPPORTED_DATA)
         except ProtocolError as exc:
-            return self._violation(
-                str(exc), exc.close_code, error_code_for(exc.close_code, ErrorCode.BAD_MESSAGE)
-            )
+            return self._violation(str(exc), exc.close_code, error_code_for(exc.close_code, ErrorCode.BAD_MESSAGE))
         except Exception as exc:  # a bug here must not take the server down with it
             logger.exception("%s: internal error while handling a received frame", self._side)
             return self._violation(
@@ -254,9 +252,7 @@ class BaseConnection:
         try:
             tensors = assembler.finish()
         except ProtocolError as exc:
-            return self._violation(
-                str(exc), exc.close_code, error_code_for(exc.close_code, self._transfer_error_code)
-            )
+            return self._violation(str(exc), exc.close_code, error_code_for(exc.close_code, self._transfer_error_code))
         return self._on_transfer_complete(tensors)
 
     def _open_transfer(
@@ -304,9 +300,7 @@ class BaseConnection:
         self._outgoing.append(encode_message(message, max_bytes=peer_text))
         logger.debug("%s: queued %s", self._side, kind_of(message))
 
-    def _encode_for_peer(
-        self, tensors: Mapping[str, np.ndarray], what: str
-    ) -> tuple[TensorManifest, list[bytes]]:
+    def _encode_for_peer(self, tensors: Mapping[str, np.ndarray], what: str) -> tuple[TensorManifest, list[bytes]]:
         peer = self._peer_limits
         assert peer is not None, "tensors are only sent after the handshake"
         chunk_bytes = min(self._limits.max_chunk_bytes, peer.max_chunk_bytes)

@@ -80,9 +80,7 @@ class ErrorCode:
     UNSUPPORTED: Final = "unsupported"  # unknown message type, a frame kind not expected now
     UNEXPECTED: Final = "unexpected"  # a valid message that is not allowed in the current state
     UNKNOWN_TASK: Final = "unknown_task"  # a result for a task that is not outstanding
-    BAD_UPDATE: Final = (
-        "bad_update"  # an update with the wrong tensors, non-finite values or too large a norm
-    )
+    BAD_UPDATE: Final = "bad_update"  # an update with the wrong tensors, non-finite values or too large a norm
     BAD_TASK: Final = "bad_task"  # a task whose tensors the device cannot accept
     REJECTED: Final = "rejected"  # the coordinator refuses this device (after Hello)
     TASK_FAILED: Final = "task_failed"  # the device could not run the task (out of memory, ...)
@@ -223,9 +221,7 @@ class Message(WireRecord):
 
     def _validate(self) -> None:
         if self.v != PROTOCOL_VERSION:
-            raise self._invalid(
-                "v", f"unsupported protocol version {self.v} (this side speaks {PROTOCOL_VERSION})"
-            )
+            raise self._invalid("v", f"unsupported protocol version {self.v} (this side speaks {PROTOCOL_VERSION})")
         for name in ("task_id", "device_id", "run_id"):
             value = getattr(self, name, None)
             if isinstance(value, str):
@@ -415,14 +411,10 @@ def encode_message(message: Message, *, max_bytes: int = MAX_TEXT_BYTES) -> str:
 def parse_text_frame(text: str, *, max_bytes: int = MAX_TEXT_BYTES) -> dict[str, Any]:
     """Step 1 of decoding: bound the size, parse one JSON object."""
     if not isinstance(text, str):
-        raise ProtocolError(
-            f"control messages are text frames, got {type(text).__name__}", CLOSE_UNSUPPORTED_DATA
-        )
+        raise ProtocolError(f"control messages are text frames, got {type(text).__name__}", CLOSE_UNSUPPORTED_DATA)
     size = _utf8_size(text)
     if size > max_bytes:
-        raise ProtocolError(
-            f"text message of {size} bytes exceeds the limit of {max_bytes}", CLOSE_MESSAGE_TOO_BIG
-        )
+        raise ProtocolError(f"text message of {size} bytes exceeds the limit of {max_bytes}", CLOSE_MESSAGE_TOO_BIG)
     return loads_json_object(text, "control message")
 
 

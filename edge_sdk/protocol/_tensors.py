@@ -139,8 +139,7 @@ class TensorEntry(WireRecord):
         if self.dtype not in DTYPES:
             raise self._invalid(
                 "dtype",
-                f"unsupported dtype {self.dtype!r} for tensor {self.name!r}"
-                f" (supported: {', '.join(sorted(DTYPES))})",
+                f"unsupported dtype {self.dtype!r} for tensor {self.name!r} (supported: {', '.join(sorted(DTYPES))})",
                 CLOSE_UNSUPPORTED_DATA,
             )
         if (self.offset is None) != (self.length is None):
@@ -187,9 +186,7 @@ class TensorManifest(WireRecord):
             raise self._invalid("entries", f"duplicate tensor names {duplicates}")
         data_bytes = sum(entry.nbytes for entry in self.entries)
         if data_bytes > self.total_bytes:
-            raise self._invalid(
-                "entries", f"tensors need {data_bytes} bytes but the transfer has {self.total_bytes}"
-            )
+            raise self._invalid("entries", f"tensors need {data_bytes} bytes but the transfer has {self.total_bytes}")
         if self.total_bytes - data_bytes > 8 + _MAX_SAFETENSORS_HEADER_BYTES:
             raise self._invalid(
                 "total_bytes",
@@ -218,8 +215,7 @@ def decode_chunk(frame: bytes | bytearray | memoryview) -> tuple[str, int, memor
     view = memoryview(frame)
     if len(view) < CHUNK_HEADER_BYTES:
         raise ProtocolError(
-            f"truncated chunk frame: {len(view)} bytes,"
-            f" shorter than the {CHUNK_HEADER_BYTES}-byte chunk header",
+            f"truncated chunk frame: {len(view)} bytes, shorter than the {CHUNK_HEADER_BYTES}-byte chunk header",
             CLOSE_PROTOCOL_ERROR,
         )
     magic, raw_id, index = _CHUNK_HEADER.unpack_from(view)
@@ -252,9 +248,7 @@ def read_safetensors_header(blob: bytes | bytearray | memoryview) -> tuple[Tenso
     for name, info in header.items():
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
-                raise ProtocolError(
-                    "safetensors header: __metadata__ must map str to str", CLOSE_PROTOCOL_ERROR
-                )
+                raise ProtocolError("safetensors header: __metadata__ must map str to str", CLOSE_PROTOCOL_ERROR)
             continue
         spans.append(_header_entry(name, info, data_start, data_len))
     spans.sort(key=lambda span: (span[0], span[1]))
@@ -343,9 +337,7 @@ def chunk_blob(
 ) -> tuple[TensorManifest, list[bytes]]:
     """Cut an existing safetensors blob into chunk frames and describe it in a manifest."""
     if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ConfigError(
-            f"chunk_bytes {chunk_bytes} is outside 1..{MAX_CHUNK_BYTES} (1 to 4 MiB recommended)"
-        )
+        raise ConfigError(f"chunk_bytes {chunk_bytes} is outside 1..{MAX_CHUNK_BYTES} (1 to 4 MiB recommended)")
     entries = read_safetensors_header(blob)
     manifest = TensorManifest(
         transfer_id=transfer_id if transfer_id is not None else new_transfer_id(),
@@ -431,8 +423,7 @@ def torch_to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]
     for name, tensor in tensors.items():
         if tensor.dtype == torch.bfloat16:
             raise ProtocolError(
-                f"tensor {name!r} is bfloat16, which numpy cannot hold:"
-                " convert it to float32 or float16 first",
+                f"tensor {name!r} is bfloat16, which numpy cannot hold: convert it to float32 or float16 first",
                 CLOSE_UNSUPPORTED_DATA,
             )
         out[name] = tensor.detach().cpu().contiguous().numpy()

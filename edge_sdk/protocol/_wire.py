@@ -103,9 +103,7 @@ def loads_json_object(data: str | bytes, what: str) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ProtocolError(f"{what}: malformed JSON ({exc})", CLOSE_PROTOCOL_ERROR) from None
     if not isinstance(obj, dict):
-        raise ProtocolError(
-            f"{what}: expected a JSON object, got {json_type_name(obj)}", CLOSE_PROTOCOL_ERROR
-        )
+        raise ProtocolError(f"{what}: expected a JSON object, got {json_type_name(obj)}", CLOSE_PROTOCOL_ERROR)
     return obj
 
 

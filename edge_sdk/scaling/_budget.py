@@ -80,29 +80,50 @@ def default_margin(ceiling: int) -> int:
     return max(DEFAULT_MARGIN_MIN, int(ceiling * DEFAULT_MARGIN_FRACTION))
 
 
-def finish_budget(*, total: int, available: int, cgroup_limit: int | None, runtime: int, ceiling: int,
-            margin: int | None, source: str, pool: str) -> MemoryBudget:
+def finish_budget(
+    *,
+    total: int,
+    available: int,
+    cgroup_limit: int | None,
+    runtime: int,
+    ceiling: int,
+    margin: int | None,
+    source: str,
+    pool: str,
+) -> MemoryBudget:
     if margin is not None and margin < 0:
         raise ConfigError(f"the safety margin must not be negative, got {margin}")
     taken = default_margin(ceiling) if margin is None else margin
     usable = ceiling - taken - runtime
     if usable <= 0:
-        log.warning("no memory left for training: ceiling %s - margin %s - runtime %s",
-                    format_bytes(ceiling), format_bytes(taken), format_bytes(runtime))
+        log.warning(
+            "no memory left for training: ceiling %s - margin %s - runtime %s",
+            format_bytes(ceiling),
+            format_bytes(taken),
+            format_bytes(runtime),
+        )
     return MemoryBudget(total, available, cgroup_limit, runtime, ceiling, taken, max(0, usable), source, pool)
 
 
-def budget_for_device_class(device_class: DeviceClass, runtime_footprint: int,
-                            margin: int | None = None) -> MemoryBudget:
+def budget_for_device_class(
+    device_class: DeviceClass, runtime_footprint: int, margin: int | None = None
+) -> MemoryBudget:
     """The budget a device of ``device_class`` would offer to a runtime of ``runtime_footprint`` bytes."""
     if runtime_footprint < 0:
         raise ConfigError(f"the runtime footprint must not be negative, got {runtime_footprint}")
     available = device_class.available_bytes
     pool = "unified" if device_class.unified_memory else "system"
     # The class's "available" is measured before this runtime starts: it is already the ceiling.
-    return finish_budget(total=device_class.memory, available=available, cgroup_limit=None,
-                   runtime=runtime_footprint, ceiling=available, margin=margin,
-                   source=f"profile:{device_class.name}", pool=pool)
+    return finish_budget(
+        total=device_class.memory,
+        available=available,
+        cgroup_limit=None,
+        runtime=runtime_footprint,
+        ceiling=available,
+        margin=margin,
+        source=f"profile:{device_class.name}",
+        pool=pool,
+    )
 
 
 # --------------------------------------------- what the coordinator plans from a reported budget

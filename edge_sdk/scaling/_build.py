@@ -40,9 +40,7 @@ def model_class(config: Mapping[str, Any], task: str | None = None) -> type[nn.M
     task = task or default_task(family)
     class_name = family.task_classes.get(task)
     if class_name is None:
-        raise SpecError(
-            f"the {family.name} family has no {task!r} head (it has: {sorted(family.task_classes)})"
-        )
+        raise SpecError(f"the {family.name} family has no {task!r} head (it has: {sorted(family.task_classes)})")
     cls: type[nn.Module] = getattr(transformers, class_name)
     return cls
 
@@ -72,9 +70,7 @@ def _fill_buffers(model: nn.Module, family: Family) -> None:
         setattr(model.get_submodule(module_name), leaf, value)  # stays a buffer, same persistence
 
 
-def _resized(
-    linear: nn.Module, *, out_features: int | None = None, in_features: int | None = None
-) -> nn.Linear:
+def _resized(linear: nn.Module, *, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
     assert isinstance(linear, nn.Linear)
     return nn.Linear(
         in_features if in_features is not None else linear.in_features,
@@ -90,9 +86,7 @@ def _resize_layer(layer: nn.Module, family: Family, heads: int, head_dim: int, f
     attn = heads * head_dim
     for path in (lm.query, lm.key, lm.value):  # [attn, hidden]
         layer.set_submodule(path, _resized(layer.get_submodule(path), out_features=attn))
-    layer.set_submodule(
-        lm.output, _resized(layer.get_submodule(lm.output), in_features=attn)
-    )  # [hidden, attn]
+    layer.set_submodule(lm.output, _resized(layer.get_submodule(lm.output), in_features=attn))  # [hidden, attn]
     layer.set_submodule(lm.up, _resized(layer.get_submodule(lm.up), out_features=ffn))  # [ffn, hidden]
     layer.set_submodule(lm.down, _resized(layer.get_submodule(lm.down), in_features=ffn))  # [hidden, ffn]
     family.set_heads(layer.get_submodule(lm.attention), heads, head_dim)
@@ -131,9 +125,7 @@ def build_model(
     return model
 
 
-def _check_state_dict(
-    expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor]
-) -> None:
+def _check_state_dict(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor]) -> None:
     problems = [f"missing {name} {list(shape)}" for name, shape in expected.items() if name not in state_dict]
     problems += [f"unexpected {name}" for name in state_dict if name not in expected]
     problems += [

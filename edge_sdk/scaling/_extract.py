@@ -21,9 +21,7 @@ def regions(parent: ParentModel, spec: SubnetSpec) -> dict[str, tuple[str, Regio
 
 def extract(parent: ParentModel, spec: SubnetSpec) -> dict[str, torch.Tensor]:
     """The sub-network's state dict: contiguous copies of the kept prefixes (safe to ship or train)."""
-    return {
-        child: parent.state[name][region].clone() for name, (child, region) in regions(parent, spec).items()
-    }
+    return {child: parent.state[name][region].clone() for name, (child, region) in regions(parent, spec).items()}
 
 
 def _numel(shape: tuple[int, ...], region: Region) -> int:

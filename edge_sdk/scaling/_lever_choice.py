@@ -49,8 +49,13 @@ def accuracy_cost(levers: Levers) -> tuple[int, ...]:
 
 def _lever_count(levers: Levers) -> int:
     return sum(
-        (levers.micro_batches > 1, levers.checkpointing, levers.embeddings != "train", levers.lora_rank > 0,
-         levers.attention != "eager")
+        (
+            levers.micro_batches > 1,
+            levers.checkpointing,
+            levers.embeddings != "train",
+            levers.lora_rank > 0,
+            levers.attention != "eager",
+        )
     )
 
 
@@ -75,8 +80,9 @@ class LeverChooser:
         if pinned.get("micro_batches", 1) > work.batch:
             raise SpecError(f"{pinned['micro_batches']} micro-batches cannot split a batch of {work.batch}")
         names = list(choices)
-        self.candidates = tuple(Levers(**dict(zip(names, values, strict=True)))
-                                for values in itertools.product(*choices.values()))
+        self.candidates = tuple(
+            Levers(**dict(zip(names, values, strict=True))) for values in itertools.product(*choices.values())
+        )
         # The memory-minimal sets: the fewest activations (most micro-batches) or none held across
         # micro-batches (one), checkpointing either way, the least trained table, no LoRA or the
         # smallest rank, and SDPA only where it saves memory (without dropout).
@@ -87,8 +93,9 @@ class LeverChooser:
             if training_estimate(full, 0, work, levers=fused).total < training_estimate(full, 0, work).total:
                 attention = fused.attention
         self._extremes = tuple(
-            Levers(micro_batches=k, checkpointing=c, embeddings=choices["embeddings"][-1], lora_rank=r,
-                   attention=attention)
+            Levers(
+                micro_batches=k, checkpointing=c, embeddings=choices["embeddings"][-1], lora_rank=r, attention=attention
+            )
             for k in dict.fromkeys((choices["micro_batches"][0], choices["micro_batches"][-1]))
             for c in choices["checkpointing"]
             for r in dict.fromkeys((choices["lora_rank"][0], choices["lora_rank"][-1]))

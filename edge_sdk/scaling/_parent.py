@@ -73,9 +73,7 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def load_parent(
-    model_dir: str | Path, *, task: str | None = None, num_labels: int = 2, seed: int = 0
-) -> ParentModel:
+def load_parent(model_dir: str | Path, *, task: str | None = None, num_labels: int = 2, seed: int = 0) -> ParentModel:
     """Load a pre-trained model folder (``config.json`` + safetensors weights, never pickle).
 
     The task head (e.g. a classifier on a sentence encoder) is initialised from ``seed`` when the

@@ -62,6 +62,7 @@ __all__ = [
     "plan_table",
 ]
 
+
 @dataclass(frozen=True)
 class ServingPlan:
     """The sub-network a device serves, and what its budget allowed."""
@@ -236,9 +237,7 @@ def plan_table(title: str, plan: Plan) -> list[str]:
         f"salience kept {plan.salience_kept:.0%}",
         f"  {'layer':>5}  {'heads':>9}  {'ffn':>11}",
     ]
-    rows += [
-        f"  {ly.index:>5}  {ly.heads:>4} / {d.num_heads:<2}  {ly.ffn:>5} / {d.ffn:<5}" for ly in plan.spec.layers
-    ]
+    rows += [f"  {ly.index:>5}  {ly.heads:>4} / {d.num_heads:<2}  {ly.ffn:>5} / {d.ffn:<5}" for ly in plan.spec.layers]
     e = plan.estimate
     line = levers_line(plan)
     if line is not None:

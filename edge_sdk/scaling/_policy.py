@@ -186,15 +186,34 @@ def _parse_pin(text: str) -> tuple[str, Any]:
 
 def add_lever_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, steps: int = 10) -> None:
     """``--steps``, ``--no-levers``, ``--forbid``, ``--pin``: what a planning command line may use."""
-    parser.add_argument("--steps", type=int, default=steps, metavar="N",
-                        help=f"optimizer steps of a task: bounds the embedding rows it touches (default {steps})")
-    parser.add_argument("--no-levers", action="store_true",
-                        help="plan plain training: no micro-batches, checkpointing, embedding, LoRA or SDPA levers")
-    parser.add_argument("--forbid", action="append", default=[], choices=LEVER_NAMES, metavar="LEVER",
-                        help=f"a lever the planner must not use (repeatable): {', '.join(LEVER_NAMES)}")
-    parser.add_argument("--pin", action="append", default=[], metavar="FIELD=VALUE",
-                        help="fix a lever for every plan (repeatable): checkpointing=true, micro_batches=4, "
-                        "embeddings=frozen, lora_rank=8, attention=sdpa")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=steps,
+        metavar="N",
+        help=f"optimizer steps of a task: bounds the embedding rows it touches (default {steps})",
+    )
+    parser.add_argument(
+        "--no-levers",
+        action="store_true",
+        help="plan plain training: no micro-batches, checkpointing, embedding, LoRA or SDPA levers",
+    )
+    parser.add_argument(
+        "--forbid",
+        action="append",
+        default=[],
+        choices=LEVER_NAMES,
+        metavar="LEVER",
+        help=f"a lever the planner must not use (repeatable): {', '.join(LEVER_NAMES)}",
+    )
+    parser.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="fix a lever for every plan (repeatable): checkpointing=true, micro_batches=4, "
+        "embeddings=frozen, lora_rank=8, attention=sdpa",
+    )
 
 
 def policy_from_arguments(args: argparse.Namespace) -> LeverPolicy | None:

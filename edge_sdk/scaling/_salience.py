@@ -98,17 +98,13 @@ def activation_aware(parent: ParentModel, batches: Iterable[Mapping[str, Any]]) 
         w_o = parent.layer_tensor(i, lm.output).float()  # [hidden, heads*d]
         w_down_norm = parent.layer_tensor(i, lm.down).float().norm(dim=0)  # [ffn]
 
-        def on_output(
-            _m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i, w_o: torch.Tensor = w_o
-        ) -> None:
+        def on_output(_m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i, w_o: torch.Tensor = w_o) -> None:
             ctx = keep(args[0]).reshape(-1, dims.num_heads, dims.head_dim)  # [t, heads, d]
             w = w_o.reshape(w_o.shape[0], dims.num_heads, dims.head_dim)  # [hidden, heads, d]
             contrib = torch.einsum("thd,ohd->tho", ctx, w)  # [t, heads, hidden]
             head_sum[i] += contrib.norm(dim=2).sum(dim=0).double()
 
-        def on_down(
-            _m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i, n: torch.Tensor = w_down_norm
-        ) -> None:
+        def on_down(_m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i, n: torch.Tensor = w_down_norm) -> None:
             act = keep(args[0])  # [t, ffn]
             ffn_sum[i] += (act.abs().sum(dim=0) * n).double()
             if i == 0:

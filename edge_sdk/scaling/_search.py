@@ -168,9 +168,7 @@ def _search(
     params = param_count(parent, spec)
     est = estimate(spec, params)
     if est.total > budget:
-        smallest = (
-            "the training sub-network" if floor else "the smallest sub-network (1 head, 1 FFN block a layer)"
-        )
+        smallest = "the training sub-network" if floor else "the smallest sub-network (1 head, 1 FFN block a layer)"
         raise BudgetError(
             f"no {what} sub-network of {dims.family} fits {format_bytes(budget)}: {smallest} needs "
             f"{format_bytes(est.total)} ({format_bytes(est.runtime)} of it the runtime itself)"

@@ -233,9 +233,7 @@ def _check_args(model: PreTrainedModel, req: _Request, manifest_extra: Mapping[s
     if not tok_dir.is_dir():
         raise ConfigError(f"tokenizer_dir {str(tok_dir)!r} is not a directory")
     if not any((tok_dir / n).is_file() for n in _TOKENIZER_FILES):
-        raise ConfigError(
-            f"tokenizer_dir {str(tok_dir)!r} holds no tokenizer file ({', '.join(_TOKENIZER_FILES)})"
-        )
+        raise ConfigError(f"tokenizer_dir {str(tok_dir)!r} holds no tokenizer file ({', '.join(_TOKENIZER_FILES)})")
     positions = getattr(model.config, "max_position_embeddings", None)
     if max_length < 2 or (isinstance(positions, int) and max_length > positions):
         raise ConfigError(f"max_length must be in 2..{positions}, got {max_length}")
@@ -251,9 +249,7 @@ def _check_args(model: PreTrainedModel, req: _Request, manifest_extra: Mapping[s
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise ConfigError(
-            f"out_dir {str(out)!r} is not empty and holds no earlier export: refusing to replace it"
-        )
+        raise ConfigError(f"out_dir {str(out)!r} is not empty and holds no earlier export: refusing to replace it")
     extra = dict(manifest_extra or {})
     clash = sorted(_RESERVED_KEYS & extra.keys())
     if clash:

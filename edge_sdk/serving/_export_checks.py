@@ -71,8 +71,7 @@ def parity_inputs(predictor: Predictor, batch: ParityInput) -> dict[str, np.ndar
     """int64 model inputs: texts tokenized as served, or given arrays (mask: ones, token types: zeros)."""
     if isinstance(batch, Mapping):
         arrays = {
-            k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.int64)
-            for k, v in batch.items()
+            k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.int64) for k, v in batch.items()
         }
         ids = arrays["input_ids"]
         arrays.setdefault("attention_mask", np.ones_like(ids))

@@ -48,9 +48,7 @@ def export_graph(
         except Exception as exc:  # optimum raises ValueError/KeyError/RuntimeError for models it cannot do
             if method == "optimum":
                 raise ExportError(f"optimum could not export {type(model).__name__}: {exc}") from exc
-            logger.warning(
-                "optimum could not export %s (%s); using torch.onnx.export", type(model).__name__, exc
-            )
+            logger.warning("optimum could not export %s (%s); using torch.onnx.export", type(model).__name__, exc)
             path.unlink(missing_ok=True)
     try:
         export_torch(model, path, opset)
@@ -70,15 +68,11 @@ def export_optimum(model: PreTrainedModel, path: Path, opset: int, scratch_paren
     model.config._name_or_path = str(scratch)
     try:
         with _expected_export_warnings_silenced():
-            onnx_export_from_model(
-                model, scratch, opset=opset, task="text-classification", do_validation=False
-            )
+            onnx_export_from_model(model, scratch, opset=opset, task="text-classification", do_validation=False)
         model.eval()
         written = scratch / MODEL_FP32
         if not written.is_file():
-            raise ExportError(
-                f"optimum wrote no {MODEL_FP32} (got {sorted(p.name for p in scratch.iterdir())})"
-            )
+            raise ExportError(f"optimum wrote no {MODEL_FP32} (got {sorted(p.name for p in scratch.iterdir())})")
         if any(scratch.glob("*.onnx_data")):
             raise ExportError("the exported graph uses external data (> 2 GB): not supported")
         os.replace(written, path)
@@ -93,9 +87,7 @@ def _expected_export_warnings_silenced() -> Iterator[None]:
     warns that it is deprecated; transformers' mask helper warns that it makes a constant while traced.
     Both are expected (the parity check covers the result); other warnings pass."""
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning
-        )
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"transformers\.")
         yield

@@ -64,9 +64,7 @@ class Deployer:
     (a :class:`~edge_sdk.training._runner.TextDataset` has both), and may hold examples back (``held_out``).
     """
 
-    def __init__(
-        self, folder: str | Path, data: Any, *, threads: int | None = None, method: str = "auto"
-    ) -> None:
+    def __init__(self, folder: str | Path, data: Any, *, threads: int | None = None, method: str = "auto") -> None:
         self.folder = Path(folder).expanduser().absolute()
         self.data = data
         self.threads = threads

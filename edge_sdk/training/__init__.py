@@ -28,7 +28,6 @@ _NAMES: dict[str, str] = {
     "prepare_runtime": "edge_sdk.training._runtime",
     "proximal_term": "edge_sdk.training._train",
     "read_tsv": "edge_sdk.training._data",
-    "settings_levers": "edge_sdk.training._runner",
     "split_batch": "edge_sdk.training._data",
     "train_local": "edge_sdk.training._train",
     "trained_tensors": "edge_sdk.training._levers",
@@ -54,7 +53,6 @@ __all__ = [
     "prepare_runtime",
     "proximal_term",
     "read_tsv",
-    "settings_levers",
     "split_batch",
     "train_local",
     "trained_tensors",
@@ -77,6 +75,6 @@ if TYPE_CHECKING:
         trim,
     )
     from edge_sdk.training._levers import trained_tensors
-    from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, settings_levers, warm_up
+    from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, warm_up
     from edge_sdk.training._runtime import RUNTIME_MODULES, prepare_runtime
     from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, peak_rss_bytes, proximal_term, train_local

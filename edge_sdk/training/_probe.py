@@ -28,7 +28,7 @@ from edge_sdk._errors import EdgeFMError
 from edge_sdk.training._train import peak_rss_bytes
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edge_sdk.training._probe")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--data", type=Path, help="TSV with label and sentence columns")
@@ -41,6 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-tune-allocator", action="store_true", help="leave glibc's thresholds dynamic")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if not args.random_tokens and (args.data is None or args.tokenizer is None):
         parser.error("give --data and --tokenizer, or --random-tokens")
@@ -78,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps, tune_allocator=not args.no_tune_allocator, levers=levers, dropout=args.dropout
     )
     result = train_local(model, batches, train_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = sum(p.numel() for n, p in model.named_parameters() if not _added(n))
     print(
         json.dumps(
             {
@@ -85,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "peak_rss_bytes": result.peak_rss_bytes,
                 "loss": result.loss,
                 "step_time_s": result.step_time_s,
-                "params": sum(p.numel() for n, p in model.named_parameters() if not _added(n)),
-                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "params": params,
+                "trainable": trainable,
             }
         )
     )

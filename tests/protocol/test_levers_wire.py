@@ -64,7 +64,14 @@ def _problems(update: dict[str, np.ndarray], levers: Levers) -> list[str]:
 def test_plain_settings_encode_exactly_as_before_the_levers() -> None:
     plain = TrainSettings(local_steps=2, lr=1e-3, batch_size=8, seq_len=64)
     assert set(plain.to_json()) == {
-        "local_steps", "local_epochs", "lr", "batch_size", "seq_len", "optimizer", "prox_mu", "seed"
+        "local_steps",
+        "local_epochs",
+        "lr",
+        "batch_size",
+        "seq_len",
+        "optimizer",
+        "prox_mu",
+        "seed",
     }
     assert TrainSettings.from_json(plain.to_json()) == plain  # an older peer's settings still decode
     assert plain.levers == Levers() and plain.max_grad_norm is None and plain.dropout is None
@@ -72,13 +79,21 @@ def test_plain_settings_encode_exactly_as_before_the_levers() -> None:
 
 def test_levers_and_their_companions_round_trip_in_a_task() -> None:
     settings = TrainSettings(
-        local_steps=2, lr=1e-3, batch_size=16, seq_len=64,
+        local_steps=2,
+        lr=1e-3,
+        batch_size=16,
+        seq_len=64,
         levers=Levers(micro_batches=4, checkpointing=True, embeddings="rows", lora_rank=8, attention="sdpa"),
-        max_grad_norm=1.0, dropout=0.0,
+        max_grad_norm=1.0,
+        dropout=0.0,
     )
     obj = settings.to_json()
     assert obj["levers"] == {
-        "micro_batches": 4, "checkpointing": True, "embeddings": "rows", "lora_rank": 8, "attention": "sdpa"
+        "micro_batches": 4,
+        "checkpointing": True,
+        "embeddings": "rows",
+        "lora_rank": 8,
+        "attention": "sdpa",
     }
     assert obj["max_grad_norm"] == 1.0 and obj["dropout"] == 0.0
     manifest, _ = encode_tensors(_sent())
@@ -160,8 +175,12 @@ def test_lora_factors_replace_the_weight_and_frozen_tensors_may_be_absent() -> N
     assert "needs both" in _problems({LN: _sent()[LN], Q + "@lora_A": _lora()[Q + "@lora_A"]}, lora)[0]
     assert "travels both dense and as LoRA factors" in _problems({**update, Q: _sent()[Q]}, lora)[0]
     assert "trains without LoRA" in _problems(update, Levers(embeddings="frozen"))[0]
-    assert "not 2-D" in _problems({LN + "@lora_A": np.zeros((1, 8), np.float32),
-                                   LN + "@lora_B": np.zeros((8, 1), np.float32)}, lora)[0]
+    assert (
+        "not 2-D"
+        in _problems(
+            {LN + "@lora_A": np.zeros((1, 8), np.float32), LN + "@lora_B": np.zeros((8, 1), np.float32)}, lora
+        )[0]
+    )
     assert _problems({}, Levers(embeddings="frozen")) == []  # frozen: absent is fine
 
 
@@ -183,8 +202,9 @@ def _working(levers: Levers) -> tuple[CoordinatorConnection, DeviceConnection]:
 
 
 def _send(dev: DeviceConnection, tensors: dict[str, np.ndarray]) -> None:
-    dev.send_update(task_id="t", tensors=tensors, num_samples=4, metrics={}, peak_rss_bytes=0,
-                    step_time_s=0.0, train_time_s=0.0)
+    dev.send_update(
+        task_id="t", tensors=tensors, num_samples=4, metrics={}, peak_rss_bytes=0, step_time_s=0.0, train_time_s=0.0
+    )
 
 
 def test_a_lever_shaped_update_travels_from_device_to_coordinator() -> None:
@@ -205,8 +225,16 @@ def test_the_device_refuses_and_the_coordinator_rejects_an_update_its_levers_do_
     with pytest.raises(ProtocolError, match="unexpected tensor"):
         _send(dev, {**_sent(), **_lora(2)})
     manifest, _ = encode_tensors({**_sent(), **_lora(2)})
-    update = Update(task_id="t", num_samples=4, metrics={}, peak_rss_bytes=0, step_time_s=0.0,
-                    train_time_s=0.0, weights=manifest, encoding="weights")
+    update = Update(
+        task_id="t",
+        num_samples=4,
+        metrics={},
+        peak_rss_bytes=0,
+        step_time_s=0.0,
+        train_time_s=0.0,
+        weights=manifest,
+        encoding="weights",
+    )
     (event,) = coord.receive(encode_message(update))  # a device that skips its own check
     assert isinstance(event, ProtocolViolation) and event.close_code == 1008
     assert "does not match the expected tensors" in event.reason and "unexpected tensor" in event.reason

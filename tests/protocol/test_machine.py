@@ -60,9 +60,7 @@ def _weights(big: bool = False) -> dict[str, np.ndarray]:
     }
 
 
-def _pump(
-    src: CoordinatorConnection | DeviceConnection, dst: CoordinatorConnection | DeviceConnection
-) -> list[Event]:
+def _pump(src: CoordinatorConnection | DeviceConnection, dst: CoordinatorConnection | DeviceConnection) -> list[Event]:
     events: list[Event] = []
     for message in src.data_to_send():
         events += dst.receive(message)
@@ -87,9 +85,7 @@ def _connected(
 ) -> tuple[CoordinatorConnection, DeviceConnection]:
     coord = CoordinatorConnection(limits=coordinator_limits)
     dev = DeviceConnection(limits=device_limits)
-    dev.send_hello(
-        device_id="dev-1", sdk_version="0.1.0", profile={"ram_bytes": 4 << 30}, capabilities=("train",)
-    )
+    dev.send_hello(device_id="dev-1", sdk_version="0.1.0", profile={"ram_bytes": 4 << 30}, capabilities=("train",))
     (hello,) = _pump(dev, coord)
     assert isinstance(hello, HelloReceived) and hello.hello.device_id == "dev-1"
     coord.send_welcome(run_id="run-1", round=0, server_time=1.5)
@@ -421,9 +417,7 @@ def test_corrupted_transfer_fails_the_sha256_check() -> None:
 
 def test_binary_frame_above_the_limit_is_1009() -> None:
     coord, _ = _at_working()
-    _violation(
-        coord.receive(b"\x00" * (MiB + 25)), 1009, f"binary frame of {MiB + 25} bytes exceeds the limit"
-    )
+    _violation(coord.receive(b"\x00" * (MiB + 25)), 1009, f"binary frame of {MiB + 25} bytes exceeds the limit")
     _error_reply(coord, "too_large", "t-1")
 
 
@@ -509,9 +503,7 @@ def test_messages_travelling_the_wrong_way() -> None:
     frames = coord.data_to_send()
     other, _ = _connected()
     _violation(other.receive(frames[0]), 1002, "TrainTask is not a message a coordinator receives")
-    _violation(
-        _feed(dev, _raw_update("t-1", _weights())[:1]), 1002, "Update is not a message a device receives"
-    )
+    _violation(_feed(dev, _raw_update("t-1", _weights())[:1]), 1002, "Update is not a message a device receives")
 
 
 def test_task_while_the_device_is_working() -> None:

@@ -50,9 +50,7 @@ MANIFEST = TensorManifest(
 )
 SPEC = {"layers": [{"heads": [0, 2, 5], "intermediate": 768}], "hidden": 384}
 CONFIG = {"model_type": "bert", "hidden_size": 384, "architectures": ["BertModel"], "layer_norm_eps": 1e-12}
-TRAIN = TrainSettings(
-    local_steps=5, lr=5e-5, batch_size=16, seq_len=128, optimizer="adamw", prox_mu=0.01, seed=7
-)
+TRAIN = TrainSettings(local_steps=5, lr=5e-5, batch_size=16, seq_len=128, optimizer="adamw", prox_mu=0.01, seed=7)
 
 SAMPLES: list[Message] = [
     Hello(
@@ -373,9 +371,7 @@ def test_limits_give_the_websocket_max_size() -> None:
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=30,
 )
 

@@ -121,9 +121,7 @@ _DTYPES = [np.float32, np.float16, np.float64, np.int64, np.int32, np.int8, np.u
 @st.composite
 def _tensor_dicts(draw: st.DrawFn) -> dict[str, np.ndarray]:
     names = draw(
-        st.lists(
-            st.text(min_size=1, max_size=10).filter(lambda s: s != "__metadata__"), max_size=5, unique=True
-        )
+        st.lists(st.text(min_size=1, max_size=10).filter(lambda s: s != "__metadata__"), max_size=5, unique=True)
     )
     out: dict[str, np.ndarray] = {}
     for name in names:
@@ -136,9 +134,7 @@ def _tensor_dicts(draw: st.DrawFn) -> dict[str, np.ndarray]:
 
 @settings(max_examples=40, deadline=None)
 @given(tensors=_tensor_dicts(), chunk_bytes=st.integers(1, 300))
-def test_random_tensor_dicts_round_trip_at_random_chunk_sizes(
-    tensors: dict[str, np.ndarray], chunk_bytes: int
-) -> None:
+def test_random_tensor_dicts_round_trip_at_random_chunk_sizes(tensors: dict[str, np.ndarray], chunk_bytes: int) -> None:
     manifest, frames = encode_tensors(tensors, chunk_bytes=chunk_bytes)
     assert len(frames) == manifest.num_chunks == math.ceil(manifest.total_bytes / chunk_bytes)
     assert all(len(frame) <= chunk_bytes + CHUNK_HEADER_BYTES for frame in frames)
@@ -242,9 +238,8 @@ def test_truncated_transfer() -> None:
         assembler.add_chunk(frame)
     err = _raises(assembler.finish)
     assert err.close_code == 1002
-    assert (
-        f"transfer {TID} truncated: 2 of {manifest.num_chunks} chunks (256 of {manifest.total_bytes} bytes)"
-        in str(err)
+    assert f"transfer {TID} truncated: 2 of {manifest.num_chunks} chunks (256 of {manifest.total_bytes} bytes)" in str(
+        err
     )
 
 
@@ -299,9 +294,7 @@ def test_header_that_disagrees_with_its_manifest_is_caught_before_allocating() -
     # The receiver expects what the lying manifest announces, so only the header can expose it.
     err = _raises(decode_tensors, lying, frames, expected=lying.entries)
     assert err.close_code == 1002
-    assert "safetensors header of transfer" in str(
-        err
-    ) and "tensor 'w': shape [16, 8], expected [8, 16]" in str(err)
+    assert "safetensors header of transfer" in str(err) and "tensor 'w': shape [16, 8], expected [8, 16]" in str(err)
 
 
 def test_transfer_and_chunk_limits_are_checked_at_announcement() -> None:
@@ -394,9 +387,7 @@ def test_malicious_safetensors_headers_are_refused(blob: bytes, fragment: str) -
 
 
 def test_header_entries_carry_absolute_offsets() -> None:
-    blob = _blob(
-        {"__metadata__": {"k": "v"}, "w": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, b"\x01" * 8
-    )
+    blob = _blob({"__metadata__": {"k": "v"}, "w": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, b"\x01" * 8)
     (entry,) = read_safetensors_header(blob)
     assert entry.offset == len(blob) - 8 and entry.length == 8
     manifest, frames = chunk_blob(blob, chunk_bytes=7)

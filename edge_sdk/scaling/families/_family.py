@@ -165,9 +165,7 @@ class Family:
             )
         return out
 
-    def _region(
-        self, module: str, kind: str, shape: tuple[int, ...], *, attn: int, ffn: int, full: Region
-    ) -> Region:
+    def _region(self, module: str, kind: str, shape: tuple[int, ...], *, attn: int, ffn: int, full: Region) -> Region:
         lm = self.layer
         rows = kind == "bias" or len(shape) == 1
         if module in (lm.query, lm.key, lm.value):
