@@ -56,8 +56,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SST2 = ROOT.parent / "shared" / "data" / "sst2"  # full GLUE SST-2 (train.tsv, dev.tsv); --data elsewhere
 
 BATCH, SEQ, LR = 16, 64, 1e-4
-BUDGET_SCALE = 0.45
+ROUNDS, STEPS = 14, 5
 SKEW = 0.8
+PROBE_STEPS = 3  # fresh-process steps per distinct plan (measured memory)
 # Large devices first: the label-sorted split gives them the first label's examples.
 DEVICES = {
     "jetson-orin-nano-8gb": 1,
@@ -73,6 +74,35 @@ METHODS: dict[str, dict[str, Any]] = {
     "static-heterofl": {"width": "static", "levers": False, "ratios": (1.0, 0.5, 0.25)},
 }
 BASELINE, CONTROL, OURS = "full-fedavg", "exclusive", "levers-then-width"
+SKEWED = 3  # the devices listed before the Raspberry Pi 4 2 GB: the ones that can train MiniLM plainly
+
+
+def pressure_scale() -> float:
+    """The budget scale that puts MiniLM under the memory pressure BERT-base puts on the same devices.
+
+    The memory model's plain fp32 AdamW training bytes (batch 16 x 64, runtime excluded) of MiniLM
+    divided by BERT-base's: every device's budget then relates to MiniLM's need as the unscaled budget
+    relates to BERT-base's (a Raspberry Pi 4 2 GB: about half of what plain training needs).
+    """
+    import torch
+    import transformers
+
+    from edge_sdk._spec import SubnetSpec
+    from edge_sdk.scaling._memory import Workload, training_estimate
+    from edge_sdk.scaling._parent import parent_from_module
+    from edge_sdk.scaling._ranked import ranked_parent
+    from edge_sdk.scaling._search import param_count
+
+    work = Workload(BATCH, SEQ, steps=STEPS, vocab=30522)
+
+    def plain(parent: Any) -> int:
+        spec = SubnetSpec.full(parent.dims)
+        return training_estimate(spec, param_count(parent, spec), work, runtime=0).total
+
+    with torch.device("meta"):
+        bert_base = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2))
+    minilm, _ = ranked_parent("all-MiniLM-L6-v2", reordered=False)
+    return round(plain(minilm) / plain(parent_from_module(bert_base)), 3)
 
 
 def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -84,6 +114,7 @@ def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             "dev": str(args.data / "dev.tsv"),
             "partition": "sorted",
             "skew": args.skew,
+            "skewed_devices": SKEWED,
         },
         "devices": DEVICES,
         # min_devices 1: under "exclusive" only the three large devices are ever admitted
@@ -152,6 +183,85 @@ def run_all(args: argparse.Namespace) -> dict[str, dict[int, Any]]:
 # --------------------------------------------------------------------------------------- figures
 
 
+# ------------------------------------------------------------------------------- measured memory
+
+
+def parse_levers(text: str) -> Any:
+    """The Levers a task record describes (the inverse of ``Levers.describe``)."""
+    from edge_sdk._levers import Levers
+
+    fields: dict[str, Any] = {}
+    for part in [] if text == "plain" else text.split(", "):
+        if part.endswith(" micro-batches"):
+            fields["micro_batches"] = int(part.split()[0])
+        elif part == "checkpointing":
+            fields["checkpointing"] = True
+        elif part in ("embedding rows", "frozen embeddings"):
+            fields["embeddings"] = "rows" if part == "embedding rows" else "frozen"
+        elif part.startswith("LoRA r"):
+            fields["lora_rank"] = int(part[len("LoRA r") :])
+        else:
+            fields["attention"] = part
+    return Levers(**fields)
+
+
+def plan_key(task: Mapping[str, Any]) -> tuple[tuple[tuple[int, ...], ...], str]:
+    return tuple(tuple(layer) for layer in task["layers"]), str(task["levers"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    predicted: int  # the memory model, runtime excluded
+    measured: int  # a fresh process's peak RSS less its runtime (measured before the model is built)
+    fraction: float  # parameters as a share of the full model's
+
+
+def measure_plans(results: Mapping[str, Mapping[int, Any]], out: Path) -> dict[Any, Probe]:
+    """Every distinct plan a task ran (width, levers), trained for PROBE_STEPS steps in a fresh process
+    on batches of BATCH rows of SEQ random tokens (the longest rows a task can see)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from edge_sdk._spec import LayerSpec, SubnetSpec
+    from edge_sdk.scaling._extract import extract
+    from edge_sdk.scaling._ranked import ranked_parent
+    from edge_sdk.training._probe import run_probe
+
+    tasks = [d for by_seed in results.values() for r in by_seed.values() for rnd in r.rounds for d in rnd["devices"]]
+    first = {plan_key(d): d for d in reversed(tasks) if d["status"] == "ok"}
+    parent, _ = ranked_parent("all-MiniLM-L6-v2", reordered=False)
+    probes: dict[Any, Probe] = {}
+    for i, (key, task) in enumerate(sorted(first.items())):
+        spec = SubnetSpec(parent=parent.dims, layers=tuple(LayerSpec(*layer) for layer in key[0]))
+        folder = out / "probes" / f"plan-{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "spec.json").write_text(spec.to_json())
+        (folder / "config.json").write_text(json.dumps(dict(parent.config)))
+        save_file(extract(parent, spec), str(folder / "weights.safetensors"))
+        result = run_probe(folder, batch=BATCH, seq=SEQ, steps=PROBE_STEPS, levers=parse_levers(key[1]).to_dict())
+        measured = int(result["peak_rss_bytes"]) - int(result["runtime_rss_bytes"])
+        probe = probes[key] = Probe(int(task["predicted_bytes"]), measured, float(task["params_fraction"]))
+        logging.getLogger("bench").info(
+            "plan %s (%.0f %% of the parameters): predicted %.0f MB, measured %.0f MB",
+            key[1], 100 * probe.fraction, probe.predicted / 1e6, measured / 1e6,
+        )  # fmt: skip
+    return probes
+
+
+def probe_table(probes: Mapping[Any, Probe]) -> str:
+    rows = [
+        "| plan: levers | parameters | training memory predicted | measured (fresh process) | error |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key, p in sorted(probes.items(), key=lambda kv: -kv[1].predicted):
+        rows.append(
+            f"| {key[1]} | {100 * p.fraction:.0f} % | {p.predicted / 1e6:.0f} MB | {p.measured / 1e6:.0f} MB"
+            f" | {100 * (p.predicted - p.measured) / p.measured:+.1f} % |"
+        )
+    return "\n".join(rows)
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodFigures:
     method: str
@@ -171,15 +281,15 @@ class MethodFigures:
         return float(np.mean(list(self.final.values())))
 
 
-def figures(name: str, by_seed: Mapping[int, Any]) -> MethodFigures:
+def figures(name: str, by_seed: Mapping[int, Any], probes: Mapping[Any, Probe]) -> MethodFigures:
     admitted = [d for r in by_seed.values() for d in r.devices if d.get("admitted")]
     tasks = [d for r in by_seed.values() for rnd in r.rounds for d in rnd["devices"]]
     ran = [d for d in tasks if d["status"] == "ok"]
-    measured = [float(d["measured_training_bytes"]) for d in ran if d.get("measured_training_bytes", 0) > 0]
+    measured = [float(probes[plan_key(d)].measured) for d in ran]
     curves = [
         [r.start_metrics.get("accuracy", math.nan)] + [float(x["accuracy"]) for x in r.rounds] for r in by_seed.values()
     ]
-    predicted = [float(d["predicted_bytes"]) for d in admitted]
+    predicted = [float(d["predicted_bytes"]) for d in ran]
     return MethodFigures(
         method=name,
         final={seed: float(r.final_accuracy) for seed, r in by_seed.items()},
@@ -287,12 +397,17 @@ def plot(figs: Sequence[MethodFigures], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_SST2, help="folder with SST-2's train.tsv and dev.tsv")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--steps", type=int, default=10, help="local steps per device per round")
+    p.add_argument("--rounds", type=int, default=ROUNDS)
+    p.add_argument("--steps", type=int, default=STEPS, help="local steps per device per round")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--engine", choices=("local", "ray"), default="local")
-    p.add_argument("--budget-scale", type=float, default=BUDGET_SCALE, help="x every class's usable budget")
+    p.add_argument(
+        "--budget-scale",
+        type=float,
+        default=None,
+        help="x every class's usable budget (default: MiniLM's plain training need / BERT-base's)",
+    )
     p.add_argument("--skew", type=float, default=SKEW, help="share of examples placed by label (0: IID)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-raffm-sst2")
@@ -312,10 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():
         shutil.rmtree(args.out)
     started = time.monotonic()
+    args.default_scale = pressure_scale()
+    if args.budget_scale is None:
+        args.budget_scale = args.default_scale
+    logging.getLogger("bench").info("budget scale %.3f", args.budget_scale)
     results = run_all(args)
+    probes = measure_plans(results, args.out)
     total = time.monotonic() - started
-    figs = [figures(m, results[m]) for m in args.methods]
-    text = "\n".join([table(figs), "", *verdict(figs)])
+    figs = [figures(m, results[m], probes) for m in args.methods]
+    text = "\n".join([table(figs), "", *verdict(figs), "", probe_table(probes)])
     png = plot(figs, args.out / "accuracy.png")
     print(text)
     print(f"\ntotal {total / 60:.1f} min on this machine; runs in {args.out}")
@@ -342,9 +462,9 @@ def command(args: argparse.Namespace) -> str:
     if args.data != DEFAULT_SST2:
         parts.append(f"--data {args.data}")
     for flag, value, default in (
-        ("--rounds", args.rounds, 20),
-        ("--steps", args.steps, 10),
-        ("--budget-scale", args.budget_scale, BUDGET_SCALE),
+        ("--rounds", args.rounds, ROUNDS),
+        ("--steps", args.steps, STEPS),
+        ("--budget-scale", args.budget_scale, args.default_scale),
         ("--skew", args.skew, SKEW),
     ):
         if value != default:

@@ -79,13 +79,31 @@ def test_unknown_partition_and_bad_alpha_are_config_errors() -> None:
         partition_dirichlet([0, 1], 2, alpha=0.0)
 
 
-@given(n=st.integers(20, 400), devices=st.integers(1, 10), skew=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+@given(
+    n=st.integers(20, 400),
+    devices=st.integers(1, 10),
+    skew=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+    head=st.integers(0, 9),
+)
 @settings(max_examples=40, deadline=None)
-def test_sorted_shards_are_disjoint_equal_and_cover_everything(n: int, devices: int, skew: float, seed: int) -> None:
+def test_sorted_shards_are_disjoint_equal_and_cover_everything(
+    n: int, devices: int, skew: float, seed: int, head: int
+) -> None:
     labels = np.random.default_rng(seed).integers(0, 3, n)
-    shards = partition_sorted(labels, devices, skew=skew, seed=seed)
+    shards = partition_sorted(labels, devices, skew=skew, seed=seed, head=head % devices)
     assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(n))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_with_a_head_only_the_first_devices_are_skewed_and_the_rest_share_one_mix() -> None:
+    labels = np.array([0, 1] * 1000)
+    shards = partition_sorted(labels, 10, skew=1.0, seed=3, head=2)
+    assert labels[shards[0]].mean() == 0 and labels[shards[1]].mean() == 0  # the head: the first label
+    rest = [labels[s].mean() for s in shards[2:]]
+    assert max(rest) - min(rest) < 0.15 and abs(np.mean(rest) - 0.625) < 0.01  # the others: one mix
+    with pytest.raises(ConfigError, match="skewed devices"):
+        partition_sorted(labels, 10, skew=1.0, head=10)
 
 
 def test_sorted_skew_puts_the_first_label_on_the_first_devices() -> None:

@@ -5,7 +5,8 @@ Tables (``examples/sim.toml`` is a complete, commented example):
 - ``[model]``, ``[federation]``, ``[training]``: as in a served run (the shared table readers of
   ``coordinator.federation``);
 - ``[data]`` kind ("tsv" or "synthetic"), train, dev, tokenizer, train_limit, dev_limit, partition
-  ("iid", "dirichlet" or "sorted"), alpha, skew, min_shard; for synthetic data size, dev_size, vocab_size, seq_len;
+  ("iid", "dirichlet" or "sorted"), alpha, skew, skewed_devices, min_shard; for synthetic data size,
+  dev_size, vocab_size, seq_len;
 - ``[devices]`` device class = how many (classes from ``profiles/``), e.g. ``raspberry-pi-4-2gb = 5``;
 - ``[method]`` name, width ("budget": the largest sub-network whose training fits each device's budget;
   "full": every device the whole model, memory ignored; "exclusive": the whole model, plain, on the
@@ -68,6 +69,7 @@ class DataConfig:
     partition: str = "iid"
     alpha: float = 0.5  # Dirichlet concentration (partition = "dirichlet")
     skew: float = 0.8  # share of examples placed by label (partition = "sorted"; 0: IID)
+    skewed_devices: int = 0  # partition = "sorted": only the first k devices' shards sorted (0: all)
     min_shard: int = 8  # every device holds at least this many examples
     size: int = 2000  # synthetic: training examples
     dev_size: int = 256  # synthetic: validation examples
@@ -131,6 +133,7 @@ def _data(t: Table) -> DataConfig:
         partition=t.text("partition", "iid", choices=PARTITIONS),
         alpha=t.number("alpha", 0.5, low=0.0, open_low=True),
         skew=t.number("skew", 0.8, low=0.0, high=1.0),
+        skewed_devices=t.integer("skewed_devices", 0, low=0),
         min_shard=t.integer("min_shard", 8, low=1),
         size=t.integer("size", 2000, low=1),
         dev_size=t.integer("dev_size", 256, low=1),

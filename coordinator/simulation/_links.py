@@ -66,6 +66,7 @@ def virtual_devices(config: SimulationConfig, labels: np.ndarray) -> list[Virtua
         kind=config.data.partition,
         alpha=config.data.alpha,
         skew=config.data.skew,
+        head=config.data.skewed_devices,
         seed=config.model.seed,
         min_size=config.data.min_shard,
     )

@@ -11,7 +11,10 @@
   are then cut in that order into equal shards. The first devices hold mostly the first label and the
   last devices mostly the last; ``skew = 0`` is IID, ``skew = 1`` gives each device one or two labels.
   A benchmark lists device classes in order so that, say, the devices that can train the full model
-  hold data the small devices do not (leaving the small devices out then costs accuracy).
+  hold data the small devices do not (leaving the small devices out then costs accuracy). With
+  ``head = k > 0`` only the first ``k`` devices take their shards from the front of that order; the
+  examples left are shuffled and shared evenly by the others, which then hold the same mix of labels
+  (the skew sits between the first devices and the rest, not among the rest).
 
 All return one sorted ``int64`` index array per device; the shards are disjoint and their union is
 ``range(n)`` (tested as a property).
@@ -70,13 +73,18 @@ def partition_dirichlet(
 
 
 def partition_sorted(
-    labels: Sequence[int] | np.ndarray, devices: int, *, skew: float, seed: int = 0
+    labels: Sequence[int] | np.ndarray, devices: int, *, skew: float, seed: int = 0, head: int = 0
 ) -> list[np.ndarray]:
-    """Label skew by device order (see the module docstring): equal shards, disjoint, covering all."""
+    """Label skew by device order (see the module docstring): equal shards, disjoint, covering all.
+
+    ``head``: 0 sorts every device's shard; k > 0 only the first k (the rest hold a shuffled mix).
+    """
     y = np.asarray(labels)
     _check(len(y), devices, 1)
     if not 0.0 <= skew <= 1.0:
         raise ConfigError(f"skew must be in [0, 1], got {skew}")
+    if not 0 <= head < devices:
+        raise ConfigError(f"the skewed devices must number 0 (all) to {devices - 1}, got {head}")
     rng = np.random.default_rng(seed)
     n = len(y)
     shuffled = rng.permutation(n)
@@ -85,7 +93,11 @@ def partition_sorted(
     placed = rng.random(n) < skew
     key[by_label[placed[by_label]]] = (np.flatnonzero(placed[by_label]) + 0.5) / n
     order = np.argsort(key, kind="stable")
-    return [np.sort(shard.astype(np.int64)) for shard in np.array_split(order, devices)]
+    shards = np.array_split(order, devices)
+    if head:
+        rest = rng.permutation(np.concatenate(shards[head:]))
+        shards = shards[:head] + np.array_split(rest, devices - head)
+    return [np.sort(shard.astype(np.int64)) for shard in shards]
 
 
 def partition(
@@ -97,12 +109,14 @@ def partition(
     skew: float = 0.8,
     seed: int = 0,
     min_size: int = 1,
+    head: int = 0,
 ) -> list[np.ndarray]:
-    """Shards by name: ``"iid"``, ``"dirichlet"`` (label skew with ``alpha``) or ``"sorted"`` (``skew``)."""
+    """Shards by name: ``"iid"``, ``"dirichlet"`` (label skew with ``alpha``) or ``"sorted"`` (``skew``,
+    ``head``)."""
     if kind == "iid":
         return partition_iid(len(labels), devices, seed=seed)
     if kind == "dirichlet":
         return partition_dirichlet(labels, devices, alpha=alpha, seed=seed, min_size=min_size)
     if kind == "sorted":
-        return partition_sorted(labels, devices, skew=skew, seed=seed)
+        return partition_sorted(labels, devices, skew=skew, seed=seed, head=head)
     raise ConfigError(f"unknown partition {kind!r} (known: {', '.join(PARTITIONS)})")
