@@ -150,6 +150,34 @@ def method_config(config: Any, name: str) -> Any:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    """A finished run read back from its folder (``simulation.json`` and ``rounds/``)."""
+
+    rounds: list[dict[str, Any]]
+    devices: list[dict[str, Any]]
+    start_metrics: dict[str, float]
+    wall_s: float
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.rounds[-1]["accuracy"])
+
+
+def load_runs(args: argparse.Namespace) -> dict[str, dict[int, Any]]:
+    """``results[method][seed]`` read from ``args.out`` (``--from-runs``: re-render without training)."""
+    import json
+
+    results: dict[str, dict[int, Any]] = {m: {} for m in args.methods}
+    for name in args.methods:
+        for seed in args.seeds:
+            folder = args.out / f"seed{seed}" / name
+            summary = json.loads((folder / "simulation.json").read_text(encoding="utf-8"))
+            rounds = [json.loads(f.read_text(encoding="utf-8")) for f in sorted((folder / "rounds").glob("*.json"))]
+            results[name][seed] = LoadedRun(rounds, summary["devices"], summary["start_metrics"], summary["wall_s"])
+    return results
+
+
 def run_all(args: argparse.Namespace) -> dict[str, dict[int, Any]]:
     """``results[method][seed]``: every method on every seed, sharing one pool of worker processes."""
     from coordinator.simulation._config import parse_simulation_config
@@ -275,6 +303,7 @@ class MethodFigures:
     compute_s: float  # local training seconds per device per round (mean over ok tasks)
     mb: float  # MB per device per round, both ways (mean over tasks)
     full_width_share: float  # share of admitted devices that train the full width
+    late: dict[int, float]  # seed -> accuracy averaged over the last quarter of rounds
 
     @property
     def mean(self) -> float:
@@ -282,6 +311,8 @@ class MethodFigures:
 
 
 def figures(name: str, by_seed: Mapping[int, Any], probes: Mapping[Any, Probe]) -> MethodFigures:
+    quarter = max(1, len(next(iter(by_seed.values())).rounds) // 4)
+    late = {s: float(np.mean([x["accuracy"] for x in r.rounds[-quarter:]])) for s, r in by_seed.items()}
     admitted = [d for r in by_seed.values() for d in r.devices if d.get("admitted")]
     tasks = [d for r in by_seed.values() for rnd in r.rounds for d in rnd["devices"]]
     ran = [d for d in tasks if d["status"] == "ok"]
@@ -302,6 +333,7 @@ def figures(name: str, by_seed: Mapping[int, Any], probes: Mapping[Any, Probe]) 
         compute_s=float(np.mean([d["train_time_s"] for d in ran])) if ran else math.nan,
         mb=float(np.mean([(d["bytes_out"] + d["bytes_in"]) / 1e6 for d in tasks])) if tasks else math.nan,
         full_width_share=float(np.mean([d.get("params_fraction") == 1.0 for d in admitted])) if admitted else 0.0,
+        late=late,
     )
 
 
@@ -321,10 +353,11 @@ def table(figs: Sequence[MethodFigures]) -> str:
     base = by.get(BASELINE)
     control = by.get(CONTROL)
     rows = [
-        "| method | accuracy %, mean (per seed) | vs full-fedavg, paired (per seed) | vs exclusive, paired"
+        "| method | accuracy %, mean (per seed) | last quarter of rounds, mean (per seed)"
+        " | vs full-fedavg, paired (per seed) | vs exclusive, paired"
         " | train memory predicted, mean / min (% of full-fedavg's mean) | measured, mean / min (%)"
         " | devices admitted | train the full width | local compute s / device / round | MB / device / round |",
-        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for f in figs:
         per_seed = ", ".join(f"{100 * f.final[s]:.2f}" for s in sorted(f.final))
@@ -332,8 +365,10 @@ def table(figs: Sequence[MethodFigures]) -> str:
         vs_control = _pm(paired(f, control)) if control and f is not control else "-"
         mem = _share(f.predicted_mean, f.predicted_min, base.predicted_mean if base else math.nan)
         meas = _share(f.measured_mean, f.measured_min, base.measured_mean if base else math.nan)
+        late = ", ".join(f"{100 * f.late[s]:.2f}" for s in sorted(f.late))
         rows.append(
-            f"| {f.method} | {100 * f.mean:.2f} ({per_seed}) | {vs_base} | {vs_control} | {mem} | {meas} |"
+            f"| {f.method} | {100 * f.mean:.2f} ({per_seed}) | {100 * np.mean(list(f.late.values())):.2f} ({late})"
+            f" | {vs_base} | {vs_control} | {mem} | {meas} |"
             f" {f.devices:.0f} | {100 * f.full_width_share:.0f} % | {f.compute_s:.1f} | {f.mb:.1f} |"
         )
     return "\n".join(rows)
@@ -412,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-raffm-sst2")
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmark.md")
+    p.add_argument("--from-runs", action="store_true", help="re-render the figures from the runs in --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("coordinator.federation", "coordinator.simulation", "edge_sdk", "transformers", "matplotlib"):
@@ -424,16 +460,18 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    if args.out.exists():
+    if args.out.exists() and not args.from_runs:
         shutil.rmtree(args.out)
     started = time.monotonic()
     args.default_scale = pressure_scale()
     if args.budget_scale is None:
         args.budget_scale = args.default_scale
     logging.getLogger("bench").info("budget scale %.3f", args.budget_scale)
-    results = run_all(args)
+    results = load_runs(args) if args.from_runs else run_all(args)
     probes = measure_plans(results, args.out)
     total = time.monotonic() - started
+    if args.from_runs:  # the runs' own wall time, plus this re-render's probes
+        total += sum(r.wall_s for by_seed in results.values() for r in by_seed.values())
     figs = [figures(m, results[m], probes) for m in args.methods]
     text = "\n".join([table(figs), "", *verdict(figs), "", probe_table(probes)])
     png = plot(figs, args.out / "accuracy.png")
