@@ -51,6 +51,14 @@ _LAZY: dict[str, str] = {
     "EdgeDevice": "edge_sdk.client",
     "DeviceOptions": "edge_sdk.client",
     "TextDataset": "edge_sdk.training",
+    "TaskRunner": "edge_sdk.training",
+    "prepare_runtime": "edge_sdk.training",
+    "Encoded": "edge_sdk.training",
+    "TextExample": "edge_sdk.training",
+    "encode": "edge_sdk.training",
+    "iter_batches": "edge_sdk.training",
+    "load_tokenizer": "edge_sdk.training",
+    "read_tsv": "edge_sdk.training",
     "Predictor": "edge_sdk.serving",
     "Prediction": "edge_sdk.serving",
 }
@@ -65,6 +73,7 @@ __all__ = [
     "DeviceProfile",
     "EdgeDevice",
     "EdgeFMError",
+    "Encoded",
     "ExportError",
     "ExportReport",
     "LayerSpec",
@@ -78,7 +87,9 @@ __all__ = [
     "ProtocolError",
     "SpecError",
     "SubnetSpec",
+    "TaskRunner",
     "TextDataset",
+    "TextExample",
     "TrainConfig",
     "TrainResult",
     "UnsupportedModelError",
@@ -87,15 +98,20 @@ __all__ = [
     "build_model",
     "compute_budget",
     "detect_profile",
+    "encode",
     "evaluate",
     "export_onnx",
     "format_bytes",
     "inference_estimate",
+    "iter_batches",
     "list_device_classes",
     "load",
     "load_device_class",
+    "load_tokenizer",
     "parse_size",
+    "prepare_runtime",
     "proximal_term",
+    "read_tsv",
     "train_local",
     "training_estimate",
 ]
@@ -114,5 +130,7 @@ if TYPE_CHECKING:
     from edge_sdk.scaling._memory import MemoryEstimate, Workload, inference_estimate, training_estimate
     from edge_sdk.serving._export import ExportReport, export_onnx
     from edge_sdk.serving._infer import Prediction, Predictor, load
-    from edge_sdk.training._runner import TextDataset
+    from edge_sdk.training._data import Encoded, TextExample, encode, iter_batches, load_tokenizer, read_tsv
+    from edge_sdk.training._runner import TaskRunner, TextDataset
+    from edge_sdk.training._runtime import prepare_runtime
     from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, proximal_term, train_local

@@ -16,6 +16,9 @@ EDGE_SDK = {
     "build_model", "compute_budget", "detect_profile", "evaluate", "export_onnx", "format_bytes",
     "inference_estimate", "list_device_classes", "load", "load_device_class", "parse_size", "proximal_term",
     "train_local", "training_estimate",
+    # the device's data pipeline and task runner (the coordinator's simulator and validator use them too)
+    "Encoded", "TextExample", "encode", "iter_batches", "load_tokenizer", "read_tsv", "TaskRunner",
+    "prepare_runtime",
 }  # fmt: skip
 
 COORDINATOR = {

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_sdk import SubnetSpec
+from edge_sdk import Encoded, SubnetSpec, encode, evaluate, iter_batches, load_tokenizer, read_tsv
 from edge_sdk.scaling import ParentModel, build_model
-from edge_sdk.training import Encoded, encode, evaluate, iter_batches, load_tokenizer, read_tsv
 
 __all__ = ["Validator", "calibration_batches"]
 

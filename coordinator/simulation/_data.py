@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_sdk import SubnetSpec
+from edge_sdk import Encoded, SubnetSpec, TextExample, encode, iter_batches, load_tokenizer, read_tsv
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ParentModel
-from edge_sdk.training import Encoded, TextExample, encode, iter_batches, load_tokenizer, read_tsv
 
 if TYPE_CHECKING:
-    from edge_sdk.training import TextDataset
+    from edge_sdk import TextDataset
 
 __all__ = [
     "FastValidator",
@@ -60,7 +59,7 @@ class TsvData:
 
     def source(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
         """The device's shard as a TextDataset (what a real device builds from its own TSV)."""
-        from edge_sdk.training import TextDataset
+        from edge_sdk import TextDataset
 
         examples = _examples(str(self.path), self.limit)
         return TextDataset([examples[int(i)] for i in indices], self.tokenizer)
@@ -124,8 +123,8 @@ def _score(
 ) -> dict[str, float]:
     import torch
 
+    from edge_sdk import evaluate
     from edge_sdk.scaling import build_model, extract
-    from edge_sdk.training import evaluate
 
     if spec is None or spec.is_full:
         model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)

@@ -136,7 +136,7 @@ def init_worker(threads: int = 1) -> None:
     does before it joins: what is lazily allocated then belongs to the baseline, not to a task."""
     if _runtime_ready:
         return
-    from edge_sdk.training import prepare_runtime
+    from edge_sdk import prepare_runtime
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     prepare_runtime(max(1, threads))
@@ -145,10 +145,9 @@ def init_worker(threads: int = 1) -> None:
 
 def run_device_job(job: DeviceJob) -> DeviceReport:
     """Receive the task's frames, train with the SDK's TaskRunner, answer with the Update's frames."""
-    from edge_sdk import __version__
+    from edge_sdk import TaskRunner, __version__
     from edge_sdk._errors import EdgeFMError, ProtocolError
     from edge_sdk.protocol import DeviceConnection, ErrorCode, TaskReceived, TrainTask, WelcomeReceived
-    from edge_sdk.training import TaskRunner
 
     init_worker(job.threads)
     started = time.perf_counter()
