@@ -214,25 +214,6 @@ def run_all(args: argparse.Namespace) -> dict[str, dict[int, Any]]:
 # ------------------------------------------------------------------------------- measured memory
 
 
-def parse_levers(text: str) -> Any:
-    """The Levers a task record describes (the inverse of ``Levers.describe``)."""
-    from edge_sdk._levers import Levers
-
-    fields: dict[str, Any] = {}
-    for part in [] if text == "plain" else text.split(", "):
-        if part.endswith(" micro-batches"):
-            fields["micro_batches"] = int(part.split()[0])
-        elif part == "checkpointing":
-            fields["checkpointing"] = True
-        elif part in ("embedding rows", "frozen embeddings"):
-            fields["embeddings"] = "rows" if part == "embedding rows" else "frozen"
-        elif part.startswith("LoRA r"):
-            fields["lora_rank"] = int(part[len("LoRA r") :])
-        else:
-            fields["attention"] = part
-    return Levers(**fields)
-
-
 def plan_key(task: Mapping[str, Any]) -> tuple[tuple[tuple[int, ...], ...], str]:
     return tuple(tuple(layer) for layer in task["layers"]), str(task["levers"])
 
@@ -251,6 +232,7 @@ def measure_plans(results: Mapping[str, Mapping[int, Any]], out: Path) -> dict[A
 
     from safetensors.torch import save_file
 
+    from edge_sdk._levers import Levers
     from edge_sdk._spec import LayerSpec, SubnetSpec
     from edge_sdk.scaling._extract import extract
     from edge_sdk.scaling._ranked import ranked_parent
@@ -267,7 +249,7 @@ def measure_plans(results: Mapping[str, Mapping[int, Any]], out: Path) -> dict[A
         (folder / "spec.json").write_text(spec.to_json())
         (folder / "config.json").write_text(json.dumps(dict(parent.config)))
         save_file(extract(parent, spec), str(folder / "weights.safetensors"))
-        result = run_probe(folder, batch=BATCH, seq=SEQ, steps=PROBE_STEPS, levers=parse_levers(key[1]).to_dict())
+        result = run_probe(folder, batch=BATCH, seq=SEQ, steps=PROBE_STEPS, levers=Levers.parse(key[1]).to_dict())
         measured = int(result["peak_rss_bytes"]) - int(result["runtime_rss_bytes"])
         probe = probes[key] = Probe(int(task["predicted_bytes"]), measured, float(task["params_fraction"]))
         logging.getLogger("bench").info(

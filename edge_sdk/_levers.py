@@ -93,6 +93,25 @@ class Levers:
             parts.append(self.attention)
         return ", ".join(parts) or "plain"
 
+    @classmethod
+    def parse(cls, text: str) -> Levers:
+        """The levers :meth:`describe` wrote ``text`` for (records keep that description)."""
+        values: dict[str, Any] = {}
+        for part in [] if text == "plain" else text.split(", "):
+            if part.endswith(" micro-batches") and part.split()[0].isdigit():
+                values["micro_batches"] = int(part.split()[0])
+            elif part == "checkpointing":
+                values["checkpointing"] = True
+            elif part in ("embedding rows", "frozen embeddings"):
+                values["embeddings"] = "rows" if part == "embedding rows" else "frozen"
+            elif part.startswith("LoRA r") and part[len("LoRA r") :].isdigit():
+                values["lora_rank"] = int(part[len("LoRA r") :])
+            elif part in ATTENTION_KINDS and part != "eager":
+                values["attention"] = part
+            else:
+                raise SpecError(f"levers: cannot read {part!r} in {text!r}")
+        return cls(**values)
+
 
 def _int_in(value: Any, name: str, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:

@@ -297,3 +297,20 @@ def test_step_time_model() -> None:
     assert 1.0 < relative_step_time(full, params, work, Levers(micro_batches=4)) < 1.1
     assert relative_step_time(full, params, work, Levers(lora_rank=8)) < 0.8  # no weight gradients
     assert relative_step_time(full, params, work, Levers(embeddings="rows")) < 1.0  # smaller optimizer step
+
+
+@given(
+    micro=st.sampled_from([1, 2, 16]),
+    ckpt=st.booleans(),
+    embeddings=st.sampled_from(["train", "rows", "frozen"]),
+    rank=st.sampled_from([0, 4, 64]),
+    attention=st.sampled_from(["eager", "sdpa"]),
+)
+@settings(max_examples=40, deadline=None)
+def test_a_lever_description_reads_back_as_the_same_levers(
+    micro: int, ckpt: bool, embeddings: str, rank: int, attention: str
+) -> None:
+    levers = Levers(micro_batches=micro, checkpointing=ckpt, embeddings=embeddings, lora_rank=rank, attention=attention)
+    assert Levers.parse(levers.describe()) == levers
+    with pytest.raises(SpecError, match="cannot read"):
+        Levers.parse("checkpointing, warp drive")
