@@ -50,8 +50,8 @@ from coordinator.federation._registry import DeviceRegistry
 from coordinator.federation._round import OpenRound, train_orders
 from coordinator.federation._selection import Selection
 from coordinator.federation._tables import FederationConfig, TrainingConfig
-from coordinator.federation._update_check import accept_tensors
-from edge_sdk._errors import ConfigError, EdgeFMError
+from coordinator.federation._update_check import accept_tensors, check_reported
+from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError
 from edge_sdk.scaling import LeverPolicy, ParentModel, Plan, Salience, Workload, family_for
 
 __all__ = [
@@ -209,12 +209,13 @@ class FederationEngine:
             chosen = self.selection.select(usable, index)
             orders = train_orders(
                 self.parent,
-                {device_id: self.registry.training_plan(device_id) for device_id in chosen},
+                self._plans(chosen, index),
                 round_index=index,
                 training=self.training,
                 seed=self._seed,
                 model_config=self.model_config,
                 max_update_norm_ratio=self.federation.max_update_norm_ratio,
+                max_delta_norm_ratio=self.federation.max_delta_norm_ratio,
             )
             self._open = OpenRound(index=index, deadline=now + self.federation.round_deadline_s, orders=orders)
         logger.info(
@@ -225,6 +226,16 @@ class FederationEngine:
             ", ".join(f"{o.device_id} ({o.params / 1e6:.2f}M params, {width_of(o.spec)})" for o in orders.values()),
         )
         return list(orders.values())
+
+    def _plans(self, chosen: Sequence[str], index: int) -> dict[str, Plan]:
+        """Each chosen device's plan; a device none fits sits the round out (it never stops the round)."""
+        plans = {}
+        for device_id in chosen:
+            try:
+                plans[device_id] = self.registry.training_plan(device_id)
+            except BudgetError as exc:
+                logger.warning("round %d: %s sits this round out: %s", index, device_id, exc)
+        return plans
 
     def settled(self, now: float) -> bool:
         """True when every task of the open round is answered, or its deadline has passed."""
@@ -253,7 +264,9 @@ class FederationEngine:
         """Take a device's trained weights (or delta) for its task; the outcome says if they count.
 
         Late results (round closed or deadline passed), unknown tasks, mismatched tensors, non-finite
-        values and non-positive sample counts are refused (status "late" / "rejected"), never merged.
+        values, a change above the order's ``max_delta_norm``, non-positive sample counts, and sample
+        counts or peaks above what the device declared (:func:`check_reported`) are refused (status
+        "late" / "rejected"), never merged.
         ``values_checked``: the transport already checked finite values and the norm bound (the wire
         protocol does, with ``order.max_update_norm``), so that pass over the tensors is not repeated.
         """
@@ -267,6 +280,8 @@ class FederationEngine:
             if task_id in rnd.outcomes:
                 return DeviceOutcome(order.device_id, task_id, "rejected", "this task was already answered")
         try:
+            record = self.registry.record(order.device_id)
+            check_reported(record, num_samples=num_samples, peak_rss_bytes=peak_rss_bytes)
             update = accept_tensors(
                 self.parent, order, tensors, num_samples=num_samples, encoding=encoding, values_checked=values_checked
             )
@@ -290,11 +305,17 @@ class FederationEngine:
         self.registry.note_peak(order.device_id, peak_rss_bytes)
         return outcome
 
-    def task_failed(self, task_id: str, reason: str) -> DeviceOutcome | None:
-        """The device could not deliver (it reported an error, disconnected, or sent a bad update)."""
+    def task_failed(self, task_id: str, reason: str, *, device_id: str | None = None) -> DeviceOutcome | None:
+        """The device could not deliver (it reported an error, disconnected, or sent a bad update).
+
+        ``device_id``: who says so; a task sent to another device is not theirs to fail (ignored).
+        """
         with self._lock:
             rnd = self._open
             if rnd is None or task_id not in rnd.orders or task_id in rnd.outcomes or rnd.closed:
+                return None
+            if device_id is not None and rnd.orders[task_id].device_id != device_id:
+                logger.warning("device %s named task %s, which is not its own: ignored", device_id, task_id[:64])
                 return None
             return rnd.answer(task_id, "failed", reason, self.registry.record(rnd.orders[task_id].device_id))
 

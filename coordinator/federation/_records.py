@@ -37,7 +37,8 @@ class TrainOrder:
     settings: TrainSettings
     model_config: Mapping[str, Any]
     tensors: Mapping[str, np.ndarray]
-    max_update_norm: float
+    max_update_norm: float  # bound on the L2 norm of the returned tensors (checked as they arrive)
+    max_delta_norm: float | None = None  # bound on the L2 norm of the change they make (None: none)
 
     def send(self, conn: CoordinatorConnection) -> None:
         """Queue this order's TrainTask (and its tensors) on ``conn``; ProtocolError if it cannot go."""

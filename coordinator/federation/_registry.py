@@ -27,7 +27,7 @@ from typing import Any
 
 from coordinator.federation._planner import Planner
 from coordinator.federation._records import DeviceOutcome, width_of
-from edge_sdk._errors import ProfileError
+from edge_sdk._errors import BudgetError, ProfileError
 from edge_sdk._units import format_bytes
 from edge_sdk.scaling import Plan, inference_bytes
 
@@ -48,6 +48,7 @@ class DeviceRecord:
     runtime_bytes: int = 0
     margin_bytes: int = 0
     shrink_bytes: int = 0  # taken off the budget after the device measured a peak above it
+    declared_samples: int = 0  # the shard size its Hello declared (``data.num_samples``; 0: none)
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     rounds_ok: int = 0
     rounds_failed: int = 0
@@ -84,10 +85,12 @@ class DeviceRegistry:
         plan = self.planner.plan(device_id, usable, margin)
         info = profile.get("device")
         summary = {k: info[k] for k in _SUMMARY_KEYS if k in info} if isinstance(info, Mapping) else {}
+        data = profile.get("data")
+        declared = _count(data.get("num_samples")) if isinstance(data, Mapping) else 0
         with self._lock:
             record = self._records.setdefault(device_id, DeviceRecord(device_id))
             record.usable_bytes, record.runtime_bytes, record.margin_bytes = usable, runtime, margin
-            record.summary = summary
+            record.summary, record.declared_samples = summary, declared
             record.status = "connected"
         logger.info(
             "device %s admitted: budget %s usable (runtime %s), will train %.2fM params (%s)",
@@ -146,7 +149,9 @@ class DeviceRegistry:
 
         The allowance is what the training process may hold: the usable budget plus the runtime
         footprint the device reported. The overshoot, and 2 % of the budget more, come off the budget
-        the planner sees for this device from now on (kept in the checkpointed registry).
+        the planner sees for this device from now on (kept in the checkpointed registry) -- unless no
+        sub-network would fit what is left: a shrink that would make planning fail is never kept (the
+        device keeps its plan and, if it really cannot train it, loses its rounds, not the run).
         """
         with self._lock:
             record = self._records.get(device_id)
@@ -155,8 +160,23 @@ class DeviceRegistry:
             allowance = record.usable_bytes + record.runtime_bytes
             if peak_rss_bytes <= allowance:
                 return
-            record.shrink_bytes += peak_rss_bytes - allowance + record.usable_bytes // 50
-            shrink = record.shrink_bytes
+            shrink = record.shrink_bytes + peak_rss_bytes - allowance + record.usable_bytes // 50
+            usable, margin = record.usable_bytes, record.margin_bytes
+        try:
+            self.planner.plan(device_id, usable - shrink, margin)
+        except BudgetError as exc:
+            logger.warning(
+                "device %s peaked at %s, above its allowance of %s, but no sub-network fits %s less (%s):"
+                " its plan stays",
+                device_id,
+                format_bytes(peak_rss_bytes),
+                format_bytes(allowance),
+                format_bytes(shrink),
+                exc,
+            )
+            return
+        with self._lock:
+            record.shrink_bytes = max(record.shrink_bytes, shrink)
         logger.warning(
             "device %s peaked at %s, above its allowance of %s: planning its next sub-network for %s less",
             device_id,

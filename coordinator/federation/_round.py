@@ -2,7 +2,8 @@
 
 :func:`train_orders` builds a round's :class:`TrainOrder` per chosen device (its sub-network of the
 global model, its training settings and seed, and the bound on the norm of what it may return:
-``max_update_norm_ratio`` x the norm of what was sent, plus 1). An :class:`OpenRound` then records
+``max_update_norm_ratio`` x the norm of what was sent, plus 1, and on the norm of the change they make:
+``max_delta_norm_ratio`` x the norm of what was sent). An :class:`OpenRound` then records
 one outcome per task (ok, rejected, failed, late, missing); the engine holds it under its lock.
 """
 
@@ -58,6 +59,7 @@ def train_orders(
     seed: int,
     model_config: Mapping[str, Any],
     max_update_norm_ratio: float,
+    max_delta_norm_ratio: float | None = None,
 ) -> dict[str, TrainOrder]:
     """One order per device of ``plans`` (task id -> order); devices of one width share the tensors."""
     orders: dict[str, TrainOrder] = {}
@@ -81,6 +83,7 @@ def train_orders(
             model_config=model_config,
             tensors=tensors,
             max_update_norm=max_update_norm_ratio * norm + 1.0,
+            max_delta_norm=None if max_delta_norm_ratio is None else max_delta_norm_ratio * norm,
         )
         orders[order.task_id] = order
     return orders

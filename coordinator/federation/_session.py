@@ -11,13 +11,19 @@ class, so a device is treated the same whether it is real or simulated:
   and the verdict closes with ``CLOSE_REJECTED``;
 - ``UpdateReceived``: the engine takes the update. The protocol checked its values as they arrived
   (finite, global norm within the order's ``max_update_norm``), so the engine does not check them
-  again (``values_checked``); shapes, dtypes and the sample count it still checks;
+  again (``values_checked``); shapes, dtypes, the size of the change and the reported figures it
+  still checks. An update the engine refuses is answered with ``Error(bad_update)`` naming the task
+  and the reason, so the device knows its round was lost and why;
 - ``UpdateRejected`` (NaN/Inf or above the bound), an ``ErrorReceived`` naming a task, a
   ``ProtocolViolation`` naming one, a ``ByeReceived`` with a task pending, or the connection lost
   mid-task (:meth:`DeviceSession.lost`): that task failed. A violation or a Bye also closes (with
   the violation's code, or the one the device said goodbye with);
 - ``DeployResultReceived``, and failures of a deploy task, go to the deploy awaiting them
   (``deploys``, see :class:`DeployInbox`), never to the round.
+
+A device answers only for its own tasks: an Error, a violation or a result naming a task that was
+not outstanding on this connection when its frame arrived never fails that task (it may be another
+device's); the engine checks the owner again (``task_failed(device_id=...)``).
 
 The bytes a device sends while a training task is out count as that round's traffic.
 """
@@ -57,6 +63,8 @@ if TYPE_CHECKING:
 __all__ = ["CHANGED", "GO_ON", "DeployInbox", "DeviceSession", "Verdict"]
 
 logger = logging.getLogger(__name__)
+
+_MAX_ERROR_TEXT = 2000  # characters of a refusal's reason sent back to the device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +137,26 @@ class DeviceSession:
         measures a host worker and subtracts what the worker itself holds).
         """
         self.bytes_in += frame_bytes(frame)
+        task = self.conn.outstanding_task
+        owned = task.task_id if task is not None else None
         verdict = GO_ON
         for event in self.conn.receive(frame):
-            verdict = verdict.then(self.handle(event, now, peak_of=peak_of))
+            verdict = verdict.then(self.handle(event, now, peak_of=peak_of, owned=owned))
         return verdict
 
-    def handle(self, event: Event, now: float, *, peak_of: Callable[[int], int] | None = None) -> Verdict:
-        """What one protocol event does to the engine (and the deploys), and what follows."""
+    def handle(
+        self,
+        event: Event,
+        now: float,
+        *,
+        peak_of: Callable[[int], int] | None = None,
+        owned: str | None = None,
+    ) -> Verdict:
+        """What one protocol event does to the engine (and the deploys), and what follows.
+
+        ``owned``: the task outstanding on this connection when the event's frame arrived; an Error or a
+        violation naming any other task fails nothing.
+        """
         name = self.device_id
         if isinstance(event, HelloReceived):
             return self._hello(event)
@@ -152,11 +173,11 @@ class DeviceSession:
             error = event.error
             on_task = f" for task {error.task_id}" if error.task_id else ""
             logger.warning("device %s reports %s%s: %s", name, error.code, on_task, error.message)
-            if error.task_id:
+            if error.task_id and error.task_id == owned:
                 self._failed(error.task_id, f"device error {error.code}: {error.message[:200]}")
         elif isinstance(event, ProtocolViolation):
             logger.warning("device %s broke the protocol (close %d): %s", name, event.close_code, event.reason)
-            if event.task_id:
+            if event.task_id and event.task_id == owned:
                 self._failed(event.task_id, f"protocol violation: {event.reason[:200]}")
             return Verdict(event.close_code, event.close_reason, changed=True)
         elif isinstance(event, ByeReceived):
@@ -175,7 +196,7 @@ class DeviceSession:
             order.send(self.conn)
         except ProtocolError as exc:  # e.g. the device's transfer limit is below the sub-network
             logger.warning("round %d: cannot send task to %s: %s", order.round, order.device_id, exc)
-            self.engine.task_failed(order.task_id, f"cannot send: {exc}")
+            self.engine.task_failed(order.task_id, f"cannot send: {exc}", device_id=self.device_id)
             return False
         self._task_mark = self.bytes_in
         return True
@@ -246,13 +267,15 @@ class DeviceSession:
                 outcome.status,
                 outcome.reason,
             )
+            message = f"update not used ({outcome.status}): {outcome.reason}"[:_MAX_ERROR_TEXT]
+            self.conn.send_error(code=ErrorCode.BAD_UPDATE, message=message, task_id=update.task_id)
 
     def _failed(self, task_id: str, reason: str) -> None:
         """A task is over without a usable result: a deploy's, or else the round's."""
         if self._deploy_answer(task_id, False, {}, reason):
             return
         self._count_traffic()
-        self.engine.task_failed(task_id, reason)
+        self.engine.task_failed(task_id, reason, device_id=self.device_id)
 
     def _deploy_answer(self, task_id: str, ok: bool, metrics: Mapping[str, float], message: str) -> bool:
         return self._deploys is not None and self._deploys.answer(task_id, ok, metrics, message)

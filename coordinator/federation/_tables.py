@@ -69,6 +69,9 @@ class FederationConfig:
     beta2: float = 0.99
     tau: float = 1e-3
     max_update_norm_ratio: float = 2.0  # an update's L2 norm may be at most this x what was sent
+    # An update's change (its L2 distance from what was sent) may be at most this x the norm of what was
+    # sent: honest local training moves weights by a few per cent at most; x(-1.9) moves them by 290 %.
+    max_delta_norm_ratio: float = 0.5
     # Planning keeps at least this much of each device's budget in reserve for what the memory model
     # does not count (a detected budget's own safety margin counts towards it; see FederationEngine).
     min_margin_bytes: int = DEFAULT_MIN_MARGIN_BYTES
@@ -219,6 +222,7 @@ def read_federation(t: Table) -> FederationConfig:
         beta2=t.number("beta2", 0.99, low=0.0, high=0.999999),
         tau=t.number("tau", 1e-3, low=0.0, open_low=True),
         max_update_norm_ratio=t.number("max_update_norm_ratio", 2.0, low=1.0),
+        max_delta_norm_ratio=t.number("max_delta_norm_ratio", 0.5, low=0.0, open_low=True),
         min_margin_bytes=t.size("min_margin", DEFAULT_MIN_MARGIN_BYTES, allow_zero=True),
     )
     if strategy == "fedavg":

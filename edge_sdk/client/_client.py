@@ -106,6 +106,15 @@ class DeviceOptions:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
 
+def _data_size(data: object) -> int | None:
+    """The number of training samples of ``data``, when it says (``len``)."""
+    try:
+        size = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return size if isinstance(size, int) and size >= 0 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class _SessionEnd:
     """How a connection ended: was the device welcomed, should it stop for good, and why."""
@@ -140,7 +149,11 @@ class EdgeDevice:
     # ------------------------------------------------------------------------------- profile
 
     def hello_profile(self) -> dict[str, Any]:
-        """``{"device": DeviceProfile.to_dict(), "budget": MemoryBudget.to_dict()}``, detected once."""
+        """``{"device": DeviceProfile.to_dict(), "budget": MemoryBudget.to_dict(), "data": {"num_samples": n}}``.
+
+        Detected once. ``data.num_samples`` is the size of the local training set: the coordinator holds
+        every update's sample count (its weight in the mean) to it.
+        """
         if self._profile is None:
             from edge_sdk.device._budget import compute_budget
             from edge_sdk.device._profile import detect_profile
@@ -160,6 +173,9 @@ class EdgeDevice:
                 format_bytes(budget.runtime_footprint),
             )
             self._profile = {"device": profile.to_dict(), "budget": budget.to_dict()}
+            size = _data_size(self.runner.data)
+            if size is not None:
+                self._profile["data"] = {"num_samples": size}
         return self._profile
 
     # ----------------------------------------------------------------------------- main loop

@@ -36,6 +36,8 @@ from edge_sdk.protocol._events import (
 )
 from edge_sdk.protocol._machine import ConnectionState, TaskMessage
 from edge_sdk.protocol._messages import (
+    MAX_MEMORY_BYTES,
+    MAX_NUM_SAMPLES,
     MAX_TEXT_BYTES,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -114,6 +116,8 @@ __all__ = [
     "LORA_A_SUFFIX",
     "LORA_B_SUFFIX",
     "MAX_CHUNK_BYTES",
+    "MAX_MEMORY_BYTES",
+    "MAX_NUM_SAMPLES",
     "MAX_TEXT_BYTES",
     "MESSAGE_TYPES",
     "MIN_CHUNK_BYTES",

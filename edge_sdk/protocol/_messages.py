@@ -38,6 +38,8 @@ from edge_sdk.protocol._wire import (
 )
 
 __all__ = [
+    "MAX_MEMORY_BYTES",
+    "MAX_NUM_SAMPLES",
     "MAX_TEXT_BYTES",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
@@ -87,6 +89,11 @@ class ErrorCode:
     INTERNAL: Final = "internal"  # a bug on the sending side
 
 
+def _short(value: int) -> str:
+    """An integer for an error message: huge ones by their size."""
+    return str(value) if abs(value) < 2**64 else f"an integer of {value.bit_length()} bits"
+
+
 def _require(record: WireRecord, field: str, ok: bool, problem: str) -> None:
     if not ok:
         raise record._invalid(field, problem)
@@ -128,6 +135,13 @@ class WireLimits(WireRecord):
 
 
 MAX_GRAD_NORM: Final = 1e6  # the largest gradient-clipping bound a task may carry
+# Upper bounds on what a peer reports. A device's local dataset, its memory and its timings are each
+# far below these; a count above them is a fault (or an attack: a sample count of 10**12 would make one
+# update the whole weighted mean), refused when the message is decoded.
+MAX_NUM_SAMPLES: Final = 2**31 - 1
+MAX_MEMORY_BYTES: Final = 2**50  # 1 PiB
+MAX_SECONDS: Final = 1e7  # about 116 days
+MAX_METRICS: Final = 64  # entries in a metrics mapping
 PLAIN_LEVERS: Final = Levers()
 
 
@@ -226,14 +240,23 @@ class Message(WireRecord):
             value = getattr(self, name, None)
             if isinstance(value, str):
                 _require(self, name, 0 < len(value) <= 256, "must be 1 to 256 characters")
-        for name in ("round", "num_samples", "peak_rss_bytes"):
+        for name, most in (("round", MAX_NUM_SAMPLES), ("num_samples", MAX_NUM_SAMPLES)):
             value = getattr(self, name, None)
             if isinstance(value, int):
-                _require(self, name, value >= 0, f"must be >= 0, got {value}")
+                _require(self, name, 0 <= value <= most, f"must be in 0..{most}, got {_short(value)}")
+        value = getattr(self, "peak_rss_bytes", None)
+        if isinstance(value, int):
+            ok = 0 <= value <= MAX_MEMORY_BYTES
+            _require(self, "peak_rss_bytes", ok, f"must be in 0..{MAX_MEMORY_BYTES}, got {_short(value)}")
         for name in ("step_time_s", "train_time_s"):
             value = getattr(self, name, None)
             if isinstance(value, float):
-                _require(self, name, value >= 0, f"must be >= 0, got {value}")
+                _require(self, name, 0 <= value <= MAX_SECONDS, f"must be in 0..{MAX_SECONDS:g}, got {value}")
+        metrics = getattr(self, "metrics", None)
+        if isinstance(metrics, Mapping):
+            _require(self, "metrics", len(metrics) <= MAX_METRICS, f"{len(metrics)} entries, at most {MAX_METRICS}")
+            for key in metrics:
+                _require(self, "metrics", 0 < len(key) <= 64, f"a key of {len(key)} characters (1 to 64)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -298,7 +298,7 @@ def test_nested_record_with_unknown_field_is_named() -> None:
         (lambda: Bye(code=999), "not a websocket close code"),
         (lambda: Error(code="Bad Code!", message="m"), "Error.code: expected a short snake_case code"),
         (lambda: EvalResult(task_id="", num_samples=1, metrics={}), "EvalResult.task_id: must be 1 to 256"),
-        (lambda: EvalResult(task_id="e", num_samples=-1, metrics={}), "num_samples: must be >= 0"),
+        (lambda: EvalResult(task_id="e", num_samples=-1, metrics={}), "num_samples: must be in 0..2147483647, got -1"),
         (lambda: EvalResult(task_id="e", num_samples=1, metrics={"l": float("nan")}), "finite number"),
         (lambda: Hello(device_id="d", sdk_version="1", profile={"x": float("inf")}), "non-finite number"),
         (lambda: Hello(device_id="d", sdk_version="1", profile={"x": object()}), "not a JSON value"),
