@@ -135,7 +135,7 @@ def test_a_huge_sample_count_is_refused_and_the_model_is_the_one_without_the_att
     def attack(device: Device, task: TaskReceived) -> list[str | bytes]:
         return rewritten(honest_update(device, task, scaled(task, -1.0)), num_samples=count)
 
-    engine, summary, devices = run_round(attack)  # 10**400 raised OverflowError here; 10**39 made NaN
+    engine, summary, _ = run_round(attack)  # 10**400 raised OverflowError here; 10**39 made NaN
     assert_attacker_lost_only_its_round(engine, summary)
     (evil,) = [o for o in summary.outcomes if o.device_id == "evil"]
     assert "num_samples" in evil.reason
@@ -217,7 +217,7 @@ def test_a_device_no_plan_fits_sits_the_round_out_without_stopping_it() -> None:
     ],
 )
 def test_an_update_that_moves_the_weights_too_far_is_refused(make: Attack) -> None:
-    engine, summary, devices = run_round(make)
+    engine, summary, _ = run_round(make)
     assert_attacker_lost_only_its_round(engine, summary)
     (evil,) = [o for o in summary.outcomes if o.device_id == "evil"]
     assert "changes the weights by an L2 norm" in evil.reason
@@ -237,8 +237,8 @@ def test_a_device_cannot_fail_another_devices_task() -> None:
     assert evil.session.receive(error, 1.0).go_on  # an Error naming another device's task
     result = json.dumps({"type": "eval_result", "v": 1, "task_id": victim, "num_samples": 1, "metrics": {}})
     assert not evil.session.receive(result, 1.0).go_on  # a result for a task it does not hold: closed
-    for name in HONEST:
-        devices[name].update(tasks[name], HONEST[name])
+    for name, shift in HONEST.items():
+        devices[name].update(tasks[name], shift)
         for frame in devices[name].conn.data_to_send():
             devices[name].session.receive(frame, 1.0)
     evil.session.lost(1008, "")
