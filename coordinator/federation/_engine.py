@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -42,9 +43,10 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.federation._aggregate import FedAdam, FedAvg, ServerOptimizer, aggregate
+from coordinator.federation._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate_round
 from coordinator.federation._checkpoint import EngineState, state_digest
 from coordinator.federation._planner import BUDGET, Planner, WidthPolicy
+from coordinator.federation._privacy import PrivacyAccountant, round_event
 from coordinator.federation._records import DeviceOutcome, RoundSummary, TrainOrder, width_of
 from coordinator.federation._registry import DeviceRegistry
 from coordinator.federation._round import OpenRound, train_orders
@@ -140,6 +142,8 @@ class FederationEngine:
         self._optimizer = optimizer if optimizer is not None else make_optimizer(federation)
         self._round = completed_rounds
         self._history: list[Mapping[str, Any]] = list(history)
+        # DP: the rounds composed so far are in the history's privacy records (a resumed run replays them)
+        self._accountant = PrivacyAccountant.from_history(federation.privacy.delta, self._history)
         self._open: OpenRound | None = None
         self._digest: str | None = None
         self._lock = threading.RLock()
@@ -337,11 +341,13 @@ class FederationEngine:
             if rnd is None or not rnd.closed:
                 raise EdgeFMError("close_round() must come before finish_round()")
             updates = rnd.accepted()
-        parent = aggregate(self.parent, updates, self._optimizer) if updates else self.parent
+            senders = [rnd.orders[t].device_id for t in rnd.orders if t in rnd.updates]
+        parent, merge = self._merge(rnd.index, updates, senders)
+        privacy = self._privacy_record(len(rnd.orders), composed=bool(updates))
         metrics = dict(self._evaluator(parent)) if self._evaluator is not None else {}
         digest = state_digest(parent.state)
         outcomes = rnd.final_outcomes()
-        summary = RoundSummary(rnd.index, self.federation.rounds, outcomes, metrics, digest)
+        summary = RoundSummary(rnd.index, self.federation.rounds, outcomes, metrics, digest, merge, privacy)
         with self._lock:
             self.parent, self._digest = parent, digest
             self._round = rnd.index
@@ -349,6 +355,43 @@ class FederationEngine:
             self.registry.note_round(rnd.index, outcomes)
             self._history.append(summary.to_json())
         return summary
+
+    def _merge(
+        self, index: int, updates: Sequence[ClientUpdate], senders: Sequence[str]
+    ) -> tuple[ParentModel, dict[str, Any]]:
+        """The round's updates merged (``[aggregation]`` rule, or central DP), and what the rule did."""
+        if not updates:
+            return self.parent, {}
+        fed = self.federation
+        noise = fed.privacy.noise(self._seed, index) if fed.privacy.mode == "central" else None
+        parent, merged = aggregate_round(self.parent, updates, self._optimizer, rule=fed.aggregation, noise=noise)
+        clipped = {d: round(s, 4) for d, s in zip(senders, merged.scales, strict=True) if s < 1.0}
+        capped = {
+            d: w
+            for d, w, u in zip(senders, merged.weights, updates, strict=True)
+            if noise is None and w < u.num_samples
+        }
+        rule = "dp-fedavg" if noise is not None else fed.aggregation.describe()
+        return parent, {"rule": rule, "clipped": clipped, "capped": capped}
+
+    def _privacy_record(self, selected: int, *, composed: bool) -> dict[str, Any] | None:
+        """The round's DP record (None without DP): the event composed, and epsilon so far."""
+        dp = self.federation.privacy
+        if not dp.enabled:
+            return None
+        q, z = round_event(dp.mode, selected, len(self.registry.to_json()), dp.noise_multiplier)
+        if composed:  # a round that merged nothing released nothing
+            self._accountant.compose(q, z)
+        epsilon = self._accountant.epsilon()
+        return {
+            "mode": dp.mode,
+            "epsilon": epsilon if math.isfinite(epsilon) else None,  # None: no noise, no guarantee
+            "delta": dp.delta,
+            "q": q,
+            "noise_multiplier": z,
+            "clip_norm": dp.clip_norm,
+            "composed": composed,
+        }
 
     # ---------------------------------------------------------------------------- checkpoints
 

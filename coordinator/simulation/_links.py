@@ -45,7 +45,7 @@ class VirtualDevice:
         return {
             "device": {"device_model": self.device_class, "machine": "simulated", "simulated": True},
             "budget": self.budget.to_dict(),
-            "data": {"num_samples": int(len(self.indices))},
+            "data": {"num_samples": len(self.indices)},
         }
 
 
