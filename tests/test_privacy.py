@@ -260,3 +260,38 @@ def test_local_mode_refuses_pinned_factored_levers() -> None:
     fed = FederationConfig(privacy=PrivacyConfig(mode="local"))
     with pytest.raises(ConfigError, match="needs dense updates"):
         FederationEngine(parent, salience, fed, TRAINING, levers=LeverPolicy(pin={"lora_rank": 4}))
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_a_simulation_reports_epsilon_per_round_and_in_its_summary(tmp_path: Path, mode: str) -> None:
+    from coordinator.simulation._executor import LocalExecutor
+    from coordinator.simulation._report import markdown_table, summarize
+    from coordinator.simulation._run import run_simulation
+    from edge_sdk.scaling._parent import parent_from_module
+
+    from .test_simulation import tiny_config, tiny_module
+
+    privacy = {"mode": mode, "clip_norm": 0.05, "noise_multiplier": 1.0}
+    config = parse_simulation_config(
+        tiny_config(
+            tmp_path / "unused",
+            devices={"raspberry-pi-4-2gb": 3, "jetson-nano-4gb": 1, "raspberry-pi-5-8gb": 0},
+            federation={"rounds": 2, "fraction": 0.5},
+            privacy=privacy,
+        ),
+        base=tmp_path,
+    )
+    executor = LocalExecutor(max_workers=2, threads=1)
+    try:
+        result = run_simulation(config, parent=parent_from_module(tiny_module()), executor=executor, run_dir=tmp_path)
+    finally:
+        executor.close()
+    epsilons = [r["epsilon"] for r in result.rounds]
+    assert all(r["aggregated"] == 2 for r in result.rounds)
+    q, z = (0.5, 1.0) if mode == "central" else (1.0, 0.5)
+    event = dp_accounting.GaussianDpEvent(z)
+    for rounds, eps in enumerate(epsilons, start=1):
+        accountant = RdpAccountant()
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, event) if q < 1 else event, rounds)
+        assert eps == pytest.approx(float(accountant.get_epsilon(1e-5)))
+    assert f"(DP epsilon {epsilons[-1]:.3g})" in markdown_table([summarize(result)])
