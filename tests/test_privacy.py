@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
@@ -19,14 +20,18 @@ from coordinator.federation._config import FederationConfig
 from coordinator.federation._engine import FederationEngine
 from coordinator.federation._privacy import GaussianNoise
 from coordinator.simulation._config import parse_simulation_config
-from edge_sdk import ConfigError
+from edge_sdk import ConfigError, ProtocolError
 from edge_sdk._spec import SubnetSpec
-from edge_sdk.scaling import Levers
+from edge_sdk.protocol import TrainSettings, TrainTask, encode_tensors
+from edge_sdk.scaling import LeverPolicy, Levers
 from edge_sdk.scaling._extract import extract
 from edge_sdk.scaling._parent import ParentModel
+from edge_sdk.training._privacy import privatize
+from edge_sdk.training._runner import TaskRunner
 
 from .models import tiny_parent
 from .test_engine import TRAINING, admit_all, hello, ranked_parent, trained
+from .test_levers_roundtrip import Tokens
 from .test_run_config import BASE
 
 Q = "bert.encoder.layer.0.attention.self.query.weight"  # [32, 32]: rows are 4 heads x 8 dims
@@ -186,3 +191,107 @@ def test_the_privacy_table_in_run_and_simulation_configs(tmp_path: Path) -> None
 
     sim = parse_simulation_config(tiny_config(tmp_path, privacy={"mode": "central"}), base=tmp_path)
     assert sim.federation.privacy == PrivacyConfig(mode="central", reproducible=True)  # simulations replay
+
+
+# ------------------------------------------------------------------------------------------ local DP
+
+
+def test_the_device_clips_its_delta_and_adds_noise_of_std_z_c() -> None:
+    sent = {"w": np.zeros((100, 100), dtype=np.float32), "ids": np.arange(4)}
+    trained = {"w": np.full((100, 100), 0.5, dtype=np.float32), "ids": np.arange(4)}  # norm 50
+    clipped = privatize(trained, sent, clip_norm=2.0, noise_multiplier=0.0)
+    np.testing.assert_allclose(clipped["w"], 0.02, rtol=1e-6)  # 0.5 x 2 / 50
+    assert clipped["ids"] is trained["ids"]
+    noisy = privatize(trained, sent, clip_norm=2.0, noise_multiplier=1.5, rng=np.random.default_rng(0))
+    noise = noisy["w"].astype(np.float64) - 0.02
+    assert noisy["w"].dtype == np.float32
+    assert float(noise.std()) == pytest.approx(3.0, rel=0.03) and abs(float(noise.mean())) < 0.15
+    with pytest.raises(ConfigError, match="needs dense updates"):
+        privatize({**trained, "q@lora_A": np.zeros((1, 2), dtype=np.float32)}, sent, 1.0, 1.0)
+
+
+def test_local_dp_settings_travel_on_the_wire_and_are_checked() -> None:
+    settings = TrainSettings(local_steps=1, lr=0.1, batch_size=2, seq_len=4, dp_clip_norm=0.5, dp_noise_multiplier=2.0)
+    assert TrainSettings.from_json(settings.to_json()) == settings
+    plain = TrainSettings(local_steps=1, lr=0.1, batch_size=2, seq_len=4)
+    assert "dp_clip_norm" not in plain.to_json()  # optional on the wire: older devices still get plain tasks
+    with pytest.raises(ProtocolError, match="dp_noise_multiplier"):
+        TrainSettings(local_steps=1, lr=0.1, batch_size=2, seq_len=4, dp_noise_multiplier=1.0)
+
+
+def test_local_mode_orders_ask_for_noise_forbid_factored_levers_and_account_per_device() -> None:
+    parent, salience = ranked_parent()
+    privacy = PrivacyConfig(mode="local", clip_norm=0.01, noise_multiplier=0.5)
+    fed = FederationConfig(rounds=2, min_devices=1, min_margin_bytes=0, max_update_norm_ratio=1e3, privacy=privacy)
+    engine = FederationEngine(parent, salience, fed, TRAINING, devices=["a", "b"], seed=7)
+    assert {"lora", "embedding_rows"} <= engine.planner.levers.forbid
+    admit_all(engine, {"a": 10**10, "b": 10**10})
+    orders = engine.begin_round(["a", "b"], now=0.0)
+    for order in orders:
+        assert order.settings.dp_clip_norm == 0.01 and order.settings.dp_noise_multiplier == 0.5
+        task = TrainTask(
+            task_id=order.task_id,
+            round=1,
+            spec=order.spec.to_dict(),
+            model_config=order.model_config,
+            settings=order.settings,
+            weights=encode_tensors(order.tensors)[0],
+        )
+        out = TaskRunner(Tokens(), threads=1).train(task, order.tensors).tensors  # the device's own trainer
+        noise = np.concatenate([(out[n] - a).ravel() for n, a in order.tensors.items() if a.dtype.kind == "f"])
+        assert float(noise.std()) == pytest.approx(0.005, rel=0.05)  # z C; the clipped delta is <= 0.01 in norm
+        assert float(np.sqrt(np.square(out_norm(out)).sum())) <= order.max_update_norm
+        engine.accept_update(order.task_id, out, num_samples=16, now=1.0)
+    engine.close_round(now=2.0)
+    record = engine.finish_round().to_json()
+    # per device, against the coordinator: no amplification by sampling, replace-one sensitivity 2C
+    assert record["privacy"]["q"] == 1.0 and record["privacy"]["noise_multiplier"] == 0.25
+    single = RdpAccountant()
+    single.compose(dp_accounting.GaussianDpEvent(0.25))
+    assert record["epsilon"] == pytest.approx(float(single.get_epsilon(1e-5)))
+
+
+def out_norm(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.ravel().astype(np.float64) for a in tensors.values() if a.dtype.kind == "f"])
+
+
+def test_local_mode_refuses_pinned_factored_levers() -> None:
+    parent, salience = ranked_parent()
+    fed = FederationConfig(privacy=PrivacyConfig(mode="local"))
+    with pytest.raises(ConfigError, match="needs dense updates"):
+        FederationEngine(parent, salience, fed, TRAINING, levers=LeverPolicy(pin={"lora_rank": 4}))
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_a_simulation_reports_epsilon_per_round_and_in_its_summary(tmp_path: Path, mode: str) -> None:
+    from coordinator.simulation._executor import LocalExecutor
+    from coordinator.simulation._report import markdown_table, summarize
+    from coordinator.simulation._run import run_simulation
+    from edge_sdk.scaling._parent import parent_from_module
+
+    from .test_simulation import tiny_config, tiny_module
+
+    privacy = {"mode": mode, "clip_norm": 0.05, "noise_multiplier": 1.0}
+    config = parse_simulation_config(
+        tiny_config(
+            tmp_path / "unused",
+            devices={"raspberry-pi-4-2gb": 3, "jetson-nano-4gb": 1, "raspberry-pi-5-8gb": 0},
+            federation={"rounds": 2, "fraction": 0.5},
+            privacy=privacy,
+        ),
+        base=tmp_path,
+    )
+    executor = LocalExecutor(max_workers=2, threads=1)
+    try:
+        result = run_simulation(config, parent=parent_from_module(tiny_module()), executor=executor, run_dir=tmp_path)
+    finally:
+        executor.close()
+    epsilons = [r["epsilon"] for r in result.rounds]
+    assert all(r["aggregated"] == 2 for r in result.rounds)
+    q, z = (0.5, 1.0) if mode == "central" else (1.0, 0.5)
+    event = dp_accounting.GaussianDpEvent(z)
+    for rounds, eps in enumerate(epsilons, start=1):
+        accountant = RdpAccountant()
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, event) if q < 1 else event, rounds)
+        assert eps == pytest.approx(float(accountant.get_epsilon(1e-5)))
+    assert f"(DP epsilon {epsilons[-1]:.3g})" in markdown_table([summarize(result)])

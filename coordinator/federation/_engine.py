@@ -33,6 +33,7 @@ heavy part touches only the closed round; state changes happen under a lock.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ import numpy as np
 from coordinator.federation._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate_round
 from coordinator.federation._checkpoint import EngineState, state_digest
 from coordinator.federation._planner import BUDGET, Planner, WidthPolicy
-from coordinator.federation._privacy import PrivacyAccountant, round_event
+from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig, round_event
 from coordinator.federation._records import DeviceOutcome, RoundSummary, TrainOrder, width_of
 from coordinator.federation._registry import DeviceRegistry
 from coordinator.federation._round import OpenRound, train_orders
@@ -77,6 +78,31 @@ def make_optimizer(federation: FederationConfig) -> ServerOptimizer:
     if federation.strategy == "fedadam":
         return FedAdam(lr=federation.server_lr, beta1=federation.beta1, beta2=federation.beta2, tau=federation.tau)
     raise ConfigError(f"unknown strategy {federation.strategy!r}")
+
+
+def _local_dp(order: TrainOrder, privacy: PrivacyConfig) -> TrainOrder:
+    """``order`` asking the device to clip and noise its update (local DP), its norm bound widened
+    by the noise's norm: ``z C (sqrt(n) + 10)`` over the n values sent (a chi of n degrees of freedom
+    is within 10 of sqrt(n) but with negligible probability)."""
+    settings = dataclasses.replace(
+        order.settings, dp_clip_norm=privacy.clip_norm, dp_noise_multiplier=privacy.noise_multiplier
+    )
+    values = sum(a.size for a in order.tensors.values() if a.dtype.kind == "f")
+    noise = privacy.noise_multiplier * privacy.clip_norm * (math.sqrt(values) + 10.0)
+    return dataclasses.replace(
+        order, settings=settings, max_update_norm=order.max_update_norm + privacy.clip_norm + noise
+    )
+
+
+def _local_levers(levers: LeverPolicy | None, privacy: PrivacyConfig) -> LeverPolicy:
+    """The planner's levers; under local DP the update must be dense: no LoRA, no embedding rows."""
+    policy = LeverPolicy() if levers is None else levers
+    if privacy.mode != "local":
+        return policy
+    pinned = policy.pinned
+    if pinned.get("lora_rank") or pinned.get("embeddings") == "rows":
+        raise ConfigError("[privacy] mode = 'local' needs dense updates: do not pin lora_rank or embeddings = 'rows'")
+    return dataclasses.replace(policy, forbid=policy.forbid | {"lora", "embedding_rows"})
 
 
 def _json_safe(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,7 +158,7 @@ class FederationEngine:
             work,
             min_margin_bytes=federation.min_margin_bytes,
             policy=width,
-            levers=LeverPolicy() if levers is None else levers,
+            levers=_local_levers(levers, federation.privacy),
             devices=devices,
         )
         self.registry = DeviceRegistry(self.planner, devices)
@@ -221,6 +247,8 @@ class FederationEngine:
                 max_update_norm_ratio=self.federation.max_update_norm_ratio,
                 max_delta_norm_ratio=self.federation.max_delta_norm_ratio,
             )
+            if self.federation.privacy.mode == "local":
+                orders = {t: _local_dp(o, self.federation.privacy) for t, o in orders.items()}
             self._open = OpenRound(index=index, deadline=now + self.federation.round_deadline_s, orders=orders)
         logger.info(
             "round %d/%d: training on %d device(s): %s",

@@ -43,6 +43,7 @@ class MethodSummary:
     compute_s: float  # total local training time over all tasks
     wall_s: float
     smallest_accuracy: float = math.nan  # the final global model sliced to the smallest device plan
+    epsilon: float = math.nan  # [privacy]: the DP epsilon after the last round (nan without DP)
 
     @property
     def mean_predicted_fraction(self) -> float:
@@ -76,7 +77,13 @@ def summarize(result: SimulationResult) -> MethodSummary:
         smallest_accuracy=float(result.width_metrics[min(result.width_metrics)].get("accuracy", math.nan))
         if result.width_metrics
         else math.nan,
+        epsilon=_last_epsilon(result.rounds),
     )
+
+
+def _last_epsilon(rounds: Sequence[dict[str, Any]]) -> float:
+    eps = rounds[-1].get("epsilon") if rounds else None
+    return float(eps) if eps is not None else math.nan
 
 
 def _pct(value: float) -> str:
@@ -85,6 +92,10 @@ def _pct(value: float) -> str:
 
 def _mb(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value / _MB:.0f}"
+
+
+def _dp(s: MethodSummary) -> str:
+    return "" if math.isnan(s.epsilon) else f" (DP epsilon {s.epsilon:.3g})"
 
 
 def markdown_table(summaries: Sequence[MethodSummary]) -> str:
@@ -99,7 +110,7 @@ def markdown_table(summaries: Sequence[MethodSummary]) -> str:
     rows = [head]
     for s in summaries:
         rows.append(
-            f"| {s.method} | {_pct(s.final_accuracy)} | {_pct(s.best_accuracy)} | {_pct(s.smallest_accuracy)} "
+            f"| {s.method}{_dp(s)} | {_pct(s.final_accuracy)} | {_pct(s.best_accuracy)} | {_pct(s.smallest_accuracy)} "
             f"| {_mb(s.mean_predicted_bytes)} / {_mb(s.min_predicted_bytes)} ({100 * s.mean_predicted_fraction:.0f} %) "
             f"| {_mb(s.mean_measured_bytes)} / {_mb(s.min_measured_bytes)} "
             f"| {s.over_budget}/{s.devices} | {s.full_model_devices}/{s.devices} "

@@ -325,6 +325,8 @@ def _round_record(
         "bytes_up": summary.bytes_in,
         "weights_digest": summary.weights_digest,
         "wall_s": wall_s,
+        "merge": dict(summary.merge),  # the [aggregation] rule, devices clipped / capped
+        "epsilon": summary.epsilon,  # [privacy]: the run's epsilon so far (None without DP)
         "devices": rows,
     }
     ok = [r for r in rows if r["status"] == "ok"]
