@@ -81,7 +81,7 @@ def make_optimizer(federation: FederationConfig) -> ServerOptimizer:
 
 
 def _local_dp(order: TrainOrder, privacy: PrivacyConfig) -> TrainOrder:
-    """``order`` asking the device to clip and noise its update (local DP), its norm bound widened
+    """``order`` asking the device to clip and noise its update (local DP), its norm bounds widened
     by the noise's norm: ``z C (sqrt(n) + 10)`` over the n values sent (a chi of n degrees of freedom
     is within 10 of sqrt(n) but with negligible probability)."""
     settings = dataclasses.replace(
@@ -89,8 +89,10 @@ def _local_dp(order: TrainOrder, privacy: PrivacyConfig) -> TrainOrder:
     )
     values = sum(a.size for a in order.tensors.values() if a.dtype.kind == "f")
     noise = privacy.noise_multiplier * privacy.clip_norm * (math.sqrt(values) + 10.0)
+    widen = privacy.clip_norm + noise
+    delta_bound = None if order.max_delta_norm is None else order.max_delta_norm + widen
     return dataclasses.replace(
-        order, settings=settings, max_update_norm=order.max_update_norm + privacy.clip_norm + noise
+        order, settings=settings, max_update_norm=order.max_update_norm + widen, max_delta_norm=delta_bound
     )
 
 
