@@ -29,6 +29,7 @@ from coordinator.federation._loop import (
     WaitFor,
 )
 from coordinator.federation._planner import BUDGET, WIDTHS, Planner, WidthPolicy
+from coordinator.federation._ratelimit import LogLimiter, clip
 from coordinator.federation._registry import DeviceRecord, DeviceRegistry
 from coordinator.federation._session import CHANGED, GO_ON, DeployInbox, DeviceSession, Verdict, frame_bytes
 from coordinator.federation._tables import (
@@ -63,6 +64,7 @@ __all__ = [
     "FederationConfig",
     "FederationEngine",
     "FinishRound",
+    "LogLimiter",
     "ModelConfig",
     "Planner",
     "RoundLoop",
@@ -82,6 +84,7 @@ __all__ = [
     "WaitFor",
     "WidthPolicy",
     "aggregate",
+    "clip",
     "frame_bytes",
     "latest_checkpoint",
     "load_checkpoint",
