@@ -170,8 +170,9 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
             running.result()  # RunAbortedError and bugs propagate
             return 0
         logger.info("signal received: stopping (devices are told goodbye; they come back with the coordinator)")
-        await server.stop(grace=STOP_GRACE_S)
-        await _halt(running)
+        halting = asyncio.ensure_future(_halt(running))  # the run is cancelled while ...
+        await server.stop(grace=STOP_GRACE_S)  # ... devices hear goodbye (this marks the server stopping first)
+        await halting
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -202,7 +203,7 @@ def run_coordinator(config: RunConfig, *, resume: bool = False) -> int:
     return run_bounded(serve_async(config, engine))
 
 
-def run_bounded(main: Coroutine[Any, Any, int], cleanup_s: float = 1.0) -> int:
+def run_bounded(main: Coroutine[Any, Any, int], cleanup_s: float = 0.5) -> int:
     """``asyncio.run(main)``, except that the tasks left over get at most ``cleanup_s`` to end once
     cancelled, and no thread is joined (the daemon's worker threads are daemon threads)."""
     loop = asyncio.new_event_loop()

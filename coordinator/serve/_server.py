@@ -201,7 +201,7 @@ class CoordinatorServer:
             closed = asyncio.ensure_future(self._server.wait_closed())
             await asyncio.wait({closed}, timeout=max(0.0, deadline - loop.time()))
             self._gate.abort_all()
-            await asyncio.wait({closed}, timeout=1.0)  # handlers see their sockets cut at once
+            await asyncio.wait({closed}, timeout=0.5)  # handlers see their sockets cut at once
             closed.cancel()
         for task in goodbyes:
             task.cancel()
