@@ -33,7 +33,7 @@ from edge_sdk.protocol import (
     encode_message,
     encode_tensors,
 )
-from edge_sdk.protocol._closecodes import CLOSE_REJECTED, CLOSE_REPLACED, CLOSE_RUN_COMPLETE
+from edge_sdk.protocol._closecodes import CLOSE_REJECTED, CLOSE_RUN_COMPLETE
 
 from .test_engine import TRAINING, ranked_parent
 
@@ -182,7 +182,7 @@ def test_a_wrong_or_missing_token_gets_401_before_any_model_byte(tmp_path: Path)
     run(main())
 
 
-def test_connections_above_the_limit_get_503_and_a_reconnection_replaces_the_old_one(tmp_path: Path) -> None:
+def test_connections_above_the_limit_get_503_and_a_second_connection_of_a_device_409(tmp_path: Path) -> None:
     async def main() -> None:
         async with coordinator(tmp_path, ["a", "b"], max_connections=1) as (srv, _), dial(srv, "a") as first:
             device = Device(first)
@@ -193,10 +193,14 @@ def test_connections_above_the_limit_get_503_and_a_reconnection_replaces_the_old
             assert caught.value.response.status_code == 503
         async with coordinator(tmp_path / "2", ["a", "b"]) as (srv, _), dial(srv, "a") as first:
             await Device(first).hello()
-            async with dial(srv, "a") as second:
-                await Device(second).hello()
-                code, _ = await Device(first).closed()
-                assert code == CLOSE_REPLACED
+            with pytest.raises(InvalidStatus) as caught:
+                async with dial(srv, "a"):
+                    pass
+            assert caught.value.response.status_code == 409  # the connected device keeps its place
+            await first.ping()
+            await first.close()  # once its connection is closed, the device connects again
+            async with dial(srv, "a") as again:
+                await Device(again).hello()
 
     run(main())
 

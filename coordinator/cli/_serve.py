@@ -1,10 +1,21 @@
-"""``edge-coordinator serve``: run a federated fine-tuning run from a TOML config."""
+"""``edge-coordinator serve``: run a federated fine-tuning run from a TOML config.
+
+SIGINT and SIGTERM stop it within seconds in any phase, with exit code 130: while the engine is
+built (model load, salience, the first checkpoint) they interrupt it; once the port is open the
+server's own handlers stop it (see :func:`~coordinator.serve.serve_async`). Checkpoints are atomic,
+so the last one on disk stands. After a signal the process ends with ``os._exit`` once the log is
+flushed: the run's state is on disk, and the interpreter's teardown of torch alone can take seconds.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any, NoReturn
 
 from coordinator.federation import load_config
 from coordinator.serve import RunAbortedError, run_coordinator
@@ -12,6 +23,7 @@ from coordinator.serve import RunAbortedError, run_coordinator
 logger = logging.getLogger(__name__)
 
 EXIT_ABORTED = 3
+EXIT_SIGNAL = 130
 
 
 def add_parser(sub: Any) -> None:
@@ -29,10 +41,29 @@ def add_parser(sub: Any) -> None:
     )
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    signal.signal(signal.SIGTERM, _interrupt)  # as SIGINT does, until the server's handlers take over
     try:
-        return run_coordinator(config, resume=args.resume)
+        code = run_coordinator(config, resume=args.resume)
     except RunAbortedError as exc:
         logger.error("%s", exc)
         return EXIT_ABORTED
+    except KeyboardInterrupt:
+        logger.info("stopped on a signal while starting: the last checkpoint on disk stands")
+        code = EXIT_SIGNAL
+    if code == EXIT_SIGNAL:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Flush the log and leave at once (skipping the interpreter's teardown, and any worker thread)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

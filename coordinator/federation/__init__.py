@@ -42,6 +42,7 @@ from coordinator.federation._loop import (
 )
 from coordinator.federation._planner import BUDGET, WIDTHS, Planner, WidthPolicy
 from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig
+from coordinator.federation._ratelimit import LogLimiter, clip
 from coordinator.federation._registry import DeviceRecord, DeviceRegistry
 from coordinator.federation._session import CHANGED, GO_ON, DeployInbox, DeviceSession, Verdict, frame_bytes
 from coordinator.federation._tables import (
@@ -80,6 +81,7 @@ __all__ = [
     "FederationEngine",
     "FinishRound",
     "GaussianNoise",
+    "LogLimiter",
     "Merge",
     "ModelConfig",
     "Planner",
@@ -103,6 +105,7 @@ __all__ = [
     "WidthPolicy",
     "aggregate",
     "aggregate_round",
+    "clip",
     "frame_bytes",
     "latest_checkpoint",
     "load_checkpoint",

@@ -25,7 +25,9 @@ A device answers only for its own tasks: an Error, a violation or a result namin
 not outstanding on this connection when its frame arrived never fails that task (it may be another
 device's); the engine checks the owner again (``task_failed(device_id=...)``).
 
-The bytes a device sends while a training task is out count as that round's traffic.
+The bytes a device sends while a training task is out count as that round's traffic. The log lines a
+device's messages cause are rate-limited per device (:class:`LogLimiter`) and the device's text in
+them clipped (:func:`clip`), so a device cannot flood the log.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from coordinator.federation._ratelimit import LogLimiter, clip
 from coordinator.federation._records import TrainOrder
 from edge_sdk._errors import BudgetError, ProfileError, ProtocolError
 from edge_sdk.protocol import (
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = ["CHANGED", "GO_ON", "DeployInbox", "DeviceSession", "Verdict"]
 
 logger = logging.getLogger(__name__)
+_device_log = LogLimiter(logger)  # keyed by device name: what one device's messages may log
 
 _MAX_ERROR_TEXT = 2000  # characters of a refusal's reason sent back to the device
 
@@ -163,30 +167,36 @@ class DeviceSession:
         if isinstance(event, UpdateReceived):
             self._update(event, now, peak_of)
         elif isinstance(event, UpdateRejected):
-            logger.warning("device %s: update for %s rejected: %s", name, event.task_id, event.reason)
+            _device_log.warning(
+                name, "device %s: update for %s rejected: %s", name, clip(event.task_id), clip(event.reason)
+            )
             self._failed(event.task_id, f"update rejected: {event.reason}")
         elif isinstance(event, DeployResultReceived):
             result = event.result
             if not self._deploy_answer(result.task_id, result.ok, result.metrics, result.message):
-                logger.warning("device %s: late answer to deploy %s ignored", name, result.task_id)
+                _device_log.warning(name, "device %s: late answer to deploy %s ignored", name, clip(result.task_id))
         elif isinstance(event, ErrorReceived):
             error = event.error
             on_task = f" for task {error.task_id}" if error.task_id else ""
-            logger.warning("device %s reports %s%s: %s", name, error.code, on_task, error.message)
+            _device_log.warning(
+                name, "device %s reports %s%s: %s", name, clip(error.code), clip(on_task), clip(error.message)
+            )
             if error.task_id and error.task_id == owned:
                 self._failed(error.task_id, f"device error {error.code}: {error.message[:200]}")
         elif isinstance(event, ProtocolViolation):
-            logger.warning("device %s broke the protocol (close %d): %s", name, event.close_code, event.reason)
+            _device_log.warning(
+                name, "device %s broke the protocol (close %d): %s", name, event.close_code, clip(event.reason)
+            )
             if event.task_id and event.task_id == owned:
                 self._failed(event.task_id, f"protocol violation: {event.reason[:200]}")
             return Verdict(event.close_code, event.close_reason, changed=True)
         elif isinstance(event, ByeReceived):
-            logger.info("device %s says goodbye (%d %s)", name, event.bye.code, event.bye.reason)
+            _device_log.info(name, "device %s says goodbye (%d %s)", name, event.bye.code, clip(event.bye.reason))
             if event.pending_task_id:
                 self._failed(event.pending_task_id, "device left")
             return Verdict(event.bye.code, event.bye.reason, changed=True)
         else:
-            logger.info("device %s: ignoring %s", name, type(event).__name__)
+            _device_log.info(name, "device %s: ignoring %s", name, type(event).__name__)
             return GO_ON
         return CHANGED
 
@@ -212,8 +222,12 @@ class DeviceSession:
         """The connection is gone: a task it owed fails now (the round goes on without it)."""
         for event in self.conn.receive_close(code, reason):
             if isinstance(event, ConnectionLost) and event.pending_task_id:
-                logger.warning(
-                    "device %s disconnected (code %s) during task %s", self.device_id, code, event.pending_task_id
+                _device_log.warning(
+                    self.device_id,
+                    "device %s disconnected (code %s) during task %s",
+                    self.device_id,
+                    code,
+                    clip(event.pending_task_id),
                 )
                 self._failed(event.pending_task_id, f"disconnected (code {code})")
 
@@ -224,7 +238,7 @@ class DeviceSession:
         try:
             plan = self.engine.admit(self.device_id, thaw_json(hello.profile))
         except (BudgetError, ProfileError) as exc:
-            logger.warning("device %s refused: %s", self.device_id, exc)
+            _device_log.warning(self.device_id, "device %s refused: %s", self.device_id, clip(exc))
             self.conn.send_error(code=ErrorCode.REJECTED, message=str(exc)[:2000])
             self.conn.send_bye(reason="rejected", code=CLOSE_REJECTED)
             return Verdict(CLOSE_REJECTED, "rejected")
@@ -235,11 +249,12 @@ class DeviceSession:
             device_id=self.device_id,
         )
         self.admitted = True
-        logger.info(
+        _device_log.info(
+            self.device_id,
             "device %s (sdk %s, says it is %r) joined: %.2fM-parameter sub-network",
             self.device_id,
-            hello.sdk_version,
-            hello.device_id,
+            clip(hello.sdk_version, 40),
+            clip(hello.device_id, 80),
             plan.params / 1e6,
         )
         return CHANGED
@@ -260,12 +275,13 @@ class DeviceSession:
             values_checked=True,  # the protocol checked finite values and the norm bound on arrival
         )
         if outcome.status != "ok":
-            logger.warning(
+            _device_log.warning(
+                self.device_id,
                 "device %s: update for %s not used: %s (%s)",
                 self.device_id,
-                update.task_id,
+                clip(update.task_id),
                 outcome.status,
-                outcome.reason,
+                clip(outcome.reason),
             )
             message = f"update not used ({outcome.status}): {outcome.reason}"[:_MAX_ERROR_TEXT]
             self.conn.send_error(code=ErrorCode.BAD_UPDATE, message=message, task_id=update.task_id)

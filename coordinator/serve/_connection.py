@@ -7,9 +7,10 @@ import contextlib
 import http
 import json
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Response
@@ -25,8 +26,11 @@ __all__ = [
     "close_quietly",
     "json_response",
     "peer",
+    "start_thread",
     "write_atomic",
 ]
+
+T = TypeVar("T")
 
 CLOSE_TIMEOUT_S = 10.0
 CLOSE_TRY_AGAIN = 1013  # RFC 6455 "try again later": the device reconnects
@@ -70,10 +74,47 @@ class Changes:
         self._event = asyncio.Event()
 
     async def wait(self, timeout: float) -> None:
-        """Until the next :meth:`wake`, or ``timeout`` seconds."""
-        event = self._event
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        """Until the next :meth:`wake`, or ``timeout`` seconds.
+
+        ``asyncio.wait``, not ``wait_for``: before Python 3.12, ``wait_for`` loses a cancellation that
+        comes as the event is set, which let a stop go unheard while devices came and went.
+        """
+        waiter = asyncio.ensure_future(self._event.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=max(0.0, timeout))
+        finally:
+            waiter.cancel()
+
+
+def start_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Run ``fn(*args)`` in a new daemon thread; the future of its result (on the running loop).
+
+    Unlike ``asyncio.to_thread`` (the loop's default executor, which ``asyncio.run`` and the
+    interpreter join at exit, without bound), a daemon thread never holds up the process's exit: a
+    stop may leave it behind (a checkpoint it was writing is atomic: the previous one stands).
+    Cancelling the future does not stop the thread; await ``asyncio.shield(future)`` to keep it.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits it any more
+            loop.call_soon_threadsafe(deliver, result, error)
+
+    threading.Thread(target=work, name=f"edge-fm-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    return future
 
 
 async def close_quietly(ws: ServerConnection, code: int, reason: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from websockets.exceptions import ConnectionClosed
 
 from coordinator.federation import DeployConfig, DeployOrder, DeployOutcome, FederationEngine, make_order, outcome
-from coordinator.serve._connection import CLOSE_TRY_AGAIN, Connection, close_quietly, write_atomic
+from coordinator.serve._connection import CLOSE_TRY_AGAIN, Connection, close_quietly, start_thread, write_atomic
 from edge_sdk._errors import EdgeFMError, ProtocolError
 
 __all__ = ["DEPLOYMENTS_FILE", "DeployService", "deploy_task_id"]
@@ -136,7 +136,7 @@ class DeployService:
         deadline = started + config.timeout_s
         async with self._limit:  # bounds the extracted weights held at once
             try:
-                order = await asyncio.to_thread(make_order, self.engine, device_id, config, task_id)
+                order = await start_thread(make_order, self.engine, device_id, config, task_id)
             except (EdgeFMError, KeyError) as exc:
                 reason = f"cannot plan its inference sub-network: {exc}"
                 return DeployOutcome(device_id, task_id, self.engine.round, "failed", reason)

@@ -35,6 +35,11 @@ class OperatorHTTP:
         self._tokens = TokenTable({"operator": token}) if token else None
         self._running: set[asyncio.Future[Any]] = set()
 
+    def cancel(self) -> None:
+        """Cancel the deploys operators started (the server is stopping)."""
+        for running in list(self._running):
+            running.cancel()
+
     def respond(self, connection: ServerConnection, request: Request) -> Response:
         """The response to ``GET /deploy/<device>`` or ``GET /deployments``."""
         if self._tokens is None or not self.deploys.enabled:

@@ -13,23 +13,27 @@ last checkpoint) without any network, e.g. for a simulator.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from coordinator.federation import FederationEngine, RunConfig, latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.serve._security import server_ssl_context
-from coordinator.serve._server import CoordinatorServer
+from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
 from coordinator.serve._validation import Validator, calibration_batches
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ranked_parent, resolve_model_dir
 
-__all__ = ["build_engine", "run_coordinator", "serve_async"]
+__all__ = ["EXIT_SIGNAL", "STOP_GRACE_S", "build_engine", "run_coordinator", "serve_async"]
 
 logger = logging.getLogger(__name__)
+
+EXIT_SIGNAL = 130  # stopped by SIGINT or SIGTERM
+STOP_GRACE_S = 1.0  # on a signal: how long devices have to hear goodbye before their sockets are cut
 
 
 def _validator(config: RunConfig, model_dir: Path) -> Validator | None:
@@ -130,7 +134,13 @@ def _new_run(config: RunConfig, model_dir: Path, validator: Validator | None) ->
 
 
 async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_signals: bool = True) -> int:
-    """Serve ``engine``'s rounds to devices; returns 0 when the run is complete, 130 when stopped."""
+    """Serve ``engine``'s rounds to devices; returns 0 when the run is complete, 130 when stopped.
+
+    SIGINT and SIGTERM stop it within a few seconds in any phase (their handlers are in place before
+    the port opens): devices are told goodbye (1001: they reconnect when a coordinator is back),
+    sockets still open after ``STOP_GRACE_S`` are cut, and a merge and checkpoint in progress get
+    ``FINISH_GRACE_S`` to finish. The last checkpoint on disk stands (restart with ``--resume``).
+    """
     ssl_context = (
         server_ssl_context(config.server.tls_cert, config.server.tls_key)
         if config.server.tls_cert is not None and config.server.tls_key is not None
@@ -145,33 +155,67 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
         ssl_context=ssl_context,
         deploy=config.deploy,
     )
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    if handle_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-    running = asyncio.ensure_future(server.run())
-    stopping = asyncio.ensure_future(stop.wait())
+    signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
     try:
+        await server.start()
+        running = asyncio.ensure_future(server.run())
+        stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
         stopping.cancel()
-        if handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-    if running.done():
-        running.result()  # RunAbortedError and bugs propagate
-        return 0
-    logger.info("stopping on a signal: the checkpoint of round %d stands (restart with --resume)", engine.round)
-    running.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await running
-    await server.stop()
-    return 130
+        if running.done():
+            running.result()  # RunAbortedError and bugs propagate
+            return 0
+        logger.info("signal received: stopping (devices are told goodbye; they come back with the coordinator)")
+        halting = asyncio.ensure_future(_halt(running))  # the run is cancelled while ...
+        await server.stop(grace=STOP_GRACE_S)  # ... devices hear goodbye (this marks the server stopping first)
+        await halting
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    latest = latest_checkpoint(config.run.dir)
+    number = latest.name.rpartition("-")[2] if latest is not None else ""
+    done = int(number) if number.isdigit() else engine.round
+    logger.info("stopping on a signal: the checkpoint of round %d stands (restart with --resume)", done)
+    return EXIT_SIGNAL
+
+
+async def _halt(running: asyncio.Future[None]) -> None:
+    """Cancel the run and wait for it, bounded (a merge and checkpoint in progress get
+    ``FINISH_GRACE_S``); a cancellation that goes unheard is repeated once, then the run is left."""
+    for wait_s in (FINISH_GRACE_S + 0.5, 0.5):
+        if running.done():
+            break
+        running.cancel()
+        await asyncio.wait({running}, timeout=wait_s)
+    if not running.done():
+        logger.warning("the run did not stop within %.1f s: leaving it", FINISH_GRACE_S + 1.0)
+    elif not running.cancelled() and running.exception() is not None:
+        logger.info("while stopping, the run ended with: %s", running.exception())
 
 
 def run_coordinator(config: RunConfig, *, resume: bool = False) -> int:
     """Build the engine and serve the run to the end (blocking); the process's exit code."""
     engine = build_engine(config, resume=resume)
-    return asyncio.run(serve_async(config, engine))
+    return run_bounded(serve_async(config, engine))
+
+
+def run_bounded(main: Coroutine[Any, Any, int], cleanup_s: float = 0.5) -> int:
+    """``asyncio.run(main)``, except that the tasks left over get at most ``cleanup_s`` to end once
+    cancelled, and no thread is joined (the daemon's worker threads are daemon threads)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=cleanup_s))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()

@@ -4,39 +4,46 @@ This module is connections and I/O only. What a device's messages do to the run 
 :class:`~coordinator.federation.DeviceSession` (one per connection); when rounds start, wait and end
 is its :class:`~coordinator.federation.RoundLoop` (the simulator drives the same two). Here:
 
-- ``process_request`` checks the device's bearer token before the websocket opens (HTTP 401, no model
-  byte sent) and bounds the number of connections (HTTP 503); an operator's ``GET /deploy/<device>``
-  and ``GET /deployments`` go to :mod:`~coordinator.serve._operator`;
+- the door (:class:`~coordinator.serve._gate.Gate`, websockets' ``process_request``) answers every
+  HTTP request before a websocket opens: 400 for a doubled ``Authorization`` header, 401 for a
+  missing or unknown bearer token (no model byte sent), 503 above ``max_connections`` sockets
+  (counted from accept, half-open ones too), 409 for a device that is already connected; an
+  operator's ``GET /deploy/<device>`` and ``GET /deployments`` go to :mod:`~coordinator.serve._operator`;
+- **one connection per device**: a second connection with a device's token is refused (409) while the
+  device's connection is open, so a stolen or copied token cannot evict the device or fail its task;
+  a device whose old connection died silently gets back in once keepalive closes the old one (about
+  40 s), retrying the 409 with its backoff;
 - TLS through an ``ssl`` context; ``max_size`` is the protocol's frame limit; no compression;
-- each connection feeds its frames to its session and sends what the session queued; a device's fault
-  (bad frame, wrong version, oversized message, wrong tensors, NaN) gets an Error and a close code, is
-  logged, and fails only that device's task;
+- each connection feeds its frames to its session and sends what the session queued. The first frame
+  (the Hello: admission plans the device's sub-network, a search of a tenth of a second or more) is
+  handled in a worker thread, so other devices are served meanwhile. A device's fault (bad frame,
+  wrong version, oversized message, wrong tensors, NaN) gets an Error and a close code, is logged
+  (rate-limited per device), and fails only that device's task;
 - the round loop's steps are carried out: wait for a change, send the orders (alongside the wait, so a
   slow link cannot hold a round past its deadline), merge and checkpoint in a worker thread;
 - when the last round is done, every connected device that can is sent its inference sub-network
   (:mod:`~coordinator.serve._deploys`); :meth:`CoordinatorServer.deploy` does the same for one device.
 
-Every wait is bounded: the Hello (``hello_timeout_s``), devices before a round (``device_wait_s``),
-results (``round_deadline_s``), deploys (``[deploy] timeout_s``), sends (websocket keepalive) and
-closes (``close_timeout``).
+Every wait is bounded: the upgrade request (``HANDSHAKE_TIMEOUT_S``), the Hello (``hello_timeout_s``),
+devices before a round (``device_wait_s``), results (``round_deadline_s``), deploys (``[deploy]
+timeout_s``), sends (websocket keepalive), closes (``close_timeout``) and :meth:`CoordinatorServer.stop`
+(its ``grace``: then every socket still open is cut). A stop waits at most ``FINISH_GRACE_S`` for a
+merge and checkpoint in progress; a checkpoint left unfinished is never half-written (the previous
+one stands, and the round is redone on resume).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import logging
 import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from coordinator.federation import (
     DeployConfig,
@@ -44,12 +51,15 @@ from coordinator.federation import (
     DeviceSession,
     FederationEngine,
     FinishRound,
+    LogLimiter,
     RoundLoop,
+    RoundResult,
     RunAbortedError,
     SendOrders,
     ServerConfig,
     TrainOrder,
     WaitFor,
+    clip,
     save_checkpoint,
 )
 from coordinator.serve._connection import (
@@ -59,17 +69,22 @@ from coordinator.serve._connection import (
     Connection,
     close_quietly,
     peer,
+    start_thread,
     write_atomic,
 )
 from coordinator.serve._deploys import DEPLOYMENTS_FILE, DeployService
-from coordinator.serve._operator import OPERATOR_PATHS, OperatorHTTP
+from coordinator.serve._gate import HANDSHAKE_TIMEOUT_S, Gate
+from coordinator.serve._operator import OperatorHTTP
 from coordinator.serve._security import TokenTable
 from edge_sdk._errors import ProtocolError
 from edge_sdk.protocol import CLOSE_REPLACED, CLOSE_RUN_COMPLETE, ConnectionState, WireLimits
 
-__all__ = ["DEPLOYMENTS_FILE", "CoordinatorServer", "RunAbortedError"]
+__all__ = ["DEPLOYMENTS_FILE", "FINISH_GRACE_S", "CoordinatorServer", "RunAbortedError"]
 
 logger = logging.getLogger(__name__)
+_device_log = LogLimiter(logger)  # keyed by device name: connects and disconnects a device may cause
+
+FINISH_GRACE_S = 2.0  # how long a stop waits for a merge and checkpoint in progress
 
 
 class CoordinatorServer:
@@ -90,11 +105,9 @@ class CoordinatorServer:
         self.config = config
         self.run_dir = run_dir
         self.keep_checkpoints = keep_checkpoints
-        self._tokens = TokenTable(tokens)
         self._ssl = ssl_context
         self._limits = WireLimits(max_chunk_bytes=config.chunk_bytes)
-        self._connections: dict[str, Connection] = {}
-        self._admitted: dict[ServerConnection, str] = {}  # passed the token check, handler not started
+        self._connections: dict[str, Connection] = {}  # admitted devices (their Hello handled)
         self._changes = Changes()
         self.deploys = DeployService(
             engine,
@@ -105,9 +118,10 @@ class CoordinatorServer:
             wake=self._changes.wake,
         )
         self._operator = OperatorHTTP(self.deploys, deploy.operator_token if deploy is not None else None)
+        self._gate = Gate(TokenTable(tokens), config.max_connections, self._operator)
         self._server: Server | None = None
         self._stopping = False
-        self._background: set[asyncio.Future[Any]] = set()
+        self._sends: list[asyncio.Future[None]] = []  # the open round's deliveries
         self.port: int | None = None
 
     @property
@@ -128,10 +142,11 @@ class CoordinatorServer:
             self.config.host,
             self.config.port,
             ssl=self._ssl,
-            process_request=self._process_request,
+            process_request=self._gate.process_request,
+            create_connection=self._gate.connection_class(),
             max_size=self._limits.max_frame_bytes,
             compression=None,
-            open_timeout=self.config.hello_timeout_s,
+            open_timeout=min(self.config.hello_timeout_s, HANDSHAKE_TIMEOUT_S),
             close_timeout=CLOSE_TIMEOUT_S,
             ping_interval=20,
             ping_timeout=20,
@@ -143,7 +158,7 @@ class CoordinatorServer:
             scheme,
             self.config.host,
             self.port,
-            len(self._tokens),
+            len(self._gate.tokens),
         )
         if self.config.port_file is not None:
             write_atomic(self.config.port_file, f"{self.port}\n")
@@ -165,27 +180,45 @@ class CoordinatorServer:
         finally:
             await self.stop()
 
-    async def stop(self, code: int = 1001, reason: str = "coordinator shutting down") -> None:
-        """Close every connection (devices will reconnect unless the run is complete) and the listener."""
+    async def stop(
+        self, code: int = 1001, reason: str = "coordinator shutting down", *, grace: float = CLOSE_TIMEOUT_S
+    ) -> None:
+        """Say goodbye to every device at once (they reconnect unless the run is complete), close the
+        listener, and after at most ``grace`` seconds cut every socket still open."""
         if self._stopping:
             return
-        self._stopping = self.deploys.stopping = True
-        connections = list(self._connections.values())
-        for connection in connections:
-            with contextlib.suppress(ProtocolError, ConnectionClosed):
-                if connection.session.conn.state is not ConnectionState.CLOSED:
-                    connection.session.conn.send_bye(reason=reason, code=code)
-                    await asyncio.wait_for(connection.flush(), CLOSE_TIMEOUT_S)
-        await asyncio.gather(*(close_quietly(c.ws, code, reason) for c in connections), return_exceptions=True)
+        self._stopping = self._gate.stopping = self.deploys.stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        for task in self._sends:
+            task.cancel()
+        self._operator.cancel()
+        goodbyes = [asyncio.ensure_future(self._goodbye(c, code, reason)) for c in self._connections.values()]
+        if goodbyes:
+            await asyncio.wait(goodbyes, timeout=max(0.0, deadline - loop.time()))
         if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT_S + 5)
+            self._server.close()  # stop listening; 503 to requests under way, 1001 to the others
+            closed = asyncio.ensure_future(self._server.wait_closed())
+            await asyncio.wait({closed}, timeout=max(0.0, deadline - loop.time()))
+            self._gate.abort_all()
+            await asyncio.wait({closed}, timeout=0.5)  # handlers see their sockets cut at once
+            closed.cancel()
+        for task in goodbyes:
+            task.cancel()
+
+    async def _goodbye(self, connection: Connection, code: int, reason: str) -> None:
+        with contextlib.suppress(ProtocolError, ConnectionClosed):
+            if connection.session.conn.state is not ConnectionState.CLOSED:
+                connection.session.conn.send_bye(reason=reason, code=code)
+                await connection.flush()
+        await close_quietly(connection.ws, code, reason)
 
     # ---------------------------------------------------------------------------------- rounds
 
     def _idle(self) -> list[str]:
         """Devices a round may take: connected, admitted, no task outstanding, no deploy in preparation."""
+        if self._stopping:
+            return []
         return sorted(name for name, c in self._connections.items() if c.idle and name not in self.deploys.busy)
 
     async def _wait_for_idle(self, wait_s: float) -> None:
@@ -204,7 +237,6 @@ class CoordinatorServer:
             checkpoint = lambda state: save_checkpoint(run_dir, state, keep=self.keep_checkpoints)  # noqa: E731
         rounds = RoundLoop(self.engine, checkpoint=checkpoint)
         limit = asyncio.Semaphore(self.config.send_concurrency)
-        sends: list[asyncio.Future[None]] = []
         started = time.monotonic()
         while True:
             step = rounds.poll(self._idle(), loop.time())
@@ -212,16 +244,30 @@ class CoordinatorServer:
                 await self._changes.wait(step.until - loop.time())
             elif isinstance(step, SendOrders):
                 started = time.monotonic()
-                sends = [asyncio.ensure_future(self._send_order(order, limit)) for order in step.orders]
+                self._sends = [asyncio.ensure_future(self._send_order(order, limit)) for order in step.orders]
             elif isinstance(step, FinishRound):
-                for task in sends:
+                for task in self._sends:
                     task.cancel()  # a no-op for the finished ones
-                await asyncio.gather(*sends, return_exceptions=True)
-                result = await asyncio.to_thread(rounds.finish)  # a stop never interrupts the checkpoint
+                await asyncio.gather(*self._sends, return_exceptions=True)
+                result = await self._finish(rounds)
                 where = f"; checkpoint {result.checkpoint}" if result.checkpoint is not None else ""
                 logger.info("%s; %.1f s%s", result.summary.log_line(), time.monotonic() - started, where)
             else:
                 return
+
+    @staticmethod
+    async def _finish(rounds: RoundLoop) -> RoundResult:
+        """Merge, evaluate and checkpoint in a worker thread; a stop waits for it at most ``FINISH_GRACE_S``."""
+        work = start_thread(rounds.finish)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait({work}, timeout=FINISH_GRACE_S)
+            if not work.done():
+                logger.warning(
+                    "stopping before the round's merge and checkpoint were done: the previous checkpoint stands"
+                )
+            raise
 
     async def _send_order(self, order: TrainOrder, limit: asyncio.Semaphore) -> None:
         async with limit:
@@ -247,43 +293,14 @@ class CoordinatorServer:
 
     # ----------------------------------------------------------------------------- connections
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if request.path.split("?", 1)[0].startswith(OPERATOR_PATHS):
-            return self._operator.respond(connection, request)
-        name = self._tokens.identify(request.headers.get("Authorization"))
-        if name is None:
-            logger.warning("refused a connection from %s: missing or unknown bearer token (HTTP 401)", peer(connection))
-            response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or unknown bearer token\n")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="edge-fm"'
-            return response
-        self._admitted = {c: n for c, n in self._admitted.items() if c.state is not State.CLOSED}
-        if self._stopping or len(self._connections) + len(self._admitted) >= self.config.max_connections:
-            logger.warning(
-                "refused %s from %s: %d connections is the limit (HTTP 503)",
-                name,
-                peer(connection),
-                self.config.max_connections,
-            )
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections, retry later\n")
-        self._admitted[connection] = name
-        return None
-
     async def _handle(self, ws: ServerConnection) -> None:
-        name = self._admitted.pop(ws, None)
+        name = self._gate.claim(ws)
         if name is None:  # cannot happen: process_request admitted it
             await close_quietly(ws, 1008, "not authorized")
             return
         session = DeviceSession(self.engine, name, limits=self._limits, deploys=self.deploys)
         connection = Connection(ws, session)
-        previous = self._connections.get(name)
-        self._connections[name] = connection
-        if previous is not None:
-            logger.info("device %s connected again: closing its previous connection", name)
-            previous.session.lost(CLOSE_REPLACED, "replaced by a new connection")
-            closing = asyncio.ensure_future(close_quietly(previous.ws, CLOSE_REPLACED, "replaced by a new connection"))
-            self._background.add(closing)
-            closing.add_done_callback(self._background.discard)
-        logger.info("device %s connected from %s", name, peer(ws))
+        _device_log.info(name, "device %s connected from %s", name, peer(ws))
         try:
             await self._converse(connection)
         except ConnectionClosed:
@@ -294,15 +311,17 @@ class CoordinatorServer:
         finally:
             session.lost(ws.close_code, ws.close_reason or "")
             clean = ws.close_code in (1000, 1001, CLOSE_REPLACED, CLOSE_RUN_COMPLETE)
-            logger.log(
+            _device_log.log(
+                name,
                 logging.INFO if clean else logging.WARNING,
                 "device %s disconnected (code %s%s)",
                 name,
                 ws.close_code,
-                f" {ws.close_reason}" if ws.close_reason else "",
+                f" {clip(ws.close_reason)}" if ws.close_reason else "",
             )
             if self._connections.get(name) is connection:
                 del self._connections[name]
+            if self._gate.release(name, ws) and name not in self._connections:  # no newer connection of it
                 self.engine.registry.disconnected(name)
             self._changes.wake()
 
@@ -312,14 +331,22 @@ class CoordinatorServer:
         try:
             first = await asyncio.wait_for(ws.recv(), self.config.hello_timeout_s)
         except asyncio.TimeoutError:
-            logger.warning(
-                "device %s sent no Hello within %.0f s: closing", connection.name, self.config.hello_timeout_s
+            _device_log.warning(
+                connection.name,
+                "device %s sent no Hello within %.0f s: closing",
+                connection.name,
+                self.config.hello_timeout_s,
             )
             await close_quietly(ws, 1008, "no Hello in time")
             return
-        frame: str | bytes = first
+        # The Hello's admission plans a sub-network: off the event loop. Nothing else touches the session
+        # meanwhile: the connection is listed (for rounds, deploys and stop) only once it is handled.
+        verdict = await start_thread(session.receive, first, loop.time())
+        if self._stopping:
+            await close_quietly(ws, 1001, "coordinator shutting down")
+            return
+        self._connections[connection.name] = connection
         while True:
-            verdict = session.receive(frame, loop.time())
             await connection.flush()
             if verdict.changed:
                 self._changes.wake()
@@ -328,3 +355,4 @@ class CoordinatorServer:
                 await close_quietly(ws, verdict.close_code, verdict.close_reason)
                 return
             frame = await ws.recv()  # ConnectionClosed when the device goes
+            verdict = session.receive(frame, loop.time())

@@ -25,7 +25,10 @@ CA or a self-signed certificate), frames bounded by the protocol's limits, no co
 connection drops (network, coordinator restart) the device reconnects by itself with exponential
 backoff and jitter (:class:`~edge_sdk.client._backoff.Backoff`), a running task is abandoned within one
 training step; it stops for good when the run is complete, when the coordinator refuses its token
-(HTTP 401/403) or its budget, or after ``backoff.give_up_s`` without a working connection.
+(HTTP 401/403) or its budget, or after ``backoff.give_up_s`` without a working connection. Nothing
+another connection does stops it: HTTP 409 (the coordinator holds a live connection for this device,
+e.g. an old one that died silently and that keepalive closes within about 40 s) and close code 4001
+(an older coordinator's "replaced by a new connection") are retried with the backoff.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from edge_sdk.protocol import (
     WelcomeReceived,
     WireLimits,
 )
-from edge_sdk.protocol._closecodes import STOP_CODES
+from edge_sdk.protocol._closecodes import CLOSE_REPLACED, STOP_CODES
 from edge_sdk.serving._install import Deployer
 from edge_sdk.training._runner import BatchSource, TaskCancelledError, TaskRunner, TrainFn
 
@@ -75,6 +78,10 @@ logger = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT_S = 10.0
 _CANCEL_WAIT_S = 600.0  # a cancelled task stops at its next batch; this bounds a pathological step
+# Closes after which the device stops for good. Not 4001 "replaced": another connection with this
+# device's token must never make the device give up (it reconnects, and the coordinator answers 409
+# to a newcomer while the device's connection is open).
+_STOP_CODES = STOP_CODES - {CLOSE_REPLACED}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +209,13 @@ class EdgeDevice:
                 status = exc.response.status_code
                 if status in (401, 403):
                     raise ConfigError(f"the coordinator refused this device's token (HTTP {status})") from None
-                logger.warning("the coordinator answered HTTP %d", status)
+                if status == 409:
+                    logger.warning(
+                        "the coordinator holds another live connection for this device (HTTP 409): retrying"
+                        " (an old connection of this device is closed by keepalive within about 40 s)"
+                    )
+                else:
+                    logger.warning("the coordinator answered HTTP %d", status)
             except InvalidURI as exc:
                 raise ConfigError(f"bad coordinator URL: {exc}") from None
             except ssl.SSLCertVerificationError as exc:
@@ -287,7 +300,7 @@ class _Session:
             await self.abandon()
         code, reason = self.ws.close_code, self.ws.close_reason or ""
         why = f"the connection closed (code {code}{' ' + reason if reason else ''})"
-        return _SessionEnd(self.welcomed, code in STOP_CODES, why)
+        return _SessionEnd(self.welcomed, code in _STOP_CODES, why)
 
     async def abandon(self) -> None:
         """Stop a running task (it ends at its next batch) and wait for its thread, bounded."""
