@@ -265,6 +265,11 @@ def poison_tensors(tensors: dict[str, np.ndarray], rng: random.Random) -> str:
     """Change an update's tensors so that they still frame correctly but are wrong; returns what."""
     floats = [n for n, a in tensors.items() if a.dtype.kind == "f"]
     name = rng.choice(floats or list(tensors))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _poison(tensors, name, rng)
+
+
+def _poison(tensors: dict[str, np.ndarray], name: str, rng: random.Random) -> str:
     array = np.array(tensors[name])
     op = rng.randrange(8)
     if op == 0 and array.size:
