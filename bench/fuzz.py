@@ -54,6 +54,7 @@ async def run(args: argparse.Namespace, errors: InternalErrors) -> dict[str, obj
             seconds = time.monotonic() - start
             running = srv.fuzz_running  # type: ignore[attr-defined]
             run_alive = not running.done()
+            run_error = repr(running.exception()) if running.done() and not running.cancelled() else None
             rounds = srv.engine.round
     return {
         "seed": args.seed,
@@ -69,6 +70,8 @@ async def run(args: argparse.Namespace, errors: InternalErrors) -> dict[str, obj
         "keeper_updates": stats.keeper_updates,
         "keeper_connections": stats.keeper_connections,
         "run_alive": run_alive,
+        "run_error": run_error,
+        "log": str(args.log),
         "contract_failures": stats.failures[:20],
         "contract_failure_count": len(stats.failures),
         "internal_errors": errors.count,
@@ -83,17 +86,25 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--devices", type=int, default=8, help="fuzz devices (one connection each at a time)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--log", type=Path, default=None, help="the coordinator's warnings (default: a temp file)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    errors = InternalErrors()  # the only handler: the coordinator's warnings come by the thousand
+    if args.log is None:
+        args.log = Path(tempfile.gettempdir()) / f"edge-fm-fuzz-{args.seed}.log"
+    errors = InternalErrors()  # no console handler: the coordinator's warnings come by the thousand
     logging.getLogger().addHandler(errors)
+    warnings = logging.FileHandler(args.log, mode="w", encoding="utf-8")
+    warnings.setLevel(logging.WARNING)
+    warnings.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message).500s"))
+    logging.getLogger().addHandler(warnings)
     logging.getLogger().setLevel(logging.INFO)
     result = asyncio.run(run(args, errors))
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(result["summary"])
-        print(f"rounds run: {result['rounds']}; run still going: {result['run_alive']}")
+        print(f"rounds run: {result['rounds']}; run still going: {result['run_alive']} {result['run_error'] or ''}")
+        print(f"the coordinator's warnings: {result['log']}")
         print(f"close reasons (examples): {json.dumps(result['close_reasons'], indent=1)}")
         print(f"internal errors: {result['internal_errors']}")
         for example in result["internal_error_examples"]:  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import transformers
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from coordinator.federation._config import FederationConfig, ServerConfig
 from coordinator.federation._engine import FederationEngine
@@ -249,11 +249,16 @@ class FuzzDevice:
         kind = self.rng.choices(KINDS, weights=(3, 4, 3))[0]
         self.stats.kinds[kind] += 1
         start = time.monotonic()
-        async with _dial(self.srv, self.name) as ws:
-            link = Link(ws, self.name, self.stats)
-            await getattr(self, f"_{kind}")(link)
-            await link.send(PROBE)
-            code, in_time = await link.finish()
+        try:
+            async with _dial(self.srv, self.name) as ws:
+                link = Link(ws, self.name, self.stats)
+                await getattr(self, f"_{kind}")(link)
+                await link.send(PROBE)
+                code, in_time = await link.finish()
+        except (InvalidHandshake, OSError, asyncio.TimeoutError) as exc:  # refused (e.g. 503), or gone
+            self.stats.failures.append(f"{self.name} {kind}: could not connect: {exc!r}")
+            await asyncio.sleep(0.5)
+            return
         self.stats.kind_seconds[kind] += time.monotonic() - start
         self.stats.connections += 1
         self.stats.codes[code] += 1
@@ -361,29 +366,36 @@ async def keeper(srv: CoordinatorServer, name: str, stats: Stats, done: Callable
     """A well-behaved device: answers each task with its tensors unchanged, so rounds keep going."""
     while not done():
         stats.keeper_connections += 1
-        async with _dial(srv, name) as ws:
-            link = Link(ws, name, Stats())
-            if not await link.hello():
+        with contextlib.suppress(InvalidHandshake, OSError, asyncio.TimeoutError):
+            await _keep(srv, name, stats, done)
+        await asyncio.sleep(0.5)
+
+
+async def _keep(srv: CoordinatorServer, name: str, stats: Stats, done: Callable[[], bool]) -> None:
+    """One connection of the keeper (until ``done`` or the coordinator closes it)."""
+    async with _dial(srv, name) as ws:
+        link = Link(ws, name, Stats())
+        if not await link.hello():
+            return
+        while not done():
+            received = await link.task(1.0)
+            if link.reader.done():
+                break
+            if received is None:
                 continue
-            while not done():
-                received = await link.task(1.0)
-                if link.reader.done():
-                    break
-                if received is None:
-                    continue
-                link.conn.send_update(
-                    task_id=received.task.task_id,
-                    tensors=answer_tensors(received),
-                    num_samples=8,
-                    metrics={"loss": 0.5},
-                    peak_rss_bytes=1 << 20,
-                    step_time_s=0.01,
-                    train_time_s=0.02,
-                    encoding="weights",
-                )
-                for frame in link.conn.data_to_send():
-                    await link.send(frame)
-                stats.keeper_updates += 1
+            link.conn.send_update(
+                task_id=received.task.task_id,
+                tensors=answer_tensors(received),
+                num_samples=8,
+                metrics={"loss": 0.5},
+                peak_rss_bytes=1 << 20,
+                step_time_s=0.01,
+                train_time_s=0.02,
+                encoding="weights",
+            )
+            for frame in link.conn.data_to_send():
+                await link.send(frame)
+            stats.keeper_updates += 1
 
 
 async def fuzz(
@@ -394,6 +406,8 @@ async def fuzz(
     start = time.monotonic()
 
     def done() -> bool:
+        if srv.fuzz_running.done():  # type: ignore[attr-defined]  # the run ended: a failure, reported
+            return True
         return (frames is not None and stats.frames >= frames) or (
             seconds is not None and time.monotonic() - start >= seconds
         )
