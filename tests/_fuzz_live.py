@@ -145,8 +145,9 @@ PROFILE = {"budget": {"usable": BUDGET, "runtime_footprint": 1 << 28, "margin": 
 class Link:
     """One fuzzed connection: a reader feeding a real DeviceConnection, and counted sends."""
 
-    def __init__(self, ws: ClientConnection, name: str, stats: Stats) -> None:
+    def __init__(self, ws: ClientConnection, name: str, stats: Stats, *, replies: bool = False) -> None:
         self.ws, self.name, self.stats = ws, name, stats
+        self.replies = replies  # send the device side's own replies (an Error for a task it rejects)
         self.conn = DeviceConnection()
         self.sane = True  # the DeviceConnection follows the conversation (until a frame confuses it)
         self.welcomed = asyncio.Event()
@@ -163,7 +164,9 @@ class Link:
                 if not self.sane:
                     continue
                 events = self.conn.receive(frame)
-                self.conn.data_to_send()  # the device side's own replies are not sent: the episode decides
+                for reply in self.conn.data_to_send():  # a fuzz device's episode decides what it sends
+                    if self.replies:
+                        await self.ws.send(reply)
                 for event in events:
                     if isinstance(event, WelcomeReceived):
                         self.welcomed.set()
@@ -374,7 +377,7 @@ async def keeper(srv: CoordinatorServer, name: str, stats: Stats, done: Callable
 async def _keep(srv: CoordinatorServer, name: str, stats: Stats, done: Callable[[], bool]) -> None:
     """One connection of the keeper (until ``done`` or the coordinator closes it)."""
     async with _dial(srv, name) as ws:
-        link = Link(ws, name, Stats())
+        link = Link(ws, name, Stats(), replies=True)
         if not await link.hello():
             return
         while not done():
