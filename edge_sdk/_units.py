@@ -73,18 +73,24 @@ def parse_size(text: str) -> int:
 
 
 def format_bytes(n: int) -> str:
-    """Human form of ``n`` bytes in binary units: ``"512 B"``, ``"1.50 GiB"``, ``"293.81 MiB"``."""
+    """Human form of ``n`` bytes in binary units: ``"512 B"``, ``"1.50 GiB"``, ``"293.81 MiB"``.
+
+    Exact integer arithmetic (hundredths of the unit, ties to even as ``f"{x:.2f}"`` rounds), so any
+    int works, even one no float can hold (``10**400`` bytes is a very large number of PiB).
+    """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"format_bytes takes an int number of bytes, not {type(n).__name__}")
     sign = "-" if n < 0 else ""
     size = abs(n)
     if size < 1024:
         return f"{sign}{size} B"
-    value = float(size)
-    for unit in _FORMAT_UNITS:
-        value /= 1024.0
-        if value < 1023.995 or unit == _FORMAT_UNITS[-1]:  # 1023.996 would print as "1024.00"
-            return f"{sign}{value:.2f} {unit}"
+    for power, unit in enumerate(_FORMAT_UNITS, start=1):
+        scale = 1024**power
+        hundredths, rest = divmod(size * 100, scale)
+        if 2 * rest > scale or (2 * rest == scale and hundredths % 2):
+            hundredths += 1
+        if hundredths < 1024_00 or unit == _FORMAT_UNITS[-1]:  # 1023.996 would print as "1024.00"
+            return f"{sign}{hundredths // 100}.{hundredths % 100:02d} {unit}"
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -55,9 +55,15 @@ class DeviceRecord:
     last_round: int = 0
 
 
+# Budget figures above this are refused (usable) or ignored (the others): 8 PiB is beyond any device,
+# and the budget arithmetic (planning, logs) stays within exact floats.
+_MAX_BUDGET_BYTES = 2**53
+
+
 def _count(value: Any) -> int:
-    """A non-negative integer from a received JSON value (0 when absent or malformed)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    """A byte count from a received JSON value (0 when absent, malformed or out of range)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_BUDGET_BYTES
+    return value if ok else 0
 
 
 class DeviceRegistry:
@@ -78,8 +84,8 @@ class DeviceRegistry:
         """
         budget = profile.get("budget") if isinstance(profile, Mapping) else None
         usable = budget.get("usable") if isinstance(budget, Mapping) else None
-        if isinstance(usable, bool) or not isinstance(usable, int) or usable <= 0:
-            raise ProfileError(f"device {device_id!r}: the Hello profile has no positive budget.usable")
+        if isinstance(usable, bool) or not isinstance(usable, int) or not 0 < usable <= _MAX_BUDGET_BYTES:
+            raise ProfileError(f"device {device_id!r}: the Hello profile has no budget.usable in 1..2**53 bytes")
         assert isinstance(budget, Mapping)
         runtime, margin = (_count(budget.get(key)) for key in ("runtime_footprint", "margin"))
         plan = self.planner.plan(device_id, usable, margin)

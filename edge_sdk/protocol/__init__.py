@@ -94,6 +94,7 @@ from edge_sdk.protocol._wire import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,
+    MAX_JSON_INT,
     JSONObject,
     thaw_json,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "LORA_A_SUFFIX",
     "LORA_B_SUFFIX",
     "MAX_CHUNK_BYTES",
+    "MAX_JSON_INT",
     "MAX_MEMORY_BYTES",
     "MAX_NUM_SAMPLES",
     "MAX_TEXT_BYTES",

@@ -157,7 +157,8 @@ class ConnectionLost(Event):
 
 
 def _clip_utf8(text: str, limit: int) -> str:
-    data = text.encode("utf-8")
+    """``text`` in at most ``limit`` UTF-8 bytes; a lone surrogate (no UTF-8 form) is written ``\\udXXX``."""
+    data = text.encode("utf-8", "backslashreplace")
     if len(data) <= limit:
-        return text
+        return data.decode("utf-8")
     return data[: limit - 3].decode("utf-8", "ignore") + "..."

@@ -1,5 +1,11 @@
 """Wire basics shared by messages and tensors: close codes, strict JSON, typed frozen records.
 
+Strict JSON (:func:`loads_json_object`) bounds everything a peer can put in a value, so no number or
+string it sends can break the code that reads it: integers within ``|x| <= 2**53`` (:data:`MAX_JSON_INT`,
+the range every JSON reader holds exactly), finite floats (``1e309`` parses as infinity in Python and
+is refused like ``NaN``), strings and keys valid Unicode (a ``"\\ud800"`` escape for a lone surrogate
+cannot be written as UTF-8, so it is refused), no duplicate keys, bounded nesting.
+
 A :class:`WireRecord` is a frozen, keyword-only dataclass whose fields are checked against their
 annotations on construction (from Python or from JSON), so a record that exists is a valid one.
 Every fault is a :class:`~edge_sdk.ProtocolError` naming the field (``Update.num_samples: expected an
@@ -13,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -26,6 +33,7 @@ __all__ = [
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_UNSUPPORTED_DATA",
+    "MAX_JSON_INT",
     "OPTIONAL_ON_WIRE",
     "WIRE_OPTIONAL",
     "JSONObject",
@@ -49,6 +57,11 @@ CLOSE_INTERNAL_ERROR = 1011  # a bug on this side; the peer did nothing wrong
 JSONObject = Mapping[str, Any]
 
 _MAX_JSON_DEPTH = 64
+MAX_JSON_INT = 2**53  # the largest magnitude of an integer a peer may send (exact in every JSON reader)
+_MAX_INT_DIGITS = len(str(MAX_JSON_INT))
+# A \uXXXX escape of a UTF-16 surrogate; only these can decode to a lone surrogate (a valid pair
+# decodes to one astral character). Finding one (or a backslash-escaped look-alike) triggers a check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 # Field metadata key: a field added to a record after its protocol version was fixed. It travels only
 # when its value differs from its default and decodes to its default when absent, so peers that do not
@@ -94,13 +107,64 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"non-finite JSON number {name} is not allowed", CLOSE_PROTOCOL_ERROR)
 
 
+def _bounded_int(text: str) -> int:
+    digits = text.lstrip("-")
+    value = int(text) if len(digits) <= _MAX_INT_DIGITS else None
+    if value is None or abs(value) > MAX_JSON_INT:
+        shown = text if len(text) <= 24 else f"{text[:20]}... ({len(digits)} digits)"
+        raise ProtocolError(f"integer {shown} is out of range (|x| <= 2**53)", CLOSE_PROTOCOL_ERROR)
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 24 else f"{text[:20]}..."
+        raise ProtocolError(f"number {shown} is out of range (not a finite double)", CLOSE_PROTOCOL_ERROR)
+    return value
+
+
+def _check_strings(value: object) -> None:
+    """Refuse a string or key holding a lone surrogate (it has no UTF-8 form)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ProtocolError(
+                    f"string with a lone surrogate {item[exc.start : exc.end]!r} is not valid Unicode",
+                    CLOSE_PROTOCOL_ERROR,
+                ) from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def loads_json_object(data: str | bytes, what: str) -> dict[str, Any]:
-    """Parse ``data`` as one JSON object: no duplicate keys, no NaN/Infinity, bounded nesting."""
+    """Parse ``data`` as one JSON object: no duplicate keys, no NaN/Infinity, bounded nesting, numbers in
+    range (integers ``|x| <= 2**53``, finite floats), strings valid Unicode (UTF-8 when ``data`` is bytes)."""
     try:
-        obj = json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+        if not text.isascii():
+            text.encode("utf-8")  # a str may hold lone surrogates (websockets' frames never do)
+        obj = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_reject_constant,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+        )
+        if _SURROGATE_ESCAPE.search(text):
+            _check_strings(obj)
     except ProtocolError as exc:
         raise ProtocolError(f"{what}: {exc}", exc.close_code) from None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except UnicodeError:
+        raise ProtocolError(f"{what}: not valid UTF-8", CLOSE_PROTOCOL_ERROR) from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ProtocolError(f"{what}: malformed JSON ({exc})", CLOSE_PROTOCOL_ERROR) from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {json_type_name(obj)}", CLOSE_PROTOCOL_ERROR)
@@ -116,7 +180,11 @@ def freeze_json(value: object, path: str, _depth: int = 0) -> Any:
     """Check ``value`` is a JSON value and return it deep-frozen (mappings read-only, arrays tuples)."""
     if _depth > _MAX_JSON_DEPTH:
         raise _fail(path, f"nested deeper than {_MAX_JSON_DEPTH} levels")
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_JSON_INT:
+            raise _fail(path, "integer out of range (|x| <= 2**53)")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -177,6 +245,8 @@ def _coerce_scalar(value: object, ann: type, path: str) -> Any:
     if ann is bool and isinstance(value, bool):
         return value
     if ann is int and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_JSON_INT:
+            raise _fail(path, "integer out of range (|x| <= 2**53)")
         return value
     if ann is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         try:

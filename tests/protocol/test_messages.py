@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from edge_sdk import ProtocolError
 from edge_sdk.protocol import (
+    MAX_JSON_INT,
     MAX_TEXT_BYTES,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -370,7 +371,11 @@ def test_limits_give_the_websocket_max_size() -> None:
 
 
 _json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(-MAX_JSON_INT, MAX_JSON_INT)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=30,
 )
