@@ -245,3 +245,21 @@ def test_a_device_cannot_fail_another_devices_task() -> None:
     engine.close_round(2.0)
     summary = engine.finish_round()
     assert_attacker_lost_only_its_round(engine, summary)
+
+
+def test_a_merge_that_would_make_the_model_non_finite_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import coordinator.federation._engine as engine_module
+
+    real = engine_module.aggregate_round
+
+    def poisoned(*args: Any, **kwargs: Any) -> Any:
+        parent, merged = real(*args, **kwargs)
+        name = next(n for n, t in parent.state.items() if t.is_floating_point())
+        state = {**parent.state, name: parent.state[name] * float("nan")}
+        return parent.with_state(state), merged
+
+    monkeypatch.setattr(engine_module, "aggregate_round", poisoned)
+    engine, summary, _ = run_round(None)
+    assert summary.aggregated == 2
+    assert engine.weights_digest() == engine_for().weights_digest()  # the model before the round
+    assert engine.history[-1]["merge"]["refused"] == "non-finite"

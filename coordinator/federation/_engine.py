@@ -54,7 +54,7 @@ from coordinator.federation._round import OpenRound, train_orders
 from coordinator.federation._selection import Selection
 from coordinator.federation._tables import FederationConfig, TrainingConfig
 from coordinator.federation._update_check import accept_tensors, check_reported
-from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError
+from edge_sdk._errors import ConfigError, EdgeFMError
 from edge_sdk.scaling import LeverPolicy, ParentModel, Plan, Salience, Workload, family_for
 
 __all__ = [
@@ -241,7 +241,7 @@ class FederationEngine:
             chosen = self.selection.select(usable, index)
             orders = train_orders(
                 self.parent,
-                self._plans(chosen, index),
+                self.registry.round_plans(chosen, index),
                 round_index=index,
                 training=self.training,
                 seed=self._seed,
@@ -260,16 +260,6 @@ class FederationEngine:
             ", ".join(f"{o.device_id} ({o.params / 1e6:.2f}M params, {width_of(o.spec)})" for o in orders.values()),
         )
         return list(orders.values())
-
-    def _plans(self, chosen: Sequence[str], index: int) -> dict[str, Plan]:
-        """Each chosen device's plan; a device none fits sits the round out (it never stops the round)."""
-        plans = {}
-        for device_id in chosen:
-            try:
-                plans[device_id] = self.registry.training_plan(device_id)
-            except BudgetError as exc:
-                logger.warning("round %d: %s sits this round out: %s", index, device_id, exc)
-        return plans
 
     def settled(self, now: float) -> bool:
         """True when every task of the open round is answered, or its deadline has passed."""
@@ -389,7 +379,10 @@ class FederationEngine:
     def _merge(
         self, index: int, updates: Sequence[ClientUpdate], senders: Sequence[str]
     ) -> tuple[ParentModel, dict[str, Any]]:
-        """The round's updates merged (``[aggregation]`` rule, or central DP), and what the rule did."""
+        """The round's updates merged (``[aggregation]`` rule, or central DP), and what the rule did.
+
+        A merge that would make any weight non-finite is refused: the global model stays as it was.
+        """
         if not updates:
             return self.parent, {}
         fed = self.federation
@@ -402,6 +395,10 @@ class FederationEngine:
             if noise is None and w < u.num_samples
         }
         rule = "dp-fedavg" if noise is not None else fed.aggregation.describe()
+        bad = [n for n, t in parent.state.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+        if bad:  # every update was checked; this is a last line of defence for the checkpoint
+            logger.error("round %d: the merge gave non-finite values (%s): the global model stays", index, bad[0])
+            return self.parent, {"rule": rule, "clipped": clipped, "capped": capped, "refused": "non-finite"}
         return parent, {"rule": rule, "clipped": clipped, "capped": capped}
 
     def _privacy_record(self, selected: int, *, composed: bool) -> dict[str, Any] | None:

@@ -140,6 +140,17 @@ class DeviceRegistry:
         record = self.record(device_id)
         return self.planner.plan(device_id, record.usable_bytes - record.shrink_bytes, record.margin_bytes)
 
+    def round_plans(self, chosen: Sequence[str], index: int) -> dict[str, Plan]:
+        """Each chosen device's training plan; a device none fits sits round ``index`` out (never
+        stopping the round: a budget that came from a checkpoint may have been shrunk too far)."""
+        plans = {}
+        for device_id in chosen:
+            try:
+                plans[device_id] = self.training_plan(device_id)
+            except BudgetError as exc:
+                logger.warning("round %d: %s sits this round out: %s", index, device_id, exc)
+        return plans
+
     def serving_bytes(self, device_id: str) -> int:
         """What the device's served model may hold: its training bytes plus its runtime footprint."""
         record = self.record(device_id)

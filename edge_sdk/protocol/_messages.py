@@ -16,20 +16,19 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Final, Literal
 
 from edge_sdk._errors import ProtocolError
-from edge_sdk._levers import Levers
-from edge_sdk.protocol._tensors import (
-    CHUNK_HEADER_BYTES,
-    DEFAULT_CHUNK_BYTES,
-    DEFAULT_MAX_TRANSFER_BYTES,
-    MAX_CHUNK_BYTES,
-    MIN_CHUNK_BYTES,
-    TensorManifest,
+from edge_sdk.protocol._settings import (
+    MAX_TEXT_BYTES,
+    EvalSettings,
+    InferenceSettings,
+    TrainSettings,
+    WireLimits,
+    require_field,
 )
+from edge_sdk.protocol._tensors import TensorManifest
 from edge_sdk.protocol._wire import (
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,
-    OPTIONAL_ON_WIRE,
     JSONObject,
     WireRecord,
     dumps_json,
@@ -66,9 +65,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION: Final = 1
-MAX_TEXT_BYTES: Final = 1 << 20  # default bound on one control message (UTF-8 bytes)
-_MIN_TEXT_BYTES: Final = 64 << 10
-_MAX_TEXT_BYTES_LIMIT: Final = 16 << 20
 _MAX_CLOSE_REASON_BYTES: Final = 123  # websocket close frames carry at most 123 bytes of reason
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -89,157 +85,20 @@ class ErrorCode:
     INTERNAL: Final = "internal"  # a bug on the sending side
 
 
-def _short(value: int) -> str:
-    """An integer for an error message: huge ones by their size."""
-    return str(value) if abs(value) < 2**64 else f"an integer of {value.bit_length()} bits"
-
-
-def _require(record: WireRecord, field: str, ok: bool, problem: str) -> None:
-    if not ok:
-        raise record._invalid(field, problem)
-
-
-# -------------------------------------------------------------------------------------------- parts
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class WireLimits(WireRecord):
-    """What one side accepts; each side announces its own (Hello, Welcome) and sends within the peer's.
-
-    Set the websocket ``max_size`` to :attr:`max_frame_bytes`.
-    """
-
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    max_text_bytes: int = MAX_TEXT_BYTES
-    max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
-
-    def _validate(self) -> None:
-        _require(
-            self,
-            "max_chunk_bytes",
-            MIN_CHUNK_BYTES <= self.max_chunk_bytes <= MAX_CHUNK_BYTES,
-            f"{self.max_chunk_bytes} is outside {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}",
-        )
-        _require(
-            self,
-            "max_text_bytes",
-            _MIN_TEXT_BYTES <= self.max_text_bytes <= _MAX_TEXT_BYTES_LIMIT,
-            f"{self.max_text_bytes} is outside {_MIN_TEXT_BYTES}..{_MAX_TEXT_BYTES_LIMIT}",
-        )
-        _require(self, "max_transfer_bytes", self.max_transfer_bytes > 0, "must be positive")
-
-    @property
-    def max_frame_bytes(self) -> int:
-        """The largest websocket message this side accepts (its ``max_size``)."""
-        return max(self.max_chunk_bytes + CHUNK_HEADER_BYTES, self.max_text_bytes)
-
-
-MAX_GRAD_NORM: Final = 1e6  # the largest gradient-clipping bound a task may carry
 # Upper bounds on what a peer reports. A device's local dataset, its memory and its timings are each
 # far below these; a count above them is a fault (or an attack: a sample count of 10**12 would make one
 # update the whole weighted mean), refused when the message is decoded.
 MAX_NUM_SAMPLES: Final = 2**31 - 1
 MAX_MEMORY_BYTES: Final = 2**50  # 1 PiB
-MAX_SECONDS: Final = 1e7  # about 116 days
+MAX_SECONDS: Final = 10_000_000  # about 116 days
 MAX_METRICS: Final = 64  # entries in a metrics mapping
-PLAIN_LEVERS: Final = Levers()
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainSettings(WireRecord):
-    """Local training of one task: exactly one of ``local_steps`` / ``local_epochs``.
-
-    ``seq_len`` is the longest row a batch may hold (rows are truncated to it; each (micro-)batch is
-    padded to its own longest row). The fields after ``seed`` came with the memory levers and are
-    optional on the wire (sent only when set, so a device that predates them still gets plain tasks):
-    ``levers`` is the training recipe the coordinator planned (its ``micro_batches`` split the batch,
-    so at most ``batch_size``), ``max_grad_norm`` clips the global gradient norm (None: no clipping),
-    ``dropout`` overrides the model's dropout probabilities (None: the model's own).
-    ``dp_clip_norm`` and ``dp_noise_multiplier`` ask for local differential privacy: the update's
-    delta clipped to that L2 norm and noised with std ``dp_noise_multiplier x dp_clip_norm`` before
-    it is sent (None: no local DP). A device that predates them refuses such a task (unknown field).
-    """
-
-    local_steps: int | None = None
-    local_epochs: int | None = None
-    lr: float
-    batch_size: int
-    seq_len: int
-    optimizer: str = "adamw"
-    prox_mu: float = 0.0
-    seed: int = 0
-    levers: Levers = dataclasses.field(default=PLAIN_LEVERS, metadata=OPTIONAL_ON_WIRE)
-    max_grad_norm: float | None = dataclasses.field(default=None, metadata=OPTIONAL_ON_WIRE)
-    dropout: float | None = dataclasses.field(default=None, metadata=OPTIONAL_ON_WIRE)
-    dp_clip_norm: float | None = dataclasses.field(default=None, metadata=OPTIONAL_ON_WIRE)
-    dp_noise_multiplier: float = dataclasses.field(default=0.0, metadata=OPTIONAL_ON_WIRE)
-
-    def _validate(self) -> None:
-        _require(
-            self,
-            "local_steps",
-            (self.local_steps is None) != (self.local_epochs is None),
-            "give exactly one of local_steps and local_epochs",
-        )
-        for name in ("local_steps", "local_epochs"):
-            value = getattr(self, name)
-            _require(self, name, value is None or value >= 1, f"must be >= 1, got {value}")
-        _require(self, "lr", self.lr > 0, f"must be > 0, got {self.lr}")
-        _require(self, "batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
-        _require(self, "seq_len", self.seq_len >= 1, f"must be >= 1, got {self.seq_len}")
-        _require(self, "optimizer", bool(self.optimizer), "must not be empty")
-        _require(self, "prox_mu", self.prox_mu >= 0, f"must be >= 0, got {self.prox_mu}")
-        _require(self, "seed", self.seed >= 0, f"must be >= 0, got {self.seed}")  # and <= 2**53, as every int
-        _require(
-            self,
-            "levers",
-            self.levers.micro_batches <= self.batch_size,
-            f"{self.levers.micro_batches} micro-batches cannot split a batch of {self.batch_size}",
-        )
-        if self.max_grad_norm is not None:
-            _require(
-                self,
-                "max_grad_norm",
-                0 < self.max_grad_norm <= MAX_GRAD_NORM,
-                f"must be in (0, {MAX_GRAD_NORM:g}] or null (no clipping), got {self.max_grad_norm}",
-            )
-        if self.dropout is not None:
-            _require(self, "dropout", 0 <= self.dropout < 1, f"must be in [0, 1) or null, got {self.dropout}")
-        if self.dp_clip_norm is not None:
-            _require(
-                self,
-                "dp_clip_norm",
-                0 < self.dp_clip_norm <= MAX_GRAD_NORM,
-                f"must be in (0, {MAX_GRAD_NORM:g}] or null (no local DP), got {self.dp_clip_norm}",
-            )
-        _require(
-            self,
-            "dp_noise_multiplier",
-            0 <= self.dp_noise_multiplier <= MAX_GRAD_NORM
-            and (self.dp_clip_norm is not None or not self.dp_noise_multiplier),
-            f"must be >= 0, and only with dp_clip_norm, got {self.dp_noise_multiplier}",
-        )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalSettings(WireRecord):
-    batch_size: int
-    seq_len: int
-
-    def _validate(self) -> None:
-        _require(self, "batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
-        _require(self, "seq_len", self.seq_len >= 1, f"must be >= 1, got {self.seq_len}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class InferenceSettings(WireRecord):
-    batch_size: int
-    seq_len: int
-    quantize: bool = False
-
-    def _validate(self) -> None:
-        _require(self, "batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")
-        _require(self, "seq_len", self.seq_len >= 1, f"must be >= 1, got {self.seq_len}")
+_BOUNDS: Final = {
+    "round": MAX_NUM_SAMPLES,
+    "num_samples": MAX_NUM_SAMPLES,
+    "peak_rss_bytes": MAX_MEMORY_BYTES,
+    "step_time_s": MAX_SECONDS,
+    "train_time_s": MAX_SECONDS,
+}
 
 
 # ----------------------------------------------------------------------------------------- messages
@@ -258,24 +117,18 @@ class Message(WireRecord):
         for name in ("task_id", "device_id", "run_id"):
             value = getattr(self, name, None)
             if isinstance(value, str):
-                _require(self, name, 0 < len(value) <= 256, "must be 1 to 256 characters")
-        for name, most in (("round", MAX_NUM_SAMPLES), ("num_samples", MAX_NUM_SAMPLES)):
+                require_field(self, name, 0 < len(value) <= 256, "must be 1 to 256 characters")
+        for name, most in _BOUNDS.items():
             value = getattr(self, name, None)
-            if isinstance(value, int):
-                _require(self, name, 0 <= value <= most, f"must be in 0..{most}, got {_short(value)}")
-        value = getattr(self, "peak_rss_bytes", None)
-        if isinstance(value, int):
-            ok = 0 <= value <= MAX_MEMORY_BYTES
-            _require(self, "peak_rss_bytes", ok, f"must be in 0..{MAX_MEMORY_BYTES}, got {_short(value)}")
-        for name in ("step_time_s", "train_time_s"):
-            value = getattr(self, name, None)
-            if isinstance(value, float):
-                _require(self, name, 0 <= value <= MAX_SECONDS, f"must be in 0..{MAX_SECONDS:g}, got {value}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                require_field(self, name, 0 <= value <= most, f"must be in 0..{most}, got {value}")
         metrics = getattr(self, "metrics", None)
         if isinstance(metrics, Mapping):
-            _require(self, "metrics", len(metrics) <= MAX_METRICS, f"{len(metrics)} entries, at most {MAX_METRICS}")
+            require_field(
+                self, "metrics", len(metrics) <= MAX_METRICS, f"{len(metrics)} entries, at most {MAX_METRICS}"
+            )
             for key in metrics:
-                _require(self, "metrics", 0 < len(key) <= 64, f"a key of {len(key)} characters (1 to 64)")
+                require_field(self, "metrics", 0 < len(key) <= 64, f"a key of {len(key)} characters (1 to 64)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -388,7 +241,7 @@ class Error(Message):
 
     def _validate(self) -> None:
         super()._validate()
-        _require(
+        require_field(
             self,
             "code",
             bool(_ERROR_CODE.fullmatch(self.code)),
@@ -406,9 +259,9 @@ class Bye(Message):
 
     def _validate(self) -> None:
         super()._validate()
-        _require(self, "code", 1000 <= self.code <= 4999, f"not a websocket close code: {self.code}")
+        require_field(self, "code", 1000 <= self.code <= 4999, f"not a websocket close code: {self.code}")
         size = len(self.reason.encode("utf-8"))
-        _require(
+        require_field(
             self,
             "reason",
             size <= _MAX_CLOSE_REASON_BYTES,
