@@ -68,7 +68,7 @@ from edge_sdk.protocol import (
     WelcomeReceived,
     WireLimits,
 )
-from edge_sdk.protocol._closecodes import CLOSE_REPLACED, STOP_CODES
+from edge_sdk.protocol._closecodes import STOP_CODES
 from edge_sdk.serving._install import Deployer
 from edge_sdk.training._runner import BatchSource, TaskCancelledError, TaskRunner, TrainFn
 
@@ -78,10 +78,6 @@ logger = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT_S = 10.0
 _CANCEL_WAIT_S = 600.0  # a cancelled task stops at its next batch; this bounds a pathological step
-# Closes after which the device stops for good. Not 4001 "replaced": another connection with this
-# device's token must never make the device give up (it reconnects, and the coordinator answers 409
-# to a newcomer while the device's connection is open).
-_STOP_CODES = STOP_CODES - {CLOSE_REPLACED}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +296,7 @@ class _Session:
             await self.abandon()
         code, reason = self.ws.close_code, self.ws.close_reason or ""
         why = f"the connection closed (code {code}{' ' + reason if reason else ''})"
-        return _SessionEnd(self.welcomed, code in _STOP_CODES, why)
+        return _SessionEnd(self.welcomed, code in STOP_CODES, why)
 
     async def abandon(self) -> None:
         """Stop a running task (it ends at its next batch) and wait for its thread, bounded."""

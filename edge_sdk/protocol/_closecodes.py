@@ -11,8 +11,9 @@ __all__ = ["CLOSE_GOING_AWAY", "CLOSE_REJECTED", "CLOSE_REPLACED", "CLOSE_RUN_CO
 
 CLOSE_GOING_AWAY = 1001  # the coordinator is shutting down or restarting: reconnect (with backoff)
 CLOSE_RUN_COMPLETE = 4000  # every round is done: the device stops
-CLOSE_REPLACED = 4001  # the same device connected again: this older connection is superseded
+CLOSE_REPLACED = 4001  # this connection is superseded (older coordinators): the device reconnects
 CLOSE_REJECTED = 4003  # the coordinator refuses this device (its budget fits no sub-network, ...)
 
-# A device reconnects after any other close (network loss, restart, a protocol fault).
-STOP_CODES = frozenset({CLOSE_RUN_COMPLETE, CLOSE_REPLACED, CLOSE_REJECTED})
+# A device reconnects after any other close (network loss, restart, a protocol fault, 4001): what
+# another connection does never makes a device stop for good.
+STOP_CODES = frozenset({CLOSE_RUN_COMPLETE, CLOSE_REJECTED})
