@@ -1,7 +1,7 @@
 """Simulated attackers ([attack] table): each lie is what it says, and goes through the wire protocol.
 
 The unit tests check the lies' arithmetic; the simulations (a tiny random BERT, five devices, one
-round, FedAvg) check that an attacking device is admitted, sends its lie as an Update through the
+round, plain FedAvg) check that an attacking device is admitted, sends its lie as an Update through the
 SDK's DeviceConnection to its coordinator session, and that the lie is what reaches the global model.
 """
 
@@ -49,6 +49,7 @@ def config(tmp_path: Path, attack: dict[str, Any] | None = None) -> SimulationCo
         "federation": {"rounds": 1, "fraction": 1.0, "min_devices": 1},
         "training": {"local_steps": 3, "batch_size": 8, "seq_len": 16, "lr": 3e-3},
         "levers": {"enabled": False},
+        "aggregation": {"rule": "mean", "clip": "off", "weight_cap": 0},  # plain FedAvg: the lies arrive whole
         "simulation": {"engine": "local", "max_workers": 2, "threads": 1},
         "run": {"dir": str(tmp_path / "unused")},
     }

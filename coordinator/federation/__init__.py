@@ -7,7 +7,19 @@ simulator (:mod:`coordinator.simulation`) both drive it the same way: a :class:`
 device connection (protocol events in, engine calls, a verdict out) and one :class:`RoundLoop`.
 """
 
-from coordinator.federation._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate, merge_deltas
+from coordinator.federation._aggregate import (
+    AggregationRule,
+    ClientUpdate,
+    FedAdam,
+    FedAvg,
+    GaussianNoise,
+    Merge,
+    ServerOptimizer,
+    aggregate,
+    aggregate_round,
+    merge_deltas,
+    merge_round,
+)
 from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.federation._config import (
     DeployConfig,
@@ -29,6 +41,7 @@ from coordinator.federation._loop import (
     WaitFor,
 )
 from coordinator.federation._planner import BUDGET, WIDTHS, Planner, WidthPolicy
+from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig
 from coordinator.federation._registry import DeviceRecord, DeviceRegistry
 from coordinator.federation._session import CHANGED, GO_ON, DeployInbox, DeviceSession, Verdict, frame_bytes
 from coordinator.federation._tables import (
@@ -36,9 +49,11 @@ from coordinator.federation._tables import (
     ModelConfig,
     Table,
     TrainingConfig,
+    read_aggregation,
     read_federation,
     read_levers,
     read_model,
+    read_privacy,
     read_toml,
     read_training,
     table_reader,
@@ -49,6 +64,7 @@ __all__ = [
     "CHANGED",
     "GO_ON",
     "WIDTHS",
+    "AggregationRule",
     "ClientUpdate",
     "DeployConfig",
     "DeployInbox",
@@ -63,8 +79,12 @@ __all__ = [
     "FederationConfig",
     "FederationEngine",
     "FinishRound",
+    "GaussianNoise",
+    "Merge",
     "ModelConfig",
     "Planner",
+    "PrivacyAccountant",
+    "PrivacyConfig",
     "RoundLoop",
     "RoundResult",
     "RoundSummary",
@@ -82,17 +102,21 @@ __all__ = [
     "WaitFor",
     "WidthPolicy",
     "aggregate",
+    "aggregate_round",
     "frame_bytes",
     "latest_checkpoint",
     "load_checkpoint",
     "load_config",
     "make_order",
     "merge_deltas",
+    "merge_round",
     "outcome",
     "parse_config",
+    "read_aggregation",
     "read_federation",
     "read_levers",
     "read_model",
+    "read_privacy",
     "read_toml",
     "read_training",
     "save_checkpoint",

@@ -27,12 +27,15 @@ The default protects nothing (w_k = n_k for every tensor).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from coordinator.federation._privacy import GaussianNoise, private_merge
+from coordinator.federation._robust import AggregationRule, capped_weights, clip_scales, combine_sorted
 from coordinator.federation._updates import ClientUpdate, Contribution, check_update
 from edge_sdk import SubnetSpec
 from edge_sdk._errors import ConfigError
@@ -40,13 +43,18 @@ from edge_sdk.scaling import ParentModel, regions
 
 __all__ = [
     "SHARED_MODES",
+    "AggregationRule",
     "ClientUpdate",
     "FedAdam",
     "FedAvg",
+    "GaussianNoise",
+    "Merge",
     "ServerOptimizer",
     "SharedProtection",
     "aggregate",
+    "aggregate_round",
     "merge_deltas",
+    "merge_round",
     "shared_tensors",
     "width_fraction",
 ]
@@ -69,7 +77,7 @@ class SharedProtection:
         if not (isinstance(self.min_width, (int, float)) and 0.0 < self.min_width <= 1.0):
             raise ConfigError(f"shared-tensor protection: min_width must be in (0, 1], got {self.min_width!r}")
 
-    def weight(self, samples: int, width: float) -> float:
+    def weight(self, samples: float, width: float) -> float:
         """A client's weight on a shared tensor."""
         if self.mode == "min_width":
             return float(samples) if width >= self.min_width - 1e-12 else 0.0
@@ -97,14 +105,120 @@ def shared_tensors(parent: ParentModel) -> frozenset[str]:
     )
 
 
-def _add(num: torch.Tensor, den: torch.Tensor, c: Contribution, weight: float) -> None:
+def _add(num: torch.Tensor, den: torch.Tensor, c: Contribution, weight: float, scale: float = 1.0) -> None:
     if c.rows is not None:
-        num.index_add_(0, c.rows, weight * c.delta)
+        num.index_add_(0, c.rows, (weight * scale) * c.delta)
         den.index_add_(0, c.rows, torch.full_like(c.delta, weight))
     else:
         assert c.region is not None
-        num[c.region] += weight * c.delta
+        num[c.region] += (weight * scale) * c.delta
         den[c.region] += weight
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One round merged: the delta and coverage per tensor, and what the rule did to each update."""
+
+    delta: dict[str, torch.Tensor]
+    coverage: dict[str, torch.Tensor]  # sum of covering weights (a count of devices under DP); 0: uncovered
+    norms: tuple[float, ...] = ()  # per update: the L2 norm of its delta over what it covered
+    scales: tuple[float, ...] = ()  # per update: the factor its delta was scaled by (1.0: untouched)
+    weights: tuple[float, ...] = ()  # per update: its sample weight after the cap
+
+
+def _device_norm(contributions: Sequence[Contribution]) -> float:
+    return math.sqrt(sum(float(c.delta.double().pow(2).sum()) for c in contributions))
+
+
+def merge_round(
+    parent: ParentModel,
+    updates: Sequence[ClientUpdate],
+    *,
+    shared: SharedProtection = SharedProtection(),
+    max_abs: float | None = None,
+    rule: AggregationRule | None = None,
+    noise: GaussianNoise | None = None,
+) -> Merge:
+    """The round's updates merged per coordinate over the devices that covered them.
+
+    ``rule`` (default :meth:`AggregationRule.plain`: FedAvg's weighted mean) clips, caps and
+    combines (``_robust``); ``noise`` instead merges them as DP-FedAvg (``_privacy``: fixed clip,
+    uniform weights, Gaussian noise on covered coordinates), and ``rule`` is not used. Every update
+    is checked (:func:`~coordinator.federation._updates.check_update`, deltas bounded by ``max_abs``
+    if given) before anything is merged.
+    """
+    floats = {n: t for n, t in parent.state.items() if t.is_floating_point()}
+    checked = [check_update(parent, u, who=f"update {k}", max_abs=max_abs) for k, u in enumerate(updates)]
+    protected = shared_tensors(parent) if shared.mode != "off" else frozenset()
+    norms = [_device_norm(cs) for cs in checked]
+    if noise is not None:
+        included = [_weigher(shared, protected, u, 1.0) for u in updates]
+        delta, count, scales = private_merge(floats, checked, norms, included, noise)
+        return Merge(delta, count, tuple(norms), tuple(scales), tuple(1.0 for _ in updates))
+    rule = rule or AggregationRule.plain()
+    scales = clip_scales(norms, rule)
+    samples = capped_weights([u.num_samples for u in updates], rule)
+    weighers = [_weigher(shared, protected, u, w) for u, w in zip(updates, samples, strict=True)]
+    if rule.rule == "mean" or (rule.rule == "trimmed_mean" and rule.trim == 0):
+        delta, den = _weighted_mean(floats, checked, scales, weighers)
+    else:
+        delta, den = _robust_combine(floats, checked, scales, weighers, rule)
+    return Merge(delta, den, tuple(norms), tuple(scales), tuple(samples))
+
+
+def _weigher(
+    shared: SharedProtection, protected: frozenset[str], update: ClientUpdate, samples: float
+) -> Callable[[str], float]:
+    """A device's weight on a tensor: its (capped) samples, or the shared protection's weight."""
+    shared_weight = shared.weight(samples, width_fraction(update.spec)) if protected else samples
+    return lambda name: shared_weight if name in protected else samples
+
+
+def _weighted_mean(
+    floats: Mapping[str, torch.Tensor],
+    checked: Sequence[Sequence[Contribution]],
+    scales: Sequence[float],
+    weighers: Sequence[Callable[[str], float]],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    num = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in floats.items()}
+    den = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in floats.items()}
+    for contributions, scale, weight_of in zip(checked, scales, weighers, strict=True):
+        for c in contributions:
+            weight = weight_of(c.name)
+            if weight > 0 and c.name in floats:
+                _add(num[c.name], den[c.name], c, weight, scale)
+    delta = {n: torch.where(den[n] > 0, num[n] / den[n].clamp_min(1e-30), 0.0) for n in floats}
+    return delta, den
+
+
+def _robust_combine(
+    floats: Mapping[str, torch.Tensor],
+    checked: Sequence[Sequence[Contribution]],
+    scales: Sequence[float],
+    weighers: Sequence[Callable[[str], float]],
+    rule: AggregationRule,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Trimmed mean or median, one tensor at a time over the stacked values of its covering devices."""
+    by_name: dict[str, list[tuple[int, Contribution]]] = {}
+    for k, contributions in enumerate(checked):
+        for c in contributions:
+            if c.name in floats and weighers[k](c.name) > 0:
+                by_name.setdefault(c.name, []).append((k, c))
+    delta = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in floats.items()}
+    den = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in floats.items()}
+    for name, items in by_name.items():
+        values = torch.full((len(items), *floats[name].shape), math.nan, dtype=torch.float32)
+        weights = torch.tensor([weighers[k](name) for k, _ in items], dtype=torch.float32)
+        for i, (k, c) in enumerate(items):
+            if c.rows is not None:
+                values[i][c.rows] = scales[k] * c.delta
+            else:
+                assert c.region is not None
+                values[i][c.region] = scales[k] * c.delta
+            den[name] += torch.where(torch.isnan(values[i]), 0.0, weights[i])
+        merged = combine_sorted(values.reshape(len(items), -1), weights, rule.rule, rule.trim)
+        delta[name] = merged.reshape(floats[name].shape)
+    return delta, den
 
 
 def merge_deltas(
@@ -113,28 +227,18 @@ def merge_deltas(
     *,
     shared: SharedProtection = SharedProtection(),
     max_abs: float | None = None,
+    rule: AggregationRule | None = None,
+    noise: GaussianNoise | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Weighted mean delta per coordinate over the clients that covered it, and the coverage.
+    """The merged delta per coordinate over the clients that covered it, and the coverage.
 
     Returns ``(delta, coverage)`` for every floating-point parent tensor; ``coverage`` is the sum of
     client weights over covering clients (0 where none trained the coordinate, and there ``delta``
-    is 0). Every update is checked (:func:`~coordinator.federation._updates.check_update`, deltas
-    bounded by ``max_abs`` if given) before anything is merged.
+    is 0). With the default ``rule``, the sample-weighted mean of the module docstring; see
+    :func:`merge_round` for ``rule`` and ``noise``.
     """
-    floats = {n: t for n, t in parent.state.items() if t.is_floating_point()}
-    checked = [check_update(parent, u, who=f"update {k}", max_abs=max_abs) for k, u in enumerate(updates)]
-    protected = shared_tensors(parent) if shared.mode != "off" else frozenset()
-    num = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in floats.items()}
-    den = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in floats.items()}
-    for update, contributions in zip(updates, checked, strict=True):
-        samples = update.num_samples
-        shared_weight = shared.weight(samples, width_fraction(update.spec)) if protected else samples
-        for c in contributions:
-            weight = shared_weight if c.name in protected else float(samples)
-            if weight > 0 and c.name in floats:
-                _add(num[c.name], den[c.name], c, weight)
-    delta = {n: torch.where(den[n] > 0, num[n] / den[n].clamp_min(1e-30), 0.0) for n in floats}
-    return delta, den
+    merged = merge_round(parent, updates, shared=shared, max_abs=max_abs, rule=rule, noise=noise)
+    return merged.delta, merged.coverage
 
 
 class ServerOptimizer(Protocol):
@@ -216,6 +320,21 @@ class FedAdam:
         self.v = {k[2:]: t.clone() for k, t in state.items() if k.startswith("v/")}
 
 
+def aggregate_round(
+    parent: ParentModel,
+    updates: Sequence[ClientUpdate],
+    optimizer: ServerOptimizer | None = None,
+    *,
+    shared: SharedProtection = SharedProtection(),
+    max_abs: float | None = None,
+    rule: AggregationRule | None = None,
+    noise: GaussianNoise | None = None,
+) -> tuple[ParentModel, Merge]:
+    """The parent after one round (see :func:`aggregate`), and the :class:`Merge` it stepped with."""
+    merged = merge_round(parent, updates, shared=shared, max_abs=max_abs, rule=rule, noise=noise)
+    return parent.with_state((optimizer or FedAvg()).step(parent.state, merged.delta, merged.coverage)), merged
+
+
 def aggregate(
     parent: ParentModel,
     updates: Sequence[ClientUpdate],
@@ -223,9 +342,14 @@ def aggregate(
     *,
     shared: SharedProtection = SharedProtection(),
     max_abs: float | None = None,
+    rule: AggregationRule | None = None,
+    noise: GaussianNoise | None = None,
 ) -> ParentModel:
-    """The parent after one round: ``updates`` merged per coordinate, stepped by ``optimizer``."""
+    """The parent after one round: ``updates`` merged per coordinate, stepped by ``optimizer``.
+
+    ``rule``: how updates are clipped, weighted and combined (default: FedAvg's weighted mean, no
+    defence); ``noise``: merge as DP-FedAvg instead (see :func:`merge_round`).
+    """
     if not updates:
         return parent
-    delta, coverage = merge_deltas(parent, updates, shared=shared, max_abs=max_abs)
-    return parent.with_state((optimizer or FedAvg()).step(parent.state, delta, coverage))
+    return aggregate_round(parent, updates, optimizer, shared=shared, max_abs=max_abs, rule=rule, noise=noise)[0]

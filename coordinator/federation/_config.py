@@ -10,6 +10,8 @@ Tables and keys (see ``examples/run.toml`` and ``docs/running.md``):
 - ``[model]`` name (folder or packaged name), task, num_labels, seed, salience;
 - ``[federation]`` rounds, fraction, min_devices, device_wait_s, round_deadline_s, strategy,
   server_lr, beta1, beta2, tau, max_update_norm_ratio, min_margin;
+- ``[aggregation]`` (optional) rule, trim, clip, clip_factor, weight_cap (robust merging);
+- ``[privacy]`` (optional) mode, clip_norm, noise_multiplier, delta, reproducible (DP-FedAvg);
 - ``[training]`` local_steps, lr, batch_size, seq_len, prox_mu;
 - ``[validation]`` (optional) data, limit, batch_size, tokenizer, seq_len;
 - ``[server]`` host, port, port_file, tls_cert, tls_key, max_connections, chunk_size,
@@ -132,7 +134,19 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------- reading
 
 
-_TABLES = ("model", "federation", "training", "levers", "validation", "server", "devices", "run", "deploy")
+_TABLES = (
+    "model",
+    "federation",
+    "aggregation",
+    "privacy",
+    "training",
+    "levers",
+    "validation",
+    "server",
+    "devices",
+    "run",
+    "deploy",
+)
 
 
 def _validation(t: Table) -> ValidationConfig:
@@ -237,7 +251,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str 
     """A :class:`RunConfig` from parsed TOML ``data``; relative paths resolve against ``base``."""
     table = table_reader(data, _TABLES, base=Path(base), where=where)
 
-    federation = read_federation(table("federation"))
+    federation = read_federation(table("federation"), aggregation=table("aggregation"), privacy=table("privacy"))
     model = read_model(table("model"))
     devices = _devices(table("devices"))
     cfg = RunConfig(

@@ -33,8 +33,10 @@ heavy part touches only the closed round; state changes happen under a lock.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -42,9 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.federation._aggregate import FedAdam, FedAvg, ServerOptimizer, aggregate
+from coordinator.federation._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate_round
 from coordinator.federation._checkpoint import EngineState, state_digest
 from coordinator.federation._planner import BUDGET, Planner, WidthPolicy
+from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig, round_event
 from coordinator.federation._records import DeviceOutcome, RoundSummary, TrainOrder, width_of
 from coordinator.federation._registry import DeviceRegistry
 from coordinator.federation._round import OpenRound, train_orders
@@ -75,6 +78,31 @@ def make_optimizer(federation: FederationConfig) -> ServerOptimizer:
     if federation.strategy == "fedadam":
         return FedAdam(lr=federation.server_lr, beta1=federation.beta1, beta2=federation.beta2, tau=federation.tau)
     raise ConfigError(f"unknown strategy {federation.strategy!r}")
+
+
+def _local_dp(order: TrainOrder, privacy: PrivacyConfig) -> TrainOrder:
+    """``order`` asking the device to clip and noise its update (local DP), its norm bound widened
+    by the noise's norm: ``z C (sqrt(n) + 10)`` over the n values sent (a chi of n degrees of freedom
+    is within 10 of sqrt(n) but with negligible probability)."""
+    settings = dataclasses.replace(
+        order.settings, dp_clip_norm=privacy.clip_norm, dp_noise_multiplier=privacy.noise_multiplier
+    )
+    values = sum(a.size for a in order.tensors.values() if a.dtype.kind == "f")
+    noise = privacy.noise_multiplier * privacy.clip_norm * (math.sqrt(values) + 10.0)
+    return dataclasses.replace(
+        order, settings=settings, max_update_norm=order.max_update_norm + privacy.clip_norm + noise
+    )
+
+
+def _local_levers(levers: LeverPolicy | None, privacy: PrivacyConfig) -> LeverPolicy:
+    """The planner's levers; under local DP the update must be dense: no LoRA, no embedding rows."""
+    policy = LeverPolicy() if levers is None else levers
+    if privacy.mode != "local":
+        return policy
+    pinned = policy.pinned
+    if pinned.get("lora_rank") or pinned.get("embeddings") == "rows":
+        raise ConfigError("[privacy] mode = 'local' needs dense updates: do not pin lora_rank or embeddings = 'rows'")
+    return dataclasses.replace(policy, forbid=policy.forbid | {"lora", "embedding_rows"})
 
 
 def _json_safe(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,7 +158,7 @@ class FederationEngine:
             work,
             min_margin_bytes=federation.min_margin_bytes,
             policy=width,
-            levers=LeverPolicy() if levers is None else levers,
+            levers=_local_levers(levers, federation.privacy),
             devices=devices,
         )
         self.registry = DeviceRegistry(self.planner, devices)
@@ -140,6 +168,8 @@ class FederationEngine:
         self._optimizer = optimizer if optimizer is not None else make_optimizer(federation)
         self._round = completed_rounds
         self._history: list[Mapping[str, Any]] = list(history)
+        # DP: the rounds composed so far are in the history's privacy records (a resumed run replays them)
+        self._accountant = PrivacyAccountant.from_history(federation.privacy.delta, self._history)
         self._open: OpenRound | None = None
         self._digest: str | None = None
         self._lock = threading.RLock()
@@ -216,6 +246,8 @@ class FederationEngine:
                 model_config=self.model_config,
                 max_update_norm_ratio=self.federation.max_update_norm_ratio,
             )
+            if self.federation.privacy.mode == "local":
+                orders = {t: _local_dp(o, self.federation.privacy) for t, o in orders.items()}
             self._open = OpenRound(index=index, deadline=now + self.federation.round_deadline_s, orders=orders)
         logger.info(
             "round %d/%d: training on %d device(s): %s",
@@ -316,11 +348,13 @@ class FederationEngine:
             if rnd is None or not rnd.closed:
                 raise EdgeFMError("close_round() must come before finish_round()")
             updates = rnd.accepted()
-        parent = aggregate(self.parent, updates, self._optimizer) if updates else self.parent
+            senders = [rnd.orders[t].device_id for t in rnd.orders if t in rnd.updates]
+        parent, merge = self._merge(rnd.index, updates, senders)
+        privacy = self._privacy_record(len(rnd.orders), composed=bool(updates))
         metrics = dict(self._evaluator(parent)) if self._evaluator is not None else {}
         digest = state_digest(parent.state)
         outcomes = rnd.final_outcomes()
-        summary = RoundSummary(rnd.index, self.federation.rounds, outcomes, metrics, digest)
+        summary = RoundSummary(rnd.index, self.federation.rounds, outcomes, metrics, digest, merge, privacy)
         with self._lock:
             self.parent, self._digest = parent, digest
             self._round = rnd.index
@@ -328,6 +362,43 @@ class FederationEngine:
             self.registry.note_round(rnd.index, outcomes)
             self._history.append(summary.to_json())
         return summary
+
+    def _merge(
+        self, index: int, updates: Sequence[ClientUpdate], senders: Sequence[str]
+    ) -> tuple[ParentModel, dict[str, Any]]:
+        """The round's updates merged (``[aggregation]`` rule, or central DP), and what the rule did."""
+        if not updates:
+            return self.parent, {}
+        fed = self.federation
+        noise = fed.privacy.noise(self._seed, index) if fed.privacy.mode == "central" else None
+        parent, merged = aggregate_round(self.parent, updates, self._optimizer, rule=fed.aggregation, noise=noise)
+        clipped = {d: round(s, 4) for d, s in zip(senders, merged.scales, strict=True) if s < 1.0}
+        capped = {
+            d: w
+            for d, w, u in zip(senders, merged.weights, updates, strict=True)
+            if noise is None and w < u.num_samples
+        }
+        rule = "dp-fedavg" if noise is not None else fed.aggregation.describe()
+        return parent, {"rule": rule, "clipped": clipped, "capped": capped}
+
+    def _privacy_record(self, selected: int, *, composed: bool) -> dict[str, Any] | None:
+        """The round's DP record (None without DP): the event composed, and epsilon so far."""
+        dp = self.federation.privacy
+        if not dp.enabled:
+            return None
+        q, z = round_event(dp.mode, selected, len(self.registry.to_json()), dp.noise_multiplier)
+        if composed:  # a round that merged nothing released nothing
+            self._accountant.compose(q, z)
+        epsilon = self._accountant.epsilon()
+        return {
+            "mode": dp.mode,
+            "epsilon": epsilon if math.isfinite(epsilon) else None,  # None: no noise, no guarantee
+            "delta": dp.delta,
+            "q": q,
+            "noise_multiplier": z,
+            "clip_norm": dp.clip_norm,
+            "composed": composed,
+        }
 
     # ---------------------------------------------------------------------------- checkpoints
 

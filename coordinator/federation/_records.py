@@ -89,6 +89,14 @@ class RoundSummary:
     outcomes: tuple[DeviceOutcome, ...]
     metrics: Mapping[str, float]
     weights_digest: str
+    merge: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # rule; devices clipped / capped
+    privacy: Mapping[str, Any] | None = None  # DP: mode, epsilon, delta, q, noise_multiplier, ...
+
+    @property
+    def epsilon(self) -> float | None:
+        """The run's DP epsilon after this round (None without DP)."""
+        eps = None if self.privacy is None else self.privacy["epsilon"]
+        return None if eps is None else float(eps)
 
     @property
     def aggregated(self) -> int:
@@ -111,6 +119,8 @@ class RoundSummary:
             "bytes_in": self.bytes_in,
             "weights_digest": self.weights_digest,
             "devices": [o.to_json() for o in self.outcomes],
+            **({"merge": dict(self.merge)} if self.merge else {}),
+            **({"privacy": dict(self.privacy), "epsilon": self.epsilon} if self.privacy is not None else {}),
         }
 
     def log_line(self) -> str:
@@ -126,10 +136,22 @@ class RoundSummary:
             else:
                 parts.append(f"{o.device_id}: {o.status.upper()} ({o.reason})")
         return (
-            f"round {self.round}/{self.rounds}: {self.aggregated}/{len(self.outcomes)} updates merged,"
-            f" {quality},"
+            f"round {self.round}/{self.rounds}: {self.aggregated}/{len(self.outcomes)} updates merged"
+            f"{self._merge_note()}, {quality},{self._privacy_note()}"
             f" sent {format_bytes(self.bytes_out)}, received {format_bytes(self.bytes_in)}; " + "; ".join(parts)
         )
+
+    def _merge_note(self) -> str:
+        clipped = ", ".join(f"{d} x{s:.2f}" for d, s in self.merge.get("clipped", {}).items())
+        capped = ", ".join(f"{d} to {w:g}" for d, w in self.merge.get("capped", {}).items())
+        notes = ([f"clipped {clipped}"] if clipped else []) + ([f"weight capped {capped}"] if capped else [])
+        return f" ({'; '.join(notes)})" if notes else ""
+
+    def _privacy_note(self) -> str:
+        if self.privacy is None:
+            return ""
+        eps = "inf" if self.epsilon is None else f"{self.epsilon:.3g}"
+        return f" DP {self.privacy['mode']} epsilon {eps} (delta {self.privacy['delta']:g}),"
 
 
 def width_of(spec: SubnetSpec) -> str:

@@ -3,20 +3,23 @@
 :class:`Table` reads one table with typed getters whose errors name the file, the table and the key
 (``run.toml: [federation] fraction: must be in (0, 1], got 1.5``); :meth:`Table.done` makes unknown
 keys errors, so a typo is never silently ignored. :func:`table_reader` checks a file's table names.
-The ``[model]``, ``[federation]`` and ``[training]`` tables mean the same in a served run
-(``_config``) and a simulation (``coordinator.simulation``): :func:`read_model`,
-:func:`read_federation` and :func:`read_training` read them for both.
+The ``[model]``, ``[federation]`` (with ``[aggregation]`` and ``[privacy]``) and ``[training]``
+tables mean the same in a served run (``_config``) and a simulation (``coordinator.simulation``):
+:func:`read_model`, :func:`read_federation` and :func:`read_training` read them for both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.federation._privacy import PRIVACY_MODES, PrivacyConfig
+from coordinator.federation._robust import CLIPS, RULES, AggregationRule
 from edge_sdk._errors import ConfigError
 from edge_sdk._units import parse_size
 from edge_sdk.scaling import DEFAULT_MIN_MARGIN_BYTES, SALIENCE_KINDS, LeverPolicy
@@ -33,9 +36,11 @@ __all__ = [
     "ModelConfig",
     "Table",
     "TrainingConfig",
+    "read_aggregation",
     "read_federation",
     "read_levers",
     "read_model",
+    "read_privacy",
     "read_toml",
     "read_training",
     "table_reader",
@@ -72,6 +77,10 @@ class FederationConfig:
     # Planning keeps at least this much of each device's budget in reserve for what the memory model
     # does not count (a detected budget's own safety margin counts towards it; see FederationEngine).
     min_margin_bytes: int = DEFAULT_MIN_MARGIN_BYTES
+    # How updates are merged ([aggregation]: robust rules) and whether with differential privacy
+    # ([privacy]); the tables are read with [federation] (see read_federation).
+    aggregation: AggregationRule = field(default_factory=AggregationRule)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 @dataclass(frozen=True)
@@ -204,7 +213,11 @@ def read_model(t: Table) -> ModelConfig:
     return cfg
 
 
-def read_federation(t: Table) -> FederationConfig:
+def read_federation(
+    t: Table, *, aggregation: Table | None = None, privacy: Table | None = None, reproducible_noise: bool = False
+) -> FederationConfig:
+    """The ``[federation]`` table, with the ``[aggregation]`` and ``[privacy]`` tables if given
+    (``reproducible_noise``: the default of ``[privacy] reproducible``)."""
     strategy = t.text("strategy", "fedavg", choices=STRATEGIES)
     default_lr = 1.0 if strategy == "fedavg" else 1e-3
     cfg = FederationConfig(
@@ -225,6 +238,49 @@ def read_federation(t: Table) -> FederationConfig:
         for key in ("beta1", "beta2", "tau"):
             if t.has(key):
                 raise t.error(key, "only applies to strategy = 'fedadam'")
+    t.done()
+    rule = read_aggregation(aggregation) if aggregation is not None else AggregationRule()
+    dp = read_privacy(privacy, reproducible=reproducible_noise) if privacy is not None else PrivacyConfig()
+    if dp.mode == "central" and aggregation is not None and aggregation.data:
+        raise aggregation.error(
+            None,
+            "does not apply with [privacy] mode = 'central' (DP-FedAvg clips to clip_norm and weighs devices"
+            " the same): remove the table",
+        )
+    return dataclasses.replace(cfg, aggregation=rule, privacy=dp)
+
+
+def read_aggregation(t: Table) -> AggregationRule:
+    """The ``[aggregation]`` table: rule, trim, clip, clip_factor, weight_cap (see ``_robust``)."""
+    weight_cap = t.number("weight_cap", 2.0, low=0.0)
+    if 0 < weight_cap < 1:
+        raise t.error("weight_cap", f"must be 0 (no cap) or >= 1, got {weight_cap}")
+    cfg = AggregationRule(
+        rule=t.text("rule", "trimmed_mean", choices=RULES),
+        trim=t.number("trim", 0.2, low=0.0, high=0.49),
+        clip=t.text("clip", "median", choices=CLIPS),
+        clip_factor=t.number("clip_factor", 2.0, low=1.0),
+        weight_cap=weight_cap,
+    )
+    if t.has("trim") and cfg.rule != "trimmed_mean":
+        raise t.error("trim", "only applies to rule = 'trimmed_mean'")
+    t.done()
+    return cfg
+
+
+def read_privacy(t: Table, *, reproducible: bool = False) -> PrivacyConfig:
+    """The ``[privacy]`` table: mode, clip_norm, noise_multiplier, delta, reproducible (``_privacy``)."""
+    cfg = PrivacyConfig(
+        mode=t.text("mode", "off", choices=PRIVACY_MODES),
+        clip_norm=t.number("clip_norm", 1.0, low=0.0, open_low=True),
+        noise_multiplier=t.number("noise_multiplier", 1.0, low=0.0),
+        delta=t.number("delta", 1e-5, low=0.0, high=0.1, open_low=True),
+        reproducible=t.flag("reproducible", reproducible),
+    )
+    if cfg.mode == "off":
+        extra = sorted(k for k in t.data if k != "mode")
+        if extra:
+            raise t.error(extra[0], "only applies with mode = 'central' or 'local'")
     t.done()
     return cfg
 

@@ -2,8 +2,9 @@
 
 Tables (``examples/sim.toml`` is a complete, commented example):
 
-- ``[model]``, ``[federation]``, ``[training]``: as in a served run (the shared table readers of
-  ``coordinator.federation``);
+- ``[model]``, ``[federation]``, ``[aggregation]``, ``[privacy]``, ``[training]``: as in a served run
+  (the shared table readers of ``coordinator.federation``; ``[privacy] reproducible`` defaults to
+  true here: the noise is seeded from the run's seed);
 - ``[data]`` kind ("tsv" or "synthetic"), train, dev, tokenizer, train_limit, dev_limit, partition
   ("iid", "dirichlet" or "sorted"), alpha, skew, skewed_devices, min_shard; for synthetic data size,
   dev_size, vocab_size, seq_len;
@@ -58,7 +59,20 @@ __all__ = [
 ]
 
 ENGINES = ("local", "ray")
-_TABLES = ("model", "data", "devices", "method", "federation", "training", "levers", "simulation", "attack", "run")
+_TABLES = (
+    "model",
+    "data",
+    "devices",
+    "method",
+    "federation",
+    "aggregation",
+    "privacy",
+    "training",
+    "levers",
+    "simulation",
+    "attack",
+    "run",
+)
 
 
 @dataclass(frozen=True)
@@ -215,7 +229,9 @@ def parse_simulation_config(
         data=_data(table("data")),
         devices=_devices(table("devices")),
         method=_method(table("method")),
-        federation=read_federation(table("federation")),
+        federation=read_federation(
+            table("federation"), aggregation=table("aggregation"), privacy=table("privacy"), reproducible_noise=True
+        ),
         training=read_training(table("training")),
         simulation=_simulation(table("simulation")),
         run_dir=run_dir,

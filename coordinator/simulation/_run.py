@@ -326,6 +326,9 @@ def _round_record(
         "weights_digest": summary.weights_digest,
         "wall_s": wall_s,
         "devices": rows,
+        # the merge: the rule, the devices clipped / capped; under DP, epsilon so far
+        **({"merge": dict(summary.merge)} if summary.merge else {}),
+        **({"privacy": dict(summary.privacy), "epsilon": summary.epsilon} if summary.privacy is not None else {}),
     }
     ok = [r for r in rows if r["status"] == "ok"]
     logger.info(

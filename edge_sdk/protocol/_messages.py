@@ -141,6 +141,9 @@ class TrainSettings(WireRecord):
     ``levers`` is the training recipe the coordinator planned (its ``micro_batches`` split the batch,
     so at most ``batch_size``), ``max_grad_norm`` clips the global gradient norm (None: no clipping),
     ``dropout`` overrides the model's dropout probabilities (None: the model's own).
+    ``dp_clip_norm`` and ``dp_noise_multiplier`` ask for local differential privacy: the update's
+    delta clipped to that L2 norm and noised with std ``dp_noise_multiplier x dp_clip_norm`` before
+    it is sent (None: no local DP). A device that predates them refuses such a task (unknown field).
     """
 
     local_steps: int | None = None
@@ -154,6 +157,8 @@ class TrainSettings(WireRecord):
     levers: Levers = dataclasses.field(default=PLAIN_LEVERS, metadata=OPTIONAL_ON_WIRE)
     max_grad_norm: float | None = dataclasses.field(default=None, metadata=OPTIONAL_ON_WIRE)
     dropout: float | None = dataclasses.field(default=None, metadata=OPTIONAL_ON_WIRE)
+    dp_clip_norm: float | None = dataclasses.field(default=None, metadata=OPTIONAL_ON_WIRE)
+    dp_noise_multiplier: float = dataclasses.field(default=0.0, metadata=OPTIONAL_ON_WIRE)
 
     def _validate(self) -> None:
         _require(
@@ -186,6 +191,20 @@ class TrainSettings(WireRecord):
             )
         if self.dropout is not None:
             _require(self, "dropout", 0 <= self.dropout < 1, f"must be in [0, 1) or null, got {self.dropout}")
+        if self.dp_clip_norm is not None:
+            _require(
+                self,
+                "dp_clip_norm",
+                0 < self.dp_clip_norm <= MAX_GRAD_NORM,
+                f"must be in (0, {MAX_GRAD_NORM:g}] or null (no local DP), got {self.dp_clip_norm}",
+            )
+        _require(
+            self,
+            "dp_noise_multiplier",
+            0 <= self.dp_noise_multiplier <= MAX_GRAD_NORM
+            and (self.dp_clip_norm is not None or not self.dp_noise_multiplier),
+            f"must be >= 0, and only with dp_clip_norm, got {self.dp_noise_multiplier}",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

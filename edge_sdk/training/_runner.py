@@ -49,6 +49,7 @@ from edge_sdk.training._data import (
     iter_batches,
     load_tokenizer,
 )
+from edge_sdk.training._privacy import local_dp
 
 __all__ = [
     "BatchSource",
@@ -259,9 +260,9 @@ class TaskRunner:
     ) -> TrainOutput:
         """Train the task's sub-network on local data; TaskCancelledError once ``cancel`` is set.
 
-        The task's settings say how: its ``levers``, ``dropout`` (None: the model's) and
-        ``max_grad_norm`` (None: no clipping); rows are truncated at the task's ``seq_len``, at most
-        the model's max positions, and each batch is padded to its longest row.
+        The task's settings say how: its ``levers``, ``dropout`` (None: the model's), ``max_grad_norm``
+        (None: no clipping) and ``dp_clip_norm`` (local DP, ``_privacy``); rows are truncated at the
+        task's ``seq_len``, at most the model's max positions, and each batch is padded to its longest row.
         """
         from edge_sdk.training._levers import install_rows, touched_rows, trained_tensors
         from edge_sdk.training._train import TrainConfig, train_local
@@ -299,7 +300,7 @@ class TaskRunner:
             max_grad_norm=settings.max_grad_norm,
         )
         result = (self.train_fn or train_local)(model, batches, config)
-        out = _as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors)
+        out = local_dp(_as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors), tensors, settings)
         metrics = {"steps": float(result.steps), "samples_seen": float(result.samples)}
         if math.isfinite(result.loss):
             metrics["loss"] = float(result.loss)
