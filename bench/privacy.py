@@ -32,6 +32,7 @@ from robustness import (
     load_run,
     quiet_logs,
     run_cells,
+    warm_model,
     write_block,
 )
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-norm", type=float, default=CLIP_NORM, help="each device's delta clipped to this L2 norm")
     args = p.parse_args(argv)
     quiet_logs()
+    args.model = warm_model(args)
     settings: list[float | None] = [None, *args.noise]
     if not args.from_runs:
         cells = []
@@ -105,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs:
         flags = [f"--rounds {args.rounds}", f"--steps {args.steps}"]
         flags.append("--noise " + " ".join(f"{n:g}" for n in args.noise))
+        flags += [f"--warm-start {args.warm_start}"] if args.warm_start else []
         setup = (
             f"Reproduce: `python bench/privacy.py {' '.join(flags)}` (from the repository root).\n\n"
             f"Setup: bench/robustness.py's federation ({DEVICES} devices, whole model, all in every round, IID),"
-            f" {args.rounds} rounds x {args.steps} local steps, no attacker; central DP-FedAvg with each"
+            f" {args.rounds} round(s) x {args.steps} local steps, no attacker, starting from"
+            f" {args.warm_start or 'MiniLM with a fresh head'}; central DP-FedAvg with each"
             f" device's delta clipped to {args.clip_norm:g}; seeds {', '.join(map(str, args.seeds))}. Wall time"
             f" of the runs: {minutes:.1f} min."
         )

@@ -75,6 +75,28 @@ def has_rules() -> bool:
     return True
 
 
+def warm_model(args: argparse.Namespace) -> str:
+    """The ``[model] name`` every run starts from: MiniLM with a fresh head, or (``--warm-start FILE``)
+    a model folder under ``--out`` holding MiniLM's config and tokenizer and the weights of FILE (a
+    ``final.safetensors`` of ``bench/raffm_sst2.py --methods full-fedavg``: a federation that has
+    already learnt SST-2, which the attacker then tries to break)."""
+    if args.warm_start is None:
+        return "all-MiniLM-L6-v2"
+    from edge_sdk.scaling import resolve_model_dir
+
+    source = Path(resolve_model_dir("all-MiniLM-L6-v2"))
+    folder = args.out / "warm-model"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    config.update(architectures=["BertForSequenceClassification"], num_labels=2)
+    (folder / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    shutil.copyfile(args.warm_start, folder / "model.safetensors")
+    return str(folder)
+
+
 def federation(
     args: argparse.Namespace,
     seed: int,
@@ -86,7 +108,7 @@ def federation(
 ) -> dict[str, Any]:
     """The benchmark federation's simulation config (a dict of TOML tables)."""
     data: dict[str, Any] = {
-        "model": {"name": "all-MiniLM-L6-v2", "num_labels": 2, "seed": seed, "salience": "weight_l1"},
+        "model": {"name": args.model, "num_labels": 2, "seed": seed, "salience": "weight_l1"},
         "data": {
             "kind": "tsv",
             "train": str(args.data / "train.tsv"),
@@ -118,6 +140,7 @@ class Run:
 
     rounds: list[dict[str, Any]]
     wall_s: float
+    start: float = float("nan")  # accuracy of the model the run started from
 
     @property
     def final(self) -> float:
@@ -142,7 +165,7 @@ class Run:
 def load_run(folder: Path) -> Run:
     summary = json.loads((folder / "simulation.json").read_text(encoding="utf-8"))
     rounds = [json.loads(f.read_text(encoding="utf-8")) for f in sorted((folder / "rounds").glob("*.json"))]
-    return Run(rounds, float(summary["wall_s"]))
+    return Run(rounds, float(summary["wall_s"]), float(summary["start_metrics"].get("accuracy", "nan")))
 
 
 def run_cells(args: argparse.Namespace, cells: Sequence[tuple[str, dict[str, Any]]]) -> None:
@@ -202,6 +225,8 @@ def table(args: argparse.Namespace) -> tuple[str, list[str]]:
                     f"- default rule, {attack}: {gap:+.2f} points against no attack"
                     f" ({'within' if gap >= -BAR else 'NOT within'} {BAR:g} points)."
                 )
+    starts = sorted({f"{100 * load_run(args.out / cell_name(s, args.rules[0], 'none')).start:.2f}" for s in args.seeds})
+    verdict.insert(0, f"- accuracy of the model every run starts from: {', '.join(starts)} % (per seed).")
     return "\n".join(rows), verdict
 
 
@@ -242,6 +267,12 @@ def common_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--train-limit", type=int, default=TRAIN_LIMIT, help="train on the first N rows (0: all)")
     p.add_argument("--dev-limit", type=int, default=0, help="score on the first N dev rows (0: all 872)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / out)
+    p.add_argument(
+        "--warm-start",
+        type=Path,
+        default=None,
+        help="start every run from these weights (a final.safetensors of bench/raffm_sst2.py's full-fedavg)",
+    )
     p.add_argument("--no-docs", action="store_true", help="do not update the docs")
     p.add_argument("--from-runs", action="store_true", help="only render the figures from the runs in --out")
 
@@ -259,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     args = p.parse_args(argv)
     quiet_logs()
+    args.model = warm_model(args)
     if "none" not in args.attacks:
         args.attacks = ["none", *args.attacks]
     if not has_rules() and set(args.rules) != {"fedavg"}:
@@ -285,18 +317,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup(args: argparse.Namespace) -> str:
-    flags = [] if args.rounds == ROUNDS else [f"--rounds {args.rounds}"]
-    flags += [] if args.steps == STEPS else [f"--steps {args.steps}"]
-    flags += [] if args.seeds == [0] else ["--seeds " + " ".join(map(str, args.seeds))]
+    flags = [f"--rounds {args.rounds}", f"--steps {args.steps}", "--seeds " + " ".join(map(str, args.seeds))]
+    flags += [f"--warm-start {args.warm_start}"] if args.warm_start else []
     dev = "the whole SST-2 dev split (872)" if not args.dev_limit else f"the first {args.dev_limit} dev rows"
-    cmd = " ".join(["python bench/robustness.py", *flags])
+    data = f"the first {args.train_limit:,} rows of" if args.train_limit else "all of"
+    start = (
+        f"every run starts from `{args.warm_start}`" if args.warm_start else "every run starts from MiniLM, fresh head"
+    )
     return (
-        f"Reproduce: `{cmd}` (from the repository root).\n\n"
+        f"Reproduce: `python bench/robustness.py {' '.join(flags)}` (from the repository root).\n\n"
         f"Setup: {DEVICES} x {DEVICE_CLASS} (the whole model, plain fp32 AdamW), all in every round, IID split"
-        f" of SST-2's training set, {args.rounds} rounds x {args.steps} local steps, batch {BATCH}, rows truncated"
-        f" at {SEQ} tokens, lr {LR:g}, seeds {', '.join(map(str, args.seeds))}; accuracy on {dev} after the last"
-        f" round. Attacker: {ATTACKER}. Wall time of the runs on this machine (2 cores shared with other"
-        f" work): {total_minutes(args):.1f} min."
+        f" of {data} SST-2's training set, {args.rounds} round(s) x {args.steps} local steps, batch {BATCH}, rows"
+        f" truncated at {SEQ} tokens, lr {LR:g}, seeds {', '.join(map(str, args.seeds))}; {start}; accuracy on"
+        f" {dev} after the last round. Attacker: {ATTACKER}. Wall time of the runs on this machine (2 cores"
+        f" shared with other work): {total_minutes(args):.1f} min."
     )
 
 
