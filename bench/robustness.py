@@ -86,6 +86,9 @@ def warm_model(args: argparse.Namespace) -> str:
 
     source = Path(resolve_model_dir("all-MiniLM-L6-v2"))
     folder = args.out / "warm-model"
+    done = folder / "model.safetensors"
+    if done.is_file() and done.stat().st_size == args.warm_start.stat().st_size:
+        return str(folder)  # (made by an earlier or concurrent run: not rewritten under its readers)
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         if (source / name).is_file():
@@ -152,6 +155,17 @@ class Run:
         quarter = max(1, len(self.rounds) // 4)
         return float(np.mean([r["accuracy"] for r in self.rounds[-quarter:]]))
 
+    def merge_notes(self, device: str) -> list[str]:
+        """What the merge did to the device's updates (e.g. ``clipped x0.013``, ``weight capped to 4000``)."""
+        notes = []
+        for record in self.rounds:
+            merge = record.get("merge", {})
+            if device in merge.get("clipped", {}):
+                notes.append(f"clipped x{merge['clipped'][device]:.3g}")
+            if device in merge.get("capped", {}):
+                notes.append(f"weight capped to {merge['capped'][device]:g}")
+        return notes
+
     def status(self, device: str) -> str:
         """How the device's updates fared over the run, e.g. ``ok x8`` or ``ok x2, failed x6``."""
         seen: dict[str, int] = {}
@@ -197,36 +211,48 @@ def cell_name(seed: int, rule: str, attack: str) -> str:
     return f"seed{seed}/{rule}/{attack}"
 
 
+def seeds_of(args: argparse.Namespace, rule: str) -> list[int]:
+    """The seeds whose runs of ``rule`` are all there (every attack and the no-attack run)."""
+    return [s for s in args.seeds if all(finished(args.out / cell_name(s, rule, a)) for a in args.attacks)]
+
+
+def finished(folder: Path) -> bool:
+    return (folder / "simulation.json").exists()
+
+
 def table(args: argparse.Namespace) -> tuple[str, list[str]]:
     """The results table (accuracy and paired difference to the rule's no-attack run) and the verdict."""
     rows = [
-        "| rule | attack | final accuracy % (per seed) | vs no attack, paired (points) | last quarter of rounds %"
-        " | vs no attack | the attacker's updates |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| rule | attack | final accuracy %, mean (per seed) | vs no attack, paired points, mean (per seed)"
+        " | the attacker's updates: status; what the merge did to them |",
+        "| --- | --- | --- | --- | --- |",
     ]
     verdict: list[str] = []
     for rule in args.rules:
-        clean = {s: load_run(args.out / cell_name(s, rule, "none")) for s in args.seeds}
+        seeds = seeds_of(args, rule)
+        if not seeds:
+            continue
+        clean = {s: load_run(args.out / cell_name(s, rule, "none")) for s in seeds}
         for attack in args.attacks:
-            runs = {s: load_run(args.out / cell_name(s, rule, attack)) for s in args.seeds}
-            diffs = [100 * (runs[s].final - clean[s].final) for s in args.seeds]
-            late = [100 * (runs[s].late - clean[s].late) for s in args.seeds]
-            finals = ", ".join(f"{100 * runs[s].final:.2f}" for s in args.seeds)
-            status = "; ".join(runs[s].status(ATTACKER) for s in args.seeds) if attack != "none" else "-"
+            runs = {s: load_run(args.out / cell_name(s, rule, attack)) for s in seeds}
+            diffs = [100 * (runs[s].final - clean[s].final) for s in seeds]
+            finals = ", ".join(f"{100 * runs[s].final:.2f}" for s in seeds)
+            status = "; ".join(runs[s].status(ATTACKER) for s in seeds) if attack != "none" else "-"
+            notes = sorted({n for s in seeds for n in runs[s].merge_notes(ATTACKER)})
             rows.append(
-                f"| {rule} | {attack} | {np.mean([runs[s].final for s in args.seeds]) * 100:.2f} ({finals})"
-                f" | {_pm(diffs) if attack != 'none' else '-'}"
-                f" | {np.mean([runs[s].late for s in args.seeds]) * 100:.2f} | {_pm(late) if attack != 'none' else '-'}"
-                f" | {status} |"
+                f"| {rule} | {attack} | {np.mean([runs[s].final for s in seeds]) * 100:.2f} ({finals})"
+                f" | {_pm(diffs) if attack != 'none' else '-'} | {status}{'; ' + ', '.join(notes) if notes else ''} |"
             )
             if rule == "default" and attack != "none":
                 gap = float(np.mean(diffs))
                 verdict.append(
-                    f"- default rule, {attack}: {gap:+.2f} points against no attack"
-                    f" ({'within' if gap >= -BAR else 'NOT within'} {BAR:g} points)."
+                    f"- default rule, {attack}: {gap:+.2f} points against no attack (per seed"
+                    f" {', '.join(f'{d:+.2f}' for d in diffs)}): {'not' if gap >= -BAR else 'MORE than'} {BAR:g}"
+                    f" points worse; |difference| {'<=' if abs(gap) <= BAR else '>'} {BAR:g}."
                 )
-    starts = sorted({f"{100 * load_run(args.out / cell_name(s, args.rules[0], 'none')).start:.2f}" for s in args.seeds})
-    verdict.insert(0, f"- accuracy of the model every run starts from: {', '.join(starts)} % (per seed).")
+    firsts = [args.out / cell_name(s, r, "none") for s in args.seeds for r in args.rules]
+    starts = sorted({f"{100 * load_run(f).start:.2f}" for f in firsts if finished(f)})
+    verdict.insert(0, f"- accuracy of the model every run starts from: {', '.join(starts)} %.")
     return "\n".join(rows), verdict
 
 
@@ -237,12 +263,8 @@ def _pm(diffs: Sequence[float]) -> str:
 
 
 def total_minutes(args: argparse.Namespace) -> float:
-    return (
-        sum(
-            load_run(args.out / cell_name(s, r, a)).wall_s for s in args.seeds for r in args.rules for a in args.attacks
-        )
-        / 60
-    )
+    folders = [args.out / cell_name(s, r, a) for s in args.seeds for r in args.rules for a in args.attacks]
+    return sum(load_run(f).wall_s for f in folders if finished(f)) / 60
 
 
 def write_block(doc: Path, marker: str, text: str) -> None:
