@@ -36,7 +36,7 @@ import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -44,7 +44,27 @@ from edge_sdk._errors import ConfigError
 
 if TYPE_CHECKING:
     from coordinator.federation import Table
-    from edge_sdk.training._runner import BatchSource, TrainOutput
+
+
+class BatchSource(Protocol):
+    """A device's local data as the SDK's TaskRunner consumes it (its ``BatchSource``)."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, seq_len: int, seed: int) -> Iterator[Mapping[str, np.ndarray]]: ...
+
+
+class _Update(Protocol):
+    """What the SDK's ``TaskRunner.train`` returns (a ``TrainOutput`` dataclass), as far as a lie needs."""
+
+    @property
+    def tensors(self) -> Mapping[str, np.ndarray]: ...
+
+    @property
+    def num_samples(self) -> int: ...
+
+
+Output = TypeVar("Output", bound=_Update)
 
 __all__ = [
     "ATTACK_MODES",
@@ -75,7 +95,7 @@ class DeviceAttack:
         """The shard size the attacker declares in its Hello profile."""
         return self.num_samples if self.mode == "huge_samples" else shard_size
 
-    def tamper(self, output: TrainOutput, sent: Mapping[str, np.ndarray]) -> TrainOutput:
+    def tamper(self, output: Output, sent: Mapping[str, np.ndarray]) -> Output:
         """The Update the attacker sends instead of ``output`` (unchanged under ``label_flip``)."""
         if self.mode == "label_flip":
             return output
@@ -88,7 +108,7 @@ class DeviceAttack:
             scale = self.norm_fraction * _norm(sent.values()) / max(_norm(delta.values()), 1e-30)
         lie = {n: (sent[n].astype(np.float64) - scale * delta[n]).astype(sent[n].dtype) for n in names}
         samples = self.num_samples if self.mode == "huge_samples" else output.num_samples
-        return dataclasses.replace(output, tensors=lie, num_samples=samples)
+        return cast(Output, dataclasses.replace(cast(Any, output), tensors=lie, num_samples=samples))
 
 
 def _norm(arrays: Any) -> float:
