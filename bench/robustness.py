@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SST2 = ROOT.parent / "shared" / "data" / "sst2"  # full GLUE SST-2 (train.tsv, dev.tsv)
 
 BATCH, SEQ, LR = 16, 64, 1e-4
-ROUNDS, STEPS = 2, 5  # what 2 shared cores allow for 16 runs in ~40 min (docs/robustness.md)
+ROUNDS, STEPS = 1, 5  # one round from --warm-start: what 2 shared cores allowed for 24 runs (docs/robustness.md)
 TRAIN_LIMIT = 10_000  # the first rows of SST-2's training set: 2,000 a device (each trains on 80 a round)
 DEVICE_CLASS, DEVICES = "raspberry-pi-5-8gb", 5
 ATTACKER = f"{DEVICE_CLASS}-03"
