@@ -15,6 +15,8 @@ Tables (``examples/sim.toml`` is a complete, commented example):
   device), reorder (salience reordering before slicing), ratios (for "static");
 - ``[simulation]`` engine ("local" or "ray"), ray_address, max_workers, threads, fresh_process,
   budget_scale (multiplies every device class's usable budget), runtime_footprint;
+- ``[attack]`` devices, mode, scale, norm_fraction, num_samples: simulated attackers
+  (:mod:`coordinator.simulation._attack`; absent: none);
 - ``[run]`` dir.
 
 Every bad value is a :class:`~edge_sdk.ConfigError` naming the file, the table and the key; unknown
@@ -42,6 +44,7 @@ from coordinator.federation import (
     read_training,
     table_reader,
 )
+from coordinator.simulation._attack import AttackConfig, read_attack
 from coordinator.simulation._partition import PARTITIONS
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import TRAINING_RUNTIME_BYTES, LeverPolicy
@@ -67,6 +70,7 @@ _TABLES = (
     "training",
     "levers",
     "simulation",
+    "attack",
     "run",
 )
 
@@ -120,6 +124,7 @@ class SimulationConfig:
     simulation: SimulationSettings
     run_dir: Path
     levers: LeverPolicy = field(default_factory=LeverPolicy)  # [levers]: what the planner may use
+    attack: AttackConfig = field(default_factory=AttackConfig)  # [attack]: simulated attackers (none)
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -231,6 +236,7 @@ def parse_simulation_config(
         simulation=_simulation(table("simulation")),
         run_dir=run_dir,
         levers=read_levers(table("levers")),
+        attack=read_attack(table("attack")),
     )
     if cfg.federation.min_devices > cfg.num_devices:
         raise ConfigError(

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.simulation._attack import DeviceAttack
 from coordinator.simulation._data import SimData
 
 __all__ = [
@@ -95,6 +96,7 @@ class DeviceJob:
     task: bytes | str  # the packed task frames, or the path of a file holding them
     result_path: str | None = None  # write the answer's frames there (else return them as bytes)
     threads: int = 1
+    attack: DeviceAttack | None = None  # a simulated attacker: what it does to its data and its update
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def run_device_job(job: DeviceJob) -> DeviceReport:
 
     init_worker(job.threads)
     started = time.perf_counter()
-    runner = TaskRunner(job.data.source(job.indices), threads=job.threads)
+    source = job.data.source(job.indices)
+    runner = TaskRunner(source if job.attack is None else job.attack.data(source), threads=job.threads)
     conn = DeviceConnection()
     conn.send_hello(device_id=job.device_id, sdk_version=__version__, profile={}, capabilities=("train",))
     conn.data_to_send()  # this Hello was delivered when the device was admitted
@@ -171,8 +174,12 @@ def run_device_job(job: DeviceJob) -> DeviceReport:
         return _report(job, events, baseline, started)
     task, tensors = received.task, dict(received.tensors)
     del received
+    # training may update the received arrays in place: an attacker keeps what it was sent
+    sent = {n: a.copy() for n, a in tensors.items()} if job.attack is not None else None
     try:
         output = runner.train(task, tensors)
+        if job.attack is not None and sent is not None:  # the lie goes out through the same DeviceConnection
+            output = job.attack.tamper(output, sent)
         del tensors
         output.send(conn, task.task_id)
     except (EdgeFMError, ValueError, RuntimeError, MemoryError) as exc:  # what the SDK client reports too

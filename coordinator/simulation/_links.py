@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.federation import GO_ON, DeviceSession, FederationEngine, TrainOrder
+from coordinator.simulation._attack import DeviceAttack
 from coordinator.simulation._config import SimulationConfig
 from coordinator.simulation._data import SimData
 from coordinator.simulation._device import DeviceJob, DeviceReport, frames_size, pack_frames, read_frames
@@ -40,12 +41,14 @@ class VirtualDevice:
     device_class: str
     budget: MemoryBudget
     indices: np.ndarray
+    attack: DeviceAttack | None = None  # a simulated attacker ([attack] table)
 
     def hello_profile(self) -> dict[str, Any]:
+        samples = len(self.indices)
         return {
             "device": {"device_model": self.device_class, "machine": "simulated", "simulated": True},
             "budget": self.budget.to_dict(),
-            "data": {"num_samples": len(self.indices)},
+            "data": {"num_samples": samples if self.attack is None else self.attack.declared_samples(samples)},
         }
 
 
@@ -71,7 +74,11 @@ def virtual_devices(config: SimulationConfig, labels: np.ndarray) -> list[Virtua
         seed=config.model.seed,
         min_size=config.data.min_shard,
     )
-    return [VirtualDevice(n, c, b, s) for (n, c, b), s in zip(named, shards, strict=True)]
+    config.attack.check_devices([n for n, _, _ in named])
+    return [
+        VirtualDevice(n, c, b, s, config.attack.for_device(n, config.model.num_labels))
+        for (n, c, b), s in zip(named, shards, strict=True)
+    ]
 
 
 @dataclasses.dataclass
@@ -117,7 +124,15 @@ def send_task(
         task = pack_frames(frames)
     link.session.task_sent(order, frames_size(frames))
     return DeviceJob(
-        link.device.name, order.task_id, data, link.device.indices, link.welcome, task, result_path, threads
+        link.device.name,
+        order.task_id,
+        data,
+        link.device.indices,
+        link.welcome,
+        task,
+        result_path,
+        threads,
+        link.device.attack,
     )
 
 

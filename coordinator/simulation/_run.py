@@ -328,6 +328,9 @@ def _round_record(
         "merge": dict(summary.merge),  # the [aggregation] rule, devices clipped / capped
         "epsilon": summary.epsilon,  # [privacy]: the run's epsilon so far (None without DP)
         "devices": rows,
+        # the merge: the rule, the devices clipped / capped; under DP, epsilon so far
+        **({"merge": dict(summary.merge)} if summary.merge else {}),
+        **({"privacy": dict(summary.privacy), "epsilon": summary.epsilon} if summary.privacy is not None else {}),
     }
     ok = [r for r in rows if r["status"] == "ok"]
     logger.info(
