@@ -11,6 +11,7 @@ Every choice comes from the ``random.Random`` passed in: a seed replays a run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -140,8 +141,8 @@ def _replacement(rng: random.Random) -> Any:
         return Raw(rng.choice(SPECIAL_NUMBERS))
     if kind == 1:
         return Raw(rng.choice(SPECIAL_STRINGS))
-    if kind == 2:
-        return rng.choice(TYPE_SWAPS)
+    if kind == 2:  # a copy: a later mutation may insert into it (a shared one would end up holding itself)
+        return copy.deepcopy(rng.choice(TYPE_SWAPS))
     if kind == 3:
         return _deep(rng)
     return rng.choice(
