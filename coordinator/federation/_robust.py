@@ -59,9 +59,11 @@ _CHUNK = 1 << 22  # values sorted at a time (K x chunk floats)
 class AggregationRule:
     """The ``[aggregation]`` table: how one round's updates are combined (see the module docstring).
 
-    The defaults resist one attacker among five devices (scaled or negated deltas, a huge sample
-    count, label-flipped training): clipped to twice the median norm, weights capped at twice the
-    median sample count, and a 20 % trimmed mean (one value dropped from each end of five).
+    The defaults are meant to hold one attacker among five devices (scaled or negated deltas, a huge
+    sample count, label-flipped training): each delta clipped to twice the median norm, weights
+    capped at twice the median sample count, and a 20 % trimmed mean (one value dropped from each
+    end of five). Measured on MiniLM / SST-2 (one round from a trained model, six seeds): within
+    0.6 points of the run without the attacker on average, where plain FedAvg lost 13 to 29.
     :meth:`plain` is FedAvg's weighted mean with no defence.
     """
 
