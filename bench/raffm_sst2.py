@@ -127,6 +127,9 @@ def base_config(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             "min_margin": "128MiB",
         },
         "training": {"local_steps": args.steps, "lr": LR, "batch_size": BATCH, "seq_len": SEQ},
+        # The merge these figures were measured with (docs/benchmark.md): FedAvg's weighted mean per
+        # coordinate, no clipping, no cap; the coordinator's default has since become robust.
+        "aggregation": {"rule": "mean", "clip": "off", "weight_cap": 0},
         "simulation": {
             "engine": args.engine,
             "max_workers": args.workers,
