@@ -36,7 +36,7 @@ import torch
 
 from coordinator.federation._privacy import GaussianNoise, private_merge
 from coordinator.federation._robust import AggregationRule, capped_weights, clip_scales, combine_sorted
-from coordinator.federation._updates import ClientUpdate, Contribution, check_update
+from coordinator.federation._updates import ClientUpdate, Contribution, check_update, delta_norm
 from edge_sdk import SubnetSpec
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ParentModel, regions
@@ -126,10 +126,6 @@ class Merge:
     weights: tuple[float, ...] = ()  # per update: its sample weight after the cap
 
 
-def _device_norm(contributions: Sequence[Contribution]) -> float:
-    return math.sqrt(sum(float(c.delta.double().pow(2).sum()) for c in contributions))
-
-
 def merge_round(
     parent: ParentModel,
     updates: Sequence[ClientUpdate],
@@ -150,7 +146,7 @@ def merge_round(
     floats = {n: t for n, t in parent.state.items() if t.is_floating_point()}
     checked = [check_update(parent, u, who=f"update {k}", max_abs=max_abs) for k, u in enumerate(updates)]
     protected = shared_tensors(parent) if shared.mode != "off" else frozenset()
-    norms = [_device_norm(cs) for cs in checked]
+    norms = [delta_norm(cs) for cs in checked]
     if noise is not None:
         included = [_weigher(shared, protected, u, 1.0) for u in updates]
         delta, count, scales = private_merge(floats, checked, norms, included, noise)

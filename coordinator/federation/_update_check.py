@@ -22,20 +22,19 @@ round and never fails the merge of the others.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
 
 from coordinator.federation._records import TrainOrder
 from coordinator.federation._registry import DeviceRecord
-from coordinator.federation._updates import ClientUpdate, Contribution, check_update, weights_from_delta
+from coordinator.federation._updates import ClientUpdate, check_update, delta_norm, weights_from_delta
 from edge_sdk._errors import AggregationError, EdgeFMError
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import check_tensor_values, numpy_to_torch
 from edge_sdk.scaling import ParentModel
 
-__all__ = ["accept_tensors", "check_reported", "delta_norm"]
+__all__ = ["accept_tensors", "check_reported"]
 
 
 def check_reported(record: DeviceRecord, *, num_samples: int, peak_rss_bytes: int) -> None:
@@ -50,11 +49,6 @@ def check_reported(record: DeviceRecord, *, num_samples: int, peak_rss_bytes: in
             f"peak_rss_bytes {format_bytes(peak_rss_bytes)} is above the device's declared memory of"
             f" {format_bytes(total)}"
         )
-
-
-def delta_norm(contributions: list[Contribution]) -> float:
-    """The L2 norm of an update's change over every coordinate it covers."""
-    return math.sqrt(sum(float(c.delta.double().square().sum()) for c in contributions))
 
 
 def accept_tensors(

@@ -20,7 +20,8 @@ until every update of a round has passed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from edge_sdk._errors import AggregationError
 from edge_sdk.protocol import LORA_A_SUFFIX, LORA_B_SUFFIX, ROWS_SUFFIX, split_update_name
 from edge_sdk.scaling import Levers, ParentModel, regions
 
-__all__ = ["ClientUpdate", "Contribution", "check_update", "weights_from_delta"]
+__all__ = ["ClientUpdate", "Contribution", "check_update", "delta_norm", "weights_from_delta"]
 
 Region = tuple[slice, ...]
 
@@ -204,6 +205,11 @@ def check_update(
     if checker.problems:
         raise AggregationError(f"{who}: " + "; ".join(list(dict.fromkeys(checker.problems))[:8]))
     return out
+
+
+def delta_norm(contributions: Sequence[Contribution]) -> float:
+    """The L2 norm of one device's change over every coordinate it covered: ``sqrt(sum_c d[c]^2)``."""
+    return math.sqrt(sum(float(c.delta.double().square().sum()) for c in contributions))
 
 
 def weights_from_delta(
