@@ -66,6 +66,9 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION: Final = 1
 _MAX_CLOSE_REASON_BYTES: Final = 123  # websocket close frames carry at most 123 bytes of reason
+# RFC 6455, 7.4: the codes a close frame may carry (1004-1006 and 1015 are reserved, 1016-2999 for
+# extensions and the IANA registry; 3000-4999 for libraries and applications).
+_SENDABLE_CLOSE_CODES: Final = frozenset([*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)])
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
@@ -259,7 +262,8 @@ class Bye(Message):
 
     def _validate(self) -> None:
         super()._validate()
-        require_field(self, "code", 1000 <= self.code <= 4999, f"not a websocket close code: {self.code}")
+        ok = self.code in _SENDABLE_CLOSE_CODES
+        require_field(self, "code", ok, f"not a websocket close code a close frame can carry: {self.code}")
         size = len(self.reason.encode("utf-8"))
         require_field(
             self,
