@@ -29,15 +29,8 @@ from edge_sdk._errors import ConfigError
 from edge_sdk.scaling._parent import ParentModel, parent_from_module
 from edge_sdk.training._runner import TrainOutput
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=32,
-    max_position_embeddings=32,
-    num_labels=2,
-)
+from .test_simulation import TINY
+
 ATTACKER = "raspberry-pi-5-8gb-03"
 
 

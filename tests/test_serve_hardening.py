@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import transformers
 from websockets.asyncio.client import connect
@@ -376,20 +375,6 @@ async def joined(port: int, *, deploy: bool = False) -> tuple[Device, Any]:
     return device, await device.task()
 
 
-def answer(device: Device, received: Any) -> None:
-    trained = {n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in received.tensors.items()}
-    device.conn.send_update(
-        task_id=received.task.task_id,
-        tensors=trained,
-        num_samples=4,
-        metrics={"loss": 0.3},
-        peak_rss_bytes=10,
-        step_time_s=0.1,
-        train_time_s=0.2,
-        encoding="weights",
-    )
-
-
 @pytest.mark.slow
 def test_a_signal_mid_round_stops_the_daemon_within_5_s(tmp_path: Path, tiny_model: Path) -> None:
     proc, port = start_daemon(tmp_path, tiny_model)
@@ -414,7 +399,7 @@ def test_a_signal_during_the_merge_and_checkpoint_stops_the_daemon_within_5_s(tm
 
     async def main() -> int:
         device, received = await joined(port)
-        answer(device, received)
+        device.answer(received)
         await device.flush()
         await asyncio.sleep(1.0)  # received and checked: the merge and the evaluation are under way
         code = await asyncio.to_thread(stop_with, proc, signal.SIGTERM)
@@ -434,7 +419,7 @@ def test_a_signal_during_deploys_stops_the_daemon_within_5_s(tmp_path: Path, tin
 
     async def main() -> int:
         device, received = await joined(port, deploy=True)
-        answer(device, received)
+        device.answer(received)
         await device.flush()
         (event,) = await device.events()  # the inference model: never answered
         assert isinstance(event, DeployReceived)

@@ -114,6 +114,20 @@ class Device:
         assert isinstance(event, TaskReceived) and isinstance(event.task, TrainTask)
         return event
 
+    def answer(self, received: TaskReceived) -> None:
+        """Queue the task's Update: every weight moved by 0.01 (a small, honest-looking change)."""
+        trained = {n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in received.tensors.items()}
+        self.conn.send_update(
+            task_id=received.task.task_id,
+            tensors=trained,
+            num_samples=4,
+            metrics={"loss": 0.3},
+            peak_rss_bytes=10,
+            step_time_s=0.1,
+            train_time_s=0.2,
+            encoding="weights",
+        )
+
     async def closed(self) -> tuple[int | None, list[Error]]:
         """Read until the coordinator closes: its close code and the Errors it sent first."""
         errors: list[Error] = []
@@ -247,18 +261,7 @@ def test_bad_frames_get_an_error_and_a_close_code_and_the_others_are_still_serve
             async with dial(srv, "good") as ws:
                 device = Device(ws)
                 await device.hello()
-                received = await device.task()
-                trained = {n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in received.tensors.items()}
-                device.conn.send_update(
-                    task_id=received.task.task_id,
-                    tensors=trained,
-                    num_samples=4,
-                    metrics={"loss": 0.3},
-                    peak_rss_bytes=10,
-                    step_time_s=0.1,
-                    train_time_s=0.2,
-                    encoding="weights",
-                )
+                device.answer(await device.task())
                 await device.flush()
                 code, _ = await device.closed()
                 assert code == CLOSE_RUN_COMPLETE
