@@ -25,27 +25,16 @@ from edge_sdk._spec import SubnetSpec
 from edge_sdk.protocol import TrainSettings, TrainTask, encode_tensors
 from edge_sdk.scaling import LeverPolicy, Levers
 from edge_sdk.scaling._extract import extract
-from edge_sdk.scaling._parent import ParentModel
 from edge_sdk.training._privacy import privatize
 from edge_sdk.training._runner import TaskRunner
 
-from .models import tiny_parent
+from .test_aggregate import filled, zero_parent
 from .test_engine import TRAINING, admit_all, hello, ranked_parent, trained
 from .test_levers_roundtrip import Tokens
 from .test_run_config import BASE
 
 Q = "bert.encoder.layer.0.attention.self.query.weight"  # [32, 32]: rows are 4 heads x 8 dims
 EMB = "bert.embeddings.word_embeddings.weight"  # [50, 32]
-
-
-def zero_parent() -> ParentModel:
-    parent = tiny_parent("bert")
-    return parent.with_state({n: torch.zeros_like(t) if t.is_floating_point() else t for n, t in parent.state.items()})
-
-
-def filled(parent: ParentModel, spec: SubnetSpec, value: float, n: int) -> ClientUpdate:
-    weights = {k: torch.full_like(t, value) if t.is_floating_point() else t for k, t in extract(parent, spec).items()}
-    return ClientUpdate(spec, weights, n)
 
 
 def test_noise_lands_only_on_covered_coordinates_with_std_z_c_over_n_c() -> None:

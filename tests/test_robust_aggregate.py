@@ -19,20 +19,11 @@ from edge_sdk.scaling._extract import extract
 from edge_sdk.scaling._parent import ParentModel
 
 from .models import tiny_parent
+from .test_aggregate import filled, zero_parent
 from .test_run_config import BASE, with_value
 
 Q = "bert.encoder.layer.0.attention.self.query.weight"  # [32, 32]: rows are 4 heads x 8 dims
 OFF = AggregationRule(rule="mean", trim=0.0, clip="off", weight_cap=0.0)
-
-
-def zero_parent() -> ParentModel:
-    parent = tiny_parent("bert")
-    return parent.with_state({n: torch.zeros_like(t) if t.is_floating_point() else t for n, t in parent.state.items()})
-
-
-def filled(parent: ParentModel, spec: SubnetSpec, value: float, n: int) -> ClientUpdate:
-    weights = {k: torch.full_like(t, value) if t.is_floating_point() else t for k, t in extract(parent, spec).items()}
-    return ClientUpdate(spec, weights, n)
 
 
 def covered_count(parent: ParentModel, spec: SubnetSpec) -> int:
