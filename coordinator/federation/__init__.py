@@ -43,6 +43,7 @@ from coordinator.federation._loop import (
 from coordinator.federation._planner import BUDGET, WIDTHS, Planner, WidthPolicy
 from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig
 from coordinator.federation._ratelimit import LogLimiter, clip
+from coordinator.federation._records import collapse_note, metrics_text
 from coordinator.federation._registry import DeviceRecord, DeviceRegistry
 from coordinator.federation._session import CHANGED, GO_ON, DeployInbox, DeviceSession, Verdict, frame_bytes
 from coordinator.federation._tables import (
@@ -106,6 +107,7 @@ __all__ = [
     "aggregate",
     "aggregate_round",
     "clip",
+    "collapse_note",
     "frame_bytes",
     "latest_checkpoint",
     "load_checkpoint",
@@ -113,6 +115,7 @@ __all__ = [
     "make_order",
     "merge_deltas",
     "merge_round",
+    "metrics_text",
     "outcome",
     "parse_config",
     "read_aggregation",

@@ -48,7 +48,7 @@ from coordinator.federation._aggregate import ClientUpdate, FedAdam, FedAvg, Ser
 from coordinator.federation._checkpoint import EngineState, state_digest
 from coordinator.federation._planner import BUDGET, Planner, WidthPolicy
 from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig, round_event
-from coordinator.federation._records import DeviceOutcome, RoundSummary, TrainOrder, width_of
+from coordinator.federation._records import DeviceOutcome, RoundSummary, TrainOrder, collapse_note, width_of
 from coordinator.federation._registry import DeviceRegistry
 from coordinator.federation._round import OpenRound, train_orders
 from coordinator.federation._selection import Selection
@@ -365,6 +365,8 @@ class FederationEngine:
         parent, merge = self._merge(rnd.index, updates, senders)
         privacy = self._privacy_record(len(rnd.orders), composed=bool(updates))
         metrics = dict(self._evaluator(parent)) if self._evaluator is not None else {}
+        if collapse_note(metrics):
+            logger.warning("round %d: the global model %s", rnd.index, collapse_note(metrics))
         digest = state_digest(parent.state)
         outcomes = rnd.final_outcomes()
         summary = RoundSummary(rnd.index, self.federation.rounds, outcomes, metrics, digest, merge, privacy)

@@ -18,7 +18,7 @@ from edge_sdk import SubnetSpec
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import CoordinatorConnection, TrainSettings
 
-__all__ = ["DeviceOutcome", "RoundSummary", "Status", "TrainOrder", "width_of"]
+__all__ = ["DeviceOutcome", "RoundSummary", "Status", "TrainOrder", "collapse_note", "metrics_text", "width_of"]
 
 Status = Literal["ok", "rejected", "failed", "late", "missing"]
 
@@ -125,8 +125,7 @@ class RoundSummary:
         }
 
     def log_line(self) -> str:
-        acc, loss = self.metrics.get("accuracy"), self.metrics.get("loss")
-        quality = f"accuracy {acc:.4f} loss {loss:.4f}" if acc is not None and loss is not None else "no validation"
+        quality = metrics_text(self.metrics)
         parts = []
         for o in self.outcomes:
             if o.status == "ok":
@@ -153,6 +152,41 @@ class RoundSummary:
             return ""
         eps = "inf" if self.epsilon is None else f"{self.epsilon:.3g}"
         return f" DP {self.privacy['mode']} epsilon {eps} (delta {self.privacy['delta']:g}),"
+
+
+def metrics_text(metrics: Mapping[str, float]) -> str:
+    """The validation part of a round's log line.
+
+    ``accuracy 0.6838 macro-F1 0.4061 (majority class 0.6838) loss 0.6217``, then the collapse note when
+    the model predicts one class for almost every row; "no validation" without metrics. Older records
+    (accuracy and loss only) give the short form.
+    """
+    acc, loss = metrics.get("accuracy"), metrics.get("loss")
+    if acc is None or loss is None or math.isnan(acc):
+        return "no validation"
+    f1, majority = metrics.get("macro_f1"), metrics.get("majority_share")
+    text = f"accuracy {acc:.4f}"
+    if f1 is not None:
+        text += f" macro-F1 {f1:.4f}"
+    if majority is not None:
+        text += f" (majority class {majority:.4f})"
+    text += f" loss {loss:.4f}"
+    note = collapse_note(metrics)
+    return f"{text}, {note}" if note else text
+
+
+def collapse_note(metrics: Mapping[str, float]) -> str:
+    """A warning text when ``metrics["collapsed"]`` is set (the rule: ``edge_sdk.training._metrics``), else ""."""
+    if not metrics.get("collapsed"):
+        return ""
+    top = metrics.get("top_prediction_class", math.nan)
+    share = metrics.get("top_prediction_share", math.nan)
+    majority = metrics.get("majority_share", math.nan)
+    cls = "?" if math.isnan(top) else f"{int(top)}"
+    return (
+        f"COLLAPSED: predicts class {cls} for {share:.1%} of the rows (majority class share {majority:.1%});"
+        " accuracy says little"
+    )
 
 
 def width_of(spec: SubnetSpec) -> str:

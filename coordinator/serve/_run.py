@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from coordinator.federation import FederationEngine, RunConfig, latest_checkpoint, load_checkpoint, save_checkpoint
+from coordinator.federation import (
+    FederationEngine,
+    RunConfig,
+    latest_checkpoint,
+    load_checkpoint,
+    metrics_text,
+    save_checkpoint,
+)
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
 from coordinator.serve._validation import Validator, calibration_batches
@@ -127,7 +134,7 @@ def _new_run(config: RunConfig, model_dir: Path, validator: Validator | None) ->
     )
     if validator is not None:
         metrics = validator(engine.parent)
-        logger.info("round 0 (pre-trained model): accuracy %.4f loss %.4f", metrics["accuracy"], metrics["loss"])
+        logger.info("round 0 (pre-trained model): %s", metrics_text(metrics))
     path = save_checkpoint(config.run.dir, engine.snapshot(), keep=config.run.keep_checkpoints)
     logger.info("new run %s: global weights sha256 %s (%s)", engine.run_id, engine.weights_digest(), path)
     return engine

@@ -131,8 +131,7 @@ def _score(
     else:
         model = build_model(spec, parent.config, extract(parent, spec), task=parent.task)
     with torch.inference_mode():
-        metrics = evaluate(model, batches)
-    return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "samples": metrics["samples"]}
+        return dict(evaluate(model, batches))  # accuracy, loss, samples, macro-F1, majority share, recall
 
 
 class FastValidator:

@@ -4,8 +4,11 @@ For each method (one :class:`~coordinator.simulation._run.SimulationResult` each
 accuracy, mean and min device training memory (predicted by the memory model for the plan of every
 admitted device, and measured on the tasks that ran: peak RSS less the worker's baseline), devices
 whose plan exceeds their budget, bytes per device per round (down + up), total local compute time
-relative to the first method. Plots: accuracy by round, bytes by round, and the distribution of the
-devices' sub-network sizes.
+relative to the first method; the final macro-F1, the validation set's majority class share (the
+accuracy of a model that always answers that class) and the rounds whose global model collapsed to one
+class (``edge_sdk.training._metrics``: a warning row under the table). Plots: accuracy (solid) and
+macro-F1 (dashed) by round with the majority share as a dotted reference line, bytes by round, and
+the distribution of the devices' sub-network sizes.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class MethodSummary:
     wall_s: float
     smallest_accuracy: float = math.nan  # the final global model sliced to the smallest device plan
     epsilon: float = math.nan  # [privacy]: the DP epsilon after the last round (nan without DP)
+    final_macro_f1: float = math.nan
+    majority_share: float = math.nan  # of the validation set: what always answering its majority class scores
+    collapsed_rounds: tuple[int, ...] = ()  # rounds whose global model predicted one class for almost all rows
 
     @property
     def mean_predicted_fraction(self) -> float:
@@ -78,7 +84,24 @@ def summarize(result: SimulationResult) -> MethodSummary:
         if result.width_metrics
         else math.nan,
         epsilon=_last_epsilon(result.rounds),
+        final_macro_f1=_last(result.rounds, "macro_f1"),
+        majority_share=_majority_share(result),
+        collapsed_rounds=tuple(int(r["round"]) for r in result.rounds if r.get("collapsed")),
     )
+
+
+def _last(rounds: Sequence[dict[str, Any]], key: str) -> float:
+    value = rounds[-1].get(key) if rounds else None
+    return float(value) if value is not None else math.nan
+
+
+def _majority_share(result: SimulationResult) -> float:
+    """The validation set's majority share (the same every round; older records may not have it)."""
+    for source in (result.start_metrics, *(r for r in reversed(result.rounds))):
+        value = source.get("majority_share")
+        if value is not None:
+            return float(value)
+    return math.nan
 
 
 def _last_epsilon(rounds: Sequence[dict[str, Any]]) -> float:
@@ -102,21 +125,33 @@ def markdown_table(summaries: Sequence[MethodSummary]) -> str:
     """One row per method; compute time relative to the first row."""
     base = summaries[0].compute_s if summaries and summaries[0].compute_s > 0 else math.nan
     head = (
-        "| method | final acc % | best acc % | smallest device's sub-network acc % "
+        "| method | final acc % | best acc % | final macro-F1 % | majority share % "
+        "| smallest device's sub-network acc % "
         "| train memory, predicted mean / min MB (% of full) "
         "| measured mean / min MB | over budget | full-model devices | MB per device per round "
-        "| local compute (x first) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| local compute (x first) |\n| --- |" + " ---: |" * 11
     )
     rows = [head]
     for s in summaries:
         rows.append(
-            f"| {s.method}{_dp(s)} | {_pct(s.final_accuracy)} | {_pct(s.best_accuracy)} | {_pct(s.smallest_accuracy)} "
+            f"| {s.method}{_dp(s)} | {_pct(s.final_accuracy)} | {_pct(s.best_accuracy)} | {_pct(s.final_macro_f1)} "
+            f"| {_pct(s.majority_share)} | {_pct(s.smallest_accuracy)} "
             f"| {_mb(s.mean_predicted_bytes)} / {_mb(s.min_predicted_bytes)} ({100 * s.mean_predicted_fraction:.0f} %) "
             f"| {_mb(s.mean_measured_bytes)} / {_mb(s.min_measured_bytes)} "
             f"| {s.over_budget}/{s.devices} | {s.full_model_devices}/{s.devices} "
             f"| {s.bytes_per_device_round / _MB:.1f} | {s.compute_s:.0f} s ({s.compute_s / base:.2f}) |"
         )
+    rows += [_collapse_row(s) for s in summaries if s.collapsed_rounds]
     return "\n".join(rows)
+
+
+def _collapse_row(s: MethodSummary) -> str:
+    rounds = ", ".join(str(r) for r in s.collapsed_rounds[:20]) + (" ..." if len(s.collapsed_rounds) > 20 else "")
+    return (
+        f"\n**Warning ({s.method})**: the global model predicted one class for almost every validation row"
+        f" (collapsed) in round(s) {rounds}; its accuracy there says little"
+        f" (majority share {_pct(s.majority_share)} %)."
+    )
 
 
 def write_plots(results: Sequence[SimulationResult], out_dir: Path) -> list[Path]:
@@ -130,17 +165,7 @@ def write_plots(results: Sequence[SimulationResult], out_dir: Path) -> list[Path
     paths = []
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for result in results:
-        xs = [0] + [int(r["round"]) for r in result.rounds]
-        ys = [result.start_metrics.get("accuracy", math.nan)] + [
-            math.nan if r.get("accuracy") is None else float(r["accuracy"]) for r in result.rounds
-        ]
-        ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=result.method)
-    ax.set_xlabel("round")
-    ax.set_ylabel("global model accuracy (%)")
-    ax.set_title("Validation accuracy by round")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _quality_plot(ax, results)
     paths.append(_save(fig, out_dir / "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -169,6 +194,33 @@ def write_plots(results: Sequence[SimulationResult], out_dir: Path) -> list[Path
     ax.legend()
     paths.append(_save(fig, out_dir / "widths.png"))
     return paths
+
+
+def _quality_plot(ax: Any, results: Sequence[SimulationResult]) -> None:
+    """Accuracy (solid) and macro-F1 (dashed, same colour) by round; majority share as a dotted line."""
+    majorities: set[float] = set()
+    for result in results:
+        xs = [0] + [int(r["round"]) for r in result.rounds]
+        rows = [result.start_metrics, *result.rounds]
+        accuracy = [_value(r, "accuracy") for r in rows]
+        (line,) = ax.plot(xs, [100 * y for y in accuracy], marker="o", markersize=3, label=f"{result.method} accuracy")
+        f1 = [_value(r, "macro_f1") for r in rows]
+        if not all(math.isnan(y) for y in f1):
+            ax.plot(xs, [100 * y for y in f1], ls="--", color=line.get_color(), label=f"{result.method} macro-F1")
+        majority = _majority_share(result)
+        if not math.isnan(majority) and round(majority, 6) not in majorities:
+            majorities.add(round(majority, 6))
+            ax.axhline(100 * majority, ls=":", color="grey", label=f"majority class share {100 * majority:.1f} %")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global model accuracy / macro-F1 (%)")
+    ax.set_title("Validation accuracy and macro-F1 by round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _value(row: Any, key: str) -> float:
+    value = row.get(key)
+    return math.nan if value is None else float(value)
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +41,7 @@ from coordinator.federation import (
     SendOrders,
     TrainOrder,
     WidthPolicy,
+    metrics_text,
 )
 from coordinator.simulation._config import MethodConfig, SimulationConfig
 from coordinator.simulation._data import FastValidator, SimData, SyntheticData, SyntheticEvaluator, TsvData
@@ -161,7 +161,7 @@ def run_simulation(
         len(links),
         config.federation.rounds,
         engine.selection.round_size(len(links)),
-        _metrics_text(start_metrics),
+        metrics_text(start_metrics),
     )
     own = executor is None
     runner = executor or _make_executor(config)
@@ -320,6 +320,10 @@ def _round_record(
         "rounds": summary.rounds,
         "accuracy": summary.metrics.get("accuracy"),
         "loss": summary.metrics.get("loss"),
+        "macro_f1": summary.metrics.get("macro_f1"),
+        "majority_share": summary.metrics.get("majority_share"),
+        "collapsed": bool(summary.metrics.get("collapsed")),
+        "metrics": dict(summary.metrics),  # all of them: per-class recall, the most predicted class
         "aggregated": summary.aggregated,
         "bytes_down": summary.bytes_out,
         "bytes_up": summary.bytes_in,
@@ -338,7 +342,7 @@ def _round_record(
         config.method.name,
         summary.round,
         summary.rounds,
-        _metrics_text(summary.metrics),
+        metrics_text(summary.metrics),
         len(ok),
         len(rows),
         ", ".join(f"{r['params'] / 1e6:.1f}M" for r in rows),
@@ -381,13 +385,6 @@ def _width_metrics(
             spec = SubnetSpec(dims, tuple(LayerSpec(*layer) for layer in row["layers"]))
             out[int(row["params"])] = dict(score(engine.parent, spec))
     return out
-
-
-def _metrics_text(metrics: Mapping[str, float]) -> str:
-    acc, loss = metrics.get("accuracy"), metrics.get("loss")
-    if acc is None or loss is None or math.isnan(acc):
-        return "no validation"
-    return f"accuracy {acc:.4f} loss {loss:.4f}"
 
 
 def _result_json(config: SimulationConfig, result: SimulationResult) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from edge_sdk._levers import Levers
 from edge_sdk.device._allocator import trim_heap, tune_allocator
 from edge_sdk.training._data import split_batch
 from edge_sdk.training._levers import RowEmbedding, prepare, touched_rows
+from edge_sdk.training._metrics import class_metrics, confusion_matrix
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "peak_rss_bytes", "proximal_term", "train_local"]
 
@@ -192,17 +193,32 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]]) -> dict[str, float]:
-    """Accuracy and mean loss over one pass of ``batches``."""
+    """Accuracy, mean loss, macro-F1, majority share, per-class recall over one pass of ``batches``.
+
+    The classes are the model's ``config.num_labels`` (the logits' width when the model has no
+    config); the class metrics and the collapse flag are :func:`edge_sdk.training._metrics.class_metrics`.
+    No rows: accuracy and loss are NaN and no class metric is given.
+    """
     model.eval()
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", None)
     correct = total = 0
     loss_sum = 0.0
+    confusion: np.ndarray | None = None
     for raw in batches:
         batch = _to_torch(raw)
         out = model(**batch)
         n = int(batch["labels"].shape[0])
         loss_sum += float(out.loss) * n
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        predictions = out.logits.argmax(-1)
+        correct += int((predictions == batch["labels"]).sum())
         total += n
+        width = num_labels if isinstance(num_labels, int) and num_labels > 0 else int(out.logits.shape[-1])
+        counts = confusion_matrix(batch["labels"].cpu().numpy(), predictions.cpu().numpy(), width)
+        confusion = counts if confusion is None else confusion + counts
     if total == 0:
         return {"accuracy": float("nan"), "loss": float("nan"), "samples": 0.0}
-    return {"accuracy": correct / total, "loss": loss_sum / total, "samples": float(total)}
+    metrics = {"accuracy": correct / total, "loss": loss_sum / total, "samples": float(total)}
+    if confusion is not None:
+        metrics.update(class_metrics(confusion))
+    return metrics
