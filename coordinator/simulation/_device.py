@@ -148,8 +148,15 @@ def init_worker(threads: int = 1) -> None:
 def run_device_job(job: DeviceJob) -> DeviceReport:
     """Receive the task's frames, train with the SDK's TaskRunner, answer with the Update's frames."""
     from edge_sdk import TaskRunner, __version__
-    from edge_sdk._errors import EdgeFMError, ProtocolError
-    from edge_sdk.protocol import DeviceConnection, ErrorCode, TaskReceived, TrainTask, WelcomeReceived
+    from edge_sdk._errors import ProtocolError
+    from edge_sdk.protocol import (
+        DeviceConnection,
+        ErrorCode,
+        TaskReceived,
+        TrainTask,
+        WelcomeReceived,
+        task_error_message,
+    )
 
     init_worker(job.threads)
     started = time.perf_counter()
@@ -182,12 +189,11 @@ def run_device_job(job: DeviceJob) -> DeviceReport:
             output = job.attack.tamper(output, sent)
         del tensors
         output.send(conn, task.task_id)
-    except (EdgeFMError, ValueError, RuntimeError, MemoryError) as exc:  # what the SDK client reports too
-        logger.exception("%s: task %s failed", job.device_id, task.task_id)
+    except Exception as exc:  # any failure is an Error naming the task, as the SDK client sends
+        message = task_error_message("train", task.task_id, exc)
+        logger.exception("%s: %s", job.device_id, message)
         with contextlib.suppress(ProtocolError):
-            conn.send_error(
-                code=ErrorCode.TASK_FAILED, message=f"{type(exc).__name__}: {exc}"[:2000], task_id=task.task_id
-            )
+            conn.send_error(code=ErrorCode.TASK_FAILED, message=message, task_id=task.task_id)
     return _report(job, conn.data_to_send(), baseline, started)
 
 

@@ -67,6 +67,7 @@ from edge_sdk.protocol import (
     TrainTask,
     WelcomeReceived,
     WireLimits,
+    task_error_message,
 )
 from edge_sdk.protocol._closecodes import STOP_CODES
 from edge_sdk.serving._install import Deployer
@@ -319,6 +320,7 @@ class _Session:
             logger.info("joined run %s as %s (round %d done)", welcome.run_id, welcome.device_id, welcome.round)
         elif isinstance(event, TaskReceived):
             self.work = asyncio.ensure_future(self.do_task(event.task, dict(event.tensors)))
+            self.work.add_done_callback(_log_escaped)
         elif isinstance(event, DeployReceived):
             if self.device.deployer is None:
                 self.conn.send_error(
@@ -328,6 +330,7 @@ class _Session:
                 )
             else:
                 self.work = asyncio.ensure_future(self.do_deploy(event.deploy, dict(event.tensors)))
+                self.work.add_done_callback(_log_escaped)
         elif isinstance(event, TaskRejected):
             logger.warning("task %s rejected: %s", event.task_id, event.reason)
         elif isinstance(event, ErrorReceived):
@@ -373,6 +376,13 @@ class _Session:
             await self.flush()
 
     async def do_task(self, task: TrainTask | EvaluateTask, tensors: dict[str, Any]) -> None:
+        """Run one task off the event loop and answer it: an Update / EvalResult, or an Error naming it.
+
+        Any exception of the task (not only the SDK's own) becomes ``Error(task_failed)`` with the
+        exception's type and message and a log line with its traceback; the device stays connected and
+        takes the next task. A task abandoned because its connection closed sends nothing; asyncio's
+        cancellation, KeyboardInterrupt and SystemExit are not caught (they stop the device).
+        """
         runner, conn = self.device.runner, self.conn
         started = time.monotonic()
         try:
@@ -395,13 +405,17 @@ class _Session:
         except TaskCancelledError:
             logger.info("task %s abandoned: the connection closed", task.task_id)
             return
-        except (EdgeFMError, ValueError, RuntimeError, MemoryError) as exc:
-            logger.exception("task %s failed", task.task_id)
-            with contextlib.suppress(ProtocolError):
-                conn.send_error(
-                    code=ErrorCode.TASK_FAILED,
-                    message=f"{type(exc).__name__}: {exc}"[:2000],
-                    task_id=task.task_id,
-                )
+        except Exception as exc:  # any failure is reported: an unreported one would hold the round to its deadline
+            message = task_error_message("train" if isinstance(task, TrainTask) else "evaluate", task.task_id, exc)
+            logger.exception("%s; reporting it to the coordinator", message)
+            with contextlib.suppress(ProtocolError):  # the connection may have closed meanwhile
+                conn.send_error(code=ErrorCode.TASK_FAILED, message=message, task_id=task.task_id)
         with contextlib.suppress(ConnectionClosed):
             await self.flush()
+
+
+def _log_escaped(work: asyncio.Future[None]) -> None:
+    """Log what a task's coroutine let through (a bug: it answers every failure itself), never drop it."""
+    if not work.cancelled() and work.exception() is not None:
+        exc = work.exception()
+        logger.error("a task's handler failed: %s: %s", type(exc).__name__, exc, exc_info=exc)

@@ -60,6 +60,7 @@ from edge_sdk.protocol._messages import (
     decode_message,
     encode_message,
 )
+from edge_sdk.protocol._task_error import MAX_ERROR_MESSAGE_BYTES, task_error_message
 from edge_sdk.protocol._tensors import (
     CHUNK_HEADER_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -117,6 +118,7 @@ __all__ = [
     "LORA_A_SUFFIX",
     "LORA_B_SUFFIX",
     "MAX_CHUNK_BYTES",
+    "MAX_ERROR_MESSAGE_BYTES",
     "MAX_JSON_INT",
     "MAX_MEMORY_BYTES",
     "MAX_NUM_SAMPLES",
@@ -177,6 +179,7 @@ __all__ = [
     "numpy_to_torch",
     "read_safetensors_header",
     "split_update_name",
+    "task_error_message",
     "thaw_json",
     "torch_to_numpy",
     "update_entry_mismatches",
