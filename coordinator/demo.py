@@ -184,8 +184,10 @@ def _round_line(entry: dict[str, Any], rounds: int) -> str:
         + ("" if d["status"] == "ok" else f" ({d['status']})")
         for d in entry["devices"]
     )
+    f1 = f" macro-F1 {m['macro_f1']:.3f}," if "macro_f1" in m else ""
+    collapsed = " COLLAPSED to one class," if m.get("collapsed") else ""
     return (
-        f"round {entry['round']}/{rounds}: accuracy {m.get('accuracy', float('nan')):.3f},"
+        f"round {entry['round']}/{rounds}: accuracy {m.get('accuracy', float('nan')):.3f},{f1}{collapsed}"
         f" loss {m.get('loss', float('nan')):.3f} | {devices}"
     )
 
