@@ -7,13 +7,15 @@ import logging
 import math
 import types
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from coordinator.federation import FederationConfig, FederationEngine, metrics_text
-from coordinator.simulation._report import MethodSummary, markdown_table
+from coordinator.simulation._report import MethodSummary, markdown_table, write_plots
+from coordinator.simulation._run import SimulationResult
 from edge_sdk import evaluate
 from edge_sdk.scaling._policy import LeverPolicy
 from edge_sdk.training._metrics import MAX_RECALL_KEYS, class_metrics, confusion_matrix, is_collapsed
@@ -158,3 +160,24 @@ def test_the_report_table_shows_macro_f1_the_majority_share_and_a_collapse_warni
     assert "| budget | 68.00 | 68.00 | 40.48 | 68.00 |" in table
     assert "collapsed) in round(s) 1, 2" in table
     assert "Warning" not in markdown_table([dataclasses.replace(s, collapsed_rounds=())])
+
+
+def test_the_accuracy_plot_takes_new_and_old_round_records(tmp_path: Path) -> None:
+    def result(method: str, **extra: float) -> SimulationResult:
+        rounds = [{"round": 1, "accuracy": 0.55, "bytes_down": 10, "bytes_up": 10, **extra}]
+        return SimulationResult(
+            run_dir=tmp_path,
+            method=method,
+            rounds=rounds,
+            devices=[{"admitted": True, "params": 1000}],
+            start_metrics={"accuracy": 0.5},
+            weights_digest="",
+            wall_s=1.0,
+            full_predicted_bytes=1,
+            width_metrics={},
+        )
+
+    new = result("new", macro_f1=0.35, majority_share=0.55, collapsed=True)
+    paths = write_plots([new, result("old")], tmp_path)  # "old": accuracy and loss only, as before
+    assert [p.name for p in paths] == ["accuracy.png", "bytes.png", "widths.png"]
+    assert all(p.stat().st_size > 0 for p in paths)

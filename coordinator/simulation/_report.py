@@ -198,6 +198,8 @@ def write_plots(results: Sequence[SimulationResult], out_dir: Path) -> list[Path
 
 def _quality_plot(ax: Any, results: Sequence[SimulationResult]) -> None:
     """Accuracy (solid) and macro-F1 (dashed, same colour) by round; majority share as a dotted line."""
+    from matplotlib.ticker import MaxNLocator
+
     majorities: set[float] = set()
     for result in results:
         xs = [0] + [int(r["round"]) for r in result.rounds]
@@ -211,6 +213,7 @@ def _quality_plot(ax: Any, results: Sequence[SimulationResult]) -> None:
         if not math.isnan(majority) and round(majority, 6) not in majorities:
             majorities.add(round(majority, 6))
             ax.axhline(100 * majority, ls=":", color="grey", label=f"majority class share {100 * majority:.1f} %")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("global model accuracy / macro-F1 (%)")
     ax.set_title("Validation accuracy and macro-F1 by round")
