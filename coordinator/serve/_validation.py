@@ -1,4 +1,4 @@
-"""Server-side validation: accuracy and loss of the global model on a held-out TSV."""
+"""Server-side validation of the global model on a held-out TSV: accuracy, loss, macro-F1, majority share, recall."""
 
 from __future__ import annotations
 
