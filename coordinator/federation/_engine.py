@@ -54,6 +54,7 @@ from coordinator.federation._round import OpenRound, train_orders
 from coordinator.federation._selection import Selection
 from coordinator.federation._tables import FederationConfig, TrainingConfig
 from coordinator.federation._update_check import accept_tensors, check_reported
+from edge_sdk import image_seq_len
 from edge_sdk._errors import ConfigError, EdgeFMError
 from edge_sdk.scaling import LeverPolicy, ParentModel, Plan, Salience, Workload, family_for
 
@@ -149,7 +150,7 @@ class FederationEngine:
         self.model_config = _json_safe(parent.config)
         work = Workload(
             training.batch_size,
-            training.seq_len,
+            image_seq_len(parent.config) or training.seq_len,  # a ViT sees its patches + [CLS], whatever seq_len says
             dropout=training.dropout != 0.0,
             steps=training.local_steps,
             vocab=int(parent.config.get("vocab_size", 0) or 0),
