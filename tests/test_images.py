@@ -1,0 +1,224 @@
+"""Image folders for ViT: the reader and its preprocessing (checked against transformers'
+ViTImageProcessor), clear errors for corrupt images and mismatched sizes, the planner's sequence for
+a ViT, a real federation (``edge-coordinator serve`` and two ``edge-sdk join --data DIR`` over
+websockets on 127.0.0.1) and the simulator, all on a folder of tiny PNGs written by the tests."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint
+from coordinator.federation._config import load_config
+from coordinator.federation._engine import FederationEngine
+from coordinator.federation._tables import FederationConfig, TrainingConfig
+from coordinator.serve._run import _validator
+from coordinator.serve._validation import ImageValidator
+from coordinator.simulation._config import parse_simulation_config
+from coordinator.simulation._executor import LocalExecutor
+from coordinator.simulation._run import run_simulation
+from edge_sdk import ConfigError, ImageDataset, ImageProcessing, SpecError, image_seq_len, read_image_folder
+from edge_sdk.scaling import load_parent, weight_l1
+
+from ._federation import Proc, read_port
+from .models import image_folder, tiny_vit_dir
+from .test_simulation import toml_text
+
+ROUND_TIMEOUT_S = 240.0
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_vit_dir(tmp_path_factory.mktemp("vit") / "tiny-vit")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return image_folder(tmp_path_factory.mktemp("images") / "colours", per_class=8)
+
+
+def test_preprocessing_matches_transformers_vit_image_processor(vit: Path, images: Path) -> None:
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    reference = ViTImageProcessor.from_pretrained(vit)
+    processing = ImageProcessing.from_model_dir(vit)
+    assert processing.size == (32, 32)
+    for path in sorted(images.glob("*/*.png"))[:4]:  # sizes 20-40 px, not square: resized both ways
+        with Image.open(path) as image:
+            expected = reference(image, return_tensors="np")["pixel_values"][0]
+            got = processing.apply(image)
+        assert got.dtype == np.float32 and got.shape == (3, 32, 32)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_classes_are_sorted_sub_folders_and_batches_hold_pixels_and_labels(vit: Path, images: Path) -> None:
+    data = ImageDataset.from_folder(images, vit, holdout=2)
+    assert data.classes == ("blue", "red") and len(data) == 14 and len(data.held_out) == 2
+    assert sorted(data.labels().tolist()) == [0] * 8 + [1] * 6
+    batch = next(data.batches(4, 999, seed=3))  # the sequence length is the model's: ignored
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == np.float32
+    assert batch["labels"].dtype == np.int64
+    again = next(data.batches(4, 0, seed=3))
+    np.testing.assert_array_equal(batch["pixel_values"], again["pixel_values"])  # a seed fixes the batches
+    # colour decides the class: red images have a larger red than blue channel, after normalisation
+    red = batch["pixel_values"][:, 0].mean(axis=(1, 2)) > batch["pixel_values"][:, 2].mean(axis=(1, 2))
+    assert red.astype(np.int64).tolist() == batch["labels"].tolist()
+    assert sum(len(b["labels"]) for b in data.eval_batches(5)) == 14
+    cut = read_image_folder(images, limit=3)  # a limit keeps every class
+    assert sorted(label for _, label in cut.files) == [0, 0, 1]
+
+
+def test_a_corrupt_image_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    folder = image_folder(tmp_path / "imgs", per_class=2)
+    bad = folder / "red" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    with pytest.raises(ConfigError, match=r"cannot read the image .*broken\.png"):
+        ImageDataset.from_folder(folder)
+    good = (folder / "blue" / "img0.png").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # truncated: the header reads, the pixels do not
+    with pytest.raises(ConfigError, match=r"broken\.png"):
+        read_image_folder(folder)
+    bad.unlink()
+    (folder / "green").mkdir()
+    with pytest.raises(ConfigError, match="green: no images"):
+        read_image_folder(folder)
+
+
+def test_the_model_decides_the_size_and_a_mismatch_is_refused(vit: Path, images: Path) -> None:
+    config = json.loads((vit / "config.json").read_text())
+    data = ImageDataset(read_image_folder(images), ImageProcessing())  # no processor file: defaults
+    data.fit_model(config)
+    assert data.processing.size == (32, 32)
+    with pytest.raises(SpecError, match="preprocessed to 32x32 but the model takes 16x16"):
+        data.fit_model({**config, "image_size": 16})
+    with pytest.raises(SpecError, match="2 classes but the model has 1 labels"):
+        data.fit_model({**config, "num_labels": 1})
+    with pytest.raises(SpecError, match="takes no images"):
+        data.fit_model({"vocab_size": 50})
+
+
+def test_the_planner_counts_a_vits_patches_not_the_text_seq_len(vit: Path) -> None:
+    parent = load_parent(vit, task="image-classification")
+    assert image_seq_len(parent.config) == 17  # (32 / 8)^2 patches + [CLS]
+    assert image_seq_len({"vocab_size": 50}) is None
+    training = TrainingConfig(local_steps=1, batch_size=4, seq_len=128)
+    engine = FederationEngine(parent, weight_l1(parent), FederationConfig(rounds=1), training, devices=["a"])
+    assert engine.planner.work.seq == 17
+
+
+def _run_config(folder: Path, vit: Path, images: Path) -> Path:
+    text = f"""
+[model]
+name = "{vit}"
+task = "image-classification"
+
+[federation]
+rounds = 1
+min_devices = 2
+device_wait_s = 120
+round_deadline_s = 300
+
+[training]
+local_steps = 2
+batch_size = 4
+lr = 1e-3
+
+[validation]
+data = "{images}"
+
+[server]
+host = "127.0.0.1"
+port = 0
+port_file = "port"
+
+[devices]
+a = "token-of-a"
+b = "token-of-b"
+
+[run]
+dir = "run"
+
+[deploy]
+enabled = false
+"""
+    path = folder / "run.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_run_config_validates_on_an_image_folder(tmp_path: Path, vit: Path, images: Path) -> None:
+    config = load_config(_run_config(tmp_path, vit, images))
+    validator = _validator(config, vit)
+    assert isinstance(validator, ImageValidator) and len(validator.data) == 16
+    metrics = validator(load_parent(vit, task="image-classification"))
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["samples"] == 16
+
+
+def _join(url: str, token: str, data: Path, vit: Path, log: Path) -> Proc:
+    args = [sys.executable, "-m", "edge_sdk.cli", "join", url, "--token", token, "--data", str(data)]
+    args += ["--image-processor", str(vit), "--memory-budget", "2GB", "--threads", "1", "--no-probe"]
+    args += ["--retry-initial", "0.2", "--retry-max", "1", "--give-up-after", "180", "--no-deploy"]
+    return Proc(args, log, data.parent)
+
+
+def test_a_real_federation_round_trains_a_vit_on_image_folders(tmp_path: Path, vit: Path) -> None:
+    """edge-coordinator serve (validation on an image folder) and two edge-sdk join --data DIR."""
+    shards = [image_folder(tmp_path / f"device-{i}", per_class=4, seed=10 + i) for i in range(2)]
+    dev = image_folder(tmp_path / "dev", per_class=4, seed=99)
+    config = _run_config(tmp_path, vit, dev)
+    server = Proc(
+        [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)], tmp_path / "c.log", tmp_path
+    )
+    devices: list[Proc] = []
+    try:
+        url = f"ws://127.0.0.1:{read_port(tmp_path, server)}"
+        devices = [
+            _join(url, f"token-of-{n}", shard, vit, tmp_path / f"{n}.log")
+            for n, shard in zip("ab", shards, strict=True)
+        ]
+        assert server.wait(ROUND_TIMEOUT_S) == 0, server.text()
+        for proc in devices:
+            assert proc.wait(ROUND_TIMEOUT_S) == 0, proc.text()
+    finally:
+        for proc in (server, *devices):
+            proc.kill()
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))  # type: ignore[arg-type]
+    (entry,) = state.history
+    assert [d["status"] for d in entry["devices"]] == ["ok", "ok"], entry
+    assert sorted(d["num_samples"] for d in entry["devices"]) == [8, 8]
+    assert 0.0 <= entry["metrics"]["accuracy"] <= 1.0  # validated on the dev image folder
+
+
+def test_the_simulator_runs_a_vit_federation_on_an_image_folder(tmp_path: Path, vit: Path, images: Path) -> None:
+    data = {
+        "model": {"name": str(vit), "task": "image-classification"},
+        "data": {"kind": "images", "train": str(images), "dev": str(images), "min_shard": 4},
+        "devices": {"raspberry-pi-4-2gb": 2},
+        "federation": {"rounds": 1, "fraction": 1.0, "min_devices": 1},
+        "training": {"local_steps": 2, "batch_size": 4, "lr": 1e-3},
+        "simulation": {"engine": "local", "max_workers": 1, "threads": 1},
+        "run": {"dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "sim.toml").write_text(toml_text(data), encoding="utf-8")  # the file a user would write
+    config = parse_simulation_config(data, base=tmp_path)
+    assert config.data.kind == "images"
+    executor = LocalExecutor(max_workers=1, threads=1)
+    try:
+        result = run_simulation(config, executor=executor)
+    finally:
+        executor.close()
+    (record,) = result.rounds
+    assert [d["status"] for d in record["devices"]] == ["ok", "ok"]
+    assert 0.0 <= record["accuracy"] <= 1.0 and sum(d["samples"] for d in result.devices) == 16
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_simulation_config({**data, "data": {**data["data"], "colour_mode": "rgb"}}, base=tmp_path)
+    broken = image_folder(tmp_path / "broken", per_class=2)
+    (broken / "red" / "x.png").write_bytes(b"not a png")
+    bad = parse_simulation_config({**data, "data": {**data["data"], "train": str(broken)}}, base=tmp_path)
+    with pytest.raises(ConfigError, match=r"x\.png"):
+        run_simulation(bad, executor=LocalExecutor(max_workers=1, threads=1), run_dir=tmp_path / "bad")
