@@ -96,9 +96,21 @@ def test_a_corrupt_image_is_a_config_error_naming_the_file(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"broken\.png"):
         read_image_folder(folder)
     bad.unlink()
-    (folder / "green").mkdir()
-    with pytest.raises(ConfigError, match="green: no images"):
+    (folder / "green").mkdir()  # an empty class keeps the labels of the others: blue 0, green 1, red 2
+    assert read_image_folder(folder).classes == ("blue", "green", "red")
+    assert sorted(set(read_image_folder(folder).labels().tolist())) == [0, 2]
+    for path in folder.glob("*/*.png"):
+        path.unlink()
+    with pytest.raises(ConfigError, match="no images in its class sub-folders"):
         read_image_folder(folder)
+
+
+def test_a_device_with_images_refuses_a_deploy_with_a_clear_reason(tmp_path: Path, images: Path) -> None:
+    from edge_sdk.serving._install import Deployer
+
+    deployer = Deployer(tmp_path / "deploy", ImageDataset.from_folder(images))
+    with pytest.raises(ConfigError, match="image folder: deploying image-classification models is not supported"):
+        deployer._examples()
 
 
 def test_the_model_decides_the_size_and_a_mismatch_is_refused(vit: Path, images: Path) -> None:
