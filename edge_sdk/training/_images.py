@@ -196,8 +196,10 @@ def read_image_folder(root: str | Path, *, limit: int | None = None, check: bool
     """The images under ``root`` (one sub-folder per class), each opened and checked when ``check``.
 
     Files are listed class by class, in name order; ``limit`` keeps the first ``limit`` of an
-    interleaved order (one of each class in turn), so a cut keeps every class. ConfigError: not a
-    folder, no class sub-folders, a class without images, or an image PIL cannot read (naming it).
+    interleaved order (one of each class in turn), so a cut keeps every class. A class sub-folder may
+    be empty (a device without examples of a class keeps its folder, so that the sorted names, and
+    the labels, are the same everywhere). ConfigError: not a folder, fewer than 2 class sub-folders,
+    no image at all, or an image PIL cannot read (naming it).
     """
     base = Path(root).expanduser()
     if not base.is_dir():
@@ -212,9 +214,9 @@ def read_image_folder(root: str | Path, *, limit: int | None = None, check: bool
             for p in (base / name).iterdir()
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
         )
-        if not found:
-            raise ConfigError(f"{base / name}: no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
         per_class.append([(p, label) for p in found])
+    if not any(per_class):
+        raise ConfigError(f"{base}: no images in its class sub-folders (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     files = _interleaved(per_class)[:limit] if limit else [f for group in per_class for f in group]
     if check:
         for path, _ in files:
@@ -224,7 +226,7 @@ def read_image_folder(root: str | Path, *, limit: int | None = None, check: bool
 
 def _interleaved(groups: Sequence[Sequence[tuple[Path, int]]]) -> list[tuple[Path, int]]:
     out: list[tuple[Path, int]] = []
-    for i in range(max(len(g) for g in groups)):
+    for i in range(max(len(g) for g in groups)):  # groups: at least one non-empty
         out.extend(g[i] for g in groups if i < len(g))
     return out
 
