@@ -33,8 +33,11 @@ from edge_sdk import (
     image_seq_len,
     read_image_folder,
 )
+from edge_sdk._levers import Levers
 from edge_sdk.scaling import extract, load_parent, parent_from_module, weight_l1
 from edge_sdk.scaling._memory import activation_bytes
+from edge_sdk.training._levers import trained_tensors
+from edge_sdk.training._train import TrainConfig, train_local
 
 from ._federation import Proc, read_port
 from .models import image_folder, tiny_vit_dir
@@ -168,6 +171,22 @@ def test_the_memory_model_predicts_a_vits_activations() -> None:
     assert seq == 65
     predicted = activation_bytes(spec, Workload(4, seq, dropout=False))
     assert abs(predicted - measured) / measured < 0.03, (predicted, measured)
+
+
+@pytest.mark.parametrize(
+    "levers",
+    [Levers(attention="sdpa"), Levers(checkpointing=True), Levers(micro_batches=2), Levers(lora_rank=4)],
+    ids=lambda v: v.describe(),
+)
+def test_every_lever_a_vit_has_trains_on_image_batches(levers: Levers, vit: Path, images: Path) -> None:
+    """The planner offers a ViT no embedding lever (no token table); the others train on pixel batches."""
+    parent = load_parent(vit, task="image-classification")
+    spec = SubnetSpec.full(parent.dims)
+    received = extract(parent, spec)
+    model = build_model(spec, parent.config, received, attn_implementation=levers.attention, task=parent.task)
+    result = train_local(model, ImageDataset.from_folder(images, vit).batches(4), TrainConfig(steps=2, levers=levers))
+    assert np.isfinite(result.loss) and result.samples == 8
+    assert trained_tensors(model, received)  # something trained, under the lever's names
 
 
 def _run_config(folder: Path, vit: Path, images: Path) -> Path:
