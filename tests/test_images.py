@@ -18,7 +18,7 @@ from coordinator.federation._config import load_config
 from coordinator.federation._engine import FederationEngine
 from coordinator.federation._tables import FederationConfig, TrainingConfig
 from coordinator.serve._run import _validator
-from coordinator.serve._validation import ImageValidator
+from coordinator.serve._validation import ImageValidator, calibration_batches
 from coordinator.simulation._config import parse_simulation_config
 from coordinator.simulation._executor import LocalExecutor
 from coordinator.simulation._run import run_simulation
@@ -34,7 +34,7 @@ from edge_sdk import (
     read_image_folder,
 )
 from edge_sdk._levers import Levers
-from edge_sdk.scaling import extract, load_parent, parent_from_module, weight_l1
+from edge_sdk.scaling import extract, load_parent, parent_from_module, ranked_parent, weight_l1
 from edge_sdk.scaling._memory import activation_bytes
 from edge_sdk.training._levers import trained_tensors
 from edge_sdk.training._train import TrainConfig, train_local
@@ -235,6 +235,13 @@ def test_the_run_config_validates_on_an_image_folder(tmp_path: Path, vit: Path, 
     assert isinstance(validator, ImageValidator) and len(validator.data) == 16
     metrics = validator(load_parent(vit, task="image-classification"))
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["samples"] == 16
+    # activation salience calibrates on the folder's pixel batches
+    parent, _ = ranked_parent(
+        vit, salience="activation", calibration=lambda: calibration_batches(validator), task="image-classification"
+    )
+    assert validator(parent)["accuracy"] == metrics["accuracy"]  # reordering preserves the function
+    with pytest.raises(SpecError, match="no 'text-classification' head \\(its tasks: 'image-classification'"):
+        load_parent(vit, task="text-classification")  # a ViT named with the default task: the fix is named
 
 
 def _join(url: str, token: str, data: Path, vit: Path, log: Path) -> Proc:
