@@ -99,6 +99,15 @@ def test_a_corrupt_image_is_a_config_error_naming_the_file(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"broken\.png"):
         read_image_folder(folder)
     bad.unlink()
+    from PIL import Image
+
+    jpeg = folder / "red" / "photo.JPG"  # extensions in any case; a truncated JPEG passes PIL's verify()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(jpeg, format="JPEG")
+    assert len(read_image_folder(folder).files) == 5
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    with pytest.raises(ConfigError, match=r"photo\.JPG: OSError: "):
+        read_image_folder(folder)
+    jpeg.unlink()
     (folder / "green").mkdir()  # an empty class keeps the labels of the others: blue 0, green 1, red 2
     assert read_image_folder(folder).classes == ("blue", "green", "red")
     assert sorted(set(read_image_folder(folder).labels().tolist())) == [0, 2]

@@ -13,7 +13,7 @@ coordinator sends (:meth:`ImageDataset.fit_model`).
 
 :class:`ImageDataset` is a :class:`~edge_sdk.training._runner.BatchSource`: ``len`` and endless
 shuffled ``batches`` of ``{"pixel_values", "labels"}``, ``eval_batches`` for evaluation. Every file is
-opened and checked when the data set is built (a corrupt or unreadable image is a
+decoded once when the data set is built (a corrupt, truncated or unreadable image is a
 :class:`~edge_sdk.ConfigError` naming the file, before any model loads); pixels are decoded per batch,
 so memory holds one batch of images, not the folder.
 """
@@ -244,11 +244,14 @@ def _open(path: Path) -> Any:
 
 
 def _check_image(path: Path) -> None:
+    """Decode ``path`` once (a JPEG at 1/8 scale: the whole stream is read, a truncated file fails)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            image.verify()
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ConfigError(f"cannot read the image {path}: {type(exc).__name__}: {exc}") from None
 
