@@ -59,6 +59,10 @@ _LAZY: dict[str, str] = {
     "iter_batches": "edge_sdk.training",
     "load_tokenizer": "edge_sdk.training",
     "read_tsv": "edge_sdk.training",
+    "ImageDataset": "edge_sdk.training",
+    "ImageProcessing": "edge_sdk.training",
+    "image_seq_len": "edge_sdk.training",
+    "read_image_folder": "edge_sdk.training",
     "Predictor": "edge_sdk.serving",
     "Prediction": "edge_sdk.serving",
 }
@@ -76,6 +80,8 @@ __all__ = [
     "Encoded",
     "ExportError",
     "ExportReport",
+    "ImageDataset",
+    "ImageProcessing",
     "LayerSpec",
     "MemoryBudget",
     "MemoryEstimate",
@@ -102,6 +108,7 @@ __all__ = [
     "evaluate",
     "export_onnx",
     "format_bytes",
+    "image_seq_len",
     "inference_estimate",
     "iter_batches",
     "list_device_classes",
@@ -111,6 +118,7 @@ __all__ = [
     "parse_size",
     "prepare_runtime",
     "proximal_term",
+    "read_image_folder",
     "read_tsv",
     "train_local",
     "training_estimate",
@@ -131,6 +139,7 @@ if TYPE_CHECKING:
     from edge_sdk.serving._export import ExportReport, export_onnx
     from edge_sdk.serving._infer import Prediction, Predictor, load
     from edge_sdk.training._data import Encoded, TextExample, encode, iter_batches, load_tokenizer, read_tsv
+    from edge_sdk.training._images import ImageDataset, ImageProcessing, image_seq_len, read_image_folder
     from edge_sdk.training._runner import TaskRunner, TextDataset
     from edge_sdk.training._runtime import prepare_runtime
     from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, proximal_term, train_local

@@ -99,3 +99,42 @@ def long_rows_tsv(folder: Path, rows: int = 128, words: int = 200) -> Path:
     path = folder / "long_rows.tsv"
     path.write_text("\n".join(out) + "\n", encoding="utf-8")
     return path
+
+
+def tiny_vit_dir(folder: Path, *, num_labels: int = 2, seed: int = 0) -> Path:
+    """A tiny random ViT saved as a model folder (image 32, patch 8: 16 patches + [CLS]; 3 layers,
+    4 heads of 8, FFN 48) with the ``preprocessor_config.json`` of a ViTImageProcessor at 32x32."""
+    import json
+
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, num_labels=num_labels, **TINY)
+    transformers.ViTForImageClassification(config).save_pretrained(folder, safe_serialization=True)
+    processor = {
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "ViTImageProcessor",
+        "resample": 2,
+        "rescale_factor": 1 / 255,
+        "size": {"height": 32, "width": 32},
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor), encoding="utf-8")
+    return folder
+
+
+def image_folder(folder: Path, per_class: int = 6, seed: int = 0) -> Path:
+    """Two classes of small PNGs (``red/``: reddish, ``blue/``: bluish; sizes 20-40 px, noisy)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, channel in (("blue", 2), ("red", 0)):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = (int(v) for v in rng.integers(20, 41, size=2))
+            pixels = rng.integers(0, 80, size=(h, w, 3), dtype=np.uint8)
+            pixels[..., channel] = rng.integers(170, 256, size=(h, w), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"img{i}.png")
+    return folder

@@ -19,6 +19,8 @@ EDGE_SDK = {
     # the device's data pipeline and task runner (the coordinator's simulator and validator use them too)
     "Encoded", "TextExample", "encode", "iter_batches", "load_tokenizer", "read_tsv", "TaskRunner",
     "prepare_runtime",
+    # image folders for ViT (image classification)
+    "ImageDataset", "ImageProcessing", "image_seq_len", "read_image_folder",
 }  # fmt: skip
 
 COORDINATOR = {

@@ -64,7 +64,7 @@ def test_defaults_of_a_minimal_config() -> None:
         ("training", "lr", 0, r"\[training\] lr: must be > 0"),
         ("training", "batch_size", True, r"\[training\] batch_size: must be an integer"),
         ("training", "prox_mu", float("nan"), r"\[training\] prox_mu: must be a finite number"),
-        ("model", "task", "image-classification", r"\[model\] task: must be one of"),
+        ("model", "task", "token-classification", r"\[model\] task: must be one of"),
         ("model", "salience", "random", r"\[model\] salience: must be one of"),
         ("server", "port", 70000, r"\[server\] port: must be <= 65535"),
         ("server", "chunk_size", "64KiB", r"\[server\] chunk_size: must be between 1 MiB and 4 MiB"),

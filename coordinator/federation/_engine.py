@@ -54,6 +54,7 @@ from coordinator.federation._round import OpenRound, train_orders
 from coordinator.federation._selection import Selection
 from coordinator.federation._tables import FederationConfig, TrainingConfig
 from coordinator.federation._update_check import accept_tensors, check_reported
+from edge_sdk import image_seq_len
 from edge_sdk._errors import ConfigError, EdgeFMError
 from edge_sdk.scaling import LeverPolicy, ParentModel, Plan, Salience, Workload, family_for
 
@@ -107,6 +108,16 @@ def _local_levers(levers: LeverPolicy | None, privacy: PrivacyConfig) -> LeverPo
     return dataclasses.replace(policy, forbid=policy.forbid | {"lora", "embedding_rows"})
 
 
+def _dropout_active(dropout: float | None, config: Mapping[str, Any]) -> bool:
+    """Whether training keeps dropout masks: the task's dropout, or (None) the model's own (a ViT's is 0;
+    a config naming no dropout probability counts as dropout, the larger prediction)."""
+    if dropout is not None:
+        return dropout != 0.0
+    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+    values = [config[k] for k in keys if isinstance(config.get(k), int | float)]
+    return not values or any(v > 0 for v in values)
+
+
 def _json_safe(config: Mapping[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(dict(config), default=str))
     assert isinstance(out, dict)
@@ -149,8 +160,8 @@ class FederationEngine:
         self.model_config = _json_safe(parent.config)
         work = Workload(
             training.batch_size,
-            training.seq_len,
-            dropout=training.dropout != 0.0,
+            image_seq_len(parent.config) or training.seq_len,  # a ViT sees its patches + [CLS], whatever seq_len says
+            dropout=_dropout_active(training.dropout, parent.config),
             steps=training.local_steps,
             vocab=int(parent.config.get("vocab_size", 0) or 0),
         )

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("fedavg", "fedadam")
-TASKS = ("text-classification",)
+TASKS = ("text-classification", "image-classification")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from coordinator.federation import (
 )
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
-from coordinator.serve._validation import Validator, calibration_batches
+from coordinator.serve._validation import ImageValidator, Validator, calibration_batches
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ranked_parent, resolve_model_dir
 
@@ -43,10 +43,12 @@ EXIT_SIGNAL = 130  # stopped by SIGINT or SIGTERM
 STOP_GRACE_S = 1.0  # on a signal: how long devices have to hear goodbye before their sockets are cut
 
 
-def _validator(config: RunConfig, model_dir: Path) -> Validator | None:
+def _validator(config: RunConfig, model_dir: Path) -> Validator | ImageValidator | None:
     val = config.validation
     if val is None:
         return None
+    if Path(val.data).is_dir():  # an image folder, preprocessed as the model folder says
+        return ImageValidator(val.data, model_dir, batch_size=val.batch_size, limit=val.limit)
     tokenizer = val.tokenizer or model_dir
     if not (Path(tokenizer) / "tokenizer.json").is_file():
         raise ConfigError(f"[validation]: {tokenizer} has no tokenizer.json: set [validation] tokenizer = DIR")
@@ -82,7 +84,7 @@ def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine
     return _new_run(config, model_dir, validator)
 
 
-def _resumed(config: RunConfig, checkpoint: Path, validator: Validator | None) -> FederationEngine:
+def _resumed(config: RunConfig, checkpoint: Path, validator: Validator | ImageValidator | None) -> FederationEngine:
     state = load_checkpoint(checkpoint)
     if state.model_name and state.model_name != config.model.name:
         raise ConfigError(
@@ -108,7 +110,7 @@ def _resumed(config: RunConfig, checkpoint: Path, validator: Validator | None) -
     return engine
 
 
-def _new_run(config: RunConfig, model_dir: Path, validator: Validator | None) -> FederationEngine:
+def _new_run(config: RunConfig, model_dir: Path, validator: Validator | ImageValidator | None) -> FederationEngine:
     def calibration() -> list[dict[str, torch.Tensor]]:
         assert validator is not None  # the config requires [validation] for activation salience
         return calibration_batches(validator)

@@ -1,4 +1,5 @@
-"""Server-side validation of the global model on a held-out TSV: accuracy, loss, macro-F1, majority share, recall."""
+"""Server-side validation of the global model on a held-out TSV or image folder: accuracy, loss, macro-F1,
+majority share, recall."""
 
 from __future__ import annotations
 
@@ -9,10 +10,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_sdk import Encoded, SubnetSpec, encode, evaluate, iter_batches, load_tokenizer, read_tsv
+from edge_sdk import (
+    Encoded,
+    ImageDataset,
+    ImageProcessing,
+    SubnetSpec,
+    encode,
+    evaluate,
+    iter_batches,
+    load_tokenizer,
+    read_image_folder,
+    read_tsv,
+)
 from edge_sdk.scaling import ParentModel, build_model
 
-__all__ = ["Validator", "calibration_batches"]
+__all__ = ["ImageValidator", "Validator", "calibration_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +55,35 @@ class Validator:
             return evaluate(model, self.batches())
 
 
-def calibration_batches(validator: Validator, count: int = 4) -> list[dict[str, torch.Tensor]]:
+class ImageValidator:
+    """Evaluates a parent model on an image folder (one sub-folder per class, labels = sorted names),
+    preprocessed as the model folder's ``preprocessor_config.json`` says (its size checked against the
+    model's ``image_size`` at the first evaluation)."""
+
+    def __init__(
+        self,
+        data: str | Path,
+        processor_dir: str | Path | None,
+        *,
+        batch_size: int = 32,
+        limit: int | None = None,
+    ) -> None:
+        folder = read_image_folder(data, limit=limit)
+        self.data = ImageDataset(folder, ImageProcessing.from_model_dir(processor_dir))
+        self.batch_size = batch_size
+        logger.info("validation set: %d images of %d classes from %s", len(self.data), len(folder.classes), data)
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.data.eval_batches(self.batch_size)
+
+    def __call__(self, parent: ParentModel) -> Mapping[str, float]:
+        self.data.fit_model(parent.config)
+        model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)
+        with torch.inference_mode():
+            return evaluate(model, self.batches())
+
+
+def calibration_batches(validator: Validator | ImageValidator, count: int = 4) -> list[dict[str, torch.Tensor]]:
     """A few validation batches as torch tensors (inputs for activation-aware salience)."""
     out = []
     for i, batch in enumerate(validator.batches()):

@@ -5,9 +5,10 @@ Tables (``examples/sim.toml`` is a complete, commented example):
 - ``[model]``, ``[federation]``, ``[aggregation]``, ``[privacy]``, ``[training]``: as in a served run
   (the shared table readers of ``coordinator.federation``; ``[privacy] reproducible`` defaults to
   true here: the noise is seeded from the run's seed);
-- ``[data]`` kind ("tsv" or "synthetic"), train, dev, tokenizer, train_limit, dev_limit, partition
-  ("iid", "dirichlet" or "sorted"), alpha, skew, skewed_devices, min_shard; for synthetic data size,
-  dev_size, vocab_size, seq_len;
+- ``[data]`` kind ("tsv", "synthetic" or "images"), train, dev, tokenizer, train_limit, dev_limit,
+  partition ("iid", "dirichlet" or "sorted"), alpha, skew, skewed_devices, min_shard; for synthetic
+  data size, dev_size, vocab_size, seq_len; for images, train and dev are image folders (one
+  sub-folder per class), preprocessed as the model folder's ``preprocessor_config.json`` says;
 - ``[devices]`` device class = how many (classes from ``profiles/``), e.g. ``raspberry-pi-4-2gb = 5``;
 - ``[method]`` name, width ("budget": the largest sub-network whose training fits each device's budget;
   "full": every device the whole model, memory ignored; "exclusive": the whole model, plain, on the
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 ENGINES = ("local", "ray")
+DATA_KINDS = ("tsv", "synthetic", "images")
 _TABLES = (
     "model",
     "data",
@@ -77,7 +79,7 @@ _TABLES = (
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "tsv"  # "tsv" | "synthetic"
+    kind: str = "tsv"  # "tsv" | "synthetic" | "images" (a folder of class sub-folders; train and dev are folders)
     train: Path | None = None
     dev: Path | None = None
     tokenizer: Path | None = None  # folder with tokenizer.json (default: the model folder)
@@ -140,10 +142,10 @@ def _optional_int(t: Table, key: str, *, low: int) -> int | None:
 
 
 def _data(t: Table) -> DataConfig:
-    kind = t.text("kind", "tsv", choices=("tsv", "synthetic"))
+    kind = t.text("kind", "tsv", choices=DATA_KINDS)
     cfg = DataConfig(
         kind=kind,
-        train=t.path("train", must_exist=True, required=kind == "tsv"),
+        train=t.path("train", must_exist=True, required=kind != "synthetic"),
         dev=t.path("dev", must_exist=True),
         tokenizer=t.path("tokenizer", must_exist=True),
         train_limit=_optional_int(t, "train_limit", low=0),
@@ -243,7 +245,7 @@ def parse_simulation_config(
             f"{where}: [federation] min_devices: {cfg.federation.min_devices} is more than the"
             f" {cfg.num_devices} simulated device(s)"
         )
-    if cfg.model.salience == "activation" and (cfg.data.kind != "tsv" or cfg.data.dev is None):
+    if cfg.model.salience == "activation" and (cfg.data.kind == "synthetic" or cfg.data.dev is None):
         raise ConfigError(f"{where}: [model] salience = 'activation' needs [data] dev to calibrate on")
     if cfg.data.kind == "synthetic" and cfg.training.seq_len > cfg.data.seq_len:
         raise ConfigError(

@@ -8,10 +8,13 @@ device hands its :class:`~edge_sdk.training._runner.TaskRunner`. Examples are re
 - :class:`TsvData`: a text-classification TSV (SST-2 style) and the model's tokenizer; a shard is an
   :class:`~edge_sdk.training._runner.TextDataset`, exactly what ``edge-sdk join --data`` builds.
 - :class:`SyntheticData`: random token ids with a learnable label rule (no tokenizer): fast tests.
+- :class:`ImageFolderData`: an image folder (one sub-folder per class) for ViT; a shard is an
+  :class:`~edge_sdk.ImageDataset`, what ``edge-sdk join --data DIR`` builds.
 
 Evaluators score the global (full) model after every round: :class:`FastValidator` on a TSV (padding
 trimmed per batch of similar lengths: the attention mask makes the result the same as scoring the
-padded batch, at a fraction of the cost) and :class:`SyntheticEvaluator` on a held-out synthetic set.
+padded batch, at a fraction of the cost), :class:`SyntheticEvaluator` on a held-out synthetic set and
+:class:`ImageEvaluator` on an image folder.
 """
 
 from __future__ import annotations
@@ -20,11 +23,22 @@ import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_sdk import Encoded, SubnetSpec, TextExample, encode, iter_batches, load_tokenizer, read_tsv
+from edge_sdk import (
+    Encoded,
+    ImageDataset,
+    ImageProcessing,
+    SubnetSpec,
+    TextExample,
+    encode,
+    iter_batches,
+    load_tokenizer,
+    read_image_folder,
+    read_tsv,
+)
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ParentModel
 
@@ -33,6 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FastValidator",
+    "ImageEvaluator",
+    "ImageFolderData",
     "SimData",
     "SyntheticData",
     "SyntheticEvaluator",
@@ -115,7 +131,34 @@ class SyntheticData:
         return TokenDataset(part, self.vocab_size)
 
 
-SimData = TsvData | SyntheticData
+@functools.lru_cache(maxsize=4)
+def _image_folder(path: str, limit: int | None, check: bool) -> Any:
+    return read_image_folder(path, limit=limit, check=check)
+
+
+@dataclass(frozen=True)
+class ImageFolderData:
+    """An image folder (one sub-folder per class), preprocessed as ``processor``'s
+    ``preprocessor_config.json`` says (a model folder; None: the defaults at the model's size)."""
+
+    path: Path
+    processor: Path | None = None
+    limit: int | None = None  # use at most this many images (every class kept)
+
+    def check(self) -> None:
+        """Open every image once (a corrupt one is a ConfigError naming it): call before the model loads."""
+        _image_folder(str(self.path), self.limit, True)
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(_image_folder(str(self.path), self.limit, False).labels(), dtype=np.int64)
+
+    def source(self, indices: Sequence[int] | np.ndarray) -> ImageDataset:
+        """The device's shard as an ImageDataset (what a real device builds from its own folder)."""
+        folder = _image_folder(str(self.path), self.limit, False)
+        return ImageDataset(folder, ImageProcessing.from_model_dir(self.processor), indices=indices)
+
+
+SimData = TsvData | SyntheticData | ImageFolderData
 
 
 def _score(
@@ -207,3 +250,33 @@ class SyntheticEvaluator:
 
     def score(self, parent: ParentModel, spec: SubnetSpec) -> Mapping[str, float]:
         return _score(parent, iter_batches(self.data, self.batch_size, seed=0, shuffle=False), spec)
+
+
+class ImageEvaluator:
+    """Accuracy and loss of the global model on an image folder (see :class:`ImageFolderData`)."""
+
+    def __init__(self, data: ImageFolderData, batch_size: int = 64) -> None:
+        data.check()
+        self.data = data.source(np.arange(len(data.labels())))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.data.eval_batches(self.batch_size)
+
+    def calibration_batches(self, count: int = 4) -> list[dict[str, object]]:
+        """A few batches as torch tensors (inputs for activation-aware salience)."""
+        import torch
+
+        batches = self.data.eval_batches(self.batch_size)
+        return [{k: torch.as_tensor(v) for k, v in b.items()} for _, b in zip(range(count), batches, strict=False)]
+
+    def __call__(self, parent: ParentModel) -> Mapping[str, float]:
+        self.data.fit_model(parent.config)
+        return _score(parent, self.batches())
+
+    def score(self, parent: ParentModel, spec: SubnetSpec) -> Mapping[str, float]:
+        self.data.fit_model(parent.config)
+        return _score(parent, self.batches(), spec)

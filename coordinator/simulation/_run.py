@@ -44,7 +44,15 @@ from coordinator.federation import (
     metrics_text,
 )
 from coordinator.simulation._config import MethodConfig, SimulationConfig
-from coordinator.simulation._data import FastValidator, SimData, SyntheticData, SyntheticEvaluator, TsvData
+from coordinator.simulation._data import (
+    FastValidator,
+    ImageEvaluator,
+    ImageFolderData,
+    SimData,
+    SyntheticData,
+    SyntheticEvaluator,
+    TsvData,
+)
 from coordinator.simulation._executor import Executor, make_executor
 from coordinator.simulation._links import Link, VirtualDevice, connect, receive, send_task, virtual_devices
 from edge_sdk import LayerSpec, SubnetSpec
@@ -90,7 +98,12 @@ def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData
         dev = SyntheticData(d.dev_size, d.vocab_size, d.seq_len, seed=config.model.seed + 1)
         return train, SyntheticEvaluator(dev), None
     if d.train is None:
-        raise ConfigError("[data] train is required for kind = 'tsv'")
+        raise ConfigError(f"[data] train is required for kind = {d.kind!r}")
+    if d.kind == "images":  # preprocessed as the model folder's preprocessor_config.json says
+        images = ImageFolderData(Path(d.train), model_dir, d.train_limit)
+        images.check()
+        dev_images = ImageEvaluator(ImageFolderData(Path(d.dev), model_dir, d.dev_limit)) if d.dev else None
+        return images, dev_images, dev_images
     tokenizer = d.tokenizer or model_dir
     if tokenizer is None or not (Path(tokenizer) / "tokenizer.json").is_file():
         raise ConfigError(f"[data] tokenizer: {tokenizer} has no tokenizer.json: set [data] tokenizer = DIR")
@@ -202,7 +215,7 @@ def _engine(
     model: ParentModel | Path | None,
     devices: Sequence[VirtualDevice],
     evaluator: Evaluator | None,
-    validator: FastValidator | None,
+    validator: FastValidator | ImageEvaluator | None,
 ) -> FederationEngine:
     """The run's engine: the model ranked (and reordered unless ``[method] reorder = false``)."""
     assert model is not None

@@ -1,7 +1,7 @@
 """``edge-sdk join``: take part in a federated run with this device's local data.
 
-    edge-sdk join wss://HOST:PORT --token T --data FILE.tsv [--memory-budget SIZE | --profile NAME]
-                  [--tokenizer DIR] [--ca-file PEM] [--threads N] [--limit N] [--device-id NAME]
+    edge-sdk join wss://HOST:PORT --token T --data FILE.tsv|IMAGE_DIR [--memory-budget SIZE | --profile NAME]
+                  [--tokenizer DIR] [--image-processor DIR] [--ca-file PEM] [--threads N] [--limit N] [--device-id NAME]
                   [--retry-initial S] [--retry-max S] [--give-up-after S] [--no-probe]
                   [--deploy-dir DIR | --no-deploy] [--holdout N]
 
@@ -27,6 +27,11 @@ from edge_sdk.client._backoff import Backoff
 __all__ = ["DEFAULT_DEPLOY_DIR", "add_parser", "run"]
 
 DEFAULT_DEPLOY_DIR = "edge-fm-model"
+_DATA_HELP = "local training data: a TSV (label, sentence), or a folder of images with one sub-folder per class"
+_PROCESSOR_HELP = (
+    "for an image folder: the model folder (or file) with preprocessor_config.json"
+    " (default: ViT's defaults at the size the model takes)"
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,7 +47,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=os.environ.get("EDGE_FM_TOKEN"),
         help="this device's bearer token (default: $EDGE_FM_TOKEN)",
     )
-    p.add_argument("--data", required=True, type=Path, help="local training data, a TSV (label, sentence)")
+    p.add_argument("--data", required=True, type=Path, help=_DATA_HELP)
     p.add_argument("--limit", type=int, default=None, help="use at most this many examples of --data")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--memory-budget", metavar="SIZE", help="training budget instead of detection (e.g. 1.5GB)")
@@ -53,6 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="folder with the model's tokenizer.json, or a packaged model name"
         " (default: the packaged all-MiniLM-L6-v2)",
     )
+    p.add_argument("--image-processor", type=Path, default=None, metavar="DIR", help=_PROCESSOR_HELP)
     p.add_argument("--ca-file", type=Path, default=None, help="PEM certificate(s) to trust for wss://")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     p.add_argument("--device-id", default=None, help="a name for logs (the token decides the identity)")
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     tune_allocator()  # before anything large is allocated (see edge_sdk.device._allocator)
     from edge_sdk.client._client import DeviceOptions, EdgeDevice
     from edge_sdk.training._data import read_tsv
+    from edge_sdk.training._images import ImageDataset
     from edge_sdk.training._runner import TextDataset
 
     if not args.token:
@@ -97,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     budget = parse_size(args.memory_budget) if args.memory_budget is not None else None
-    data = TextDataset(read_tsv(args.data, limit=args.limit), args.tokenizer, holdout=args.holdout)
+    if args.data.is_dir():  # an image folder (ImageFolder layout), for an image-classification model
+        data: Any = ImageDataset.from_folder(args.data, args.image_processor, limit=args.limit, holdout=args.holdout)
+    else:
+        data = TextDataset(read_tsv(args.data, limit=args.limit), args.tokenizer, holdout=args.holdout)
     options = DeviceOptions(
         url=args.url,
         token=args.token,

@@ -90,7 +90,8 @@ def load_parent(model_dir: str | Path, *, task: str | None = None, num_labels: i
     task = task or default_task(family)
     class_name = family.task_classes.get(task)
     if class_name is None:
-        raise SpecError(f"the {family.name} family has no {task!r} head")
+        tasks = ", ".join(repr(t) for t in family.task_classes)
+        raise SpecError(f"the {family.name} family has no {task!r} head (its tasks: {tasks}; [model] task)")
     torch.manual_seed(seed)
     with _quiet("transformers.modeling_utils", "transformers.integrations.tensor_parallel"):
         # (a new classifier head is expected here, not news; nor is the tensor-parallel plan)

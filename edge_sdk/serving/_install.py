@@ -76,6 +76,11 @@ class Deployer:
 
     def _examples(self) -> list[TextExample]:
         examples = getattr(self.data, "examples", None)
+        if getattr(self.data, "classes", None) is not None and getattr(self.data, "processing", None) is not None:
+            raise ConfigError(
+                "this device's data is an image folder: deploying image-classification models is not supported"
+                " yet (set [deploy] enabled = false, or join with --no-deploy)"
+            )
         if not examples or getattr(self.data, "tokenizer_dir", None) is None:
             raise ConfigError(
                 "this device's data has no texts and tokenizer (a TextDataset has both): it cannot check"

@@ -12,6 +12,9 @@ from edge_sdk._lazy import lazy_face
 
 _NAMES: dict[str, str] = {
     "Encoded": "edge_sdk.training._data",
+    "ImageDataset": "edge_sdk.training._images",
+    "ImageFolder": "edge_sdk.training._images",
+    "ImageProcessing": "edge_sdk.training._images",
     "RUNTIME_MODULES": "edge_sdk.training._runtime",
     "TaskCancelledError": "edge_sdk.training._runner",
     "TaskRunner": "edge_sdk.training._runner",
@@ -22,11 +25,13 @@ _NAMES: dict[str, str] = {
     "default_max_length": "edge_sdk.training._data",
     "encode": "edge_sdk.training._data",
     "evaluate": "edge_sdk.training._train",
+    "image_seq_len": "edge_sdk.training._images",
     "iter_batches": "edge_sdk.training._data",
     "load_tokenizer": "edge_sdk.training._data",
     "peak_rss_bytes": "edge_sdk.training._train",
     "prepare_runtime": "edge_sdk.training._runtime",
     "proximal_term": "edge_sdk.training._train",
+    "read_image_folder": "edge_sdk.training._images",
     "read_tsv": "edge_sdk.training._data",
     "split_batch": "edge_sdk.training._data",
     "train_local": "edge_sdk.training._train",
@@ -38,6 +43,9 @@ _NAMES: dict[str, str] = {
 __all__ = [
     "RUNTIME_MODULES",
     "Encoded",
+    "ImageDataset",
+    "ImageFolder",
+    "ImageProcessing",
     "TaskCancelledError",
     "TaskRunner",
     "TextDataset",
@@ -47,11 +55,13 @@ __all__ = [
     "default_max_length",
     "encode",
     "evaluate",
+    "image_seq_len",
     "iter_batches",
     "load_tokenizer",
     "peak_rss_bytes",
     "prepare_runtime",
     "proximal_term",
+    "read_image_folder",
     "read_tsv",
     "split_batch",
     "train_local",
@@ -74,6 +84,7 @@ if TYPE_CHECKING:
         split_batch,
         trim,
     )
+    from edge_sdk.training._images import ImageDataset, ImageFolder, ImageProcessing, image_seq_len, read_image_folder
     from edge_sdk.training._levers import trained_tensors
     from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, warm_up
     from edge_sdk.training._runtime import RUNTIME_MODULES, prepare_runtime

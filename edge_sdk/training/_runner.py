@@ -10,7 +10,9 @@ Data: anything with ``len()`` (the samples held, the weight of this device's upd
 rows truncated at ``seq_len`` tokens, each batch padded to its longest row) is a
 :class:`BatchSource`; ``eval_batches(batch_size, seq_len)`` (one pass) is needed for evaluation
 tasks. :class:`TextDataset` is one for text classification: (label, sentence) examples tokenized with
-the model's ``tokenizer.json``. ``batches`` must be deterministic for a seed: row-only embedding
+the model's ``tokenizer.json``; :class:`~edge_sdk.training._images.ImageDataset` one for image
+classification (``pixel_values``; ``seq_len`` ignored), whose ``fit_model(config)`` the runner calls
+with each task's model config before building it. ``batches`` must be deterministic for a seed: row-only embedding
 training draws the task's batches once more to learn which rows they touch.
 
 Levers (:class:`~edge_sdk._levers.Levers`): the model is built with the levers' attention kind, the
@@ -250,6 +252,10 @@ class TaskRunner:
                 f"the tokenizer has {vocab} tokens but the model's vocabulary has {config['vocab_size']}:"
                 " this is not the model's tokenizer (pass --tokenizer DIR)"
             )
+        for source in {id(self.data): self.data, id(self.eval_data): self.eval_data}.values():
+            fit = getattr(source, "fit_model", None)  # image data: its preprocessing checked against the model
+            if callable(fit):
+                fit(config)
         return spec, build_model(spec, config, numpy_to_torch(dict(tensors)), attn_implementation=attention)
 
     def train(
