@@ -44,7 +44,15 @@ from coordinator.federation._planner import BUDGET, WIDTHS, Planner, WidthPolicy
 from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig
 from coordinator.federation._ratelimit import LogLimiter, clip
 from coordinator.federation._registry import DeviceRecord, DeviceRegistry
-from coordinator.federation._session import CHANGED, GO_ON, DeployInbox, DeviceSession, Verdict, frame_bytes
+from coordinator.federation._session import (
+    CHANGED,
+    GO_ON,
+    DeployInbox,
+    DeviceSession,
+    TaskProgress,
+    Verdict,
+    frame_bytes,
+)
 from coordinator.federation._tables import (
     FederationConfig,
     ModelConfig,
@@ -98,6 +106,7 @@ __all__ = [
     "ServerOptimizer",
     "Step",
     "Table",
+    "TaskProgress",
     "TrainOrder",
     "TrainingConfig",
     "Verdict",
