@@ -25,6 +25,7 @@ from coordinator.federation._config import (
     DeployConfig,
     RunConfig,
     ServerConfig,
+    StatusConfig,
     load_config,
     parse_config,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "SendOrders",
     "ServerConfig",
     "ServerOptimizer",
+    "StatusConfig",
     "Step",
     "Table",
     "TaskProgress",

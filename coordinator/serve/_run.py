@@ -24,6 +24,7 @@ import torch
 from coordinator.federation import FederationEngine, RunConfig, latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
+from coordinator.serve._status_http import open_status
 from coordinator.serve._validation import Validator, calibration_batches
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ranked_parent, resolve_model_dir
@@ -160,8 +161,10 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    status = None
     try:
         await server.start()
+        status = open_status(server, config.status, config.deploy.operator_token)  # the status page, if on
         running = asyncio.ensure_future(server.run())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -176,6 +179,8 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        if status is not None:
+            await status.close()
     latest = latest_checkpoint(config.run.dir)
     number = latest.name.rpartition("-")[2] if latest is not None else ""
     done = int(number) if number.isdigit() else engine.round
