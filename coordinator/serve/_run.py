@@ -156,15 +156,14 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
         ssl_context=ssl_context,
         deploy=config.deploy,
     )
+    status = open_status(server, config.status, config.deploy.operator_token)  # the status page, if on
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    status = None
     try:
         await server.start()
-        status = open_status(server, config.status, config.deploy.operator_token)  # the status page, if on
         running = asyncio.ensure_future(server.run())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -36,6 +36,7 @@ from coordinator.federation import StatusConfig
 from coordinator.serve._connection import start_thread
 from coordinator.serve._metrics import CONTENT_TYPE, watch_loop_lag
 from coordinator.serve._status import StatusBoard
+from edge_sdk._errors import ConfigError
 
 if TYPE_CHECKING:
     from coordinator.serve._server import CoordinatorServer
@@ -161,14 +162,17 @@ class StatusService:
 def open_status(server: CoordinatorServer, config: StatusConfig, token: str | None) -> StatusService | None:
     """Open ``server``'s status port if ``config`` enables it (call on the event loop); None when off.
 
-    OSError if the port cannot be bound."""
+    ConfigError if the port cannot be bound (taken, or a host this machine does not have)."""
     if not config.enabled:
         return None
     if not token:
         logger.warning("the status page is off: it needs an operator token ([deploy] operator_token)")
         return None
     status = StatusHTTP(server.status, token, config.host, config.port)
-    status.start()
+    try:
+        status.start()
+    except OSError as exc:
+        raise ConfigError(f"[status]: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     return StatusService(status)
 
 
