@@ -128,3 +128,23 @@ def test_the_loop_lag_probe_measures_a_blocked_loop() -> None:
 
     asyncio.run(main())
     assert metrics._lag_max >= 0.1
+
+
+def test_join_shows_a_bar_on_a_terminal_and_log_lines_otherwise() -> None:
+    import io
+
+    from edge_sdk.client._progress import StepBar, step_display
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(step_display(io.StringIO()), StepLog)
+    terminal = Terminal()
+    bar = step_display(terminal)
+    assert isinstance(bar, StepBar)
+    bar("t-1", 3, 4)
+    assert "task t-1" in terminal.getvalue() and "3/4" in terminal.getvalue()
+    bar("t-1", 4, 4)  # the last step closes the bar
+    bar("t-2", 1, 4)  # the next task gets its own
+    assert "task t-2" in terminal.getvalue()
