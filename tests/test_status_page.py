@@ -167,6 +167,7 @@ def _check_refusals(port: int) -> None:
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     assert _raw(port, "POST", "/login", "token=wrong", **form).status == 401
     assert _raw(port, "POST", "/login", "x" * 5000, **form).status == 413
+    assert _raw(port, "GET", "/?" + "&".join(f"k{i}=v" for i in range(20))).status == 400
     # a link with the token sets the cookie and drops the token from the address
     answer = _raw(port, "GET", f"/status.json?token={OPERATOR}")
     assert answer.status == 303 and answer.getheader("Location") == "/status.json"

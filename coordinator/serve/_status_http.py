@@ -197,6 +197,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             self._route(method)
+        except ValueError:  # more query or form fields than parse_qs takes (max_num_fields)
+            self._send(http.HTTPStatus.BAD_REQUEST, b"bad request\n", "text/plain; charset=utf-8")
         except Exception:  # a bug costs this request, never the status server
             logger.exception("status page: internal error")
             self._send(http.HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain; charset=utf-8")
