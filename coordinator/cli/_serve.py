@@ -10,6 +10,7 @@ flushed: the run's state is on disk, and the interpreter's teardown of torch alo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -17,8 +18,9 @@ import sys
 from types import FrameType
 from typing import Any, NoReturn
 
-from coordinator.federation import load_config
+from coordinator.federation import RunConfig, load_config
 from coordinator.serve import RunAbortedError, run_coordinator
+from edge_sdk._errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,23 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="continue from the run directory's last checkpoint (a new run if there is none)",
     )
+    p.add_argument(
+        "--status-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the status page and /metrics on this port (0: any free port; needs [deploy] operator_token;"
+        " default: [status] port)",
+    )
+
+
+def with_status_port(config: RunConfig, port: int) -> RunConfig:
+    """``config`` with its status page on ``port`` (ConfigError without an operator token)."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--status-port must be in 0..65535, got {port}")
+    if config.deploy.operator_token is None:
+        raise ConfigError("--status-port: the status page is behind the operator token: set [deploy] operator_token")
+    return dataclasses.replace(config, status=dataclasses.replace(config.status, enabled=True, port=port))
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -47,6 +66,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if args.status_port is not None:
+        config = with_status_port(config, args.status_port)
     signal.signal(signal.SIGTERM, _interrupt)  # as SIGINT does, until the server's handlers take over
     try:
         code = run_coordinator(config, resume=args.resume)

@@ -25,6 +25,7 @@ from coordinator.federation._config import (
     DeployConfig,
     RunConfig,
     ServerConfig,
+    StatusConfig,
     load_config,
     parse_config,
 )
@@ -45,7 +46,15 @@ from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig
 from coordinator.federation._ratelimit import LogLimiter, clip
 from coordinator.federation._records import collapse_note, metrics_text
 from coordinator.federation._registry import DeviceRecord, DeviceRegistry
-from coordinator.federation._session import CHANGED, GO_ON, DeployInbox, DeviceSession, Verdict, frame_bytes
+from coordinator.federation._session import (
+    CHANGED,
+    GO_ON,
+    DeployInbox,
+    DeviceSession,
+    TaskProgress,
+    Verdict,
+    frame_bytes,
+)
 from coordinator.federation._tables import (
     FederationConfig,
     ModelConfig,
@@ -97,8 +106,10 @@ __all__ = [
     "SendOrders",
     "ServerConfig",
     "ServerOptimizer",
+    "StatusConfig",
     "Step",
     "Table",
+    "TaskProgress",
     "TrainOrder",
     "TrainingConfig",
     "Verdict",

@@ -18,7 +18,9 @@ Tables and keys (see ``examples/run.toml`` and ``docs/running.md``):
   hello_timeout_s, send_concurrency;
 - ``[devices]`` name = "bearer token", one line per device;
 - ``[run]`` dir, keep_checkpoints;
-- ``[deploy]`` (optional) enabled, batch_size, seq_len, quantize, timeout_s, labels, operator_token.
+- ``[deploy]`` (optional) enabled, batch_size, seq_len, quantize, timeout_s, labels, operator_token;
+- ``[status]`` (optional) enabled, host, port: the status page and metrics, behind the operator token
+  (on by default when ``[deploy] operator_token`` is set).
 
 :class:`FederationConfig` and :class:`TrainingConfig` are all the federation engine needs; a
 simulator builds them directly, without a file.
@@ -61,6 +63,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "ServerConfig",
+    "StatusConfig",
     "StorageConfig",
     "TrainingConfig",
     "ValidationConfig",
@@ -118,6 +121,15 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """The status port: ``GET /`` (page), ``/status.json``, ``/metrics``, behind the operator token."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8766  # 0: any free port (logged)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     federation: FederationConfig
@@ -128,6 +140,7 @@ class RunConfig:
     run: StorageConfig
     deploy: DeployConfig = field(default_factory=DeployConfig)
     levers: LeverPolicy = field(default_factory=LeverPolicy)  # [levers]: what the planner may use
+    status: StatusConfig = field(default_factory=StatusConfig)  # [status]: the status page and metrics
     source: Path | None = field(default=None, compare=False)
 
 
@@ -146,6 +159,7 @@ _TABLES = (
     "devices",
     "run",
     "deploy",
+    "status",
 )
 
 
@@ -247,6 +261,19 @@ def _deploy(t: Table, *, num_labels: int, device_tokens: Mapping[str, str]) -> D
     return cfg
 
 
+def _status(t: Table, *, operator_token: str | None) -> StatusConfig:
+    enabled = t.flag("enabled", operator_token is not None)
+    if enabled and operator_token is None:
+        raise t.error("enabled", "the status page is behind the operator token: set [deploy] operator_token")
+    cfg = StatusConfig(
+        enabled=enabled,
+        host=t.text("host", "127.0.0.1"),
+        port=t.integer("port", 8766, low=0, high=65535),
+    )
+    t.done()
+    return cfg
+
+
 def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str = "config") -> RunConfig:
     """A :class:`RunConfig` from parsed TOML ``data``; relative paths resolve against ``base``."""
     table = table_reader(data, _TABLES, base=Path(base), where=where)
@@ -254,6 +281,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str 
     federation = read_federation(table("federation"), aggregation=table("aggregation"), privacy=table("privacy"))
     model = read_model(table("model"))
     devices = _devices(table("devices"))
+    deploy = _deploy(table("deploy"), num_labels=model.num_labels, device_tokens=devices)
     cfg = RunConfig(
         model=model,
         federation=federation,
@@ -262,8 +290,9 @@ def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str 
         server=_server(table("server")),
         devices=devices,
         run=_run(table("run")),
-        deploy=_deploy(table("deploy"), num_labels=model.num_labels, device_tokens=devices),
+        deploy=deploy,
         levers=read_levers(table("levers")),
+        status=_status(table("status"), operator_token=deploy.operator_token),
     )
     if model.salience == "activation" and cfg.validation is None:
         raise ConfigError(f"{where}: [model] salience = 'activation' needs a [validation] data set to calibrate on")

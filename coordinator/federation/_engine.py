@@ -130,7 +130,8 @@ class FederationEngine:
     Attributes: ``parent`` (the global model, in salience order; swapped whole when a round is
     merged), ``salience`` (the ranking plans are searched with), ``model_config`` (the model's
     config as JSON, what tasks and deploys carry; do not modify), ``registry``, ``planner`` and
-    ``selection`` (the parts above), ``federation``, ``training``, ``run_id``, ``model_name``.
+    ``selection`` (the parts above), ``federation``, ``training``, ``run_id``, ``model_name``, ``phase``
+    (waiting, training, aggregating or evaluating; for status displays).
     """
 
     def __init__(
@@ -184,6 +185,9 @@ class FederationEngine:
         # DP: the rounds composed so far are in the history's privacy records (a resumed run replays them)
         self._accountant = PrivacyAccountant.from_history(federation.privacy.delta, self._history)
         self._open: OpenRound | None = None
+        # What the run is doing (read-only for callers): "waiting" (between rounds), "training" (a round
+        # is open), "aggregating" (merging its updates), "evaluating" (validating the merged model).
+        self.phase = "waiting"
         self._digest: str | None = None
         self._lock = threading.RLock()
 
@@ -263,6 +267,7 @@ class FederationEngine:
             if self.federation.privacy.mode == "local":
                 orders = {t: _local_dp(o, self.federation.privacy) for t, o in orders.items()}
             self._open = OpenRound(index=index, deadline=now + self.federation.round_deadline_s, orders=orders)
+            self.phase = "training"
         logger.info(
             "round %d/%d: training on %d device(s): %s",
             index,
@@ -373,8 +378,10 @@ class FederationEngine:
                 raise EdgeFMError("close_round() must come before finish_round()")
             updates = rnd.accepted()
             senders = [rnd.orders[t].device_id for t in rnd.orders if t in rnd.updates]
+            self.phase = "aggregating"
         parent, merge = self._merge(rnd.index, updates, senders)
         privacy = self._privacy_record(len(rnd.orders), composed=bool(updates))
+        self.phase = "evaluating"
         metrics = dict(self._evaluator(parent)) if self._evaluator is not None else {}
         if collapse_note(metrics):
             logger.warning("round %d: the global model %s", rnd.index, collapse_note(metrics))
@@ -385,6 +392,7 @@ class FederationEngine:
             self.parent, self._digest = parent, digest
             self._round = rnd.index
             self._open = None
+            self.phase = "waiting"
             self.registry.note_round(rnd.index, outcomes)
             self._history.append(summary.to_json())
         return summary

@@ -52,6 +52,7 @@ from edge_sdk.protocol import (
     ErrorReceived,
     Event,
     HelloReceived,
+    ProgressReceived,
     ProtocolViolation,
     Update,
     UpdateReceived,
@@ -63,12 +64,23 @@ from edge_sdk.protocol import (
 if TYPE_CHECKING:
     from coordinator.federation._engine import FederationEngine
 
-__all__ = ["CHANGED", "GO_ON", "DeployInbox", "DeviceSession", "Verdict"]
+__all__ = ["CHANGED", "GO_ON", "PROGRESS_MIN_INTERVAL_S", "DeployInbox", "DeviceSession", "TaskProgress", "Verdict"]
 
 logger = logging.getLogger(__name__)
 _device_log = LogLimiter(logger)  # keyed by device name: what one device's messages may log
 
 _MAX_ERROR_TEXT = 2000  # characters of a refusal's reason sent back to the device
+PROGRESS_MIN_INTERVAL_S = 0.5  # a device's Progress messages closer than this to the last one kept are dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskProgress:
+    """The last steps a device reported for its running training task (``at``: the engine's clock)."""
+
+    task_id: str
+    steps_done: int
+    steps_total: int
+    at: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +137,8 @@ class DeviceSession:
         self.admitted = False
         self.bytes_in = 0
         self.last_update: Update | None = None  # the Update of the last task answered (for reports)
+        self.progress: TaskProgress | None = None  # the running training task's steps, if the device reports them
+        self.progress_dropped = 0  # Progress messages that came too fast and were not kept
         self._task_mark: int | None = None  # bytes_in when the outstanding training task was sent
         self._deploys = deploys
         self._wall_clock = wall_clock
@@ -164,6 +178,8 @@ class DeviceSession:
         name = self.device_id
         if isinstance(event, HelloReceived):
             return self._hello(event)
+        if isinstance(event, ProgressReceived):
+            return self._progress(event, now)
         if isinstance(event, UpdateReceived):
             self._update(event, now, peak_of)
         elif isinstance(event, UpdateRejected):
@@ -258,6 +274,16 @@ class DeviceSession:
             plan.params / 1e6,
         )
         return CHANGED
+
+    def _progress(self, event: ProgressReceived, now: float) -> Verdict:
+        """Keep the steps (the protocol checked the task and bounds); messages faster than
+        ``PROGRESS_MIN_INTERVAL_S`` are counted and dropped, never logged: a device cannot flood."""
+        last, progress = self.progress, event.progress
+        if last is not None and last.task_id == progress.task_id and now - last.at < PROGRESS_MIN_INTERVAL_S:
+            self.progress_dropped += 1
+            return GO_ON
+        self.progress = TaskProgress(progress.task_id, progress.steps_done, progress.steps_total, now)
+        return GO_ON
 
     def _update(self, event: UpdateReceived, now: float, peak_of: Callable[[int], int] | None) -> None:
         update = event.update

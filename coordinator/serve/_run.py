@@ -31,6 +31,7 @@ from coordinator.federation import (
 )
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
+from coordinator.serve._status_http import open_status
 from coordinator.serve._validation import ImageValidator, Validator, calibration_batches
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ranked_parent, resolve_model_dir
@@ -164,6 +165,7 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
         ssl_context=ssl_context,
         deploy=config.deploy,
     )
+    status = open_status(server, config.status, config.deploy.operator_token)  # the status page, if on
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
@@ -185,6 +187,8 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        if status is not None:
+            await status.close()
     latest = latest_checkpoint(config.run.dir)
     number = latest.name.rpartition("-")[2] if latest is not None else ""
     done = int(number) if number.isdigit() else engine.round

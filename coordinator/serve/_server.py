@@ -74,8 +74,10 @@ from coordinator.serve._connection import (
 )
 from coordinator.serve._deploys import DEPLOYMENTS_FILE, DeployService
 from coordinator.serve._gate import HANDSHAKE_TIMEOUT_S, Gate
+from coordinator.serve._metrics import RunMetrics
 from coordinator.serve._operator import OperatorHTTP
 from coordinator.serve._security import TokenTable
+from coordinator.serve._status import StatusBoard
 from edge_sdk._errors import ProtocolError
 from edge_sdk.protocol import CLOSE_REPLACED, CLOSE_RUN_COMPLETE, ConnectionState, WireLimits
 
@@ -119,6 +121,8 @@ class CoordinatorServer:
         )
         self._operator = OperatorHTTP(self.deploys, deploy.operator_token if deploy is not None else None)
         self._gate = Gate(TokenTable(tokens), config.max_connections, self._operator)
+        self.metrics = RunMetrics(tokens)  # this server's Prometheus registry (its own, not the global one)
+        self.status = StatusBoard(engine, self._connections, self.deploys, self.metrics)  # the status page's view
         self._server: Server | None = None
         self._stopping = False
         self._sends: list[asyncio.Future[None]] = []  # the open round's deliveries
@@ -173,9 +177,11 @@ class CoordinatorServer:
             await self._rounds()
             logger.info("run complete: %d rounds", self.engine.round)
             if self.deploys.enabled:
+                self.status.deploying = True
                 if was_finished:  # a finished run resumed: its devices have yet to come back
                     await self._wait_for_idle(self.engine.federation.device_wait_s)
                 await self.deploys.deploy_all()
+                self.status.deploying = False
             await self.stop(CLOSE_RUN_COMPLETE, "run complete")
         finally:
             await self.stop()
@@ -244,12 +250,14 @@ class CoordinatorServer:
                 await self._changes.wait(step.until - loop.time())
             elif isinstance(step, SendOrders):
                 started = time.monotonic()
+                self.status.orders_sent(step.orders)
                 self._sends = [asyncio.ensure_future(self._send_order(order, limit)) for order in step.orders]
             elif isinstance(step, FinishRound):
                 for task in self._sends:
                     task.cancel()  # a no-op for the finished ones
                 await asyncio.gather(*self._sends, return_exceptions=True)
                 result = await self._finish(rounds)
+                self.status.round_finished(result.summary)
                 where = f"; checkpoint {result.checkpoint}" if result.checkpoint is not None else ""
                 logger.info("%s; %.1f s%s", result.summary.log_line(), time.monotonic() - started, where)
             else:

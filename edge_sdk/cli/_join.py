@@ -9,6 +9,9 @@ When the run finishes the coordinator sends the device a larger, inference-sized
 exported to ONNX, checked, and installed in ``--deploy-dir`` (default ``./edge-fm-model``), where
 ``edge-sdk infer --model DIR`` serves it. A failed export keeps the previously installed model.
 
+While a training task runs, its steps are shown: a bar in a terminal, a log line every tenth of the
+task otherwise (and the coordinator's status page shows them too).
+
 Exit codes: 0 when the run is complete, 2 on a refusal (token, budget) or a bad argument, or when the
 coordinator stayed unreachable for ``--give-up-after`` seconds.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     tune_allocator()  # before anything large is allocated (see edge_sdk.device._allocator)
     from edge_sdk.client._client import DeviceOptions, EdgeDevice
+    from edge_sdk.client._progress import step_display
     from edge_sdk.training._data import read_tsv
     from edge_sdk.training._images import ImageDataset
     from edge_sdk.training._runner import TextDataset
@@ -124,5 +129,5 @@ def run(args: argparse.Namespace) -> int:
         ),
         **({"device_id": args.device_id} if args.device_id else {}),
     )
-    EdgeDevice(options, data).run()
+    EdgeDevice(options, data, on_progress=step_display(sys.stderr)).run()
     return 0

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import socket
@@ -52,6 +53,7 @@ from edge_sdk import __version__
 from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError, ProtocolError
 from edge_sdk._units import format_bytes
 from edge_sdk.client._backoff import Backoff
+from edge_sdk.client._progress import ProgressFn, StepLog, StepThrottle
 from edge_sdk.protocol import (
     ByeReceived,
     Deploy,
@@ -70,6 +72,7 @@ from edge_sdk.protocol import (
     task_error_message,
 )
 from edge_sdk.protocol._closecodes import STOP_CODES
+from edge_sdk.protocol._messages import FEATURE_PROGRESS
 from edge_sdk.serving._install import Deployer
 from edge_sdk.training._runner import BatchSource, TaskCancelledError, TaskRunner, TrainFn
 
@@ -138,8 +141,11 @@ class EdgeDevice:
         *,
         train_fn: TrainFn | None = None,
         eval_data: BatchSource | None = None,
+        on_progress: ProgressFn | None = None,
     ) -> None:
         self.options = options
+        # (task_id, steps done, steps in all) of the running training task, at most once a second
+        self.on_progress: ProgressFn = on_progress if on_progress is not None else StepLog()
         self.runner = TaskRunner(data, train_fn=train_fn, eval_data=eval_data, threads=options.threads)
         self.deployer = (
             Deployer(options.deploy_dir, data, threads=options.threads) if options.deploy_dir is not None else None
@@ -259,6 +265,11 @@ class EdgeDevice:
             return await session.run()
 
 
+def _ignore_result(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # a closed connection is noticed by the receiving loop
+
+
 class _Session:
     """One connection's conversation (the device side of the protocol over one websocket)."""
 
@@ -283,7 +294,7 @@ class _Session:
             device_id=options.device_id,
             sdk_version=__version__,
             profile=self.device.hello_profile(),
-            capabilities=("train", "evaluate", "deploy") if self.device.deployer else ("train", "evaluate"),
+            capabilities=("train", "evaluate", FEATURE_PROGRESS, *(("deploy",) if self.device.deployer else ())),
         )
         await self.flush()
         try:
@@ -375,6 +386,19 @@ class _Session:
         with contextlib.suppress(ConnectionClosed):
             await self.flush()
 
+    def progress(self, task_id: str, done: int, total: int) -> None:
+        """A training step was reached (throttled): show it, and tell a coordinator that takes Progress."""
+        with contextlib.suppress(Exception):  # a display's fault must not cost the task
+            self.device.on_progress(task_id, done, total)
+        if not self.conn.progress_accepted:
+            return
+        try:
+            self.conn.send_progress(task_id=task_id, steps_done=done, steps_total=total)
+        except ProtocolError:  # the task ended meanwhile, or a count is out of bounds: nothing to say
+            return
+        flushing = asyncio.ensure_future(self.flush())
+        flushing.add_done_callback(_ignore_result)
+
     async def do_task(self, task: TrainTask | EvaluateTask, tensors: dict[str, Any]) -> None:
         """Run one task off the event loop and answer it: an Update / EvalResult, or an Error naming it.
 
@@ -387,7 +411,8 @@ class _Session:
         started = time.monotonic()
         try:
             if isinstance(task, TrainTask):
-                output = await asyncio.to_thread(runner.train, task, tensors, self.cancel)
+                on_step = StepThrottle(asyncio.get_running_loop(), functools.partial(self.progress, task.task_id))
+                output = await asyncio.to_thread(runner.train, task, tensors, self.cancel, on_step)
                 del tensors
                 logger.info(
                     "task %s: trained in %.1f s (%.3f s/step, loss %s), peak RSS %s; sending the update",

@@ -16,6 +16,7 @@ from edge_sdk.protocol._events import (
     EvalResultReceived,
     Event,
     HelloReceived,
+    ProgressReceived,
     UpdateReceived,
     UpdateRejected,
 )
@@ -28,6 +29,7 @@ from edge_sdk.protocol._machine import (
     kind_of,
 )
 from edge_sdk.protocol._messages import (
+    FEATURE_PROGRESS,
     Deploy,
     DeployResult,
     Error,
@@ -38,6 +40,7 @@ from edge_sdk.protocol._messages import (
     Hello,
     InferenceSettings,
     Message,
+    Progress,
     TrainSettings,
     TrainTask,
     Update,
@@ -98,6 +101,7 @@ class CoordinatorConnection(BaseConnection):
             round=round,
             server_time=server_time,
             limits=self._limits,
+            features=(FEATURE_PROGRESS,) if FEATURE_PROGRESS in self._hello.capabilities else (),
         )
         self._queue(welcome)
         self._state = ConnectionState.READY
@@ -205,12 +209,27 @@ class CoordinatorConnection(BaseConnection):
                 self._outstanding = None
                 self._state = ConnectionState.READY
             return [ErrorReceived(error=message)]
+        if isinstance(message, Progress) and self._state in (ConnectionState.READY, ConnectionState.AWAITING_RESULT):
+            return self._on_progress(message)
         if isinstance(message, (Update, EvalResult, DeployResult)) and self._state in (
             ConnectionState.READY,
             ConnectionState.AWAITING_RESULT,
         ):
             return self._on_result(message)
         return self._unexpected(message)
+
+    def _on_progress(self, message: Progress) -> list[Event]:
+        """Progress of the outstanding TrainTask is reported; any other (a task already answered, or
+        not a training task) is dropped: it is informative, never worth the connection."""
+        outstanding = self._outstanding
+        if (
+            outstanding is None
+            or not isinstance(outstanding.task, TrainTask)
+            or message.task_id != outstanding.task.task_id
+        ):
+            logger.debug("coordinator: dropped a Progress for task %r: not the running training task", message.task_id)
+            return []
+        return [ProgressReceived(progress=message)]
 
     def _on_result(self, message: Update | EvalResult | DeployResult) -> list[Event]:
         outstanding = self._outstanding

@@ -19,6 +19,7 @@ from edge_sdk.protocol._machine import (
     kind_of,
 )
 from edge_sdk.protocol._messages import (
+    FEATURE_PROGRESS,
     Deploy,
     DeployResult,
     Error,
@@ -27,6 +28,7 @@ from edge_sdk.protocol._messages import (
     EvaluateTask,
     Hello,
     Message,
+    Progress,
     TrainTask,
     Update,
     Welcome,
@@ -121,6 +123,24 @@ class DeviceConnection(BaseConnection):
         self._outgoing.extend(frames)
         self._finish_task()
         return update
+
+    @property
+    def progress_accepted(self) -> bool:
+        """The coordinator's Welcome lists the "progress" feature: :meth:`send_progress` may be used."""
+        return self._welcome is not None and FEATURE_PROGRESS in self._welcome.features
+
+    def send_progress(self, *, task_id: str, steps_done: int, steps_total: int) -> Progress:
+        """Report the running TrainTask's steps (rate-limit it: about once a second at most).
+
+        ProtocolError, queueing nothing, when the coordinator did not accept the "progress" feature,
+        no such training task is running, or the numbers are out of bounds.
+        """
+        if not self.progress_accepted:
+            raise ProtocolError("cannot send_progress: the coordinator did not accept the 'progress' feature")
+        self._working_task("send_progress", task_id, TrainTask)
+        progress = Progress(task_id=task_id, steps_done=steps_done, steps_total=steps_total)
+        self._queue(progress)
+        return progress
 
     def send_eval_result(self, *, task_id: str, num_samples: int, metrics: Mapping[str, float]) -> EvalResult:
         """Answer the running EvaluateTask."""

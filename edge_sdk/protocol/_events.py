@@ -19,6 +19,7 @@ from edge_sdk.protocol._messages import (
     EvalResult,
     EvaluateTask,
     Hello,
+    Progress,
     TrainTask,
     Update,
     Welcome,
@@ -33,6 +34,7 @@ __all__ = [
     "EvalResultReceived",
     "Event",
     "HelloReceived",
+    "ProgressReceived",
     "ProtocolViolation",
     "TaskReceived",
     "TaskRejected",
@@ -105,6 +107,13 @@ class UpdateRejected(Event):
 
     task_id: str
     reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressReceived(Event):
+    """Coordinator side: the device's running training task reports its steps (informative only)."""
+
+    progress: Progress
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,6 +46,7 @@ from edge_sdk.protocol._messages import (
     EvaluateTask,
     Hello,
     Message,
+    Progress,
     TrainTask,
     Update,
     Welcome,
@@ -78,7 +79,7 @@ logger = logging.getLogger(__name__)
 TaskMessage = TrainTask | EvaluateTask | Deploy
 MAX_ERROR_TEXT = 2000  # characters of a fault's description sent back in an Error
 _TO_DEVICE = (Welcome, TrainTask, EvaluateTask, Deploy)
-_TO_COORDINATOR = (Hello, Update, EvalResult, DeployResult)
+_TO_COORDINATOR = (Hello, Update, EvalResult, DeployResult, Progress)
 
 
 class ConnectionState(enum.Enum):

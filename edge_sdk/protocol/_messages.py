@@ -29,6 +29,7 @@ from edge_sdk.protocol._wire import (
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,
+    OPTIONAL_ON_WIRE,
     JSONObject,
     WireRecord,
     dumps_json,
@@ -37,8 +38,10 @@ from edge_sdk.protocol._wire import (
 )
 
 __all__ = [
+    "FEATURE_PROGRESS",
     "MAX_MEMORY_BYTES",
     "MAX_NUM_SAMPLES",
+    "MAX_PROGRESS_STEPS",
     "MAX_TEXT_BYTES",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
@@ -53,6 +56,7 @@ __all__ = [
     "Hello",
     "InferenceSettings",
     "Message",
+    "Progress",
     "TrainSettings",
     "TrainTask",
     "Update",
@@ -95,6 +99,10 @@ MAX_NUM_SAMPLES: Final = 2**31 - 1
 MAX_MEMORY_BYTES: Final = 2**50  # 1 PiB
 MAX_SECONDS: Final = 10_000_000  # about 116 days
 MAX_METRICS: Final = 64  # entries in a metrics mapping
+MAX_PROGRESS_STEPS: Final = 10_000_000  # steps a Progress may count (a task of more steps reports none)
+# What a peer may announce in ``Hello.capabilities`` / ``Welcome.features``: "progress" (the device may
+# send Progress while it trains; the coordinator lists it in its Welcome only if the Hello did).
+FEATURE_PROGRESS: Final = "progress"
 _BOUNDS: Final = {
     "round": MAX_NUM_SAMPLES,
     "num_samples": MAX_NUM_SAMPLES,
@@ -156,6 +164,15 @@ class Welcome(Message):
     round: int
     server_time: float
     limits: WireLimits = WireLimits()
+    # Optional features this coordinator takes from this device (e.g. "progress"); only those the
+    # device's Hello announced, so an older device never sees the field.
+    features: tuple[str, ...] = dataclasses.field(default=(), metadata=OPTIONAL_ON_WIRE)
+
+    def _validate(self) -> None:
+        super()._validate()
+        require_field(self, "features", len(self.features) <= 16, f"{len(self.features)} entries, at most 16")
+        for feature in self.features:
+            require_field(self, "features", 0 < len(feature) <= 32, "each feature is 1 to 32 characters")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -210,6 +227,26 @@ class Update(Message):
     train_time_s: float
     weights: TensorManifest
     encoding: Literal["weights", "delta"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Progress(Message):
+    """Device -> coordinator, while a TrainTask runs: ``steps_done`` of its ``steps_total`` steps.
+
+    Informative only (the status page): sent at most about once a second, and only to a coordinator
+    whose Welcome lists the "progress" feature. ``0 <= steps_done <= steps_total <= MAX_PROGRESS_STEPS``.
+    """
+
+    TYPE: ClassVar[str] = "progress"
+    task_id: str
+    steps_done: int
+    steps_total: int
+
+    def _validate(self) -> None:
+        super()._validate()
+        total, done = self.steps_total, self.steps_done
+        require_field(self, "steps_total", 0 < total <= MAX_PROGRESS_STEPS, f"must be in 1..{MAX_PROGRESS_STEPS}")
+        require_field(self, "steps_done", 0 <= done <= total, f"must be in 0..steps_total ({total}), got {done}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -287,6 +324,7 @@ MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = types.MappingProxyType(
             DeployResult,
             Error,
             Bye,
+            Progress,
         )
     }
 )

@@ -263,8 +263,10 @@ class TaskRunner:
         task: TrainTask,
         tensors: Mapping[str, np.ndarray],
         cancel: threading.Event | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> TrainOutput:
-        """Train the task's sub-network on local data; TaskCancelledError once ``cancel`` is set.
+        """Train the task's sub-network on local data; TaskCancelledError once ``cancel`` is set;
+        ``on_step(done, total)`` after each step, in this thread (a progress display).
 
         The task's settings say how: its ``levers``, ``dropout`` (None: the model's), ``max_grad_norm``
         (None: no clipping) and ``dp_clip_norm`` (local DP, ``_privacy``); rows are truncated at the
@@ -283,14 +285,9 @@ class TaskRunner:
             settings.local_epochs or 1
         )
         max_length = _max_length(settings.seq_len, thaw_json(task.model_config))
+        what = f"{spec.describe()} for {steps} steps (batch {settings.batch_size}"
         logger.info(
-            "task %s: training %s for %d steps (batch %d, rows truncated at %d tokens; %s)",
-            task.task_id,
-            spec.describe(),
-            steps,
-            settings.batch_size,
-            max_length,
-            levers.describe(),
+            "task %s: training %s, rows truncated at %d tokens; %s)", task.task_id, what, max_length, levers.describe()
         )
         if levers.embeddings == "rows":  # the same batches, drawn once more for their tokens
             drawn = islice(self.data.batches(settings.batch_size, max_length, settings.seed), steps)
@@ -304,6 +301,7 @@ class TaskRunner:
             levers=levers,
             dropout=settings.dropout,
             max_grad_norm=settings.max_grad_norm,
+            on_step=on_step,
         )
         result = (self.train_fn or train_local)(model, batches, config)
         out = local_dp(_as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors), tensors, settings)

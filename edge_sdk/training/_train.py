@@ -19,7 +19,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -52,6 +52,8 @@ class TrainConfig:
     tune_allocator: bool = True  # pin glibc's thresholds, trim the heap each step: predictable peak memory
     levers: Levers = field(default_factory=Levers)
     dropout: float | None = None  # every dropout probability of the model; None: the model's own
+    # Called after each step with (steps done, steps in all), from the training thread (keep it cheap).
+    on_step: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -180,6 +182,8 @@ def train_local(
         samples += rows
         times.append(time.perf_counter() - t0)
         logger.debug("step %d/%d loss %.4f", step + 1, config.steps, losses[-1])
+        if config.on_step is not None:
+            config.on_step(step + 1, config.steps)
     model.eval()
     return TrainResult(
         steps=config.steps,

@@ -26,6 +26,7 @@ from edge_sdk.protocol import (
     Hello,
     InferenceSettings,
     Message,
+    Progress,
     TensorEntry,
     TensorManifest,
     TrainSettings,
@@ -99,6 +100,7 @@ SAMPLES: list[Message] = [
     Error(task_id="t-1", code="task_failed", message="out of memory at step 3"),
     Error(code="rejected", message="device too small"),
     Bye(reason="run finished", code=1000),
+    Progress(task_id="t-1", steps_done=3, steps_total=20),
 ]
 
 
@@ -115,7 +117,7 @@ def _decode_error(obj: object, **kwargs: Any) -> ProtocolError:
 
 def test_every_message_type_has_a_sample() -> None:
     assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES.values())
-    assert len(MESSAGE_TYPES) == 10
+    assert len(MESSAGE_TYPES) == 11
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
@@ -199,7 +201,7 @@ def test_unknown_type_is_unsupported_data() -> None:
     ],
 )
 def test_wrong_protocol_version_closes_with_1002(version: object, fragment: str) -> None:
-    obj = _obj(SAMPLES[-1])
+    obj = _obj(SAMPLES[10])
     obj["v"] = version
     err = _decode_error(obj)
     assert err.close_code == 1002
@@ -323,6 +325,11 @@ def test_nested_record_with_unknown_field_is_named() -> None:
         ),
         (lambda: TensorEntry(name="w", shape=(2,), dtype="BF16"), "unsupported dtype 'BF16'"),
         (lambda: TensorEntry(name="w", shape=(2, -1), dtype="F32"), "negative dimension"),
+        (lambda: Progress(task_id="t", steps_done=4, steps_total=3), "Progress.steps_done: must be in 0..steps_total"),
+        (lambda: Progress(task_id="t", steps_done=-1, steps_total=3), "Progress.steps_done"),
+        (lambda: Progress(task_id="t", steps_done=0, steps_total=0), "Progress.steps_total: must be in 1..10000000"),
+        (lambda: Progress(task_id="t", steps_done=0, steps_total=10**7 + 1), "Progress.steps_total"),
+        (lambda: Welcome(run_id="r", device_id="d", round=0, server_time=0, features=("x" * 33,)), "features"),
     ],
 )
 def test_invalid_values_are_refused_on_construction(build: Any, fragment: str) -> None:
