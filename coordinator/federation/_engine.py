@@ -46,7 +46,7 @@ import numpy as np
 
 from coordinator.federation._aggregate import ClientUpdate, FedAdam, FedAvg, ServerOptimizer, aggregate_round
 from coordinator.federation._checkpoint import EngineState, state_digest
-from coordinator.federation._planner import BUDGET, Planner, WidthPolicy
+from coordinator.federation._planner import BUDGET, Planner, WidthPolicy, training_workload
 from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig, round_event
 from coordinator.federation._records import DeviceOutcome, RoundSummary, TrainOrder, collapse_note, width_of
 from coordinator.federation._registry import DeviceRegistry
@@ -54,9 +54,8 @@ from coordinator.federation._round import OpenRound, train_orders
 from coordinator.federation._selection import Selection
 from coordinator.federation._tables import FederationConfig, TrainingConfig
 from coordinator.federation._update_check import accept_tensors, check_reported
-from edge_sdk import image_seq_len
 from edge_sdk._errors import ConfigError, EdgeFMError
-from edge_sdk.scaling import LeverPolicy, ParentModel, Plan, Salience, Workload, family_for
+from edge_sdk.scaling import LeverPolicy, ParentModel, Plan, Salience, family_for
 
 __all__ = [
     "DeviceOutcome",
@@ -108,16 +107,6 @@ def _local_levers(levers: LeverPolicy | None, privacy: PrivacyConfig) -> LeverPo
     return dataclasses.replace(policy, forbid=policy.forbid | {"lora", "embedding_rows"})
 
 
-def _dropout_active(dropout: float | None, config: Mapping[str, Any]) -> bool:
-    """Whether training keeps dropout masks: the task's dropout, or (None) the model's own (a ViT's is 0;
-    a config naming no dropout probability counts as dropout, the larger prediction)."""
-    if dropout is not None:
-        return dropout != 0.0
-    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
-    values = [config[k] for k in keys if isinstance(config.get(k), int | float)]
-    return not values or any(v > 0 for v in values)
-
-
 def _json_safe(config: Mapping[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(dict(config), default=str))
     assert isinstance(out, dict)
@@ -159,13 +148,7 @@ class FederationEngine:
         self.parent = parent
         self.salience = salience
         self.model_config = _json_safe(parent.config)
-        work = Workload(
-            training.batch_size,
-            image_seq_len(parent.config) or training.seq_len,  # a ViT sees its patches + [CLS], whatever seq_len says
-            dropout=_dropout_active(training.dropout, parent.config),
-            steps=training.local_steps,
-            vocab=int(parent.config.get("vocab_size", 0) or 0),
-        )
+        work = training_workload(parent.config, training)
         self.planner = Planner(
             parent,
             salience,

@@ -27,11 +27,13 @@ import dataclasses
 import random
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from edge_sdk import SubnetSpec
+from coordinator.federation._tables import TrainingConfig
+from edge_sdk import SubnetSpec, image_seq_len
 from edge_sdk._errors import BudgetError, ConfigError
 from edge_sdk._units import format_bytes
 from edge_sdk.scaling import (
@@ -46,7 +48,7 @@ from edge_sdk.scaling import (
     training_estimate,
 )
 
-__all__ = ["BUDGET", "WIDTHS", "Planner", "WidthPolicy"]
+__all__ = ["BUDGET", "WIDTHS", "Planner", "WidthPolicy", "training_workload"]
 
 WIDTHS = ("budget", "full", "static", "exclusive")
 _CACHE_LIMIT = 1024  # distinct planning budgets remembered (a search costs milliseconds)
@@ -156,3 +158,25 @@ class Planner:
         params = param_count(self._shapes, spec)
         estimate = training_estimate(spec, params, self.work, runtime=0)
         return Plan(spec, params, estimate, budget, float("nan"), params / self._full_params)
+
+
+def _dropout_active(dropout: float | None, config: Mapping[str, Any]) -> bool:
+    """Whether training keeps dropout masks: the task's dropout, or (None) the model's own (a ViT's is 0;
+    a config naming no dropout probability counts as dropout, the larger prediction)."""
+    if dropout is not None:
+        return dropout != 0.0
+    keys = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+    values = [config[k] for k in keys if isinstance(config.get(k), int | float)]
+    return not values or any(v > 0 for v in values)
+
+
+def training_workload(config: Mapping[str, Any], training: TrainingConfig) -> Workload:
+    """What one local training task of the run asks of a device: batch, sequence (a ViT's patches +
+    [CLS], whatever ``seq_len`` says), dropout masks, steps and vocabulary."""
+    return Workload(
+        training.batch_size,
+        image_seq_len(config) or training.seq_len,
+        dropout=_dropout_active(training.dropout, config),
+        steps=training.local_steps,
+        vocab=int(config.get("vocab_size", 0) or 0),
+    )
