@@ -59,6 +59,10 @@ _LAZY: dict[str, str] = {
     "iter_batches": "edge_sdk.training",
     "load_tokenizer": "edge_sdk.training",
     "read_tsv": "edge_sdk.training",
+    "DataFile": "edge_sdk.training",
+    "DataFormat": "edge_sdk.training",
+    "LabelMap": "edge_sdk.training",
+    "read_rows": "edge_sdk.training",
     "Predictor": "edge_sdk.serving",
     "Prediction": "edge_sdk.serving",
 }
@@ -68,6 +72,8 @@ __all__ = [
     "AggregationError",
     "BudgetError",
     "ConfigError",
+    "DataFile",
+    "DataFormat",
     "DeviceClass",
     "DeviceOptions",
     "DeviceProfile",
@@ -76,6 +82,7 @@ __all__ = [
     "Encoded",
     "ExportError",
     "ExportReport",
+    "LabelMap",
     "LayerSpec",
     "MemoryBudget",
     "MemoryEstimate",
@@ -111,6 +118,7 @@ __all__ = [
     "parse_size",
     "prepare_runtime",
     "proximal_term",
+    "read_rows",
     "read_tsv",
     "train_local",
     "training_estimate",
@@ -131,6 +139,8 @@ if TYPE_CHECKING:
     from edge_sdk.serving._export import ExportReport, export_onnx
     from edge_sdk.serving._infer import Prediction, Predictor, load
     from edge_sdk.training._data import Encoded, TextExample, encode, iter_batches, load_tokenizer, read_tsv
+    from edge_sdk.training._formats import DataFile, DataFormat, read_rows
+    from edge_sdk.training._labels import LabelMap
     from edge_sdk.training._runner import TaskRunner, TextDataset
     from edge_sdk.training._runtime import prepare_runtime
     from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, proximal_term, train_local

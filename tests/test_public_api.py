@@ -19,6 +19,8 @@ EDGE_SDK = {
     # the device's data pipeline and task runner (the coordinator's simulator and validator use them too)
     "Encoded", "TextExample", "encode", "iter_batches", "load_tokenizer", "read_tsv", "TaskRunner",
     "prepare_runtime",
+    # files of any common format, and the run's label map
+    "DataFile", "DataFormat", "LabelMap", "read_rows",
 }  # fmt: skip
 
 COORDINATOR = {

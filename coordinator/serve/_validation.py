@@ -1,4 +1,4 @@
-"""Server-side validation: accuracy and loss of the global model on a held-out TSV."""
+"""Server-side validation: accuracy and loss of the global model on a held-out data file (any format)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_sdk import Encoded, SubnetSpec, encode, evaluate, iter_batches, load_tokenizer, read_tsv
+from edge_sdk import (
+    DataFormat,
+    Encoded,
+    LabelMap,
+    SubnetSpec,
+    encode,
+    evaluate,
+    iter_batches,
+    load_tokenizer,
+    read_rows,
+)
+from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ParentModel, build_model
 
 __all__ = ["Validator", "calibration_batches"]
@@ -28,8 +39,13 @@ class Validator:
         seq_len: int,
         batch_size: int = 32,
         limit: int | None = None,
+        format: DataFormat | None = None,
+        labels: LabelMap | None = None,
     ) -> None:
-        examples = read_tsv(data, limit=limit)
+        rows = read_rows(data, format, limit=limit)
+        if not rows.rows:
+            raise ConfigError(f"the validation file {data} has no examples")
+        examples = (labels or LabelMap.infer(rows.labels)).examples(rows)
         self.data: Encoded = encode(load_tokenizer(tokenizer_dir, seq_len), examples)
         self.batch_size = batch_size
         logger.info("validation set: %d examples from %s", len(self.data), data)

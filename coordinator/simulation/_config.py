@@ -5,8 +5,10 @@ Tables (``examples/sim.toml`` is a complete, commented example):
 - ``[model]``, ``[federation]``, ``[aggregation]``, ``[privacy]``, ``[training]``: as in a served run
   (the shared table readers of ``coordinator.federation``; ``[privacy] reproducible`` defaults to
   true here: the noise is seeded from the run's seed);
-- ``[data]`` kind ("tsv" or "synthetic"), train, dev, tokenizer, train_limit, dev_limit, partition
-  ("iid", "dirichlet" or "sorted"), alpha, skew, skewed_devices, min_shard; for synthetic data size,
+- ``[data]`` kind ("file", or a format's name "tsv", "csv", "jsonl", "parquet"; or "synthetic"),
+  train, dev, tokenizer, train_limit, dev_limit, partition ("iid", "dirichlet" or "sorted"), alpha,
+  skew, skewed_devices, min_shard; how the files are read: format, delimiter, text_column,
+  text_pair_column, label_column, text_separator (docs/data.md); for synthetic data size,
   dev_size, vocab_size, seq_len;
 - ``[devices]`` device class = how many (classes from ``profiles/``), e.g. ``raspberry-pi-4-2gb = 5``;
 - ``[method]`` name, width ("budget": the largest sub-network whose training fits each device's budget;
@@ -37,6 +39,7 @@ from coordinator.federation import (
     ModelConfig,
     Table,
     TrainingConfig,
+    read_data_format,
     read_federation,
     read_levers,
     read_model,
@@ -46,6 +49,7 @@ from coordinator.federation import (
 )
 from coordinator.simulation._attack import AttackConfig, read_attack
 from coordinator.simulation._partition import PARTITIONS
+from edge_sdk import DataFormat
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import TRAINING_RUNTIME_BYTES, LeverPolicy
 
@@ -77,7 +81,7 @@ _TABLES = (
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "tsv"  # "tsv" | "synthetic"
+    kind: str = "file"  # "file" (any format: "tsv", "csv", "jsonl", "parquet" name one) | "synthetic"
     train: Path | None = None
     dev: Path | None = None
     tokenizer: Path | None = None  # folder with tokenizer.json (default: the model folder)
@@ -92,6 +96,7 @@ class DataConfig:
     dev_size: int = 256  # synthetic: validation examples
     vocab_size: int = 64  # synthetic
     seq_len: int = 16  # synthetic: stored sequence length (>= [training] seq_len)
+    format: DataFormat = field(default_factory=DataFormat)  # how train and dev are read (docs/data.md)
 
 
 @dataclass(frozen=True)
@@ -139,11 +144,21 @@ def _optional_int(t: Table, key: str, *, low: int) -> int | None:
     return value or None
 
 
+DATA_KINDS = ("file", "tsv", "csv", "jsonl", "parquet", "synthetic")
+
+
 def _data(t: Table) -> DataConfig:
-    kind = t.text("kind", "tsv", choices=("tsv", "synthetic"))
+    kind = t.text("kind", "file", choices=DATA_KINDS)
+    hint = kind if kind not in ("file", "synthetic") else None  # kind = "csv": the format, unless format says
+    if hint is not None and t.has("format") and t.value("format") != hint:
+        raise t.error("format", f"is {t.value('format')!r} but kind is {kind!r}: set kind = 'file'")
+    fmt = read_data_format(t, format_default=hint)
+    if kind == "synthetic" and fmt != DataFormat():
+        raise t.error(None, "format and column keys apply to data files, not kind = 'synthetic'")
     cfg = DataConfig(
-        kind=kind,
-        train=t.path("train", must_exist=True, required=kind == "tsv"),
+        kind="synthetic" if kind == "synthetic" else "file",
+        format=fmt,
+        train=t.path("train", must_exist=True, required=kind != "synthetic"),
         dev=t.path("dev", must_exist=True),
         tokenizer=t.path("tokenizer", must_exist=True),
         train_limit=_optional_int(t, "train_limit", low=0),
@@ -243,7 +258,7 @@ def parse_simulation_config(
             f"{where}: [federation] min_devices: {cfg.federation.min_devices} is more than the"
             f" {cfg.num_devices} simulated device(s)"
         )
-    if cfg.model.salience == "activation" and (cfg.data.kind != "tsv" or cfg.data.dev is None):
+    if cfg.model.salience == "activation" and (cfg.data.kind != "file" or cfg.data.dev is None):
         raise ConfigError(f"{where}: [model] salience = 'activation' needs [data] dev to calibrate on")
     if cfg.data.kind == "synthetic" and cfg.training.seq_len > cfg.data.seq_len:
         raise ConfigError(

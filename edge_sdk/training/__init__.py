@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING
 from edge_sdk._lazy import lazy_face
 
 _NAMES: dict[str, str] = {
+    "DataFile": "edge_sdk.training._formats",
+    "DataFormat": "edge_sdk.training._formats",
+    "FORMATS": "edge_sdk.training._formats",
+    "LabelMap": "edge_sdk.training._labels",
+    "read_rows": "edge_sdk.training._formats",
     "Encoded": "edge_sdk.training._data",
     "RUNTIME_MODULES": "edge_sdk.training._runtime",
     "TaskCancelledError": "edge_sdk.training._runner",
@@ -36,8 +41,12 @@ _NAMES: dict[str, str] = {
 }
 
 __all__ = [
+    "FORMATS",
     "RUNTIME_MODULES",
+    "DataFile",
+    "DataFormat",
     "Encoded",
+    "LabelMap",
     "TaskCancelledError",
     "TaskRunner",
     "TextDataset",
@@ -52,6 +61,7 @@ __all__ = [
     "peak_rss_bytes",
     "prepare_runtime",
     "proximal_term",
+    "read_rows",
     "read_tsv",
     "split_batch",
     "train_local",
@@ -74,6 +84,8 @@ if TYPE_CHECKING:
         split_batch,
         trim,
     )
+    from edge_sdk.training._formats import FORMATS, DataFile, DataFormat, read_rows
+    from edge_sdk.training._labels import LabelMap
     from edge_sdk.training._levers import trained_tensors
     from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, warm_up
     from edge_sdk.training._runtime import RUNTIME_MODULES, prepare_runtime
