@@ -108,6 +108,7 @@ def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData
     if config.model.labels is None:  # the labels of the train and dev files, sorted
         observed = data.rows().labels + (read_file(str(d.dev), d.format, d.dev_limit).labels if d.dev else [])
     labels = resolve_labels(config.model, observed)
+    logger.info("the run's %s", labels.describe())
     data = dataclasses.replace(data, label_map=labels)
     validator = None
     if d.dev is not None:
