@@ -5,6 +5,7 @@ and a label outside the map refused (file, line, label) before anything trains."
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -271,3 +272,53 @@ def test_run_and_simulation_configs_take_the_same_keys(tmp_path: Path) -> None:
              "run": {"dir": "run"}},
             base=tmp_path,
         )  # fmt: skip
+
+
+def test_class_indices_outside_the_run_fail_the_task_before_training(tmp_path: Path) -> None:
+    """A TSV of class indices (read_tsv) with an index the model has no output for: a ConfigError
+    naming the label before training (it was an IndexError inside the loss, which hung a device)."""
+    path = write(tmp_path / "sst.tsv", "label\tsentence", ["0\tfine", "1\tgood", "4\tfour?"])
+    runner = TaskRunner(TextDataset(read_tsv(path), None), train_fn=lambda *a: pytest.fail("trained"))
+    task, tensors = tiny_task(LabelMap.default(2))
+    with pytest.raises(ConfigError, match=r"label 4 is not one of the run's 2 labels"):
+        runner.train(task, tensors, threading.Event())
+
+
+def test_a_simulation_infers_one_based_labels_from_its_files(tmp_path: Path) -> None:
+    from coordinator.simulation._run import _sim_data
+
+    from .models import minilm_dir
+
+    write(tmp_path / "train.csv", AG_HEADER, AG_ROWS * 4)
+    write(tmp_path / "dev.csv", AG_HEADER, AG_ROWS)
+    config = parse_simulation_config(
+        {
+            "model": {"name": "m"},
+            "data": {"train": "train.csv", "dev": "dev.csv", "text_column": ["Title", "Description"]},
+            "devices": {"raspberry-pi-4-2gb": 2},
+            "run": {"dir": "run"},
+        },
+        base=tmp_path,
+    )
+    data, evaluator, _, labels = _sim_data(config, minilm_dir())
+    assert labels.values == ("1", "2", "3", "4")
+    assert list(data.labels()[:4]) == [2, 3, 1, 0]  # "3", "4", "2", "1"
+    assert evaluator is not None and sorted(evaluator.data.labels.tolist()) == [0, 1, 2, 3]  # type: ignore[attr-defined]
+    too_few = dict(config.model.__dict__, num_labels=2)
+    with pytest.raises(ConfigError, match=r"\[model\] num_labels is 2 but the data holds 4 labels"):
+        _sim_data(dataclasses.replace(config, model=type(config.model)(**too_few)), minilm_dir())
+
+
+def test_a_resumed_run_keeps_its_label_map(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from coordinator.serve._run import _resumed_labels
+
+    saved = LabelMap.from_config({"1": "World", "2": "Sports"})
+    state = SimpleNamespace(model_config=saved.apply_to({"id2label": {"0": "LABEL_0", "1": "LABEL_1"}}))
+    base = {"devices": {"d": "token-d-12345"}, "run": {"dir": "run"}}
+    plain = parse_config({"model": {"name": "m"}, **base}, base=tmp_path)
+    assert _resumed_labels(plain, state) == saved  # type: ignore[arg-type]
+    other = parse_config({"model": {"name": "m", "labels": ["a", "b"]}, **base}, base=tmp_path)
+    with pytest.raises(ConfigError, match="holds a run with 2 labels: 1=World, 2=Sports; the config names"):
+        _resumed_labels(other, state)  # type: ignore[arg-type]
