@@ -235,6 +235,7 @@ def _label(place: str, column: str, value: Any) -> str:
 
 def _delimited_records(path: Path, fmt: DataFormat, kind: str) -> Iterator[Record]:
     delimiter = fmt.delimiter
+    reader: Any = None
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             if delimiter is None:
@@ -244,10 +245,12 @@ def _delimited_records(path: Path, fmt: DataFormat, kind: str) -> Iterator[Recor
                 reader = csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE)
             else:
                 reader = csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL, strict=True)
-            header = next(reader, None)
-            if header is None:
+            header = [h.strip() for h in next(reader, [])]
+            if not header:
                 return
-            header = [h.strip() for h in header]
+            repeated = sorted({h for h in header if header.count(h) > 1})
+            if repeated:
+                raise ConfigError(f"{path}: line 1: the header names {repeated} more than once ({header})")
             yield 0, {h: h for h in header}
             for fields in reader:
                 if not fields or fields == [""]:
@@ -258,10 +261,22 @@ def _delimited_records(path: Path, fmt: DataFormat, kind: str) -> Iterator[Recor
                         f" header has {len(header)} ({header})"
                     )
                 yield reader.line_num, dict(zip(header, fields, strict=True))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}): save it as UTF-8") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except csv.Error as exc:
-        raise ConfigError(f"{path}: not a valid {kind.upper()} file: {exc}") from None
+        line = reader.line_num if reader is not None else 1
+        raise ConfigError(f"{path}: line {line}: not valid {kind.upper()}: {exc}") from None
+
+
+def _not_utf8(path: Path) -> ConfigError:
+    """The error for a file that is not UTF-8, naming the line of its first bad byte."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return ConfigError(f"{path}: line {line}: not UTF-8 text ({exc.reason}): save the file as UTF-8")
+    return ConfigError(f"{path} is not UTF-8 text: save it as UTF-8")
 
 
 def _sniff(path: Path, header: str, kind: str) -> str:
@@ -295,8 +310,8 @@ def _jsonl_records(path: Path) -> Iterator[Record]:
                     yield 0, {k: k for k in record}
                     first = False
                 yield number, record
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason}): save it as UTF-8") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
 
 
 def _parquet_records(path: Path, fmt: DataFormat) -> Iterator[Record]:
