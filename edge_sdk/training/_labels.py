@@ -186,7 +186,10 @@ class LabelMap:
 
     def _outside(self) -> str:
         shown = ", ".join(repr(v) for v in self.values[:12]) + (", ..." if len(self) > 12 else "")
-        return f"is not one of the run's {len(self)} labels ({shown}); set the run's labels = [...] to name them"
+        return (
+            f"is not one of the run's {len(self)} labels ({shown}); the coordinator's [model] labels name a run's"
+            " labels"
+        )
 
     def describe(self) -> str:
         pairs = [n if n == v else f"{v}={n}" for n, v in zip(self.names, self.values, strict=True)]
