@@ -322,3 +322,25 @@ def test_a_resumed_run_keeps_its_label_map(tmp_path: Path) -> None:
     other = parse_config({"model": {"name": "m", "labels": ["a", "b"]}, **base}, base=tmp_path)
     with pytest.raises(ConfigError, match="holds a run with 2 labels: 1=World, 2=Sports; the config names"):
         _resumed_labels(other, state)  # type: ignore[arg-type]
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    path = tmp_path / "data.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ConfigError, match=r"reading Parquet needs pyarrow: pip install 'edge-fm\[parquet\]'"):
+        read_rows(path)
+
+
+def test_a_file_labelled_with_names(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "news.csv", "text,topic", ["goal!,Sports", "rates up,Business", "vote,World", "odd,Weather"]
+    )
+    data = read_rows(path, DataFormat(label_column="topic", text_column=("text",)))
+    labels = LabelMap.from_config({"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"})
+    with pytest.raises(ConfigError, match=r"news.csv: line 5: label 'Weather' is not one of the run's 4 labels"):
+        labels.examples(data)
+    assert [e.label for e in labels.examples(data.subset([0, 1, 2]))] == [1, 2, 0]
