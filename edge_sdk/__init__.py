@@ -63,6 +63,10 @@ _LAZY: dict[str, str] = {
     "ImageProcessing": "edge_sdk.training",
     "image_seq_len": "edge_sdk.training",
     "read_image_folder": "edge_sdk.training",
+    "DataFile": "edge_sdk.training",
+    "DataFormat": "edge_sdk.training",
+    "LabelMap": "edge_sdk.training",
+    "read_rows": "edge_sdk.training",
     "Predictor": "edge_sdk.serving",
     "Prediction": "edge_sdk.serving",
 }
@@ -72,6 +76,8 @@ __all__ = [
     "AggregationError",
     "BudgetError",
     "ConfigError",
+    "DataFile",
+    "DataFormat",
     "DeviceClass",
     "DeviceOptions",
     "DeviceProfile",
@@ -82,6 +88,7 @@ __all__ = [
     "ExportReport",
     "ImageDataset",
     "ImageProcessing",
+    "LabelMap",
     "LayerSpec",
     "MemoryBudget",
     "MemoryEstimate",
@@ -119,6 +126,7 @@ __all__ = [
     "prepare_runtime",
     "proximal_term",
     "read_image_folder",
+    "read_rows",
     "read_tsv",
     "train_local",
     "training_estimate",
@@ -139,7 +147,9 @@ if TYPE_CHECKING:
     from edge_sdk.serving._export import ExportReport, export_onnx
     from edge_sdk.serving._infer import Prediction, Predictor, load
     from edge_sdk.training._data import Encoded, TextExample, encode, iter_batches, load_tokenizer, read_tsv
+    from edge_sdk.training._formats import DataFile, DataFormat, read_rows
     from edge_sdk.training._images import ImageDataset, ImageProcessing, image_seq_len, read_image_folder
+    from edge_sdk.training._labels import LabelMap
     from edge_sdk.training._runner import TaskRunner, TextDataset
     from edge_sdk.training._runtime import prepare_runtime
     from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, proximal_term, train_local

@@ -316,3 +316,21 @@ def test_the_simulator_runs_a_vit_federation_on_an_image_folder(tmp_path: Path, 
     bad = parse_simulation_config({**data, "data": {**data["data"], "train": str(broken)}}, base=tmp_path)
     with pytest.raises(ConfigError, match=r"x\.png"):
         run_simulation(bad, executor=LocalExecutor(max_workers=1, threads=1), run_dir=tmp_path / "bad")
+
+
+def test_image_labels_follow_the_runs_label_map(tmp_path: Path) -> None:
+    """A device's class sub-folders are numbered as the run's label map names them (by folder name),
+    not by the device's own sort; a folder with images outside the map fails before training."""
+    from edge_sdk import LabelMap
+
+    folder = image_folder(tmp_path / "imgs", per_class=2)  # blue/ (0 by sort), red/ (1 by sort)
+    data = ImageDataset.from_folder(folder)
+    assert sorted({int(x) for x in data.labels()}) == [0, 1]
+    blue = {int(label) for path, label in data.files if path.parent.name == "blue"}
+    assert blue == {0}
+    data.use_labels(LabelMap.from_config(["red", "green", "blue"]))  # the run's order: red=0, green=1, blue=2
+    assert {int(label) for path, label in data.files if path.parent.name == "blue"} == {2}
+    assert {int(label) for path, label in data.files if path.parent.name == "red"} == {0}
+    assert data.classes == ("red", "green", "blue")
+    with pytest.raises(ConfigError, match=r"class folder 'blue' is not one of the run's 2 labels"):
+        ImageDataset.from_folder(folder).use_labels(LabelMap.from_config(["red", "green"]))

@@ -21,6 +21,8 @@ EDGE_SDK = {
     "prepare_runtime",
     # image folders for ViT (image classification)
     "ImageDataset", "ImageProcessing", "image_seq_len", "read_image_folder",
+    # files of any common format, and the run's label map
+    "DataFile", "DataFormat", "LabelMap", "read_rows",
 }  # fmt: skip
 
 COORDINATOR = {

@@ -20,7 +20,7 @@ from coordinator.federation._aggregate import (
     merge_deltas,
     merge_round,
 )
-from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from coordinator.federation._checkpoint import EngineState, latest_checkpoint, load_checkpoint, save_checkpoint
 from coordinator.federation._config import (
     DeployConfig,
     RunConfig,
@@ -61,12 +61,14 @@ from coordinator.federation._tables import (
     Table,
     TrainingConfig,
     read_aggregation,
+    read_data_format,
     read_federation,
     read_levers,
     read_model,
     read_privacy,
     read_toml,
     read_training,
+    resolve_labels,
     table_reader,
 )
 
@@ -84,6 +86,7 @@ __all__ = [
     "DeviceRecord",
     "DeviceRegistry",
     "DeviceSession",
+    "EngineState",
     "Evaluator",
     "FedAdam",
     "FedAvg",
@@ -130,12 +133,14 @@ __all__ = [
     "outcome",
     "parse_config",
     "read_aggregation",
+    "read_data_format",
     "read_federation",
     "read_levers",
     "read_model",
     "read_privacy",
     "read_toml",
     "read_training",
+    "resolve_labels",
     "save_checkpoint",
     "table_reader",
 ]

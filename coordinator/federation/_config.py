@@ -7,18 +7,20 @@ tables a simulation shares (``[model]``, ``[federation]``, ``[training]``) are r
 
 Tables and keys (see ``examples/run.toml`` and ``docs/running.md``):
 
-- ``[model]`` name (folder or packaged name), task, num_labels, seed, salience;
+- ``[model]`` name (folder or packaged name), task, labels, num_labels, seed, salience;
 - ``[federation]`` rounds, fraction, min_devices, device_wait_s, round_deadline_s, strategy,
   server_lr, beta1, beta2, tau, max_update_norm_ratio, min_margin;
 - ``[aggregation]`` (optional) rule, trim, clip, clip_factor, weight_cap (robust merging);
 - ``[privacy]`` (optional) mode, clip_norm, noise_multiplier, delta, reproducible (DP-FedAvg);
 - ``[training]`` local_steps, lr, batch_size, seq_len, prox_mu;
-- ``[validation]`` (optional) data, limit, batch_size, tokenizer, seq_len;
+- ``[validation]`` (optional) data, limit, batch_size, tokenizer, seq_len, and how the file is read:
+  format, delimiter, text_column, text_pair_column, label_column, text_separator (docs/data.md);
 - ``[server]`` host, port, port_file, tls_cert, tls_key, max_connections, chunk_size,
   hello_timeout_s, send_concurrency;
 - ``[devices]`` name = "bearer token", one line per device;
 - ``[run]`` dir, keep_checkpoints;
-- ``[deploy]`` (optional) enabled, batch_size, seq_len, quantize, timeout_s, labels, operator_token;
+- ``[deploy]`` (optional) enabled, batch_size, seq_len, quantize, timeout_s, operator_token (and
+  labels, read as ``[model] labels``);
 - ``[status]`` (optional) enabled, host, port: the status page and metrics, behind the operator token
   (on by default when ``[deploy] operator_token`` is set).
 
@@ -43,13 +45,16 @@ from coordinator.federation._tables import (
     ModelConfig,
     Table,
     TrainingConfig,
+    read_data_format,
     read_federation,
+    read_labels,
     read_levers,
     read_model,
     read_toml,
     read_training,
     table_reader,
 )
+from edge_sdk import DataFormat
 from edge_sdk._errors import ConfigError
 from edge_sdk.protocol import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from edge_sdk.scaling import LeverPolicy
@@ -77,7 +82,8 @@ MIN_TOKEN_CHARS = 8
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    data: Path  # a TSV (label + sentence, or sentence1 + sentence2 + label)
+    data: Path  # a CSV, TSV, JSON Lines or Parquet file of labelled texts (docs/data.md)
+    format: DataFormat = field(default_factory=DataFormat)  # format, delimiter, which columns
     limit: int | None = 512
     batch_size: int = 32
     tokenizer: Path | None = None  # folder with tokenizer.json; default: the model folder
@@ -116,7 +122,7 @@ class DeployConfig:
     seq_len: int = 128  # ... and the served model's maximum sequence length
     quantize: bool = False  # also write a dynamic int8 model (per-channel weights) and measure its drift
     timeout_s: float = 600.0  # bound on one device's deploy: transfer, export, checks, answer
-    labels: tuple[str, ...] = ()  # class names for the served model (default LABEL_0, LABEL_1, ...)
+    labels: tuple[str, ...] = ()  # (read into [model] labels: the run's label map names the served classes)
     operator_token: str | None = field(default=None, repr=False)  # bearer token of on-demand deploys
 
 
@@ -173,6 +179,7 @@ def _validation(t: Table) -> ValidationConfig:
         batch_size=t.integer("batch_size", 32, low=1),
         tokenizer=t.path("tokenizer", must_exist=True),
         seq_len=t.integer("seq_len", None, low=2, high=8192) if t.has("seq_len") else None,
+        format=read_data_format(t),
     )
     t.done()
     return cfg
@@ -232,16 +239,7 @@ def _run(t: Table) -> StorageConfig:
     return cfg
 
 
-def _deploy(t: Table, *, num_labels: int, device_tokens: Mapping[str, str]) -> DeployConfig:
-    labels = t.value("labels", [])
-    if (
-        not isinstance(labels, list)
-        or not all(isinstance(x, str) and x.strip() for x in labels)
-        or len(set(labels)) != len(labels)
-    ):
-        raise t.error("labels", f"must be a list of distinct, non-empty names, got {labels!r}")
-    if labels and len(labels) != num_labels:
-        raise t.error("labels", f"names {len(labels)} classes; [model] num_labels is {num_labels}")
+def _deploy(t: Table, *, device_tokens: Mapping[str, str]) -> DeployConfig:
     token = t.value("operator_token", None)
     if token is not None:
         if not _good_token(token):
@@ -254,7 +252,6 @@ def _deploy(t: Table, *, num_labels: int, device_tokens: Mapping[str, str]) -> D
         seq_len=t.integer("seq_len", 128, low=2, high=8192),
         quantize=t.flag("quantize", False),
         timeout_s=t.number("timeout_s", 600.0, low=0.0, open_low=True),
-        labels=tuple(labels),
         operator_token=token,
     )
     t.done()
@@ -274,14 +271,27 @@ def _status(t: Table, *, operator_token: str | None) -> StatusConfig:
     return cfg
 
 
+def _with_deploy_labels(model: ModelConfig, t: Table) -> ModelConfig:
+    """``[deploy] labels`` (the older place of the class names) as ``[model] labels``; not both."""
+    labels = read_labels(t, "labels")
+    if labels is None:
+        return model
+    if model.labels is not None:
+        raise t.error("labels", "and [model] labels both name the classes: keep [model] labels only")
+    if model.num_labels is not None and model.num_labels != len(labels):
+        raise t.error("labels", f"names {len(labels)} classes; [model] num_labels is {model.num_labels}")
+    return dataclasses.replace(model, labels=labels)
+
+
 def parse_config(data: Mapping[str, Any], *, base: Path | str = ".", where: str = "config") -> RunConfig:
     """A :class:`RunConfig` from parsed TOML ``data``; relative paths resolve against ``base``."""
     table = table_reader(data, _TABLES, base=Path(base), where=where)
 
     federation = read_federation(table("federation"), aggregation=table("aggregation"), privacy=table("privacy"))
-    model = read_model(table("model"))
+    deploy_table = table("deploy")
+    model = _with_deploy_labels(read_model(table("model")), deploy_table)
     devices = _devices(table("devices"))
-    deploy = _deploy(table("deploy"), num_labels=model.num_labels, device_tokens=devices)
+    deploy = _deploy(deploy_table, device_tokens=devices)
     cfg = RunConfig(
         model=model,
         federation=federation,

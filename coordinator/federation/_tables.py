@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coordinator.federation._privacy import PRIVACY_MODES, PrivacyConfig
 from coordinator.federation._robust import CLIPS, RULES, AggregationRule
+from edge_sdk import DataFormat, LabelMap
 from edge_sdk._errors import ConfigError
 from edge_sdk._units import parse_size
 from edge_sdk.scaling import DEFAULT_MIN_MARGIN_BYTES, SALIENCE_KINDS, LeverPolicy
@@ -30,6 +31,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "DATA_FORMAT_KEYS",
     "STRATEGIES",
     "TASKS",
     "FederationConfig",
@@ -37,12 +39,15 @@ __all__ = [
     "Table",
     "TrainingConfig",
     "read_aggregation",
+    "read_data_format",
     "read_federation",
+    "read_labels",
     "read_levers",
     "read_model",
     "read_privacy",
     "read_toml",
     "read_training",
+    "resolve_labels",
     "table_reader",
 ]
 
@@ -54,7 +59,8 @@ TASKS = ("text-classification", "image-classification")
 class ModelConfig:
     name: str  # a model folder, or a packaged model name (all-MiniLM-L6-v2)
     task: str = "text-classification"
-    num_labels: int = 2
+    num_labels: int | None = None  # None: as many as the labels (named, or found in the data), else 2
+    labels: LabelMap | None = None  # [model] labels; None: inferred from the coordinator's data
     seed: int = 0  # seeds the task head, device selection and each task's local training seed
     salience: str = "weight_l1"  # or "activation" (calibrated on the validation data)
 
@@ -208,12 +214,75 @@ def read_model(t: Table) -> ModelConfig:
     cfg = ModelConfig(
         name=str(local) if local.is_dir() else name,
         task=t.text("task", "text-classification", choices=TASKS),
-        num_labels=t.integer("num_labels", 2, low=2),
+        num_labels=t.integer("num_labels", None, low=2) if t.has("num_labels") else None,
+        labels=read_labels(t, "labels"),
         seed=t.integer("seed", 0, low=0, high=2**31 - 1),
         salience=t.text("salience", "weight_l1", choices=SALIENCE_KINDS),
     )
+    if cfg.labels is not None and cfg.num_labels is not None and cfg.num_labels != len(cfg.labels):
+        raise t.error("num_labels", f"is {cfg.num_labels} but labels names {len(cfg.labels)}: drop num_labels")
     t.done()
     return cfg
+
+
+def read_labels(t: Table, key: str) -> LabelMap | None:
+    """A label map from ``key`` (absent: None): names or raw values ``["neg", "pos"]`` / ``[1, 2, 3, 4]``,
+    or names for raw values ``{1 = "World", 2 = "Sports"}``."""
+    if not t.has(key):
+        return None
+    try:
+        return LabelMap.from_config(t.value(key))
+    except ConfigError as exc:
+        raise t.error(key, str(exc)) from None
+
+
+def resolve_labels(model: ModelConfig, observed: Iterable[str] | None = None) -> LabelMap:
+    """The run's label map: ``[model] labels``; else the labels ``observed`` in the coordinator's data
+    (sorted; integers numerically); else ``LABEL_0`` ... for ``num_labels`` (2) classes."""
+    if model.labels is not None:
+        labels = model.labels
+    elif observed is not None:
+        labels = LabelMap.infer(observed)
+    else:
+        labels = LabelMap.default(model.num_labels or 2)
+    if model.num_labels is not None and model.num_labels != len(labels):
+        raise ConfigError(
+            f"[model] num_labels is {model.num_labels} but the data holds {len(labels)} labels ({labels.describe()}):"
+            " name them with [model] labels = [...] (and drop num_labels)"
+        )
+    return labels
+
+
+DATA_FORMAT_KEYS = ("format", "delimiter", "text_column", "text_pair_column", "label_column", "text_separator")
+
+
+def read_data_format(t: Table, *, format_default: str | None = None) -> DataFormat:
+    """How a data table's files are read: format, delimiter, text_column (a name or a list of names,
+    joined with text_separator), text_pair_column, label_column (``edge_sdk.DataFormat``)."""
+    texts = t.value("text_column", [])
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not all(isinstance(c, str) and c.strip() for c in texts):
+        raise t.error("text_column", f"must be a column name or a list of names, got {texts!r}")
+    delimiter = t.value("delimiter", None)
+    if delimiter is not None and not isinstance(delimiter, str):
+        raise t.error("delimiter", f"must be one character (or 'tab'), got {delimiter!r}")
+    if isinstance(delimiter, str) and delimiter.lower() in ("tab", "\\t"):
+        delimiter = "\t"
+    separator = t.value("text_separator", " ")
+    if not isinstance(separator, str):
+        raise t.error("text_separator", f"must be a string, got {separator!r}")
+    try:
+        return DataFormat(
+            format=t.text("format") if t.has("format") else format_default,
+            delimiter=delimiter,
+            text_column=tuple(texts),
+            text_pair_column=t.text("text_pair_column") if t.has("text_pair_column") else None,
+            label_column=t.text("label_column") if t.has("label_column") else None,
+            text_separator=separator,
+        )
+    except ConfigError as exc:
+        raise t.error(None, str(exc)) from None
 
 
 def read_federation(

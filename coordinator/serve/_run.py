@@ -13,6 +13,7 @@ last checkpoint) without any network, e.g. for a simulator.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import Coroutine
@@ -22,17 +23,20 @@ from typing import Any
 import torch
 
 from coordinator.federation import (
+    EngineState,
     FederationEngine,
     RunConfig,
     latest_checkpoint,
     load_checkpoint,
     metrics_text,
+    resolve_labels,
     save_checkpoint,
 )
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
 from coordinator.serve._status_http import open_status
 from coordinator.serve._validation import ImageValidator, Validator, calibration_batches
+from edge_sdk import LabelMap, read_image_folder, read_rows
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ranked_parent, resolve_model_dir
 
@@ -44,12 +48,14 @@ EXIT_SIGNAL = 130  # stopped by SIGINT or SIGTERM
 STOP_GRACE_S = 1.0  # on a signal: how long devices have to hear goodbye before their sockets are cut
 
 
-def _validator(config: RunConfig, model_dir: Path) -> Validator | ImageValidator | None:
+def _validator(config: RunConfig, model_dir: Path, labels: LabelMap) -> Validator | ImageValidator | None:
     val = config.validation
     if val is None:
         return None
     if Path(val.data).is_dir():  # an image folder, preprocessed as the model folder says
-        return ImageValidator(val.data, model_dir, batch_size=val.batch_size, limit=val.limit)
+        images = ImageValidator(val.data, model_dir, batch_size=val.batch_size, limit=val.limit)
+        images.data.use_labels(labels)
+        return images
     tokenizer = val.tokenizer or model_dir
     if not (Path(tokenizer) / "tokenizer.json").is_file():
         raise ConfigError(f"[validation]: {tokenizer} has no tokenizer.json: set [validation] tokenizer = DIR")
@@ -59,7 +65,31 @@ def _validator(config: RunConfig, model_dir: Path) -> Validator | ImageValidator
         seq_len=val.seq_len or config.training.seq_len,
         batch_size=val.batch_size,
         limit=val.limit,
+        format=val.format,
+        labels=labels,
     )
+
+
+def run_labels(config: RunConfig) -> LabelMap:
+    """A new run's label map: ``[model] labels``, else the labels of the ``[validation]`` data, else
+    ``num_labels`` (2) unnamed classes."""
+    val = config.validation
+    observed = None
+    if val is not None and config.model.labels is None and Path(val.data).is_dir():  # class sub-folders
+        observed = list(read_image_folder(val.data, limit=val.limit, check=False).classes)
+    elif val is not None and config.model.labels is None:
+        observed = read_rows(val.data, val.format, limit=val.limit).labels
+    return resolve_labels(config.model, observed)
+
+
+def _resumed_labels(config: RunConfig, state: EngineState) -> LabelMap:
+    """A resumed run keeps its label map (the checkpoint's); a config naming other labels is an error."""
+    saved = LabelMap.from_model_config(state.model_config)
+    if config.model.labels is not None and config.model.labels != saved:
+        raise ConfigError(
+            f"{config.run.dir} holds a run with {saved.describe()}; the config names {config.model.labels.describe()}"
+        )
+    return saved
 
 
 def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine:
@@ -71,7 +101,6 @@ def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine
     """
     run_dir = config.run.dir
     model_dir = resolve_model_dir(config.model.name)
-    validator = _validator(config, model_dir)
     latest = latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise ConfigError(
@@ -79,14 +108,17 @@ def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine
             " or set another [run] dir"
         )
     if latest is not None:
-        return _resumed(config, latest, validator)
+        state = load_checkpoint(latest)
+        return _resumed(config, latest, state, _validator(config, model_dir, _resumed_labels(config, state)))
     if resume:
         logger.info("--resume: %s has no checkpoint yet, starting a new run", run_dir)
-    return _new_run(config, model_dir, validator)
+    labels = run_labels(config)
+    return _new_run(config, model_dir, _validator(config, model_dir, labels), labels)
 
 
-def _resumed(config: RunConfig, checkpoint: Path, validator: Validator | ImageValidator | None) -> FederationEngine:
-    state = load_checkpoint(checkpoint)
+def _resumed(
+    config: RunConfig, checkpoint: Path, state: EngineState, validator: Validator | ImageValidator | None
+) -> FederationEngine:
     if state.model_name and state.model_name != config.model.name:
         raise ConfigError(
             f"{config.run.dir} holds a run of model {state.model_name!r}; the config names {config.model.name!r}"
@@ -111,7 +143,9 @@ def _resumed(config: RunConfig, checkpoint: Path, validator: Validator | ImageVa
     return engine
 
 
-def _new_run(config: RunConfig, model_dir: Path, validator: Validator | ImageValidator | None) -> FederationEngine:
+def _new_run(
+    config: RunConfig, model_dir: Path, validator: Validator | ImageValidator | None, labels: LabelMap
+) -> FederationEngine:
     def calibration() -> list[dict[str, torch.Tensor]]:
         assert validator is not None  # the config requires [validation] for activation salience
         return calibration_batches(validator)
@@ -121,9 +155,11 @@ def _new_run(config: RunConfig, model_dir: Path, validator: Validator | ImageVal
         salience=config.model.salience,
         calibration=calibration,
         task=config.model.task,
-        num_labels=config.model.num_labels,
+        num_labels=len(labels),
         seed=config.model.seed,
     )
+    parent = dataclasses.replace(parent, config=labels.apply_to(parent.config))  # sent with every task
+    logger.info("the run's %s", labels.describe())
     engine = FederationEngine(
         parent,
         ranked,

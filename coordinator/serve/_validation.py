@@ -1,5 +1,5 @@
-"""Server-side validation of the global model on a held-out TSV or image folder: accuracy, loss, macro-F1,
-majority share, recall."""
+"""Server-side validation of the global model on a held-out data file (any format) or image folder: accuracy,
+loss, macro-F1, majority share, recall."""
 
 from __future__ import annotations
 
@@ -11,17 +11,20 @@ import numpy as np
 import torch
 
 from edge_sdk import (
+    DataFormat,
     Encoded,
     ImageDataset,
     ImageProcessing,
+    LabelMap,
     SubnetSpec,
     encode,
     evaluate,
     iter_batches,
     load_tokenizer,
     read_image_folder,
-    read_tsv,
+    read_rows,
 )
+from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ParentModel, build_model
 
 __all__ = ["ImageValidator", "Validator", "calibration_batches"]
@@ -40,8 +43,13 @@ class Validator:
         seq_len: int,
         batch_size: int = 32,
         limit: int | None = None,
+        format: DataFormat | None = None,
+        labels: LabelMap | None = None,
     ) -> None:
-        examples = read_tsv(data, limit=limit)
+        rows = read_rows(data, format, limit=limit)
+        if not rows.rows:
+            raise ConfigError(f"the validation file {data} has no examples")
+        examples = (labels or LabelMap.infer(rows.labels)).examples(rows)
         self.data: Encoded = encode(load_tokenizer(tokenizer_dir, seq_len), examples)
         self.batch_size = batch_size
         logger.info("validation set: %d examples from %s", len(self.data), data)

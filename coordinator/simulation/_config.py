@@ -5,10 +5,12 @@ Tables (``examples/sim.toml`` is a complete, commented example):
 - ``[model]``, ``[federation]``, ``[aggregation]``, ``[privacy]``, ``[training]``: as in a served run
   (the shared table readers of ``coordinator.federation``; ``[privacy] reproducible`` defaults to
   true here: the noise is seeded from the run's seed);
-- ``[data]`` kind ("tsv", "synthetic" or "images"), train, dev, tokenizer, train_limit, dev_limit,
-  partition ("iid", "dirichlet" or "sorted"), alpha, skew, skewed_devices, min_shard; for synthetic
-  data size, dev_size, vocab_size, seq_len; for images, train and dev are image folders (one
-  sub-folder per class), preprocessed as the model folder's ``preprocessor_config.json`` says;
+- ``[data]`` kind ("file", or a format's name "tsv", "csv", "jsonl", "parquet"; or "synthetic" or
+  "images"), train, dev, tokenizer, train_limit, dev_limit, partition ("iid", "dirichlet" or
+  "sorted"), alpha, skew, skewed_devices, min_shard; how the files are read: format, delimiter,
+  text_column, text_pair_column, label_column, text_separator (docs/data.md); for synthetic data size,
+  dev_size, vocab_size, seq_len; for images, train and dev are image folders (one sub-folder per
+  class), preprocessed as the model folder's ``preprocessor_config.json`` says;
 - ``[devices]`` device class = how many (classes from ``profiles/``), e.g. ``raspberry-pi-4-2gb = 5``;
 - ``[method]`` name, width ("budget": the largest sub-network whose training fits each device's budget;
   "full": every device the whole model, memory ignored; "exclusive": the whole model, plain, on the
@@ -38,6 +40,7 @@ from coordinator.federation import (
     ModelConfig,
     Table,
     TrainingConfig,
+    read_data_format,
     read_federation,
     read_levers,
     read_model,
@@ -47,6 +50,7 @@ from coordinator.federation import (
 )
 from coordinator.simulation._attack import AttackConfig, read_attack
 from coordinator.simulation._partition import PARTITIONS
+from edge_sdk import DataFormat
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import TRAINING_RUNTIME_BYTES, LeverPolicy
 
@@ -60,7 +64,6 @@ __all__ = [
 ]
 
 ENGINES = ("local", "ray")
-DATA_KINDS = ("tsv", "synthetic", "images")
 _TABLES = (
     "model",
     "data",
@@ -79,7 +82,7 @@ _TABLES = (
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "tsv"  # "tsv" | "synthetic" | "images" (a folder of class sub-folders; train and dev are folders)
+    kind: str = "file"  # "file" (any format: "tsv", "csv", "jsonl", "parquet" name one) | "synthetic" | "images"
     train: Path | None = None
     dev: Path | None = None
     tokenizer: Path | None = None  # folder with tokenizer.json (default: the model folder)
@@ -94,6 +97,7 @@ class DataConfig:
     dev_size: int = 256  # synthetic: validation examples
     vocab_size: int = 64  # synthetic
     seq_len: int = 16  # synthetic: stored sequence length (>= [training] seq_len)
+    format: DataFormat = field(default_factory=DataFormat)  # how train and dev are read (docs/data.md)
 
 
 @dataclass(frozen=True)
@@ -141,10 +145,20 @@ def _optional_int(t: Table, key: str, *, low: int) -> int | None:
     return value or None
 
 
+DATA_KINDS = ("file", "tsv", "csv", "jsonl", "parquet", "synthetic", "images")
+
+
 def _data(t: Table) -> DataConfig:
-    kind = t.text("kind", "tsv", choices=DATA_KINDS)
+    kind = t.text("kind", "file", choices=DATA_KINDS)
+    hint = kind if kind not in ("file", "synthetic", "images") else None  # kind = "csv": the format, unless format says
+    if hint is not None and t.has("format") and t.value("format") != hint:
+        raise t.error("format", f"is {t.value('format')!r} but kind is {kind!r}: set kind = 'file'")
+    fmt = read_data_format(t, format_default=hint)
+    if kind in ("synthetic", "images") and fmt != DataFormat():
+        raise t.error(None, f"format and column keys apply to data files, not kind = {kind!r}")
     cfg = DataConfig(
-        kind=kind,
+        kind=kind if kind in ("synthetic", "images") else "file",
+        format=fmt,
         train=t.path("train", must_exist=True, required=kind != "synthetic"),
         dev=t.path("dev", must_exist=True),
         tokenizer=t.path("tokenizer", must_exist=True),

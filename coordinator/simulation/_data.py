@@ -1,17 +1,19 @@
 """The data of a simulation: what devices train on (a shard each) and what the global model is scored on.
 
-A :class:`SimData` is a small, picklable *description* (a TSV path, or the seed of a synthetic set):
+A :class:`SimData` is a small, picklable *description* (a data file, or the seed of a synthetic set):
 it travels to worker processes (or Ray workers) with each task, and each worker materialises the
 device's shard there as a :class:`~edge_sdk.training._runner.BatchSource`, the same kind of object a real
 device hands its :class:`~edge_sdk.training._runner.TaskRunner`. Examples are read once per worker process.
 
-- :class:`TsvData`: a text-classification TSV (SST-2 style) and the model's tokenizer; a shard is an
-  :class:`~edge_sdk.training._runner.TextDataset`, exactly what ``edge-sdk join --data`` builds.
+- :class:`TsvData`: a file of labelled texts (CSV, TSV, JSON Lines, Parquet: ``edge_sdk.read_rows``),
+  the run's label map and the model's tokenizer; a shard is an
+  :class:`~edge_sdk.training._runner.TextDataset` of the file's rows, exactly what ``edge-sdk join
+  --data`` builds: it maps its labels when a task brings the run's label map.
 - :class:`SyntheticData`: random token ids with a learnable label rule (no tokenizer): fast tests.
 - :class:`ImageFolderData`: an image folder (one sub-folder per class) for ViT; a shard is an
   :class:`~edge_sdk.ImageDataset`, what ``edge-sdk join --data DIR`` builds.
 
-Evaluators score the global (full) model after every round: :class:`FastValidator` on a TSV (padding
+Evaluators score the global (full) model after every round: :class:`FastValidator` on a file (padding
 trimmed per batch of similar lengths: the attention mask makes the result the same as scoring the
 padded batch, at a fraction of the cost), :class:`SyntheticEvaluator` on a held-out synthetic set and
 :class:`ImageEvaluator` on an image folder.
@@ -21,23 +23,25 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_sdk import (
+    DataFile,
+    DataFormat,
     Encoded,
     ImageDataset,
     ImageProcessing,
+    LabelMap,
     SubnetSpec,
-    TextExample,
     encode,
     iter_batches,
     load_tokenizer,
     read_image_folder,
-    read_tsv,
+    read_rows,
 )
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ParentModel
@@ -58,27 +62,36 @@ __all__ = [
 
 
 @functools.lru_cache(maxsize=4)
-def _examples(path: str, limit: int | None) -> tuple[TextExample, ...]:
-    return tuple(read_tsv(path, limit=limit))
+def read_file(path: str, fmt: DataFormat, limit: int | None) -> DataFile:
+    """The rows of a data file (read once per process)."""
+    return read_rows(path, fmt, limit=limit)
 
 
 @dataclass(frozen=True)
 class TsvData:
-    """A TSV of labelled sentences, tokenized with ``tokenizer`` (a folder holding tokenizer.json)."""
+    """A file of labelled texts (any format ``format`` reads), tokenized with ``tokenizer`` (a folder
+    holding tokenizer.json); ``labels`` is the run's label map."""
 
     path: Path
     tokenizer: Path
     limit: int | None = None  # read at most this many rows
+    format: DataFormat = field(default_factory=DataFormat)
+    label_map: LabelMap | None = None  # None: inferred from this file
+
+    def rows(self) -> DataFile:
+        return read_file(str(self.path), self.format, self.limit)
 
     def labels(self) -> np.ndarray:
-        return np.asarray([e.label for e in _examples(str(self.path), self.limit)], dtype=np.int64)
+        rows = self.rows()
+        examples = (self.label_map or LabelMap.infer(rows.labels)).examples(rows)
+        return np.asarray([e.label for e in examples], dtype=np.int64)
 
     def source(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
-        """The device's shard as a TextDataset (what a real device builds from its own TSV)."""
+        """The device's shard as a TextDataset of the file's rows (what a real device builds from its
+        own file; its labels are mapped when a task brings the run's label map)."""
         from edge_sdk import TextDataset
 
-        examples = _examples(str(self.path), self.limit)
-        return TextDataset([examples[int(i)] for i in indices], self.tokenizer)
+        return TextDataset(self.rows().subset([int(i) for i in indices]), self.tokenizer)
 
 
 class TokenDataset:
@@ -152,6 +165,10 @@ class ImageFolderData:
     def labels(self) -> np.ndarray:
         return np.asarray(_image_folder(str(self.path), self.limit, False).labels(), dtype=np.int64)
 
+    def classes(self) -> tuple[str, ...]:
+        """The class names (sorted sub-folder names)."""
+        return _image_folder(str(self.path), self.limit, False).classes
+
     def source(self, indices: Sequence[int] | np.ndarray) -> ImageDataset:
         """The device's shard as an ImageDataset (what a real device builds from its own folder)."""
         folder = _image_folder(str(self.path), self.limit, False)
@@ -178,7 +195,7 @@ def _score(
 
 
 class FastValidator:
-    """Accuracy and loss of the global model on a TSV, batches of similar lengths, padding trimmed."""
+    """Accuracy and loss of the global model on a data file, batches of similar lengths, padding trimmed."""
 
     def __init__(
         self,
@@ -188,10 +205,13 @@ class FastValidator:
         seq_len: int,
         batch_size: int = 64,
         limit: int | None = None,
+        format: DataFormat | None = None,
+        labels: LabelMap | None = None,
     ) -> None:
-        examples = read_tsv(data, limit=limit)
-        if not examples:
+        rows = read_file(str(data), format or DataFormat(), limit)
+        if not rows.rows:
             raise ConfigError(f"the validation file {data} has no examples")
+        examples = (labels or LabelMap.infer(rows.labels)).examples(rows)
         encoded = encode(load_tokenizer(tokenizer_dir, seq_len), examples)
         lengths = encoded.attention_mask.sum(axis=1)
         order = np.argsort(lengths, kind="stable")

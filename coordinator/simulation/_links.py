@@ -76,7 +76,7 @@ def virtual_devices(config: SimulationConfig, labels: np.ndarray) -> list[Virtua
     )
     config.attack.check_devices([n for n, _, _ in named])
     return [
-        VirtualDevice(n, c, b, s, config.attack.for_device(n, config.model.num_labels))
+        VirtualDevice(n, c, b, s, config.attack.for_device(n, config.model.num_labels or 2))
         for (n, c, b), s in zip(named, shards, strict=True)
     ]
 

@@ -42,6 +42,7 @@ from coordinator.federation import (
     TrainOrder,
     WidthPolicy,
     metrics_text,
+    resolve_labels,
 )
 from coordinator.simulation._config import MethodConfig, SimulationConfig
 from coordinator.simulation._data import (
@@ -52,10 +53,11 @@ from coordinator.simulation._data import (
     SyntheticData,
     SyntheticEvaluator,
     TsvData,
+    read_file,
 )
 from coordinator.simulation._executor import Executor, make_executor
 from coordinator.simulation._links import Link, VirtualDevice, connect, receive, send_task, virtual_devices
-from edge_sdk import LayerSpec, SubnetSpec
+from edge_sdk import LabelMap, LayerSpec, SubnetSpec
 from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError
 from edge_sdk._units import format_bytes
 from edge_sdk.scaling import ParentModel, ranked_parent, resolve_model_dir
@@ -91,27 +93,41 @@ def width_policy(method: MethodConfig) -> WidthPolicy:
     return WidthPolicy(kind=method.width, ratios=method.ratios, salt=method.name)
 
 
-def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData, Evaluator | None, Any]:
+def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData, Evaluator | None, Any, LabelMap]:
+    """The devices' data, the evaluator, the validator (for calibration) and the run's label map."""
     d = config.data
     if d.kind == "synthetic":
         train = SyntheticData(d.size, d.vocab_size, d.seq_len, seed=config.model.seed)
         dev = SyntheticData(d.dev_size, d.vocab_size, d.seq_len, seed=config.model.seed + 1)
-        return train, SyntheticEvaluator(dev), None
+        return train, SyntheticEvaluator(dev), None, resolve_labels(config.model, None)
     if d.train is None:
         raise ConfigError(f"[data] train is required for kind = {d.kind!r}")
     if d.kind == "images":  # preprocessed as the model folder's preprocessor_config.json says
         images = ImageFolderData(Path(d.train), model_dir, d.train_limit)
         images.check()
         dev_images = ImageEvaluator(ImageFolderData(Path(d.dev), model_dir, d.dev_limit)) if d.dev else None
-        return images, dev_images, dev_images
+        classes = images.classes() + (dev_images.data.classes if dev_images is not None else ())
+        labels = resolve_labels(config.model, sorted(set(classes)))
+        if dev_images is not None:
+            dev_images.data.use_labels(labels)
+        logger.info("the run's %s", labels.describe())
+        return images, dev_images, dev_images, labels
     tokenizer = d.tokenizer or model_dir
     if tokenizer is None or not (Path(tokenizer) / "tokenizer.json").is_file():
         raise ConfigError(f"[data] tokenizer: {tokenizer} has no tokenizer.json: set [data] tokenizer = DIR")
-    data = TsvData(Path(d.train), Path(tokenizer), d.train_limit)
+    data = TsvData(Path(d.train), Path(tokenizer), d.train_limit, d.format)
+    observed = None
+    if config.model.labels is None:  # the labels of the train and dev files, sorted
+        observed = data.rows().labels + (read_file(str(d.dev), d.format, d.dev_limit).labels if d.dev else [])
+    labels = resolve_labels(config.model, observed)
+    logger.info("the run's %s", labels.describe())
+    data = dataclasses.replace(data, label_map=labels)
     validator = None
     if d.dev is not None:
-        validator = FastValidator(d.dev, tokenizer, seq_len=config.training.seq_len, limit=d.dev_limit)
-    return data, validator, validator
+        validator = FastValidator(
+            d.dev, tokenizer, seq_len=config.training.seq_len, limit=d.dev_limit, format=d.format, labels=labels
+        )
+    return data, validator, validator, labels
 
 
 def _device_rows(
@@ -159,7 +175,8 @@ def run_simulation(
         raise ConfigError(f"{out} already holds a finished simulation: choose another [run] dir")
     (out / "rounds").mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(config.model.name) if parent is None else None
-    data, evaluator, validator = _sim_data(config, model_dir)
+    data, evaluator, validator, labels = _sim_data(config, model_dir)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, labels=labels, num_labels=len(labels)))
     devices = virtual_devices(config, data.labels())
     engine = _engine(config, parent if parent is not None else model_dir, devices, evaluator, validator)
     start_metrics = dict(evaluator(engine.parent)) if evaluator is not None else {}
@@ -225,9 +242,16 @@ def _engine(
         calibration=validator.calibration_batches if validator is not None else None,
         reordered=config.method.reorder,
         task=config.model.task,
-        num_labels=config.model.num_labels,
+        num_labels=config.model.num_labels or 2,
         seed=config.model.seed,
     )
+    if config.model.labels is not None:  # the run's label map travels in the model config of every task
+        try:
+            parent = dataclasses.replace(parent, config=config.model.labels.apply_to(parent.config))
+        except ConfigError:
+            if not isinstance(model, ParentModel):
+                raise
+            logger.warning("the given model's head does not match the run's labels: its own labels are kept")
     return FederationEngine(
         parent,
         salience,
@@ -404,6 +428,7 @@ def _result_json(config: SimulationConfig, result: SimulationResult) -> dict[str
     return {
         "method": dataclasses.asdict(config.method),
         "model": config.model.name,
+        "labels": None if config.model.labels is None else config.model.labels.model_config(),
         "training": dataclasses.asdict(config.training),
         "federation": dataclasses.asdict(config.federation),
         "simulation": {k: v for k, v in dataclasses.asdict(config.simulation).items()},

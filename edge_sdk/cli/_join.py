@@ -1,9 +1,15 @@
 """``edge-sdk join``: take part in a federated run with this device's local data.
 
-    edge-sdk join wss://HOST:PORT --token T --data FILE.tsv|IMAGE_DIR [--memory-budget SIZE | --profile NAME]
-                  [--tokenizer DIR] [--image-processor DIR] [--ca-file PEM] [--threads N] [--limit N] [--device-id NAME]
+    edge-sdk join wss://HOST:PORT --token T --data FILE|IMAGE_DIR [--memory-budget SIZE | --profile NAME]
+                  [--format csv|tsv|jsonl|parquet] [--delimiter C] [--text-column NAME ...]
+                  [--text-pair-column NAME] [--label-column NAME] [--image-processor DIR]
+                  [--tokenizer DIR] [--ca-file PEM] [--threads N] [--limit N] [--device-id NAME]
                   [--retry-initial S] [--retry-max S] [--give-up-after S] [--no-probe]
                   [--deploy-dir DIR | --no-deploy] [--holdout N]
+
+``--data`` is a CSV, TSV, JSON Lines or Parquet file (docs/data.md); its columns are read when the
+device starts, and its labels are mapped through the run's label map when the first task brings it
+(a label outside the map fails the task, untrained, naming the file, line and label).
 
 When the run finishes the coordinator sends the device a larger, inference-sized sub-network: it is
 exported to ONNX, checked, and installed in ``--deploy-dir`` (default ``./edge-fm-model``), where
@@ -31,7 +37,9 @@ from edge_sdk.client._backoff import Backoff
 __all__ = ["DEFAULT_DEPLOY_DIR", "add_parser", "run"]
 
 DEFAULT_DEPLOY_DIR = "edge-fm-model"
-_DATA_HELP = "local training data: a TSV (label, sentence), or a folder of images with one sub-folder per class"
+_DATA_HELP = (
+    "local training data: a CSV, TSV, JSON Lines or Parquet file, or a folder of images with one sub-folder per class"
+)
 _PROCESSOR_HELP = (
     "for an image folder: the model folder (or file) with preprocessor_config.json"
     " (default: ViT's defaults at the size the model takes)"
@@ -52,6 +60,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="this device's bearer token (default: $EDGE_FM_TOKEN)",
     )
     p.add_argument("--data", required=True, type=Path, help=_DATA_HELP)
+    add_data_options(p)
     p.add_argument("--limit", type=int, default=None, help="use at most this many examples of --data")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--memory-budget", metavar="SIZE", help="training budget instead of detection (e.g. 1.5GB)")
@@ -94,13 +103,44 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """How ``--data`` is read: --format, --delimiter, --text-column, --text-pair-column, --label-column."""
+    p.add_argument("--format", choices=("csv", "tsv", "jsonl", "parquet"), help="default: from the file's suffix")
+    p.add_argument("--delimiter", help="csv/tsv field delimiter, one character ('tab' for a tab)")
+    p.add_argument(
+        "--text-column",
+        action="append",
+        metavar="NAME",
+        help="the column holding the text; repeat it to join several (title, description) with a space"
+        " (default: sentence, text or content; sentence1 + sentence2 for pairs)",
+    )
+    p.add_argument("--text-pair-column", metavar="NAME", help="the second text of a sentence pair")
+    p.add_argument("--label-column", metavar="NAME", help="default: label, labels, Quality or Class Index")
+
+
+def data_format(args: argparse.Namespace) -> Any:
+    """The DataFormat the data options name."""
+    from edge_sdk.training._formats import DataFormat
+
+    delimiter = args.delimiter
+    if delimiter is not None and delimiter.lower() in ("tab", "\\t"):
+        delimiter = "\t"
+    return DataFormat(
+        format=args.format,
+        delimiter=delimiter,
+        text_column=tuple(args.text_column or ()),
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from edge_sdk.device._allocator import tune_allocator
 
     tune_allocator()  # before anything large is allocated (see edge_sdk.device._allocator)
     from edge_sdk.client._client import DeviceOptions, EdgeDevice
     from edge_sdk.client._progress import step_display
-    from edge_sdk.training._data import read_tsv
+    from edge_sdk.training._formats import read_rows
     from edge_sdk.training._images import ImageDataset
     from edge_sdk.training._runner import TextDataset
 
@@ -112,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data.is_dir():  # an image folder (ImageFolder layout), for an image-classification model
         data: Any = ImageDataset.from_folder(args.data, args.image_processor, limit=args.limit, holdout=args.holdout)
     else:
-        data = TextDataset(read_tsv(args.data, limit=args.limit), args.tokenizer, holdout=args.holdout)
+        rows = read_rows(args.data, data_format(args), limit=args.limit)
+        data = TextDataset(rows, args.tokenizer, holdout=args.holdout)
     options = DeviceOptions(
         url=args.url,
         token=args.token,

@@ -3,10 +3,10 @@
 Python API (the user brings the data, and optionally the training function)::
 
     from edge_sdk.client._client import DeviceOptions, EdgeDevice
-    from edge_sdk.training._data import read_tsv
+    from edge_sdk import DataFormat, read_rows
     from edge_sdk.training._runner import TextDataset
 
-    data = TextDataset(read_tsv("my.tsv"), tokenizer_dir=None)     # None: packaged MiniLM tokenizer
+    data = TextDataset(read_rows("my.csv", DataFormat(text_column=("title", "body"))), tokenizer_dir=None)
     device = EdgeDevice(DeviceOptions(url="wss://coord:8765", token="..."), data, train_fn=None)
     tasks_done = device.run()                                       # blocks until the run is complete
 

@@ -135,6 +135,9 @@ class Deployer:
         return DeployOutput(True, metrics, f"installed in {self.folder}")
 
     def _deploy(self, deploy: Deploy, tensors: Mapping[str, np.ndarray], run_id: str | None) -> dict[str, float]:
+        from edge_sdk.training._labels import bind_labels
+
+        bind_labels(self.data, thaw_json(deploy.model_config))  # a device may be sent a deploy before any task
         examples = self._examples()
         import torch
 

@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING
 from edge_sdk._lazy import lazy_face
 
 _NAMES: dict[str, str] = {
+    "DataFile": "edge_sdk.training._formats",
+    "DataFormat": "edge_sdk.training._formats",
+    "FORMATS": "edge_sdk.training._formats",
+    "LabelMap": "edge_sdk.training._labels",
+    "read_rows": "edge_sdk.training._formats",
     "Encoded": "edge_sdk.training._data",
     "ImageDataset": "edge_sdk.training._images",
     "ImageFolder": "edge_sdk.training._images",
@@ -41,11 +46,15 @@ _NAMES: dict[str, str] = {
 }
 
 __all__ = [
+    "FORMATS",
     "RUNTIME_MODULES",
+    "DataFile",
+    "DataFormat",
     "Encoded",
     "ImageDataset",
     "ImageFolder",
     "ImageProcessing",
+    "LabelMap",
     "TaskCancelledError",
     "TaskRunner",
     "TextDataset",
@@ -62,6 +71,7 @@ __all__ = [
     "prepare_runtime",
     "proximal_term",
     "read_image_folder",
+    "read_rows",
     "read_tsv",
     "split_batch",
     "train_local",
@@ -84,7 +94,9 @@ if TYPE_CHECKING:
         split_batch,
         trim,
     )
+    from edge_sdk.training._formats import FORMATS, DataFile, DataFormat, read_rows
     from edge_sdk.training._images import ImageDataset, ImageFolder, ImageProcessing, image_seq_len, read_image_folder
+    from edge_sdk.training._labels import LabelMap
     from edge_sdk.training._levers import trained_tensors
     from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, warm_up
     from edge_sdk.training._runtime import RUNTIME_MODULES, prepare_runtime

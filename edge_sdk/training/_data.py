@@ -1,4 +1,4 @@
-"""Local text-classification data: read a TSV, tokenize with the model's tokenizer, batch.
+"""Local text-classification data: tokenize with the model's tokenizer, batch.
 
 Real lengths. Rows are truncated at a max length (by default :func:`default_max_length`: the
 99.9th percentile of the data's tokenized lengths, capped by the model's max positions) and every
@@ -11,7 +11,6 @@ max length. SST-2 with the MiniLM tokenizer: mean 13.3 tokens, 99.9th percentile
 
 from __future__ import annotations
 
-import csv
 import itertools
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_sdk._errors import ConfigError
+from edge_sdk.training._formats import DataFormat, read_rows
 
 __all__ = [
     "DEFAULT_LENGTH_QUANTILE",
@@ -46,27 +46,17 @@ class TextExample:
 
 
 def read_tsv(path: str | Path, *, limit: int | None = None) -> list[TextExample]:
-    """SST-2 style (``label``, ``sentence``) or RTE style (``sentence1``, ``sentence2``, ``label``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist")
+    """A tab-separated file whose labels are class indices (SST-2: ``label`` + ``sentence``; RTE:
+    ``sentence1`` + ``sentence2`` + ``label``). Kept for compatibility: :func:`read_rows` with a
+    ``LabelMap`` reads any format, column layout and kind of label."""
+    data = read_rows(path, DataFormat(format="tsv", delimiter="\t"), limit=limit)
     out: list[TextExample] = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        fields = set(reader.fieldnames or ())
-        if "label" not in fields or not ({"sentence"} <= fields or {"sentence1", "sentence2"} <= fields):
-            raise ConfigError(f"{path}: expected columns label+sentence or sentence1+sentence2+label, got {fields}")
-        for row in reader:
-            try:
-                label = int(row["label"])
-            except (TypeError, ValueError):
-                raise ConfigError(f"{path}: line {reader.line_num}: label {row['label']!r} is not an integer") from None
-            if "sentence" in row:
-                out.append(TextExample(row["sentence"], label))
-            else:
-                out.append(TextExample(row["sentence1"], label, row["sentence2"]))
-            if limit is not None and len(out) >= limit:
-                break
+    for row in data.rows:
+        try:
+            label = int(row.label)
+        except ValueError:
+            raise ConfigError(f"{path}: line {row.line}: label {row.label!r} is not an integer") from None
+        out.append(TextExample(row.text, label, row.text_pair))
     return out
 
 

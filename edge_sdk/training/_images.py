@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk._errors import ConfigError, SpecError
+from edge_sdk.training._labels import LabelMap
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -284,6 +285,8 @@ class ImageDataset:
         self.files = chosen[:cut]
         self.held_out = chosen[cut:]
         self.processing = processing or ImageProcessing()
+        self._by_folder = (self.files, self.held_out)  # labels as the folder's sorted sub-folders number them
+        self.label_map: LabelMap | None = None
 
     @classmethod
     def from_folder(
@@ -303,6 +306,25 @@ class ImageDataset:
 
     def labels(self) -> np.ndarray:
         return np.asarray([label for _, label in self.files], dtype=np.int64)
+
+    def use_labels(self, labels: LabelMap) -> None:
+        """Number the classes as the run's ``labels`` do (a sub-folder is matched by its name): a device's
+        folder may hold fewer classes, or sort them differently, than the coordinator's. A sub-folder
+        with images whose name is not in the map is a ConfigError naming it, before any training."""
+        if labels == self.label_map:
+            return
+        used = {label for _, label in (*self._by_folder[0], *self._by_folder[1])}
+        index: dict[int, int] = {}
+        for old, name in enumerate(self.folder.classes):
+            new = labels.index(name)
+            if new is None and old in used:
+                raise ConfigError(
+                    f"{self.folder.root / name}: class folder {name!r} is not one of the run's {labels.describe()}"
+                )
+            index[old] = -1 if new is None else new
+        self.files, self.held_out = ([(path, index[old]) for path, old in part] for part in self._by_folder)
+        self.classes = tuple(labels.names)
+        self.label_map = labels
 
     def fit_model(self, config: Mapping[str, Any]) -> None:
         """Check (or fill in) the preprocessing for the model of ``config`` and its label count."""

@@ -51,6 +51,8 @@ from edge_sdk.training._data import (
     iter_batches,
     load_tokenizer,
 )
+from edge_sdk.training._formats import DataFile
+from edge_sdk.training._labels import LabelMap, bind_labels
 from edge_sdk.training._privacy import local_dp
 
 __all__ = [
@@ -107,7 +109,11 @@ class TextDataset:
     """
 
     def __init__(
-        self, examples: Sequence[TextExample], tokenizer_dir: str | Path | None = None, *, holdout: int = 0
+        self,
+        examples: Sequence[TextExample] | DataFile,
+        tokenizer_dir: str | Path | None = None,
+        *,
+        holdout: int = 0,
     ) -> None:
         if holdout < 0:
             raise ConfigError(f"holdout must be >= 0, got {holdout}")
@@ -116,16 +122,38 @@ class TextDataset:
                 f"the local data set has {len(examples)} example(s): nothing left to train on"
                 + (f" after holding back {holdout}" if holdout else "")
             )
-        cut = len(examples) - holdout
-        self.examples = list(examples[:cut])
-        self.held_out = list(examples[cut:])
+        self.holdout = holdout
+        # a file's labels are mapped once the run's label map arrives (use_labels: the first task)
+        self.file = examples if isinstance(examples, DataFile) else None
+        self.labels: LabelMap | None = None
+        self._size = len(examples) - holdout
+        self.examples: list[TextExample] = []
+        self.held_out: list[TextExample] = []
+        if self.file is None:
+            self._split(list(examples))  # type: ignore[arg-type]
         self.tokenizer_dir = resolve_tokenizer_dir(tokenizer_dir)
         self._tokenizer = load_tokenizer(self.tokenizer_dir, 128)  # loaded now: part of the runtime
         self._cache: tuple[int, Encoded] | None = None
         self._lock = threading.Lock()
 
+    def _split(self, examples: list[TextExample]) -> None:
+        self.examples, self.held_out = examples[: self._size], examples[self._size :]
+
+    def use_labels(self, labels: LabelMap) -> None:
+        """Map the file's labels through the run's ``labels`` (a ConfigError naming the file, line and
+        label for one outside the map); examples given as class indices are checked against it."""
+        with self._lock:
+            if labels == self.labels:
+                return
+            if self.file is None:
+                labels.check(e.label for e in (*self.examples, *self.held_out))
+            else:
+                self._split(labels.examples(self.file))
+                self._cache = None
+            self.labels = labels
+
     def __len__(self) -> int:
-        return len(self.examples)
+        return self._size
 
     @property
     def vocab_size(self) -> int:
@@ -140,6 +168,8 @@ class TextDataset:
         """The examples tokenized, truncated at ``seq_len`` tokens, padded to the longest row (int64
         ids, mask, types: 24 bytes per token)."""
         with self._lock:
+            if self.file is not None and self.labels is None:
+                raise ConfigError(f"{self.file.path}: its labels are mapped once the run's label map arrives")
             if self._cache is None or self._cache[0] != seq_len:
                 self._cache = (seq_len, encode(load_tokenizer(self.tokenizer_dir, seq_len), self.examples))
             return self._cache[1]
@@ -246,6 +276,8 @@ class TaskRunner:
             torch.set_num_threads(self.threads)  # per thread under OpenMP: set it in the worker too
         spec = SubnetSpec.from_dict(thaw_json(task.spec))
         config = thaw_json(task.model_config)
+        for data in {id(self.data): self.data, id(self.eval_data): self.eval_data}.values():
+            bind_labels(data, config)  # the run's label map: a label outside it fails the task, untrained
         vocab = getattr(self.data, "vocab_size", None)
         if isinstance(vocab, int) and isinstance(config.get("vocab_size"), int) and vocab > config["vocab_size"]:
             raise SpecError(
