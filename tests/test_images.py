@@ -17,7 +17,7 @@ from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoin
 from coordinator.federation._config import load_config
 from coordinator.federation._engine import FederationEngine
 from coordinator.federation._tables import FederationConfig, TrainingConfig
-from coordinator.serve._run import _validator
+from coordinator.serve._run import _validator, run_labels
 from coordinator.serve._validation import ImageValidator, calibration_batches
 from coordinator.simulation._config import parse_simulation_config
 from coordinator.simulation._executor import LocalExecutor
@@ -240,7 +240,9 @@ enabled = false
 
 def test_the_run_config_validates_on_an_image_folder(tmp_path: Path, vit: Path, images: Path) -> None:
     config = load_config(_run_config(tmp_path, vit, images))
-    validator = _validator(config, vit)
+    labels = run_labels(config)  # the folder's class names, sorted
+    assert labels.names == ("blue", "red")
+    validator = _validator(config, vit, labels)
     assert isinstance(validator, ImageValidator) and len(validator.data) == 16
     metrics = validator(load_parent(vit, task="image-classification"))
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["samples"] == 16
