@@ -41,6 +41,7 @@ from coordinator.federation._loop import (
     WaitFor,
 )
 from coordinator.federation._planner import BUDGET, WIDTHS, Planner, WidthPolicy
+from coordinator.federation._preflight import check_data_file, check_model_folder, read_examples
 from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig
 from coordinator.federation._ratelimit import LogLimiter, clip
 from coordinator.federation._registry import DeviceRecord, DeviceRegistry
@@ -105,6 +106,8 @@ __all__ = [
     "WidthPolicy",
     "aggregate",
     "aggregate_round",
+    "check_data_file",
+    "check_model_folder",
     "clip",
     "frame_bytes",
     "latest_checkpoint",
@@ -116,6 +119,7 @@ __all__ = [
     "outcome",
     "parse_config",
     "read_aggregation",
+    "read_examples",
     "read_federation",
     "read_levers",
     "read_model",

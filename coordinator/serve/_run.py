@@ -13,22 +13,26 @@ last checkpoint) without any network, e.g. for a simulator.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
-from collections.abc import Coroutine
+import socket
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from coordinator.federation import FederationEngine, RunConfig, latest_checkpoint, load_checkpoint, save_checkpoint
+from coordinator.serve._connection import start_thread
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
+from coordinator.serve._startup import bind_listener, check_run
 from coordinator.serve._validation import Validator, calibration_batches
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ranked_parent, resolve_model_dir
 
-__all__ = ["EXIT_SIGNAL", "STOP_GRACE_S", "build_engine", "run_coordinator", "serve_async"]
+__all__ = ["EXIT_SIGNAL", "STOP_GRACE_S", "build_engine", "prepare_run", "run_coordinator", "serve_async"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +59,20 @@ def _validator(config: RunConfig, model_dir: Path) -> Validator | None:
 def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine:
     """The engine of ``config``: resumed from the run directory's last checkpoint, or a new run.
 
-    A new run loads the model, ranks salience and reorders it once (``ranked_parent``), and writes a
-    round-0 checkpoint. Without ``resume``, a run directory that already holds a checkpoint is an
-    error (never overwritten).
+    A new run loads the model, ranks salience and reorders it once (``ranked_parent``), writes a
+    round-0 checkpoint and evaluates it. Without ``resume``, a run directory that already holds a
+    checkpoint is an error (never overwritten). :func:`prepare_run` does the same but writes nothing.
     """
+    engine, begin = prepare_run(config, resume=resume)
+    if begin is not None:
+        begin()
+    return engine
+
+
+def prepare_run(config: RunConfig, *, resume: bool = False) -> tuple[FederationEngine, Callable[[], None] | None]:
+    """The engine of ``config`` (as :func:`build_engine`), with nothing written or evaluated yet, and
+    a new run's first step: write the round-0 checkpoint and evaluate the starting model (None when
+    resumed). :func:`serve_async` takes that step in a worker thread once the port is open."""
     run_dir = config.run.dir
     model_dir = resolve_model_dir(config.model.name)
     validator = _validator(config, model_dir)
@@ -69,10 +83,11 @@ def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine
             " or set another [run] dir"
         )
     if latest is not None:
-        return _resumed(config, latest, validator)
+        return _resumed(config, latest, validator), None
     if resume:
         logger.info("--resume: %s has no checkpoint yet, starting a new run", run_dir)
-    return _new_run(config, model_dir, validator)
+    engine = _new_run(config, model_dir, validator)
+    return engine, functools.partial(_begin, config, engine, validator)
 
 
 def _resumed(config: RunConfig, checkpoint: Path, validator: Validator | None) -> FederationEngine:
@@ -125,16 +140,32 @@ def _new_run(config: RunConfig, model_dir: Path, validator: Validator | None) ->
         model_name=config.model.name,
         levers=config.levers,
     )
-    if validator is not None:
-        metrics = validator(engine.parent)
-        logger.info("round 0 (pre-trained model): accuracy %.4f loss %.4f", metrics["accuracy"], metrics["loss"])
-    path = save_checkpoint(config.run.dir, engine.snapshot(), keep=config.run.keep_checkpoints)
-    logger.info("new run %s: global weights sha256 %s (%s)", engine.run_id, engine.weights_digest(), path)
     return engine
 
 
-async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_signals: bool = True) -> int:
+def _begin(config: RunConfig, engine: FederationEngine, validator: Validator | None) -> None:
+    """A new run's first step: the round-0 checkpoint, then the starting model's validation line."""
+    path = save_checkpoint(config.run.dir, engine.snapshot(), keep=config.run.keep_checkpoints)
+    logger.info("new run %s: global weights sha256 %s (%s)", engine.run_id, engine.weights_digest(), path)
+    if validator is not None:
+        metrics = validator(engine.parent)
+        logger.info("round 0 (pre-trained model): accuracy %.4f loss %.4f", metrics["accuracy"], metrics["loss"])
+
+
+async def serve_async(
+    config: RunConfig,
+    engine: FederationEngine,
+    *,
+    handle_signals: bool = True,
+    listener: socket.socket | None = None,
+    begin: Callable[[], None] | None = None,
+) -> int:
     """Serve ``engine``'s rounds to devices; returns 0 when the run is complete, 130 when stopped.
+
+    ``listener``: a socket bound and listening already (:func:`bind_listener`); by default the
+    server binds ``[server] host`` and ``port``. ``begin``: a new run's first step (from
+    :func:`prepare_run`), taken in a worker thread once the port is open: devices connect and are
+    admitted meanwhile, and the first round starts after it.
 
     SIGINT and SIGTERM stop it within a few seconds in any phase (their handlers are in place before
     the port opens): devices are told goodbye (1001: they reconnect when a coordinator is back),
@@ -161,8 +192,8 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
-        running = asyncio.ensure_future(server.run())
+        await server.start(listener)
+        running = asyncio.ensure_future(_begin_then_run(server, begin))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -177,10 +208,20 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
         for sig in signals:
             loop.remove_signal_handler(sig)
     latest = latest_checkpoint(config.run.dir)
-    number = latest.name.rpartition("-")[2] if latest is not None else ""
+    if latest is None:
+        logger.info("stopping on a signal before the run's first checkpoint: nothing was written")
+        return EXIT_SIGNAL
+    number = latest.name.rpartition("-")[2]
     done = int(number) if number.isdigit() else engine.round
     logger.info("stopping on a signal: the checkpoint of round %d stands (restart with --resume)", done)
     return EXIT_SIGNAL
+
+
+async def _begin_then_run(server: CoordinatorServer, begin: Callable[[], None] | None) -> None:
+    """A new run's first step off the event loop (the server answers devices meanwhile), then the rounds."""
+    if begin is not None:
+        await start_thread(begin)
+    await server.run()
 
 
 async def _halt(running: asyncio.Future[None]) -> None:
@@ -198,9 +239,23 @@ async def _halt(running: asyncio.Future[None]) -> None:
 
 
 def run_coordinator(config: RunConfig, *, resume: bool = False) -> int:
-    """Build the engine and serve the run to the end (blocking); the process's exit code."""
-    engine = build_engine(config, resume=resume)
-    return run_bounded(serve_async(config, engine))
+    """Serve the run to the end (blocking); the process's exit code.
+
+    In this order: what can be checked without the model is (:func:`check_run`), the port is bound
+    (ConfigError if it is taken), the model is loaded (or the run resumed), the server starts, and a
+    new run's round-0 checkpoint and evaluation run while devices connect.
+    """
+    check_run(config, resume=resume)
+    listener = bind_listener(config.server)
+    if listener is not None:
+        logger.info("port %d bound; loading the model", listener.getsockname()[1])
+    try:
+        engine, begin = prepare_run(config, resume=resume)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    return run_bounded(serve_async(config, engine, listener=listener, begin=begin))
 
 
 def run_bounded(main: Coroutine[Any, Any, int], cleanup_s: float = 0.5) -> int:

@@ -37,10 +37,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -135,12 +137,15 @@ class CoordinatorServer:
 
     # --------------------------------------------------------------------------------- serving
 
-    async def start(self) -> int:
-        """Listen; returns the bound port (also logged, and written to ``port_file`` if set)."""
+    async def start(self, sock: socket.socket | None = None) -> int:
+        """Listen (on ``sock`` if given: bound and listening already); returns the bound port (also
+        logged, and written to ``port_file`` if set)."""
+        where: dict[str, Any] = (
+            {"sock": sock} if sock is not None else {"host": self.config.host, "port": self.config.port}
+        )
         self._server = await serve(
             self._handle,
-            self.config.host,
-            self.config.port,
+            **where,
             ssl=self._ssl,
             process_request=self._gate.process_request,
             create_connection=self._gate.connection_class(),

@@ -42,6 +42,8 @@ from coordinator.federation import (
     SendOrders,
     TrainOrder,
     WidthPolicy,
+    check_data_file,
+    check_model_folder,
 )
 from coordinator.simulation._config import MethodConfig, SimulationConfig
 from coordinator.simulation._data import FastValidator, SimData, SyntheticData, SyntheticEvaluator, TsvData
@@ -101,6 +103,23 @@ def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData
     return data, validator, validator
 
 
+def check_simulation(config: SimulationConfig, *, model: bool = True) -> None:
+    """ConfigError for data files (and, with ``model``, a model folder) the run could not use: found
+    before the model loads or any run folder is written."""
+    d = config.data
+    if model:
+        check_model_folder(config.model.name, tokenizer=d.kind == "tsv" and d.tokenizer is None)
+    if d.kind != "tsv":
+        return
+    if d.train is None:
+        raise ConfigError("[data] train is required for kind = 'tsv'")
+    if d.tokenizer is not None and not (Path(d.tokenizer) / "tokenizer.json").is_file():
+        raise ConfigError(f"[data] tokenizer: {d.tokenizer} has no tokenizer.json: set [data] tokenizer = DIR")
+    check_data_file(d.train, "[data] train", limit=d.train_limit)
+    if d.dev is not None:
+        check_data_file(d.dev, "[data] dev", limit=d.dev_limit)
+
+
 def _device_rows(
     summary: RoundSummary,
     orders: Mapping[str, TrainOrder],
@@ -144,6 +163,7 @@ def run_simulation(
     out = Path(run_dir or config.run_dir)
     if (out / "simulation.json").exists():
         raise ConfigError(f"{out} already holds a finished simulation: choose another [run] dir")
+    check_simulation(config, model=parent is None)
     (out / "rounds").mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(config.model.name) if parent is None else None
     data, evaluator, validator = _sim_data(config, model_dir)
