@@ -172,20 +172,7 @@ async def serve_async(
     sockets still open after ``STOP_GRACE_S`` are cut, and a merge and checkpoint in progress get
     ``FINISH_GRACE_S`` to finish. The last checkpoint on disk stands (restart with ``--resume``).
     """
-    ssl_context = (
-        server_ssl_context(config.server.tls_cert, config.server.tls_key)
-        if config.server.tls_cert is not None and config.server.tls_key is not None
-        else None
-    )
-    server = CoordinatorServer(
-        engine,
-        config.server,
-        config.devices,
-        run_dir=config.run.dir,
-        keep_checkpoints=config.run.keep_checkpoints,
-        ssl_context=ssl_context,
-        deploy=config.deploy,
-    )
+    server = _server(config, engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
@@ -215,6 +202,23 @@ async def serve_async(
     done = int(number) if number.isdigit() else engine.round
     logger.info("stopping on a signal: the checkpoint of round %d stands (restart with --resume)", done)
     return EXIT_SIGNAL
+
+
+def _server(config: RunConfig, engine: FederationEngine) -> CoordinatorServer:
+    ssl_context = (
+        server_ssl_context(config.server.tls_cert, config.server.tls_key)
+        if config.server.tls_cert is not None and config.server.tls_key is not None
+        else None
+    )
+    return CoordinatorServer(
+        engine,
+        config.server,
+        config.devices,
+        run_dir=config.run.dir,
+        keep_checkpoints=config.run.keep_checkpoints,
+        ssl_context=ssl_context,
+        deploy=config.deploy,
+    )
 
 
 async def _begin_then_run(server: CoordinatorServer, begin: Callable[[], None] | None) -> None:
