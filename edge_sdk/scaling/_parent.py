@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 
 from edge_sdk._errors import ConfigError, SpecError
@@ -91,6 +90,8 @@ def load_parent(model_dir: str | Path, *, task: str | None = None, num_labels: i
     class_name = family.task_classes.get(task)
     if class_name is None:
         raise SpecError(f"the {family.name} family has no {task!r} head")
+    import transformers  # here, not at the top: a parent built from a checkpoint never needs it
+
     torch.manual_seed(seed)
     with _quiet("transformers.modeling_utils", "transformers.integrations.tensor_parallel"):
         # (a new classifier head is expected here, not news; nor is the tensor-parallel plan)
