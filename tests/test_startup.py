@@ -76,6 +76,7 @@ def test_serve_on_a_port_in_use_exits_2_with_one_line_and_writes_no_run_folder(t
             capture_output=True,
             text=True,
             timeout=120,
+            check=False,
             env=child_env(),
             cwd=ROOT,
         )
@@ -154,9 +155,11 @@ def test_devices_are_admitted_while_round_0_is_still_evaluated(
     monkeypatch.setattr(Validator, "__call__", held)
     config = load_config(write_config(tmp_path, devices={"a": TOKEN}, model=str(tiny_model), rounds=1, seq_len=32))
 
+    heard = Heard()
+
     async def scenario() -> None:
         engine, begin = prepare_run(config)
-        serving = asyncio.ensure_future(serve_async(config, engine, handle_signals=False, begin=begin))
+        serving = asyncio.ensure_future(serve_async(config, engine, handle_signals=False, begin=begin, observer=heard))
         try:
             while not (evaluating.is_set() and (tmp_path / "port").is_file()):
                 await asyncio.sleep(0.02)
@@ -169,6 +172,9 @@ def test_devices_are_admitted_while_round_0_is_still_evaluated(
                 release.set()
                 received = await device.task()  # the first round starts once round 0 is evaluated
                 assert received.task.round == 1
+                device.answer(received)
+                await device.flush()
+                assert await asyncio.wait_for(serving, TIMEOUT_S) == 0  # the run is complete
         finally:
             release.set()
             serving.cancel()
@@ -177,3 +183,22 @@ def test_devices_are_admitted_while_round_0_is_still_evaluated(
 
     asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S * 2))
     assert (tmp_path / "run").is_dir()  # the round-0 checkpoint, written once the port was open
+    # the terminal's progress heard the round as it happened
+    assert heard.calls[:2] == [("started", 1, 1, 1), ("answered", 1, 1, 1)], heard.calls
+    assert heard.calls[2][:2] == ("finished", 1) and len(heard.calls) == 3, heard.calls
+
+
+class Heard:
+    """A RoundObserver that records what it hears."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def round_started(self, round: int, rounds: int, devices: int) -> None:
+        self.calls.append(("started", round, rounds, devices))
+
+    def round_answered(self, round: int, answered: int, devices: int) -> None:
+        self.calls.append(("answered", round, answered, devices))
+
+    def round_finished(self, summary: Any) -> None:
+        self.calls.append(("finished", summary.round, summary.aggregated))

@@ -17,6 +17,7 @@ import sys
 from types import FrameType
 from typing import Any, NoReturn
 
+from coordinator._progress import terminal_progress
 from coordinator.federation import load_config
 from coordinator.serve import RunAbortedError, run_coordinator
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     signal.signal(signal.SIGTERM, _interrupt)  # as SIGINT does, until the server's handlers take over
     try:
-        code = run_coordinator(config, resume=args.resume)
+        code = run_coordinator(config, resume=args.resume, observer=terminal_progress(sys.stdout))
     except RunAbortedError as exc:
         logger.error("%s", exc)
         return EXIT_ABORTED

@@ -33,6 +33,7 @@ from coordinator.federation._engine import Evaluator, FederationEngine, RoundSum
 from coordinator.federation._loop import (
     FinishRound,
     RoundLoop,
+    RoundObserver,
     RoundResult,
     RunAbortedError,
     RunComplete,
@@ -89,6 +90,7 @@ __all__ = [
     "PrivacyAccountant",
     "PrivacyConfig",
     "RoundLoop",
+    "RoundObserver",
     "RoundResult",
     "RoundSummary",
     "RunAbortedError",

@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from coordinator.federation import FederationEngine, RunConfig, latest_checkpoint, load_checkpoint, save_checkpoint
+from coordinator.federation import (
+    FederationEngine,
+    RoundObserver,
+    RunConfig,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from coordinator.serve._connection import start_thread
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
@@ -159,20 +166,22 @@ async def serve_async(
     handle_signals: bool = True,
     listener: socket.socket | None = None,
     begin: Callable[[], None] | None = None,
+    observer: RoundObserver | None = None,
 ) -> int:
     """Serve ``engine``'s rounds to devices; returns 0 when the run is complete, 130 when stopped.
 
     ``listener``: a socket bound and listening already (:func:`bind_listener`); by default the
     server binds ``[server] host`` and ``port``. ``begin``: a new run's first step (from
     :func:`prepare_run`), taken in a worker thread once the port is open: devices connect and are
-    admitted meanwhile, and the first round starts after it.
+    admitted meanwhile, and the first round starts after it. ``observer``: hears the rounds as they
+    happen (:class:`~coordinator.federation.RoundObserver`, e.g. progress in a terminal).
 
     SIGINT and SIGTERM stop it within a few seconds in any phase (their handlers are in place before
     the port opens): devices are told goodbye (1001: they reconnect when a coordinator is back),
     sockets still open after ``STOP_GRACE_S`` are cut, and a merge and checkpoint in progress get
     ``FINISH_GRACE_S`` to finish. The last checkpoint on disk stands (restart with ``--resume``).
     """
-    server = _server(config, engine)
+    server = _server(config, engine, observer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
@@ -204,7 +213,7 @@ async def serve_async(
     return EXIT_SIGNAL
 
 
-def _server(config: RunConfig, engine: FederationEngine) -> CoordinatorServer:
+def _server(config: RunConfig, engine: FederationEngine, observer: RoundObserver | None) -> CoordinatorServer:
     ssl_context = (
         server_ssl_context(config.server.tls_cert, config.server.tls_key)
         if config.server.tls_cert is not None and config.server.tls_key is not None
@@ -218,6 +227,7 @@ def _server(config: RunConfig, engine: FederationEngine) -> CoordinatorServer:
         keep_checkpoints=config.run.keep_checkpoints,
         ssl_context=ssl_context,
         deploy=config.deploy,
+        observer=observer,
     )
 
 
@@ -242,7 +252,7 @@ async def _halt(running: asyncio.Future[None]) -> None:
         logger.info("while stopping, the run ended with: %s", running.exception())
 
 
-def run_coordinator(config: RunConfig, *, resume: bool = False) -> int:
+def run_coordinator(config: RunConfig, *, resume: bool = False, observer: RoundObserver | None = None) -> int:
     """Serve the run to the end (blocking); the process's exit code.
 
     In this order: what can be checked without the model is (:func:`check_run`), the port is bound
@@ -259,7 +269,7 @@ def run_coordinator(config: RunConfig, *, resume: bool = False) -> int:
         if listener is not None:
             listener.close()
         raise
-    return run_bounded(serve_async(config, engine, listener=listener, begin=begin))
+    return run_bounded(serve_async(config, engine, listener=listener, begin=begin, observer=observer))
 
 
 def run_bounded(main: Coroutine[Any, Any, int], cleanup_s: float = 0.5) -> int:

@@ -55,6 +55,7 @@ from coordinator.federation import (
     FinishRound,
     LogLimiter,
     RoundLoop,
+    RoundObserver,
     RoundResult,
     RunAbortedError,
     SendOrders,
@@ -102,8 +103,10 @@ class CoordinatorServer:
         keep_checkpoints: int = 3,
         ssl_context: ssl.SSLContext | None = None,
         deploy: DeployConfig | None = None,
+        observer: RoundObserver | None = None,
     ) -> None:
         self.engine = engine
+        self.observer = observer  # hears each round start, its answers, its end (terminal progress)
         self.config = config
         self.run_dir = run_dir
         self.keep_checkpoints = keep_checkpoints
@@ -240,7 +243,7 @@ class CoordinatorServer:
         if self.run_dir is not None:
             run_dir = self.run_dir
             checkpoint = lambda state: save_checkpoint(run_dir, state, keep=self.keep_checkpoints)  # noqa: E731
-        rounds = RoundLoop(self.engine, checkpoint=checkpoint)
+        rounds = RoundLoop(self.engine, checkpoint=checkpoint, observer=self.observer)
         limit = asyncio.Semaphore(self.config.send_concurrency)
         started = time.monotonic()
         while True:

@@ -37,6 +37,7 @@ from coordinator.federation import (
     FederationEngine,
     FinishRound,
     RoundLoop,
+    RoundObserver,
     RoundSummary,
     RunComplete,
     SendOrders,
@@ -153,11 +154,13 @@ def run_simulation(
     parent: ParentModel | None = None,
     executor: Executor | None = None,
     run_dir: Path | None = None,
+    observer: RoundObserver | None = None,
 ) -> SimulationResult:
     """Run ``config`` to the end; writes ``rounds/round-NNN.json`` and ``simulation.json`` under the run folder.
 
     ``parent``: the model (default: load ``[model] name``); ``executor``: reuse worker processes across
-    runs (default: one from ``[simulation]``, closed at the end); ``run_dir`` overrides ``[run] dir``.
+    runs (default: one from ``[simulation]``, closed at the end); ``run_dir`` overrides ``[run] dir``;
+    ``observer`` hears the rounds as they happen (progress in a terminal).
     """
     started = time.monotonic()
     out = Path(run_dir or config.run_dir)
@@ -186,7 +189,7 @@ def run_simulation(
     own = executor is None
     runner = executor or _make_executor(config)
     try:
-        rounds = _run_rounds(config, engine, links, data=data, executor=runner, out=out)
+        rounds = _run_rounds(config, engine, links, data=data, executor=runner, out=out, observer=observer)
     finally:
         if own:
             runner.close()
@@ -257,9 +260,10 @@ def _run_rounds(
     data: SimData,
     executor: Executor,
     out: Path,
+    observer: RoundObserver | None = None,
 ) -> list[dict[str, Any]]:
     """The federation's round loop over the simulated links; one record per round (also written)."""
-    rounds = RoundLoop(engine, device_wait_s=0.0)  # every simulated device is there from the start
+    rounds = RoundLoop(engine, device_wait_s=0.0, observer=observer)  # every simulated device is there at once
     wire = out / ".wire"
     records: list[dict[str, Any]] = []
     orders: dict[str, TrainOrder] = {}
