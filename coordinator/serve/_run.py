@@ -135,6 +135,7 @@ def _new_run(config: RunConfig, model_dir: Path, validator: Validator | None) ->
         task=config.model.task,
         num_labels=config.model.num_labels,
         seed=config.model.seed,
+        cache=True,  # a model ranked before (same files, task, labels, seed) is read back, not loaded
     )
     engine = FederationEngine(
         parent,

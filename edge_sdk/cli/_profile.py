@@ -25,10 +25,10 @@ import json
 from types import ModuleType
 from typing import Any
 
+from edge_sdk._cache import cache_dir
 from edge_sdk._units import format_bytes, parse_size
 from edge_sdk.device._budget import compute_budget
 from edge_sdk.device._classes import DeviceClass, load_device_class
-from edge_sdk.device._footprint import cache_dir
 from edge_sdk.device._profile import DeviceProfile, detect_profile
 from edge_sdk.scaling._budget import MemoryBudget
 

@@ -21,13 +21,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._cache import cache_dir
 from edge_sdk._version import __version__
 
 __all__ = ["Footprint", "cache_dir", "load_footprint", "save_footprint"]
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "EDGE_FM_CACHE"
 FILE_NAME = "runtime-footprint.json"
 _PACKAGES = ("torch", "transformers", "tokenizers", "peft")
 
@@ -40,15 +40,6 @@ class Footprint:
     baseline_rss: int
     modules: tuple[str, ...]
     torch_version: str | None
-
-
-def cache_dir() -> Path:
-    """``$EDGE_FM_CACHE``, else ``$XDG_CACHE_HOME/edge-fm``, else ``~/.cache/edge-fm``."""
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "edge-fm"
 
 
 def _version(package: str) -> str | None:
