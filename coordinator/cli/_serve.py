@@ -1,8 +1,11 @@
 """``edge-coordinator serve``: run a federated fine-tuning run from a TOML config.
 
+Before the model loads, the config's files are checked and the port is bound (a port in use: exit
+code 2, one line). Each round shows as it happens on a terminal (``coordinator._progress``).
+
 SIGINT and SIGTERM stop it within seconds in any phase, with exit code 130: while the engine is
-built (model load, salience, the first checkpoint) they interrupt it; once the port is open the
-server's own handlers stop it (see :func:`~coordinator.serve.serve_async`). Checkpoints are atomic,
+built (model load, salience) they interrupt it; once the port is open the server's own handlers stop
+it (see :func:`~coordinator.serve.serve_async`), the round-0 checkpoint and evaluation included. Checkpoints are atomic,
 so the last one on disk stands. After a signal the process ends with ``os._exit`` once the log is
 flushed: the run's state is on disk, and the interpreter's teardown of torch alone can take seconds.
 """
