@@ -161,37 +161,6 @@ def _start_devices(
         log.close()
 
 
-class _Progress(threading.Thread):
-    """Prints one line per finished round as it happens: accuracy, loss, what each device trained."""
-
-    def __init__(self, engine: Any, rounds: int) -> None:
-        super().__init__(daemon=True)
-        self.engine, self.rounds, self.done = engine, rounds, threading.Event()
-
-    def run(self) -> None:
-        shown = 0
-        while not self.done.wait(0.5) or shown < len(self.engine.history):
-            history = self.engine.history
-            for entry in history[shown:]:
-                print(_round_line(dict(entry), self.rounds), flush=True)
-            shown = len(history)
-
-
-def _round_line(entry: dict[str, Any], rounds: int) -> str:
-    m = entry.get("metrics", {})
-    devices = "; ".join(
-        f"{d['device_id']}: {d['params'] / 1e6:.1f}M params, {d.get('levers') or 'plain'}"
-        + ("" if d["status"] == "ok" else f" ({d['status']})")
-        for d in entry["devices"]
-    )
-    f1 = f" macro-F1 {m['macro_f1']:.3f}," if "macro_f1" in m else ""
-    collapsed = " COLLAPSED to one class," if m.get("collapsed") else ""
-    return (
-        f"round {entry['round']}/{rounds}: accuracy {m.get('accuracy', float('nan')):.3f},{f1}{collapsed}"
-        f" loss {m.get('loss', float('nan')):.3f} | {devices}"
-    )
-
-
 class _RoundZero(logging.Handler):
     """Prints the pre-trained model's validation line (round 0) when the coordinator logs it."""
 
@@ -201,7 +170,8 @@ class _RoundZero(logging.Handler):
 
 
 def _federate(folder: Path, rounds: int) -> tuple[Any, dict[str, int]]:
-    from coordinator.serve import build_engine, serve_async
+    from coordinator._progress import RoundProgress
+    from coordinator.serve import prepare_run, serve_async
 
     tokens = {name: f"demo-token-{i}-{os.urandom(8).hex()}" for i, name in enumerate(CLASSES)}
     budgets = {
@@ -214,25 +184,21 @@ def _federate(folder: Path, rounds: int) -> tuple[Any, dict[str, int]]:
     run_logger.addHandler(round_zero)
     run_logger.setLevel(logging.INFO)
     run_logger.propagate = False  # only round 0's line, not the run's other INFO lines
+    procs: list[subprocess.Popen[bytes]] = []
+    starter = threading.Thread(target=_start_devices, args=(folder, tokens, budgets, shards, procs), daemon=True)
     try:
-        engine = build_engine(config)
+        engine, begin = prepare_run(config)  # round 0 is checkpointed and evaluated while devices connect
+        starter.start()
+        serving = serve_async(config, engine, handle_signals=False, begin=begin, observer=RoundProgress(sys.stdout))
+        code = asyncio.run(asyncio.wait_for(serving, WAIT_S))
+        if code != 0:
+            raise EdgeFMError(f"the coordinator stopped with code {code}")
     finally:
         run_logger.removeHandler(round_zero)
         run_logger.setLevel(logging.NOTSET)
         run_logger.propagate = True
-    progress = _Progress(engine, rounds)
-    progress.start()
-    procs: list[subprocess.Popen[bytes]] = []
-    starter = threading.Thread(target=_start_devices, args=(folder, tokens, budgets, shards, procs), daemon=True)
-    starter.start()
-    try:
-        code = asyncio.run(asyncio.wait_for(serve_async(config, engine, handle_signals=False), WAIT_S))
-        if code != 0:
-            raise EdgeFMError(f"the coordinator stopped with code {code}")
-    finally:
-        progress.done.set()
-        progress.join(timeout=5)
-        starter.join(timeout=130)
+        if starter.is_alive():
+            starter.join(timeout=130)
         for proc in procs:
             try:
                 proc.wait(timeout=60)

@@ -1,7 +1,9 @@
 """``edge-coordinator plan``: the training and inference sub-networks for a memory budget.
 
 Training levers come before widths (``--no-levers``: plain training, the width search alone);
-``--forbid`` and ``--pin`` give the planner a lever policy as a run's configuration would.
+``--forbid`` and ``--pin`` give the planner a lever policy as a run's configuration would. The
+ranked model is remembered in edge-fm's cache folder (``$EDGE_FM_CACHE``, else
+``~/.cache/edge-fm``): a second plan of the same model loads nothing through transformers.
 """
 
 from __future__ import annotations
@@ -44,12 +46,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--runtime", type=size_argument, default=None, help="the training runtime's own footprint")
     add_lever_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="load and rank the model again (by default a model ranked before is read from edge-fm's cache)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     policy = policy_from_arguments(args)
     model_dir = resolve_model_dir(args.model)
-    parent, salience = ranked_parent(model_dir)
+    parent, salience = ranked_parent(model_dir, cache=not args.no_cache)
     train_work = Workload(args.batch, args.seq, steps=args.steps)
     training = plan_training(
         parent, salience, args.memory, train_work, runtime=args.runtime or TRAINING_RUNTIME_BYTES, policy=policy

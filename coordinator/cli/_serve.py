@@ -1,8 +1,11 @@
 """``edge-coordinator serve``: run a federated fine-tuning run from a TOML config.
 
+Before the model loads, the config's files are checked and the port is bound (a port in use: exit
+code 2, one line). Each round shows as it happens on a terminal (``coordinator._progress``).
+
 SIGINT and SIGTERM stop it within seconds in any phase, with exit code 130: while the engine is
-built (model load, salience, the first checkpoint) they interrupt it; once the port is open the
-server's own handlers stop it (see :func:`~coordinator.serve.serve_async`). Checkpoints are atomic,
+built (model load, salience) they interrupt it; once the port is open the server's own handlers stop
+it (see :func:`~coordinator.serve.serve_async`), the round-0 checkpoint and evaluation included. Checkpoints are atomic,
 so the last one on disk stands. After a signal the process ends with ``os._exit`` once the log is
 flushed: the run's state is on disk, and the interpreter's teardown of torch alone can take seconds.
 """
@@ -18,6 +21,7 @@ import sys
 from types import FrameType
 from typing import Any, NoReturn
 
+from coordinator._progress import terminal_progress
 from coordinator.federation import RunConfig, load_config
 from coordinator.serve import RunAbortedError, run_coordinator
 from edge_sdk._errors import ConfigError
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         config = with_status_port(config, args.status_port)
     signal.signal(signal.SIGTERM, _interrupt)  # as SIGINT does, until the server's handlers take over
     try:
-        code = run_coordinator(config, resume=args.resume)
+        code = run_coordinator(config, resume=args.resume, observer=terminal_progress(sys.stdout))
     except RunAbortedError as exc:
         logger.error("%s", exc)
         return EXIT_ABORTED

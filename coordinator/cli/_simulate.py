@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
+from coordinator._progress import terminal_progress
 from coordinator.simulation import load_simulation_config
 
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rounds:
         federation = dataclasses.replace(federation, rounds=args.rounds)
     config = dataclasses.replace(config, simulation=sim, federation=federation, run_dir=args.run_dir or config.run_dir)
-    result = run_simulation(config)
+    result = run_simulation(config, observer=terminal_progress(sys.stdout, label=config.method.name))
     report = write_report(
         [result],
         result.run_dir,

@@ -34,6 +34,7 @@ from coordinator.federation._engine import Evaluator, FederationEngine, RoundSum
 from coordinator.federation._loop import (
     FinishRound,
     RoundLoop,
+    RoundObserver,
     RoundResult,
     RunAbortedError,
     RunComplete,
@@ -42,6 +43,7 @@ from coordinator.federation._loop import (
     WaitFor,
 )
 from coordinator.federation._planner import BUDGET, WIDTHS, Planner, WidthPolicy
+from coordinator.federation._preflight import check_data_file, check_model_folder, read_data
 from coordinator.federation._privacy import PrivacyAccountant, PrivacyConfig
 from coordinator.federation._ratelimit import LogLimiter, clip
 from coordinator.federation._records import collapse_note, metrics_text
@@ -101,6 +103,7 @@ __all__ = [
     "PrivacyAccountant",
     "PrivacyConfig",
     "RoundLoop",
+    "RoundObserver",
     "RoundResult",
     "RoundSummary",
     "RunAbortedError",
@@ -120,6 +123,8 @@ __all__ = [
     "WidthPolicy",
     "aggregate",
     "aggregate_round",
+    "check_data_file",
+    "check_model_folder",
     "clip",
     "collapse_note",
     "frame_bytes",
@@ -133,6 +138,7 @@ __all__ = [
     "outcome",
     "parse_config",
     "read_aggregation",
+    "read_data",
     "read_data_format",
     "read_federation",
     "read_levers",

@@ -19,6 +19,9 @@ otherwise raises :class:`RunAbortedError` (the last checkpoint stands). A transp
 are all present at once (the simulator) passes ``device_wait_s=0``. A round runs until every task is
 answered or its deadline passes; a transport that knows nothing more will arrive calls
 :meth:`RoundLoop.close` (later answers are "late").
+
+A :class:`RoundObserver` (``observer=``) hears each round start, each change in how many of its
+devices have answered (as polls see it), and each round's summary: what a terminal's progress shows.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from coordinator.federation._checkpoint import EngineState
 from coordinator.federation._records import RoundSummary, TrainOrder
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FinishRound",
     "RoundLoop",
+    "RoundObserver",
     "RoundResult",
     "RunAbortedError",
     "RunComplete",
@@ -85,6 +89,19 @@ class RunComplete:
 Step = WaitFor | SendOrders | FinishRound | RunComplete
 
 
+class RoundObserver(Protocol):
+    """Hears a run's rounds as they happen (progress in a terminal); called from the loop's thread."""
+
+    def round_started(self, round: int, rounds: int, devices: int) -> None:
+        """Round ``round`` of ``rounds`` went out to ``devices`` devices."""
+
+    def round_answered(self, round: int, answered: int, devices: int) -> None:
+        """``answered`` of the round's ``devices`` have answered (updated, failed or refused)."""
+
+    def round_finished(self, summary: RoundSummary) -> None:
+        """The round is merged and evaluated (its checkpoint, if any, is written)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundResult:
     """A finished round, and where its checkpoint went (None without a checkpoint hook)."""
@@ -102,8 +119,11 @@ class RoundLoop:
         *,
         device_wait_s: float | None = None,
         checkpoint: Callable[[EngineState], Path] | None = None,
+        observer: RoundObserver | None = None,
     ) -> None:
         self.engine = engine
+        self.observer = observer
+        self._answered = 0
         self.device_wait_s = engine.federation.device_wait_s if device_wait_s is None else device_wait_s
         self._checkpoint = checkpoint
         self._phase: Literal["gather", "running", "closed"] = "gather"
@@ -114,6 +134,7 @@ class RoundLoop:
         """The next step, given the devices idle now (``now``: the clock round deadlines use)."""
         engine = self.engine
         if self._phase == "running":
+            self._tell_answered()
             if not engine.settled(now):
                 deadline = engine.deadline
                 return WaitFor(deadline if deadline is not None else now)
@@ -137,6 +158,8 @@ class RoundLoop:
         summary = self.engine.finish_round()
         path = self._checkpoint(self.engine.snapshot()) if self._checkpoint is not None else None
         self._phase = "gather"
+        if self.observer is not None:
+            self.observer.round_finished(summary)
         return RoundResult(summary, path)
 
     # ------------------------------------------------------------------------------ internals
@@ -165,8 +188,20 @@ class RoundLoop:
             )
         logger.info("round %d starts from global weights sha256 %s", index, engine.weights_digest())
         orders = engine.begin_round(idle, now)
-        self._phase, self._wait_until = "running", None
+        self._phase, self._wait_until, self._answered = "running", None, 0
+        if self.observer is not None:
+            self.observer.round_started(index, engine.federation.rounds, len(orders))
         return SendOrders(tuple(orders))
+
+    def _tell_answered(self) -> None:
+        """The observer hears how many of the open round's tasks are answered, when that changed."""
+        rnd = self.engine._open  # the engine's own room: read-only, a count
+        if self.observer is None or rnd is None:
+            return
+        answered = len(rnd.outcomes)
+        if answered != self._answered:
+            self._answered = answered
+            self.observer.round_answered(rnd.index, answered, len(rnd.orders))
 
     def _too_few(self, idle: int) -> str:
         engine = self.engine

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
-from collections.abc import Coroutine
+import socket
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch
 from coordinator.federation import (
     EngineState,
     FederationEngine,
+    RoundObserver,
     RunConfig,
     latest_checkpoint,
     load_checkpoint,
@@ -32,15 +35,17 @@ from coordinator.federation import (
     resolve_labels,
     save_checkpoint,
 )
+from coordinator.serve._connection import start_thread
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
+from coordinator.serve._startup import bind_listener, check_run
 from coordinator.serve._status_http import open_status
 from coordinator.serve._validation import ImageValidator, Validator, calibration_batches
 from edge_sdk import LabelMap, read_image_folder, read_rows
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ranked_parent, resolve_model_dir
 
-__all__ = ["EXIT_SIGNAL", "STOP_GRACE_S", "build_engine", "run_coordinator", "serve_async"]
+__all__ = ["EXIT_SIGNAL", "STOP_GRACE_S", "build_engine", "prepare_run", "run_coordinator", "serve_async"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +100,20 @@ def _resumed_labels(config: RunConfig, state: EngineState) -> LabelMap:
 def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine:
     """The engine of ``config``: resumed from the run directory's last checkpoint, or a new run.
 
-    A new run loads the model, ranks salience and reorders it once (``ranked_parent``), and writes a
-    round-0 checkpoint. Without ``resume``, a run directory that already holds a checkpoint is an
-    error (never overwritten).
+    A new run loads the model, ranks salience and reorders it once (``ranked_parent``), writes a
+    round-0 checkpoint and evaluates it. Without ``resume``, a run directory that already holds a
+    checkpoint is an error (never overwritten). :func:`prepare_run` does the same but writes nothing.
     """
+    engine, begin = prepare_run(config, resume=resume)
+    if begin is not None:
+        begin()
+    return engine
+
+
+def prepare_run(config: RunConfig, *, resume: bool = False) -> tuple[FederationEngine, Callable[[], None] | None]:
+    """The engine of ``config`` (as :func:`build_engine`), with nothing written or evaluated yet, and
+    a new run's first step: write the round-0 checkpoint and evaluate the starting model (None when
+    resumed). :func:`serve_async` takes that step in a worker thread once the port is open."""
     run_dir = config.run.dir
     model_dir = resolve_model_dir(config.model.name)
     latest = latest_checkpoint(run_dir)
@@ -109,11 +124,14 @@ def build_engine(config: RunConfig, *, resume: bool = False) -> FederationEngine
         )
     if latest is not None:
         state = load_checkpoint(latest)
-        return _resumed(config, latest, state, _validator(config, model_dir, _resumed_labels(config, state)))
+        validator = _validator(config, model_dir, _resumed_labels(config, state))
+        return _resumed(config, latest, state, validator), None
     if resume:
         logger.info("--resume: %s has no checkpoint yet, starting a new run", run_dir)
     labels = run_labels(config)
-    return _new_run(config, model_dir, _validator(config, model_dir, labels), labels)
+    validator = _validator(config, model_dir, labels)
+    engine = _new_run(config, model_dir, validator, labels)
+    return engine, functools.partial(_begin, config, engine, validator)
 
 
 def _resumed(
@@ -157,6 +175,7 @@ def _new_run(
         task=config.model.task,
         num_labels=len(labels),
         seed=config.model.seed,
+        cache=True,  # a model ranked before (same files, task, labels, seed) is read back, not loaded
     )
     parent = dataclasses.replace(parent, config=labels.apply_to(parent.config))  # sent with every task
     logger.info("the run's %s", labels.describe())
@@ -171,36 +190,41 @@ def _new_run(
         model_name=config.model.name,
         levers=config.levers,
     )
-    if validator is not None:
-        metrics = validator(engine.parent)
-        logger.info("round 0 (pre-trained model): %s", metrics_text(metrics))
-    path = save_checkpoint(config.run.dir, engine.snapshot(), keep=config.run.keep_checkpoints)
-    logger.info("new run %s: global weights sha256 %s (%s)", engine.run_id, engine.weights_digest(), path)
     return engine
 
 
-async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_signals: bool = True) -> int:
+def _begin(config: RunConfig, engine: FederationEngine, validator: Validator | ImageValidator | None) -> None:
+    """A new run's first step: the round-0 checkpoint, then the starting model's validation line."""
+    path = save_checkpoint(config.run.dir, engine.snapshot(), keep=config.run.keep_checkpoints)
+    logger.info("new run %s: global weights sha256 %s (%s)", engine.run_id, engine.weights_digest(), path)
+    if validator is not None:
+        metrics = validator(engine.parent)
+        logger.info("round 0 (pre-trained model): %s", metrics_text(metrics))
+
+
+async def serve_async(
+    config: RunConfig,
+    engine: FederationEngine,
+    *,
+    handle_signals: bool = True,
+    listener: socket.socket | None = None,
+    begin: Callable[[], None] | None = None,
+    observer: RoundObserver | None = None,
+) -> int:
     """Serve ``engine``'s rounds to devices; returns 0 when the run is complete, 130 when stopped.
+
+    ``listener``: a socket bound and listening already (:func:`bind_listener`); by default the
+    server binds ``[server] host`` and ``port``. ``begin``: a new run's first step (from
+    :func:`prepare_run`), taken in a worker thread once the port is open: devices connect and are
+    admitted meanwhile, and the first round starts after it. ``observer``: hears the rounds as they
+    happen (:class:`~coordinator.federation.RoundObserver`, e.g. progress in a terminal).
 
     SIGINT and SIGTERM stop it within a few seconds in any phase (their handlers are in place before
     the port opens): devices are told goodbye (1001: they reconnect when a coordinator is back),
     sockets still open after ``STOP_GRACE_S`` are cut, and a merge and checkpoint in progress get
     ``FINISH_GRACE_S`` to finish. The last checkpoint on disk stands (restart with ``--resume``).
     """
-    ssl_context = (
-        server_ssl_context(config.server.tls_cert, config.server.tls_key)
-        if config.server.tls_cert is not None and config.server.tls_key is not None
-        else None
-    )
-    server = CoordinatorServer(
-        engine,
-        config.server,
-        config.devices,
-        run_dir=config.run.dir,
-        keep_checkpoints=config.run.keep_checkpoints,
-        ssl_context=ssl_context,
-        deploy=config.deploy,
-    )
+    server = _server(config, engine, observer)
     status = open_status(server, config.status, config.deploy.operator_token)  # the status page, if on
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -208,8 +232,8 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
-        running = asyncio.ensure_future(server.run())
+        await server.start(listener)
+        running = asyncio.ensure_future(_begin_then_run(server, begin))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -226,10 +250,38 @@ async def serve_async(config: RunConfig, engine: FederationEngine, *, handle_sig
         if status is not None:
             await status.close()
     latest = latest_checkpoint(config.run.dir)
-    number = latest.name.rpartition("-")[2] if latest is not None else ""
+    if latest is None:
+        logger.info("stopping on a signal before the run's first checkpoint: nothing was written")
+        return EXIT_SIGNAL
+    number = latest.name.rpartition("-")[2]
     done = int(number) if number.isdigit() else engine.round
     logger.info("stopping on a signal: the checkpoint of round %d stands (restart with --resume)", done)
     return EXIT_SIGNAL
+
+
+def _server(config: RunConfig, engine: FederationEngine, observer: RoundObserver | None) -> CoordinatorServer:
+    ssl_context = (
+        server_ssl_context(config.server.tls_cert, config.server.tls_key)
+        if config.server.tls_cert is not None and config.server.tls_key is not None
+        else None
+    )
+    return CoordinatorServer(
+        engine,
+        config.server,
+        config.devices,
+        run_dir=config.run.dir,
+        keep_checkpoints=config.run.keep_checkpoints,
+        ssl_context=ssl_context,
+        deploy=config.deploy,
+        observer=observer,
+    )
+
+
+async def _begin_then_run(server: CoordinatorServer, begin: Callable[[], None] | None) -> None:
+    """A new run's first step off the event loop (the server answers devices meanwhile), then the rounds."""
+    if begin is not None:
+        await start_thread(begin)
+    await server.run()
 
 
 async def _halt(running: asyncio.Future[None]) -> None:
@@ -246,10 +298,24 @@ async def _halt(running: asyncio.Future[None]) -> None:
         logger.info("while stopping, the run ended with: %s", running.exception())
 
 
-def run_coordinator(config: RunConfig, *, resume: bool = False) -> int:
-    """Build the engine and serve the run to the end (blocking); the process's exit code."""
-    engine = build_engine(config, resume=resume)
-    return run_bounded(serve_async(config, engine))
+def run_coordinator(config: RunConfig, *, resume: bool = False, observer: RoundObserver | None = None) -> int:
+    """Serve the run to the end (blocking); the process's exit code.
+
+    In this order: what can be checked without the model is (:func:`check_run`), the port is bound
+    (ConfigError if it is taken), the model is loaded (or the run resumed), the server starts, and a
+    new run's round-0 checkpoint and evaluation run while devices connect.
+    """
+    check_run(config, resume=resume)
+    listener = bind_listener(config.server)
+    if listener is not None:
+        logger.info("port %d bound; loading the model", listener.getsockname()[1])
+    try:
+        engine, begin = prepare_run(config, resume=resume)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    return run_bounded(serve_async(config, engine, listener=listener, begin=begin, observer=observer))
 
 
 def run_bounded(main: Coroutine[Any, Any, int], cleanup_s: float = 0.5) -> int:

@@ -37,10 +37,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -53,6 +55,7 @@ from coordinator.federation import (
     FinishRound,
     LogLimiter,
     RoundLoop,
+    RoundObserver,
     RoundResult,
     RunAbortedError,
     SendOrders,
@@ -102,8 +105,10 @@ class CoordinatorServer:
         keep_checkpoints: int = 3,
         ssl_context: ssl.SSLContext | None = None,
         deploy: DeployConfig | None = None,
+        observer: RoundObserver | None = None,
     ) -> None:
         self.engine = engine
+        self.observer = observer  # hears each round start, its answers, its end (terminal progress)
         self.config = config
         self.run_dir = run_dir
         self.keep_checkpoints = keep_checkpoints
@@ -139,12 +144,15 @@ class CoordinatorServer:
 
     # --------------------------------------------------------------------------------- serving
 
-    async def start(self) -> int:
-        """Listen; returns the bound port (also logged, and written to ``port_file`` if set)."""
+    async def start(self, sock: socket.socket | None = None) -> int:
+        """Listen (on ``sock`` if given: bound and listening already); returns the bound port (also
+        logged, and written to ``port_file`` if set)."""
+        where: dict[str, Any] = (
+            {"sock": sock} if sock is not None else {"host": self.config.host, "port": self.config.port}
+        )
         self._server = await serve(
             self._handle,
-            self.config.host,
-            self.config.port,
+            **where,
             ssl=self._ssl,
             process_request=self._gate.process_request,
             create_connection=self._gate.connection_class(),
@@ -241,7 +249,7 @@ class CoordinatorServer:
         if self.run_dir is not None:
             run_dir = self.run_dir
             checkpoint = lambda state: save_checkpoint(run_dir, state, keep=self.keep_checkpoints)  # noqa: E731
-        rounds = RoundLoop(self.engine, checkpoint=checkpoint)
+        rounds = RoundLoop(self.engine, checkpoint=checkpoint, observer=self.observer)
         limit = asyncio.Semaphore(self.config.send_concurrency)
         started = time.monotonic()
         while True:

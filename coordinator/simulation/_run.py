@@ -36,11 +36,14 @@ from coordinator.federation import (
     FederationEngine,
     FinishRound,
     RoundLoop,
+    RoundObserver,
     RoundSummary,
     RunComplete,
     SendOrders,
     TrainOrder,
     WidthPolicy,
+    check_data_file,
+    check_model_folder,
     metrics_text,
     resolve_labels,
 )
@@ -130,6 +133,23 @@ def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData
     return data, validator, validator, labels
 
 
+def check_simulation(config: SimulationConfig, *, model: bool = True) -> None:
+    """ConfigError for data files (and, with ``model``, a model folder) the run could not use: found
+    before the model loads or any run folder is written."""
+    d = config.data
+    if model:
+        check_model_folder(config.model.name, tokenizer=d.kind == "file" and d.tokenizer is None)
+    if d.kind == "synthetic":
+        return
+    if d.train is None:
+        raise ConfigError(f"[data] train is required for kind = {d.kind!r}")
+    if d.tokenizer is not None and not (Path(d.tokenizer) / "tokenizer.json").is_file():
+        raise ConfigError(f"[data] tokenizer: {d.tokenizer} has no tokenizer.json: set [data] tokenizer = DIR")
+    check_data_file(d.train, "[data] train", limit=d.train_limit, data_format=d.format)
+    if d.dev is not None:
+        check_data_file(d.dev, "[data] dev", limit=d.dev_limit, data_format=d.format)
+
+
 def _device_rows(
     summary: RoundSummary,
     orders: Mapping[str, TrainOrder],
@@ -163,16 +183,19 @@ def run_simulation(
     parent: ParentModel | None = None,
     executor: Executor | None = None,
     run_dir: Path | None = None,
+    observer: RoundObserver | None = None,
 ) -> SimulationResult:
     """Run ``config`` to the end; writes ``rounds/round-NNN.json`` and ``simulation.json`` under the run folder.
 
     ``parent``: the model (default: load ``[model] name``); ``executor``: reuse worker processes across
-    runs (default: one from ``[simulation]``, closed at the end); ``run_dir`` overrides ``[run] dir``.
+    runs (default: one from ``[simulation]``, closed at the end); ``run_dir`` overrides ``[run] dir``;
+    ``observer`` hears the rounds as they happen (progress in a terminal).
     """
     started = time.monotonic()
     out = Path(run_dir or config.run_dir)
     if (out / "simulation.json").exists():
         raise ConfigError(f"{out} already holds a finished simulation: choose another [run] dir")
+    check_simulation(config, model=parent is None)
     (out / "rounds").mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(config.model.name) if parent is None else None
     data, evaluator, validator, labels = _sim_data(config, model_dir)
@@ -196,7 +219,7 @@ def run_simulation(
     own = executor is None
     runner = executor or _make_executor(config)
     try:
-        rounds = _run_rounds(config, engine, links, data=data, executor=runner, out=out)
+        rounds = _run_rounds(config, engine, links, data=data, executor=runner, out=out, observer=observer)
     finally:
         if own:
             runner.close()
@@ -274,9 +297,10 @@ def _run_rounds(
     data: SimData,
     executor: Executor,
     out: Path,
+    observer: RoundObserver | None = None,
 ) -> list[dict[str, Any]]:
     """The federation's round loop over the simulated links; one record per round (also written)."""
-    rounds = RoundLoop(engine, device_wait_s=0.0)  # every simulated device is there from the start
+    rounds = RoundLoop(engine, device_wait_s=0.0, observer=observer)  # every simulated device is there at once
     wire = out / ".wire"
     records: list[dict[str, Any]] = []
     orders: dict[str, TrainOrder] = {}

@@ -1,9 +1,14 @@
 """``edge-sdk profile``: show the detected device and its training-memory budget.
 
-    edge-sdk profile [--json] [--memory-budget SIZE | --profile NAME] [--no-probe] [--step-probe]
+    edge-sdk profile [--json] [--memory-budget SIZE | --profile NAME] [--no-probe] [--step-probe] [--no-cache]
 
 ``--json`` prints ``{"profile": ..., "budget": ..., "device_class": ...}`` (``DeviceProfile.to_dict()``,
 ``MemoryBudget.to_dict()``, and the named class or null) on stdout; logs go to stderr.
+
+The runtime's footprint (what importing torch, transformers and the modeling code costs) is
+measured once per installation and remembered (``edge_sdk.device._footprint``): a later profile
+reads it instead of importing the runtime, so ``--no-probe`` answers in well under a second.
+``--no-cache`` measures it again.
 
 Extension hook: sub-network planning (``--model DIR``) belongs to a later module,
 ``edge_sdk.cli._profile_plan``. When that module exists it is imported lazily and must provide
@@ -20,6 +25,7 @@ import json
 from types import ModuleType
 from typing import Any
 
+from edge_sdk._cache import cache_dir
 from edge_sdk._units import format_bytes, parse_size
 from edge_sdk.device._budget import compute_budget
 from edge_sdk.device._classes import DeviceClass, load_device_class
@@ -57,7 +63,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     source.add_argument(
         "--profile", metavar="NAME", help="budget of a named device class (e.g. raspberry-pi-4-4gb) or a .toml file"
     )
-    parser.add_argument("--no-probe", action="store_true", help="skip the ~1 s compute probe")
+    parser.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="skip the compute probe (a ~1 s matmul timing, plus importing torch for it): the fastest profile",
+    )
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="measure the runtime's footprint by importing it (by default the figure measured before is reused)",
+    )
     parser.add_argument(
         "--step-probe",
         action="store_true",
@@ -173,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
     # Check the user's input before spending seconds on detection.
     override = parse_size(args.memory_budget) if args.memory_budget is not None else None
     device_class = load_device_class(args.profile) if args.profile is not None else None
-    profile = detect_profile(probe=not args.no_probe, probe_step=args.step_probe)
+    profile = detect_profile(
+        probe=not args.no_probe, probe_step=args.step_probe, footprint_cache=None if args.no_cache else cache_dir()
+    )
     budget = compute_budget(profile, override=override, named_profile=device_class)
     plan = _plan_module()
     plan_json, plan_lines = plan.run_plan(args, profile, budget) if plan is not None else (None, [])

@@ -37,6 +37,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from edge_sdk._errors import ProfileError
 from edge_sdk.device._cgroup import read_cgroup_memory
+from edge_sdk.device._footprint import Footprint, load_footprint, save_footprint
 from edge_sdk.device._probe import ComputeProbe, measure_matmul, measure_step
 from edge_sdk.scaling.families import modeling_modules
 
@@ -379,6 +380,45 @@ def _probe_compute(torch: Any, accelerator: Accelerator | None, seconds: float, 
     return compute
 
 
+@dataclass(frozen=True)
+class _Runtime:
+    """The runtime as detection found it: imported now, or its footprint remembered (then no torch)."""
+
+    torch: Any | None
+    torch_version: str | None
+    modules: tuple[str, ...]
+    total: int
+    available: int
+    rss: int
+
+
+def _gpu_possible(root: Path, is_jetson: bool) -> bool:
+    """A GPU torch could use may be here (then the runtime is imported, to ask it)."""
+    return is_jetson or (root / "proc/driver/nvidia/version").exists()
+
+
+def _runtime(system: Any, torch_module: Any, modules: Sequence[str], cache: Path | None, gpu: bool) -> _Runtime:
+    """Import the runtime and read memory after it; or, with a remembered footprint (``cache``, no GPU,
+    the real torch), read memory now and take the footprint's growth off what is available."""
+    use_cache = cache is not None and torch_module is _AUTO and not gpu
+    found = load_footprint(modules, cache) if use_cache else None
+    if found is not None:
+        total, available = _memory(system)
+        grows = max(0, found.runtime_rss - _process_rss(system))
+        return _Runtime(None, found.torch_version, found.modules, total, max(0, available - grows), found.runtime_rss)
+    baseline = _process_rss(system)
+    torch = _import_torch() if torch_module is _AUTO else torch_module
+    imported = _import_runtime(modules)
+    # Read memory and our own resident set together, after the imports: "available" then excludes
+    # the runtime, which the budget accounts for explicitly (see edge_sdk.device._budget).
+    total, available = _memory(system)
+    rss = _process_rss(system)
+    version = str(getattr(torch, "__version__", "unknown")) if torch is not None else None
+    if use_cache and rss > 0:
+        save_footprint(modules, Footprint(rss, baseline, imported, version), cache)
+    return _Runtime(torch, version, imported, total, available, rss)
+
+
 def detect_profile(
     *,
     root: Path | str = "/",
@@ -388,6 +428,7 @@ def detect_profile(
     probe: bool = True,
     probe_seconds: float = 1.0,
     probe_step: bool = False,
+    footprint_cache: Path | None = None,
 ) -> DeviceProfile:
     """Detect this device.
 
@@ -397,26 +438,23 @@ def detect_profile(
     ``torch_module``: a torch-like module, ``None`` for "no torch", or (default) the real torch if it imports.
     ``runtime_modules``: imported (each optional) before the runtime footprint is read.
     ``probe``: run the ~``probe_seconds`` matmul probe; ``probe_step``: also time a small training step.
+    ``footprint_cache``: a folder where the runtime's footprint is remembered (:mod:`._footprint`):
+    read from there instead of importing the runtime when this installation measured it before.
     """
     root = Path(root)
     if system is None:
         import psutil
 
         system = psutil
-    torch = _import_torch() if torch_module is _AUTO else torch_module
-
     device_model = _read_text(root / "proc/device-tree/model")
     is_jetson = _is_jetson(root, device_model)
-    imported = _import_runtime(runtime_modules)
-
-    # Read memory and our own resident set together, after the imports: "available" then excludes
-    # the runtime, which the budget accounts for explicitly (see edge_sdk.device._budget).
-    total, available = _memory(system)
-    rss = _process_rss(system)
+    rt = _runtime(system, torch_module, runtime_modules, footprint_cache, _gpu_possible(root, is_jetson))
     cgroup_limit, cgroup_available = read_cgroup_memory(root)
-
     cpu = _cpu(system)
-    accelerator = _accelerator(torch, is_jetson) if torch is not None else None
+    accelerator = _accelerator(rt.torch, is_jetson) if rt.torch is not None else None
+    torch = rt.torch
+    if torch is None and rt.torch_version is not None and probe:  # a remembered footprint: torch for the probe
+        torch = _import_torch()
     compute = _probe_compute(torch, accelerator, probe_seconds, step=probe_step) if probe else None
 
     return DeviceProfile(
@@ -426,13 +464,13 @@ def detect_profile(
         device_model=device_model,
         is_jetson=is_jetson,
         python_version=platform.python_version(),
-        torch_version=str(getattr(torch, "__version__", "unknown")) if torch is not None else None,
-        memory_total=total,
-        memory_available=min(available, total),
+        torch_version=rt.torch_version,
+        memory_total=rt.total,
+        memory_available=min(rt.available, rt.total),
         cgroup_limit=cgroup_limit,
         cgroup_available=cgroup_available,
-        runtime_rss=rss,
-        runtime_modules=imported,
+        runtime_rss=rt.rss,
+        runtime_modules=rt.modules,
         **cpu,
         temperatures=_temperatures(system),
         battery=_battery(system),

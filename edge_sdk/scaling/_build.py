@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import transformers
 from torch import nn
 
 from edge_sdk._errors import SpecError
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.scaling.families import Family, default_task, family_for
 
+if TYPE_CHECKING:
+    import transformers
+
 __all__ = ["build_model", "hf_config", "model_class", "parent_dims"]
 
 
 def hf_config(config: Mapping[str, Any], **overrides: Any) -> transformers.PretrainedConfig:
     """An HF config object from a config dict (as found in ``config.json``)."""
+    import transformers  # imported when first needed: planning from a parent never is
+
     data = {k: v for k, v in config.items() if k not in ("transformers_version", "architectures")}
     model_type = data.pop("model_type", None)
     if model_type is None:
@@ -41,6 +45,8 @@ def model_class(config: Mapping[str, Any], task: str | None = None) -> type[nn.M
     class_name = family.task_classes.get(task)
     if class_name is None:
         raise SpecError(f"the {family.name} family has no {task!r} head (it has: {sorted(family.task_classes)})")
+    import transformers
+
     cls: type[nn.Module] = getattr(transformers, class_name)
     return cls
 

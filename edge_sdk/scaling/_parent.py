@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 
 from edge_sdk._errors import ConfigError, SpecError
@@ -92,6 +91,8 @@ def load_parent(model_dir: str | Path, *, task: str | None = None, num_labels: i
     if class_name is None:
         tasks = ", ".join(repr(t) for t in family.task_classes)
         raise SpecError(f"the {family.name} family has no {task!r} head (its tasks: {tasks}; [model] task)")
+    import transformers  # here, not at the top: a parent built from a checkpoint never needs it
+
     torch.manual_seed(seed)
     with _quiet("transformers.modeling_utils", "transformers.integrations.tensor_parallel"):
         # (a new classifier head is expected here, not news; nor is the tensor-parallel plan)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 
 from edge_sdk.scaling._build import hf_config
@@ -69,6 +68,8 @@ def _rebuild(parent: ParentModel) -> nn.Module:
     class_name = parent.family.task_classes[parent.task]
     cfg = hf_config(parent.config)
     cfg._attn_implementation = "eager"
+    import transformers  # only activation-aware salience builds a model
+
     model: nn.Module = getattr(transformers, class_name)(cfg)
     model.load_state_dict(parent.state, strict=True)
     return model.eval()
