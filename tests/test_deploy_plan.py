@@ -9,7 +9,7 @@ import pytest
 
 from coordinator.federation._config import DeployConfig, parse_config
 from coordinator.federation._deploy_plan import DeployOutcome, make_order, outcome, plan_deployment, plan_inference_for
-from edge_sdk import ConfigError
+from edge_sdk import ConfigError, LabelMap
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.scaling._extract import extract, param_count
 from edge_sdk.scaling._memory import INFERENCE_RUNTIME_BYTES, Workload, inference_estimate
@@ -97,7 +97,10 @@ def test_a_deploy_order_carries_the_inference_weights_and_the_class_names() -> N
     engine = make_engine(["d"])
     dims = engine.parent.dims
     engine.admit("d", hello(budget_for(engine, SubnetSpec.uniform(dims, heads=2, ffn=20)), runtime=0))
-    config = DeployConfig(batch_size=2, seq_len=16, quantize=True, labels=("a", "b", "c"))
+    # the run's label map is in the model config every task and deploy carries (set before the engine
+    # is built in a real run: serve/_run.py applies it to the parent's config)
+    engine.model_config = LabelMap.from_config(["a", "b", "c"]).apply_to(engine.model_config)
+    config = DeployConfig(batch_size=2, seq_len=16, quantize=True)
     order = make_order(engine, "d", config, "d0-d-1")
     expected = extract(engine.parent, order.plan.inference.spec)
     assert {n: tuple(a.shape) for n, a in order.tensors.items()} == {n: tuple(t.shape) for n, t in expected.items()}
@@ -135,19 +138,21 @@ def test_deploy_defaults_and_values() -> None:
     assert parse_config(BASE).deploy == DeployConfig()
     default = DeployConfig()
     assert (default.enabled, default.batch_size, default.seq_len, default.quantize) == (True, 1, 128, False)
-    cfg = parse_config(
+    run = parse_config(
         with_deploy(
             enabled=True,
             batch_size=4,
             seq_len=64,
             quantize=True,
             timeout_s=120,
-            labels=["negative", "positive"],
+            labels=["negative", "positive"],  # the older place of the class names: read as [model] labels
             operator_token="operator-token-1",
         )
-    ).deploy
+    )
+    cfg = run.deploy
     assert (cfg.batch_size, cfg.seq_len, cfg.quantize, cfg.timeout_s) == (4, 64, True, 120.0)
-    assert cfg.labels == ("negative", "positive") and cfg.operator_token == "operator-token-1"
+    assert run.model.labels is not None and run.model.labels.names == ("negative", "positive")
+    assert cfg.operator_token == "operator-token-1"
     assert "operator-token-1" not in repr(cfg)
 
 
@@ -159,8 +164,8 @@ def test_deploy_defaults_and_values() -> None:
         ({"quantize": "yes"}, r"\[deploy\] quantize: must be true or false"),
         ({"enabled": 1}, r"\[deploy\] enabled: must be true or false"),
         ({"timeout_s": 0}, r"\[deploy\] timeout_s: must be > 0"),
-        ({"labels": ["only-one"]}, r"\[deploy\] labels: names 1 classes; \[model\] num_labels is 2"),
-        ({"labels": ["x", "x"]}, r"\[deploy\] labels: must be a list of distinct"),
+        ({"labels": ["only-one"]}, r"\[deploy\] labels: a label map has 2 to 4096 labels, got 1"),
+        ({"labels": ["x", "x"]}, r"\[deploy\] labels: label names must be distinct"),
         ({"operator_token": "short"}, r"\[deploy\] operator_token: the token must be"),
         ({"operator_token": "token-aaaa"}, r"\[deploy\] operator_token: must differ from every device"),
         ({"quantise": True}, r"\[deploy\]: unknown key\(s\) quantise"),

@@ -122,7 +122,6 @@ class DeployConfig:
     seq_len: int = 128  # ... and the served model's maximum sequence length
     quantize: bool = False  # also write a dynamic int8 model (per-channel weights) and measure its drift
     timeout_s: float = 600.0  # bound on one device's deploy: transfer, export, checks, answer
-    labels: tuple[str, ...] = ()  # (read into [model] labels: the run's label map names the served classes)
     operator_token: str | None = field(default=None, repr=False)  # bearer token of on-demand deploys
 
 

@@ -44,7 +44,6 @@ __all__ = [
     "outcome",
     "plan_deployment",
     "plan_inference_for",
-    "served_config",
 ]
 
 DeployStatus = Literal["ok", "failed", "timeout", "skipped"]
@@ -191,15 +190,6 @@ def plan_deployment(engine: FederationEngine, device_id: str, config: DeployConf
     )
 
 
-def served_config(model_config: Mapping[str, Any], labels: tuple[str, ...]) -> dict[str, Any]:
-    """The model config a deploy carries: the run's, with the class names when ``[deploy] labels`` gives them."""
-    config = dict(model_config)
-    if labels:
-        config["id2label"] = {str(i): name for i, name in enumerate(labels)}
-        config["label2id"] = {name: i for i, name in enumerate(labels)}
-    return config
-
-
 def make_order(engine: FederationEngine, device_id: str, config: DeployConfig, task_id: str) -> DeployOrder:
     """The Deploy for one device: its inference plan and the current global model's weights for it."""
     plan = plan_deployment(engine, device_id, config)
@@ -210,7 +200,7 @@ def make_order(engine: FederationEngine, device_id: str, config: DeployConfig, t
         round=engine.round,
         plan=plan,
         settings=InferenceSettings(batch_size=config.batch_size, seq_len=config.seq_len, quantize=config.quantize),
-        model_config=served_config(engine.model_config, config.labels),
+        model_config=dict(engine.model_config),  # with the run's label map (id2label)
         tensors=torch_to_numpy(extract(parent, plan.inference.spec)),
     )
 
