@@ -67,6 +67,7 @@ from coordinator.serve._connection import (
     CLOSE_TRY_AGAIN,
     Changes,
     Connection,
+    SharedEncodings,
     close_quietly,
     peer,
     start_thread,
@@ -126,6 +127,7 @@ class CoordinatorServer:
         self._server: Server | None = None
         self._stopping = False
         self._sends: list[asyncio.Future[None]] = []  # the open round's deliveries
+        self.encodings = SharedEncodings()  # the open round's tensors, laid out once per sub-network
         self.port: int | None = None
 
     @property
@@ -251,11 +253,13 @@ class CoordinatorServer:
             elif isinstance(step, SendOrders):
                 started = time.monotonic()
                 self.status.orders_sent(step.orders)
+                self.encodings.clear()
                 self._sends = [asyncio.ensure_future(self._send_order(order, limit)) for order in step.orders]
             elif isinstance(step, FinishRound):
                 for task in self._sends:
                     task.cancel()  # a no-op for the finished ones
                 await asyncio.gather(*self._sends, return_exceptions=True)
+                self.encodings.clear()
                 result = await self._finish(rounds)
                 self.status.round_finished(result.summary)
                 where = f"; checkpoint {result.checkpoint}" if result.checkpoint is not None else ""
@@ -279,12 +283,16 @@ class CoordinatorServer:
 
     async def _send_order(self, order: TrainOrder, limit: asyncio.Semaphore) -> None:
         async with limit:
+            try:  # once per sub-network, off the event loop; every device of that sub-network shares it
+                encoded = await self.encodings.get(order.tensors)
+            except ProtocolError:
+                encoded = None  # start_task raises it again and fails the task
             connection = self._connections.get(order.device_id)
             if connection is None or not connection.idle:
                 self.engine.task_failed(order.task_id, "disconnected before its task was sent")
                 self._changes.wake()
                 return
-            if not connection.session.start_task(order):  # it cannot go: the task failed
+            if not connection.session.start_task(order, encoded):  # it cannot go: the task failed
                 self._changes.wake()
                 return
             try:
@@ -363,4 +371,4 @@ class CoordinatorServer:
                 await close_quietly(ws, verdict.close_code, verdict.close_reason)
                 return
             frame = await ws.recv()  # ConnectionClosed when the device goes
-            verdict = session.receive(frame, loop.time())
+            verdict = await connection.receive(frame, loop.time())

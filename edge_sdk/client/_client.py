@@ -285,7 +285,7 @@ class _Session:
 
     async def flush(self) -> None:
         async with self.lock:
-            for frame in self.conn.data_to_send():
+            for frame in self.conn.frames_to_send():  # chunk frames made one at a time, as sent
                 await self.ws.send(frame)
 
     async def run(self) -> _SessionEnd:
