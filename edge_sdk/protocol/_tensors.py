@@ -429,7 +429,8 @@ def _block_sum_squares(block: np.ndarray) -> tuple[float, int]:
     is not finite (a NaN/Inf, or squares beyond float32's range) is counted exactly in float64.
     """
     fast = block if block.dtype.itemsize >= 4 else block.astype(np.float32)
-    square_sum = float(np.dot(fast, fast))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow or a NaN is handled below
+        square_sum = float(np.dot(fast, fast))
     if math.isfinite(square_sum):
         return square_sum, 0
     wide = block.astype(np.float64)
