@@ -61,8 +61,9 @@ class Connection:
         """Send everything the session queued, in order; returns the bytes sent.
 
         A transfer's chunks are made as the socket takes them, each sent as a fragmented message of
-        the chunk header and views of the tensors' memory: no copy of the tensors is queued, and a
-        transfer in flight holds about a chunk (websockets' write buffer) beyond the tensors.
+        the chunk header and views of the tensors' memory (pieces of at most 256 KiB): no copy of the
+        tensors is queued, and a transfer in flight holds about a piece (websockets' frame and write
+        buffer) beyond the tensors.
         """
         sent = 0
         async with self.send_lock:

@@ -13,7 +13,9 @@ is its :class:`~coordinator.federation.RoundLoop` (the simulator drives the same
   device's connection is open, so a stolen or copied token cannot evict the device or fail its task;
   a device whose old connection died silently gets back in once keepalive closes the old one (about
   40 s), retrying the 409 with its backoff;
-- TLS through an ``ssl`` context; ``max_size`` is the protocol's frame limit; no compression;
+- TLS through an ``ssl`` context; ``max_size`` is the protocol's frame limit; no compression; at most
+  ``RECEIVE_QUEUE_FRAMES`` frame read ahead per connection (an update arriving holds a few chunks
+  beyond its own buffer; a task being sent, less than one: see ``Connection.flush``);
 - each connection feeds its frames to its session and sends what the session queued. The first frame
   (the Hello: admission plans the device's sub-network, a search of a tenth of a second or more) is
   handled in a worker thread, so other devices are served meanwhile. A device's fault (bad frame,
@@ -88,6 +90,9 @@ logger = logging.getLogger(__name__)
 _device_log = LogLimiter(logger)  # keyed by device name: connects and disconnects a device may cause
 
 FINISH_GRACE_S = 2.0  # how long a stop waits for a merge and checkpoint in progress
+# Frames websockets reads ahead per connection before it stops reading the socket (its default is 16,
+# i.e. 16 to 64 MiB of chunks per device receiving an update).
+RECEIVE_QUEUE_FRAMES = 1
 
 
 class CoordinatorServer:
@@ -151,6 +156,7 @@ class CoordinatorServer:
             process_request=self._gate.process_request,
             create_connection=self._gate.connection_class(),
             max_size=self._limits.max_frame_bytes,
+            max_queue=RECEIVE_QUEUE_FRAMES,
             compression=None,
             open_timeout=min(self.config.hello_timeout_s, HANDSHAKE_TIMEOUT_S),
             close_timeout=CLOSE_TIMEOUT_S,

@@ -96,6 +96,7 @@ TaskMessage = TrainTask | EvaluateTask | Deploy
 Tensors = Mapping[str, np.ndarray] | EncodedTensors  # what a send_* method takes: arrays, or already prepared
 OutgoingFrame = str | bytes | ChunkPieces  # text, binary, or a binary frame's pieces (a fragmented message)
 MAX_ERROR_TEXT = 2000  # characters of a fault's description sent back in an Error
+FRAGMENT_BYTES = 256 << 10  # the longest piece of a fragmented chunk frame (frames_to_send(fragments=True))
 _TO_DEVICE = (Welcome, TrainTask, EvaluateTask, Deploy)
 _TO_COORDINATOR = (Hello, Update, EvalResult, DeployResult, Progress)
 
@@ -165,9 +166,9 @@ class BaseConnection:
         """Take the queued outgoing messages one at a time, in order, as the caller sends them.
 
         A transfer's chunk frames are made only as they are taken: ``bytes`` (the chunk's pieces joined),
-        or with ``fragments`` a tuple of pieces (the chunk header, then views of the tensors' memory) to
-        send as one fragmented websocket message (``websockets``: ``await ws.send(pieces)``). Messages
-        queued meanwhile follow in order. Stop taking only to drop the connection.
+        or with ``fragments`` a tuple of pieces (the chunk header, then views of the tensors' memory, each
+        at most ``FRAGMENT_BYTES``) to send as one fragmented websocket message (``websockets``:
+        ``await ws.send(pieces)``). Messages queued meanwhile follow in order. Stop taking only to drop the connection.
         """
         while self._outgoing:
             item = self._outgoing.popleft()
@@ -175,7 +176,10 @@ class BaseConnection:
                 yield item
                 continue
             encoded, manifest = item
-            yield from encoded.chunk_pieces(manifest) if fragments else encoded.frames(manifest)
+            if fragments:
+                yield from encoded.chunk_pieces(manifest, max_piece_bytes=FRAGMENT_BYTES)
+            else:
+                yield from encoded.frames(manifest)
 
     def take_work(self) -> Callable[[], None] | None:
         """The received chunks' checks waiting to run (with ``defer_checks``): run it (in a worker

@@ -69,8 +69,13 @@ class EncodedTensors:
             sha256=self.sha256,
         )
 
-    def chunk_pieces(self, manifest: TensorManifest) -> Iterator[ChunkPieces]:
-        """Each chunk frame of ``manifest``'s transfer, in order, as (header, payload views...)."""
+    def chunk_pieces(self, manifest: TensorManifest, *, max_piece_bytes: int | None = None) -> Iterator[ChunkPieces]:
+        """Each chunk frame of ``manifest``'s transfer, in order, as (header, payload views...).
+
+        ``max_piece_bytes``: cut views longer than this (a websocket sends each piece as one frame, and
+        buffers about one frame: smaller pieces, less memory in flight).
+        """
+        limit = max_piece_bytes if max_piece_bytes is not None else manifest.chunk_bytes
         if manifest.total_bytes != self.total_bytes or manifest.sha256 != self.sha256:
             raise ValueError("the manifest announces other tensors")
         raw_id = bytes.fromhex(manifest.transfer_id)
@@ -83,7 +88,7 @@ class EncodedTensors:
                 if position == len(current):
                     current, position = next(segments), 0
                     continue
-                take = min(want, len(current) - position)
+                take = min(want, len(current) - position, limit)
                 pieces.append(current[position : position + take])
                 position += take
                 want -= take
