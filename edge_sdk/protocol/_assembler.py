@@ -101,7 +101,6 @@ class TensorAssembler:
         self.deferred = False  # True: the transport calls verify() itself (e.g. in a worker thread)
         self._backlog: collections.deque[tuple[int, memoryview]] = collections.deque()
         self._lock = threading.Lock()  # verify() may run in a worker thread
-        self._verified_bytes = 0
         self._scan = ValueScan()
         # Tensors in data order as announced (offsets known): scanned as their bytes complete.
         self._pending = collections.deque(
@@ -188,7 +187,6 @@ class TensorAssembler:
                 end = position + len(payload)
                 buffer[position:end] = np.frombuffer(payload, dtype=np.uint8)
                 self._hash.update(payload)
-                self._verified_bytes = end
                 if self._streamed:
                     self._scan_values(buffer, end)
 

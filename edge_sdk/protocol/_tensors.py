@@ -7,7 +7,9 @@ dtypes, total bytes, chunk size and count, sha256 of the whole safetensors blob)
     magic b"EFC1" (4 bytes) | transfer id (16 bytes: the manifest's 32 hex digits) | chunk index (u32 BE)
 
 so a chunk from another transfer, out of order, duplicated or cut short is caught as it arrives.
-:class:`TensorAssembler` (in ``_assembler``) rebuilds and checks the tensors on the receiving side.
+:class:`TensorAssembler` (in ``_assembler``) rebuilds and checks the tensors on the receiving side;
+:class:`EncodedTensors` (in ``_payload``) sends them without copying them (:func:`encode_tensors` here
+makes the whole blob and every frame: for tests and tools).
 
 Only numpy is needed here: an inference-only device without torch uses the same code. The torch
 helpers import torch inside the function.
@@ -382,8 +384,8 @@ class ValueScan:
     """Finite-value and sum-of-squares checks accumulated over tensors or parts of them, in any order.
 
     ``add(name, values)`` takes a whole floating-point tensor or any slice of one (a receiver scans
-    each tensor's elements as their bytes arrive); integer tensors are skipped. :meth:`result` and
-    :meth:`check` give the global L2 norm and the tensors holding NaN or Inf.
+    each tensor's elements as their bytes arrive); integer tensors are skipped. :attr:`norm` is the
+    global L2 norm; :meth:`check` also refuses NaN/Inf (naming their tensors) and a norm above a bound.
     """
 
     def __init__(self) -> None:
