@@ -1,19 +1,30 @@
 """Transport benchmark: model transfer over the real protocol vs a raw socket, and idle-client memory.
 
-    python bench/transport.py [--repeat 3] [--clients 200] [--no-tls] [--skip-idle] [--json]
+    python bench/transport.py [--repeat 5] [--clients 200] [--no-tls] [--skip-idle] [--profile] [--json]
 
 1. Throughput. The all-MiniLM-L6-v2 weights (90.9 MB of safetensors) make a round trip over loopback:
-   - protocol: a websocket server in this process sends them as a TrainTask through
-     ``CoordinatorConnection`` (safetensors encode, sha256, 1 MiB chunk frames, no compression); a device
-     process receives them through ``DeviceConnection`` (manifest, chunk and sha256 checks, decode,
-     finite-value check) and answers with an Update of the same tensors, which the server verifies the
-     same way (plus the norm bound). Timed from the start of encoding to the verified Update.
+   - protocol: a websocket server in this process sends them as a TrainTask the way the coordinator
+     does (``CoordinatorConnection``; the tensors laid out once by ``prepare_tensors`` in a worker
+     thread, chunk frames sent as fragmented messages of views of the arrays, 1 MiB chunks, no
+     compression); a device process receives them through ``DeviceConnection`` (manifest, chunk and
+     sha256 checks, decode, finite-value check) and answers with an Update of the same tensors, which
+     the server verifies as the coordinator does (chunks copied, hashed and value-checked in a worker
+     thread as they arrive, plus the norm bound). Timed from the start of encoding to the verified
+     Update; the "shared encoding" row leaves the encoding out (a round encodes each sub-network once
+     for every device that gets it).
    - raw: the same safetensors bytes, ``sendall`` to a process that reads them and sends them back
      over a plain TCP socket. Timed from the first byte sent to the last byte back.
    Throughput = 2 x bytes / time (both directions); the median of ``--repeat`` round trips. With TLS
    available (``openssl`` on the PATH), the protocol path is also measured over ``wss://``. The
-   "codec only" row is the protocol's CPU work without any socket (encode, chunk, sha256, assemble,
-   header and finite/norm checks, both directions): the bound the protocol path cannot beat.
+   "codec only" row is the protocol's CPU work without any socket (prepare, chunk, sha256, assemble,
+   header and finite/norm checks, both directions): the bound the protocol path cannot beat. The
+   "3 sha256 passes" row is the floor under it: a round trip digests the bytes three times one after
+   the other (the device checks the task; it digests its update before the manifest announcing it
+   can go; the coordinator checks the update), and no pass can start before the previous one ends.
+   The server's peak extra resident memory (``VmHWM`` reset through ``/proc/self/clear_refs``) is
+   measured while it sends the task (above what it held before) and while it receives the update
+   (above that and the update's own bytes), in chunks (MiB). ``--profile`` prints where the server's
+   time goes over one ws:// round trip (cProfile).
 2. Idle clients. ``edge-coordinator serve`` (the real daemon, holding MiniLM) runs as a child process;
    ``--clients`` devices, all in this one process, connect, say Hello and stay idle (the run waits for
    one more device, so no round starts). Its resident set before and after, per client.
@@ -25,8 +36,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import hashlib
+import io
 import json
 import os
+import pstats
 import shutil
 import signal
 import socket
@@ -45,6 +60,7 @@ import safetensors.numpy
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from coordinator.serve._server import RECEIVE_QUEUE_FRAMES
 from edge_sdk.protocol import (
     CoordinatorConnection,
     DeviceConnection,
@@ -55,7 +71,7 @@ from edge_sdk.protocol import (
     WelcomeReceived,
     WireLimits,
     decode_tensors,
-    encode_tensors,
+    prepare_tensors,
 )
 
 TIMEOUT_S = 300.0
@@ -91,10 +107,15 @@ async def ws_device(url: str, cafile: str | None) -> None:
     ) as ws:
         conn = DeviceConnection(limits=limits)
         conn.send_hello(device_id="bench", sdk_version="bench", profile={"budget": {"usable": 1 << 34}})
-        for frame in conn.data_to_send():
+        for frame in conn.frames_to_send():
             await ws.send(frame)
+        conn.defer_checks = True  # as the SDK client: each chunk's checks in a worker thread
         async for message in ws:
-            for event in conn.receive(message):
+            events = conn.receive(message)
+            work = conn.take_work()
+            if work is not None:
+                await asyncio.to_thread(work)
+            for event in events:
                 if isinstance(event, TaskReceived):
                     conn.send_update(
                         task_id=event.task.task_id,
@@ -106,7 +127,7 @@ async def ws_device(url: str, cafile: str | None) -> None:
                         train_time_s=0.0,
                         encoding="weights",
                     )
-            for frame in conn.data_to_send():
+            for frame in conn.frames_to_send():  # as the SDK client sends: chunk frames made one at a time
                 await ws.send(frame)
 
 
@@ -127,36 +148,92 @@ def raw_echo(port: int, size: int, repeat: int) -> None:
 # ----------------------------------------------------------------------------------- throughput
 
 
-async def protocol_round_trips(tensors: dict[str, np.ndarray], repeat: int, tls: tuple[str, str] | None) -> list[float]:
+def _peak_reset() -> int:
+    """Reset this process's peak resident set (Linux ``clear_refs``); its resident set now, in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return psutil.Process().memory_info().rss
+
+
+def _peak() -> int:
+    """This process's peak resident set since the last :func:`_peak_reset`, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+class Trip:
+    """One measured round trip: seconds in all, seconds encoding, peak extra bytes sending and receiving."""
+
+    def __init__(self) -> None:
+        self.total = self.encode = 0.0
+        self.send_extra = self.receive_extra = 0
+
+
+async def _receive(ws: ServerConnection, conn: CoordinatorConnection) -> UpdateReceived:
+    """Frames until the verified Update, each chunk's checks in a worker thread (as the coordinator)."""
+    while True:
+        events = conn.receive(await ws.recv())
+        work = conn.take_work()
+        if work is not None:
+            await asyncio.to_thread(work)
+        for event in events:
+            if isinstance(event, UpdateReceived):
+                return event
+
+
+async def _round_trip(
+    ws: ServerConnection, conn: CoordinatorConnection, tensors: dict[str, np.ndarray], i: int
+) -> Trip:
+    trip = Trip()
+    before = _peak_reset()
+    start = time.perf_counter()
+    encoded = await asyncio.to_thread(prepare_tensors, tensors)
+    trip.encode = time.perf_counter() - start
+    conn.send_train_task(
+        task_id=f"t{i}",
+        round=i,
+        spec={},
+        model_config={},
+        settings=TrainSettings(local_steps=1, lr=1e-4, batch_size=1, seq_len=1),
+        tensors=encoded,
+        max_update_norm=1e9,
+    )
+    for frame in conn.frames_to_send(fragments=True):
+        await ws.send(frame)
+    trip.send_extra = _peak() - before
+    before = _peak_reset()
+    update = await _receive(ws, conn)
+    trip.total = time.perf_counter() - start
+    trip.receive_extra = _peak() - before - update.update.weights.total_bytes
+    return trip
+
+
+async def protocol_round_trips(
+    tensors: dict[str, np.ndarray], repeat: int, tls: tuple[str, str] | None, profile: bool = False
+) -> list[Trip]:
     limits = WireLimits()
-    times: list[float] = []
+    trips: list[Trip] = []
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def handler(ws: ServerConnection) -> None:
         conn = CoordinatorConnection(limits=limits)
+        conn.defer_checks = True
         for event in conn.receive(await ws.recv()):
             assert isinstance(event, HelloReceived)
         conn.send_welcome(run_id="bench", round=0, server_time=time.time())
-        for frame in conn.data_to_send():
+        for frame in conn.frames_to_send():
             await ws.send(frame)
+        profiler = cProfile.Profile() if profile else None
         for i in range(repeat):
-            start = time.perf_counter()
-            conn.send_train_task(
-                task_id=f"t{i}",
-                round=i,
-                spec={},
-                model_config={},
-                settings=TrainSettings(local_steps=1, lr=1e-4, batch_size=1, seq_len=1),
-                tensors=tensors,
-                max_update_norm=1e9,
-            )
-            for frame in conn.data_to_send():
-                await ws.send(frame)
-            done = False
-            while not done:
-                for event in conn.receive(await ws.recv()):
-                    done = done or isinstance(event, UpdateReceived)
-            times.append(time.perf_counter() - start)
+            if profiler is not None and i == repeat - 1:
+                profiler.enable()
+            trips.append(await _round_trip(ws, conn, tensors, i))
+        if profiler is not None:
+            profiler.disable()
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(14)
+            print("Server side, one round trip over ws:// (cProfile, by own time):\n" + out.getvalue())
         await ws.close()
         ready.set_result(None)
 
@@ -164,7 +241,15 @@ async def protocol_round_trips(tensors: dict[str, np.ndarray], repeat: int, tls:
     if tls is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(tls[0], tls[1])
-    async with serve(handler, "127.0.0.1", 0, max_size=limits.max_frame_bytes, compression=None, ssl=context) as server:
+    async with serve(
+        handler,
+        "127.0.0.1",
+        0,
+        max_size=limits.max_frame_bytes,
+        max_queue=RECEIVE_QUEUE_FRAMES,
+        compression=None,
+        ssl=context,
+    ) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         scheme = "wss" if tls else "ws"
         args = ["--role", "ws-device", "--url", f"{scheme}://127.0.0.1:{port}"]
@@ -173,7 +258,7 @@ async def protocol_round_trips(tensors: dict[str, np.ndarray], repeat: int, tls:
             await asyncio.wait_for(ready, TIMEOUT_S)
         finally:
             proc.wait(TIMEOUT_S)
-    return times
+    return trips
 
 
 def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
@@ -210,6 +295,16 @@ def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
     return times
 
 
+def sha256_seconds(blob: bytes, repeat: int) -> list[float]:
+    """One sha256 pass over the model's bytes: the protocol's floor per pass."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        hashlib.sha256(blob).digest()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def codec_round_trips(tensors: dict[str, np.ndarray], repeat: int) -> list[float]:
     """The protocol's CPU work alone, no socket: encode, assemble and verify, both directions."""
     times = []
@@ -217,8 +312,9 @@ def codec_round_trips(tensors: dict[str, np.ndarray], repeat: int) -> list[float
         start = time.perf_counter()
         arrays = tensors
         for _direction in range(2):
-            manifest, frames = encode_tensors(arrays)
-            arrays = decode_tensors(manifest, frames, expected=manifest.entries, max_norm=1e9)
+            encoded = prepare_tensors(arrays)
+            manifest = encoded.manifest()
+            arrays = decode_tensors(manifest, encoded.frames(manifest), expected=manifest.entries, max_norm=1e9)
         times.append(time.perf_counter() - start)
     return times
 
@@ -343,11 +439,12 @@ dir = "run"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", action="store_true")
     parser.add_argument("--role", choices=("ws-device", "raw-echo"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--cafile", help=argparse.SUPPRESS)
@@ -365,23 +462,37 @@ def main() -> None:
     blob = safetensors.numpy.save(tensors)
     mb = len(blob) / 1e6
     rows: dict[str, float] = {}
+    memory: dict[str, Trip] = {}
     rows["raw TCP socket"] = 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
     rows["codec only, no socket"] = 2 * mb / statistics.median(codec_round_trips(tensors, args.repeat))
-    rows["protocol, ws://"] = 2 * mb / statistics.median(asyncio.run(protocol_round_trips(tensors, args.repeat, None)))
+    # A round trip hashes the bytes three times one after the other (the device checks the task, then
+    # digests its update before announcing it, then the coordinator checks the update): a bound.
+    rows["3 sha256 passes, no socket"] = 2 * mb / (3 * statistics.median(sha256_seconds(blob, args.repeat)))
+
+    def protocol_rows(label: str, trips: list[Trip]) -> None:
+        rows[f"protocol, {label}"] = 2 * mb / statistics.median(t.total for t in trips)
+        rows[f"  shared encoding, {label}"] = 2 * mb / statistics.median(t.total - t.encode for t in trips)
+        memory[label] = max(trips, key=lambda t: max(t.send_extra, t.receive_extra))
+
+    protocol_rows("ws://", asyncio.run(protocol_round_trips(tensors, args.repeat, None, args.profile)))
     with tempfile.TemporaryDirectory() as tmp:
         cert = None if args.no_tls else make_certificate(Path(tmp))
         if cert is not None:
-            rows["protocol, wss:// (TLS)"] = (
-                2 * mb / statistics.median(asyncio.run(protocol_round_trips(tensors, args.repeat, cert)))
-            )
+            protocol_rows("wss://", asyncio.run(protocol_round_trips(tensors, args.repeat, cert)))
         idle = None if args.skip_idle else run_idle(args.clients, Path(tmp))
     raw = rows["raw TCP socket"]
+    extra = {
+        label: {"send_bytes": t.send_extra, "receive_bytes": t.receive_extra, "encode_s": t.encode}
+        for label, t in memory.items()
+    }
     if args.json:
         print(
             json.dumps(
                 {
                     "model_bytes": len(blob),
                     "throughput_mb_s": rows,
+                    "ratio_to_raw": {name: value / raw for name, value in rows.items()},
+                    "server_peak_extra": extra,
                     "idle": idle,
                     "load_average": os.getloadavg()[0],
                 },
@@ -396,7 +507,14 @@ def main() -> None:
         f" (1-minute load average {load:.2f} on {os.cpu_count()} CPUs):"
     )
     for name, value in rows.items():
-        print(f"  {name:<24} {value:8.1f} MB/s   ({value / raw:.2f} x raw)")
+        print(f"  {name:<28} {value:8.1f} MB/s   ({value / raw:.2f} x raw)")
+    print("Server's peak extra resident memory, worst round trip (1 MiB chunks):")
+    for label, t in memory.items():
+        print(
+            f"  {label:<7} sending the task {t.send_extra / 2**20:6.1f} MiB;"
+            f" receiving the update {t.receive_extra / 2**20:6.1f} MiB beyond its own"
+            f" {mb:.1f} MB; encoding took {t.encode * 1e3:.0f} ms"
+        )
     if idle is not None:
         print(
             f"Coordinator RSS with {idle['clients']} idle connected clients (all clients in one process,"

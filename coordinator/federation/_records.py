@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_sdk import SubnetSpec
 from edge_sdk._units import format_bytes
-from edge_sdk.protocol import CoordinatorConnection, TrainSettings
+from edge_sdk.protocol import CoordinatorConnection, EncodedTensors, TrainSettings
 
 __all__ = ["DeviceOutcome", "RoundSummary", "Status", "TrainOrder", "collapse_note", "metrics_text", "width_of"]
 
@@ -40,15 +40,16 @@ class TrainOrder:
     max_update_norm: float  # bound on the L2 norm of the returned tensors (checked as they arrive)
     max_delta_norm: float | None = None  # bound on the L2 norm of the change they make (None: none)
 
-    def send(self, conn: CoordinatorConnection) -> None:
-        """Queue this order's TrainTask (and its tensors) on ``conn``; ProtocolError if it cannot go."""
+    def send(self, conn: CoordinatorConnection, encoded: EncodedTensors | None = None) -> None:
+        """Queue this order's TrainTask (and its tensors, or ``encoded``: the same tensors already laid
+        out for the wire) on ``conn``; ProtocolError if it cannot go."""
         conn.send_train_task(
             task_id=self.task_id,
             round=self.round,
             spec=self.spec.to_dict(),
             model_config=self.model_config,
             settings=self.settings,
-            tensors=self.tensors,
+            tensors=self.tensors if encoded is None else encoded,
             max_update_norm=self.max_update_norm,
         )
 

@@ -48,6 +48,7 @@ from edge_sdk.protocol import (
     ConnectionState,
     CoordinatorConnection,
     DeployResultReceived,
+    EncodedTensors,
     ErrorCode,
     ErrorReceived,
     Event,
@@ -216,10 +217,14 @@ class DeviceSession:
             return GO_ON
         return CHANGED
 
-    def start_task(self, order: TrainOrder) -> bool:
-        """Queue ``order``'s TrainTask and tensors; False (the task failed) when they cannot go."""
+    def start_task(self, order: TrainOrder, encoded: EncodedTensors | None = None) -> bool:
+        """Queue ``order``'s TrainTask and tensors; False (the task failed) when they cannot go.
+
+        ``encoded``: the order's tensors already laid out for the wire (shared by every device sent
+        the same sub-network); without it they are laid out here.
+        """
         try:
-            order.send(self.conn)
+            order.send(self.conn, encoded)
         except ProtocolError as exc:  # e.g. the device's transfer limit is below the sub-network
             logger.warning("round %d: cannot send task to %s: %s", order.round, order.device_id, exc)
             self.engine.task_failed(order.task_id, f"cannot send: {exc}", device_id=self.device_id)

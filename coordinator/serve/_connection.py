@@ -12,17 +12,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Response
 from websockets.protocol import State
 
-from coordinator.federation import DeviceSession
+from coordinator.federation import DeviceSession, Verdict
+from edge_sdk.protocol import EncodedTensors, prepare_tensors
 
 __all__ = [
     "CLOSE_TIMEOUT_S",
     "CLOSE_TRY_AGAIN",
     "Changes",
     "Connection",
+    "SharedEncodings",
     "close_quietly",
     "json_response",
     "peer",
@@ -43,6 +46,7 @@ class Connection:
         self.ws = ws
         self.session = session
         self.send_lock = asyncio.Lock()
+        session.conn.defer_checks = True  # received chunks are checked by receive(), in a worker thread
 
     @property
     def name(self) -> str:
@@ -54,13 +58,53 @@ class Connection:
         return self.session.ready and self.ws.state is State.OPEN
 
     async def flush(self) -> int:
-        """Send everything the session queued, in order; returns the bytes sent."""
+        """Send everything the session queued, in order; returns the bytes sent.
+
+        A transfer's chunks are made as the socket takes them, each sent as a fragmented message of
+        the chunk header and views of the tensors' memory (pieces of at most 256 KiB): no copy of the
+        tensors is queued, and a transfer in flight holds about a piece (websockets' frame and write
+        buffer) beyond the tensors.
+        """
         sent = 0
         async with self.send_lock:
-            for frame in self.session.conn.data_to_send():
+            for frame in self.session.conn.frames_to_send(fragments=True):
                 await self.ws.send(frame)
-                sent += len(frame)
+                sent += len(frame) if isinstance(frame, (str, bytes)) else sum(len(piece) for piece in frame)
         return sent
+
+    async def receive(self, frame: str | bytes, now: float) -> Verdict:
+        """Feed one frame to the session; a received chunk's checks (copy, sha256, finite values,
+        norm) run in a worker thread, while the event loop serves the other devices."""
+        verdict = self.session.receive(frame, now)
+        work = self.session.conn.take_work()
+        if work is not None:
+            await asyncio.to_thread(work)
+        return verdict
+
+
+class SharedEncodings:
+    """A round's tensors laid out for the wire once per distinct set (one per sub-network shape), in a
+    worker thread, and shared by every device that is sent the same set (see ``EncodedTensors``).
+
+    Keyed by the identity of the tensors' mapping (the round's orders of one sub-network share it).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Mapping[str, np.ndarray], asyncio.Future[EncodedTensors]]] = {}
+        self.prepared = 0  # how many encodings were made (each set once)
+
+    async def get(self, tensors: Mapping[str, np.ndarray]) -> EncodedTensors:
+        """The shared encoding of ``tensors`` (made now, off the loop, if it is the first ask)."""
+        entry = self._entries.get(id(tensors))
+        if entry is None or entry[0] is not tensors:
+            future = asyncio.ensure_future(asyncio.to_thread(prepare_tensors, tensors))
+            entry = self._entries[id(tensors)] = (tensors, future)
+            self.prepared += 1
+        return await asyncio.shield(entry[1])  # one sender cancelled never cancels the others' encoding
+
+    def clear(self) -> None:
+        """Forget every encoding (a new round's tensors are new)."""
+        self._entries.clear()
 
 
 class Changes:

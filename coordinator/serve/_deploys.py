@@ -18,12 +18,14 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
 from coordinator.federation import DeployConfig, DeployOrder, DeployOutcome, FederationEngine, make_order, outcome
 from coordinator.serve._connection import CLOSE_TRY_AGAIN, Connection, close_quietly, start_thread, write_atomic
 from edge_sdk._errors import EdgeFMError, ProtocolError
+from edge_sdk.protocol import EncodedTensors, prepare_tensors
 
 __all__ = ["DEPLOYMENTS_FILE", "DeployService", "deploy_task_id"]
 
@@ -166,6 +168,10 @@ class DeployService:
 
     async def _send(self, order: DeployOrder) -> int | str:
         """Send a Deploy and its weights; the bytes sent, or why it could not be sent."""
+        try:  # laid out and hashed off the event loop
+            tensors: EncodedTensors | Mapping[str, Any] = await asyncio.to_thread(prepare_tensors, order.tensors)
+        except ProtocolError:
+            tensors = order.tensors  # send_deploy raises it again, and it is reported below
         connection = self._connections.get(order.device_id)
         if connection is None or not connection.idle:
             return "disconnected or busy before its model was sent"
@@ -176,7 +182,7 @@ class DeployService:
                 spec=order.plan.inference.spec.to_dict(),
                 model_config=order.model_config,
                 settings=order.settings,
-                tensors=order.tensors,
+                tensors=tensors,
             )
         except ProtocolError as exc:  # e.g. the device's transfer limit is below the sub-network
             return f"cannot send: {exc}"

@@ -13,7 +13,9 @@ is its :class:`~coordinator.federation.RoundLoop` (the simulator drives the same
   device's connection is open, so a stolen or copied token cannot evict the device or fail its task;
   a device whose old connection died silently gets back in once keepalive closes the old one (about
   40 s), retrying the 409 with its backoff;
-- TLS through an ``ssl`` context; ``max_size`` is the protocol's frame limit; no compression;
+- TLS through an ``ssl`` context; ``max_size`` is the protocol's frame limit; no compression; at most
+  ``RECEIVE_QUEUE_FRAMES`` frame read ahead per connection (an update arriving holds a few chunks
+  beyond its own buffer; a task being sent, less than one: see ``Connection.flush``);
 - each connection feeds its frames to its session and sends what the session queued. The first frame
   (the Hello: admission plans the device's sub-network, a search of a tenth of a second or more) is
   handled in a worker thread, so other devices are served meanwhile. A device's fault (bad frame,
@@ -70,6 +72,7 @@ from coordinator.serve._connection import (
     CLOSE_TRY_AGAIN,
     Changes,
     Connection,
+    SharedEncodings,
     close_quietly,
     peer,
     start_thread,
@@ -90,6 +93,9 @@ logger = logging.getLogger(__name__)
 _device_log = LogLimiter(logger)  # keyed by device name: connects and disconnects a device may cause
 
 FINISH_GRACE_S = 2.0  # how long a stop waits for a merge and checkpoint in progress
+# Frames websockets reads ahead per connection before it stops reading the socket (its default is 16,
+# i.e. 16 to 64 MiB of chunks per device receiving an update).
+RECEIVE_QUEUE_FRAMES = 1
 
 
 class CoordinatorServer:
@@ -131,6 +137,7 @@ class CoordinatorServer:
         self._server: Server | None = None
         self._stopping = False
         self._sends: list[asyncio.Future[None]] = []  # the open round's deliveries
+        self.encodings = SharedEncodings()  # the open round's tensors, laid out once per sub-network
         self.port: int | None = None
 
     @property
@@ -157,6 +164,7 @@ class CoordinatorServer:
             process_request=self._gate.process_request,
             create_connection=self._gate.connection_class(),
             max_size=self._limits.max_frame_bytes,
+            max_queue=RECEIVE_QUEUE_FRAMES,
             compression=None,
             open_timeout=min(self.config.hello_timeout_s, HANDSHAKE_TIMEOUT_S),
             close_timeout=CLOSE_TIMEOUT_S,
@@ -259,11 +267,13 @@ class CoordinatorServer:
             elif isinstance(step, SendOrders):
                 started = time.monotonic()
                 self.status.orders_sent(step.orders)
+                self.encodings.clear()
                 self._sends = [asyncio.ensure_future(self._send_order(order, limit)) for order in step.orders]
             elif isinstance(step, FinishRound):
                 for task in self._sends:
                     task.cancel()  # a no-op for the finished ones
                 await asyncio.gather(*self._sends, return_exceptions=True)
+                self.encodings.clear()
                 result = await self._finish(rounds)
                 self.status.round_finished(result.summary)
                 where = f"; checkpoint {result.checkpoint}" if result.checkpoint is not None else ""
@@ -287,12 +297,16 @@ class CoordinatorServer:
 
     async def _send_order(self, order: TrainOrder, limit: asyncio.Semaphore) -> None:
         async with limit:
+            try:  # once per sub-network, off the event loop; every device of that sub-network shares it
+                encoded = await self.encodings.get(order.tensors)
+            except ProtocolError:
+                encoded = None  # start_task raises it again and fails the task
             connection = self._connections.get(order.device_id)
             if connection is None or not connection.idle:
                 self.engine.task_failed(order.task_id, "disconnected before its task was sent")
                 self._changes.wake()
                 return
-            if not connection.session.start_task(order):  # it cannot go: the task failed
+            if not connection.session.start_task(order, encoded):  # it cannot go: the task failed
                 self._changes.wake()
                 return
             try:
@@ -371,4 +385,4 @@ class CoordinatorServer:
                 await close_quietly(ws, verdict.close_code, verdict.close_reason)
                 return
             frame = await ws.recv()  # ConnectionClosed when the device goes
-            verdict = session.receive(frame, loop.time())
+            verdict = await connection.receive(frame, loop.time())

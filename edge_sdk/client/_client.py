@@ -277,6 +277,7 @@ class _Session:
         self.device = device
         self.ws = ws
         self.conn = DeviceConnection(limits=device.limits)
+        self.conn.defer_checks = True  # on_frame runs the received chunks' checks in a worker thread
         self.lock = asyncio.Lock()
         self.cancel = threading.Event()
         self.work: asyncio.Task[None] | None = None
@@ -285,7 +286,7 @@ class _Session:
 
     async def flush(self) -> None:
         async with self.lock:
-            for frame in self.conn.data_to_send():
+            for frame in self.conn.frames_to_send():  # chunk frames made one at a time, as sent
                 await self.ws.send(frame)
 
     async def run(self) -> _SessionEnd:
@@ -319,7 +320,11 @@ class _Session:
                 await asyncio.wait_for(asyncio.shield(self.work), _CANCEL_WAIT_S)
 
     async def on_frame(self, frame: str | bytes) -> None:
-        for event in self.conn.receive(frame):
+        events = self.conn.receive(frame)
+        work = self.conn.take_work()  # a received chunk's copy, sha256 and value checks: off the loop
+        if work is not None:
+            await asyncio.to_thread(work)
+        for event in events:
             await self.on_event(event)
         await self.flush()
 

@@ -35,7 +35,7 @@ from edge_sdk.protocol._events import (
     UpdateRejected,
     WelcomeReceived,
 )
-from edge_sdk.protocol._machine import ConnectionState, TaskMessage
+from edge_sdk.protocol._machine import ConnectionState, OutgoingFrame, TaskMessage
 from edge_sdk.protocol._messages import (
     FEATURE_PROGRESS,
     MAX_MEMORY_BYTES,
@@ -64,6 +64,7 @@ from edge_sdk.protocol._messages import (
     decode_message,
     encode_message,
 )
+from edge_sdk.protocol._payload import EncodedTensors, prepare_tensors
 from edge_sdk.protocol._task_error import MAX_ERROR_MESSAGE_BYTES, task_error_message
 from edge_sdk.protocol._tensors import (
     CHUNK_HEADER_BYTES,
@@ -144,6 +145,7 @@ __all__ = [
     "DeployResult",
     "DeployResultReceived",
     "DeviceConnection",
+    "EncodedTensors",
     "Error",
     "ErrorCode",
     "ErrorReceived",
@@ -157,6 +159,7 @@ __all__ = [
     "InferenceSettings",
     "JSONObject",
     "Message",
+    "OutgoingFrame",
     "Progress",
     "ProgressReceived",
     "ProtocolViolation",
@@ -185,6 +188,7 @@ __all__ = [
     "encode_tensors",
     "entry_mismatches",
     "numpy_to_torch",
+    "prepare_tensors",
     "read_safetensors_header",
     "split_update_name",
     "task_error_message",

@@ -6,13 +6,22 @@ transfer id, index and length (as it arrives); total bytes and sha256; the safet
 against the manifest and the expected tensors (before any array is made); finally, optionally,
 finite values and a global L2-norm bound.
 
+The costly part (copying each payload into the receive buffer, sha256, the finite-value and norm scan
+of every tensor's elements as their bytes complete) is streamed: chunk by chunk as they arrive, in
+:meth:`TensorAssembler.verify`. By default :meth:`~TensorAssembler.add_chunk` runs it at once; a
+transport that sets ``deferred`` runs it itself in a worker thread between frames (see
+``BaseConnection.take_work``), so an event loop only checks frame headers. At most
+``MAX_BACKLOG_CHUNKS`` chunks wait: beyond that, and for the last chunk, the work runs inline.
+
 Decoded arrays are writable views into the one receive buffer: no second copy of the weights.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -23,7 +32,7 @@ from edge_sdk.protocol._tensors import (
     MAX_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
-    check_tensor_values,
+    ValueScan,
     decode_chunk,
     entry_mismatches,
     numpy_dtype,
@@ -31,12 +40,14 @@ from edge_sdk.protocol._tensors import (
 )
 from edge_sdk.protocol._wire import CLOSE_MESSAGE_TOO_BIG, CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR
 
-__all__ = ["EntryCheck", "TensorAssembler", "decode_tensors"]
+__all__ = ["MAX_BACKLOG_CHUNKS", "EntryCheck", "TensorAssembler", "decode_tensors"]
 
 # What a receiver expects: exact entries, or a function listing every problem with the entries received.
 EntryCheck = Callable[[Iterable[TensorEntry]], list[str]]
 
 logger = logging.getLogger(__name__)
+
+MAX_BACKLOG_CHUNKS = 2  # chunks a deferred assembler holds unverified before it verifies inline
 
 
 class TensorAssembler:
@@ -82,10 +93,24 @@ class TensorAssembler:
             )
         if self._expected is not None:
             self._raise_mismatches(manifest.entries, "announced manifest")
-        self._buffer = bytearray()  # grows as chunks arrive: an announcement alone costs no memory
+        # Allocated (uninitialized, so untouched pages cost no memory) when the first chunk arrives.
+        self._buffer: np.ndarray | None = None
         self._hash = hashlib.sha256()
         self._next = 0
         self._received_bytes = 0
+        self.deferred = False  # True: the transport calls verify() itself (e.g. in a worker thread)
+        self._backlog: collections.deque[tuple[int, memoryview]] = collections.deque()
+        self._lock = threading.Lock()  # verify() may run in a worker thread
+        self._scan = ValueScan()
+        # Tensors in data order as announced (offsets known): scanned as their bytes complete.
+        self._pending = collections.deque(
+            sorted(
+                (e for e in manifest.entries if e.offset is not None and numpy_dtype(e.dtype).kind == "f"),
+                key=lambda e: e.offset or 0,
+            )
+        )
+        self._streamed = all(e.offset is not None for e in manifest.entries)
+        self._scanned = 0  # elements of the first pending tensor already scanned
 
     @property
     def manifest(self) -> TensorManifest:
@@ -134,11 +159,59 @@ class TensorAssembler:
                 + (" (truncated)" if len(payload) < want else ""),
                 CLOSE_PROTOCOL_ERROR,
             )
-        self._buffer += payload
-        self._hash.update(payload)
+        if self._buffer is None:
+            self._buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
+        self._backlog.append((self._received_bytes, payload))
         self._next += 1
         self._received_bytes += want
+        if not self.deferred or len(self._backlog) > MAX_BACKLOG_CHUNKS or self.complete:
+            self.verify()
         return self.complete
+
+    @property
+    def backlog(self) -> int:
+        """Chunks received and not verified yet (see :meth:`verify`)."""
+        return len(self._backlog)
+
+    def verify(self) -> None:
+        """Copy every waiting chunk into the buffer, hash it and scan the tensor values it completes.
+
+        Safe to call from a worker thread while no other thread feeds this assembler; payload views
+        keep their frames alive until then.
+        """
+        with self._lock:
+            buffer = self._buffer
+            while self._backlog:
+                assert buffer is not None
+                position, payload = self._backlog.popleft()
+                end = position + len(payload)
+                buffer[position:end] = np.frombuffer(payload, dtype=np.uint8)
+                self._hash.update(payload)
+                if self._streamed:
+                    self._scan_values(buffer, end)
+
+    def _scan_values(self, buffer: np.ndarray, end: int) -> None:
+        """Scan the elements of announced float tensors whose bytes lie within ``buffer[:end]``."""
+        while self._pending:
+            entry = self._pending[0]
+            assert entry.offset is not None
+            dtype = numpy_dtype(entry.dtype)
+            count = entry.nbytes // dtype.itemsize
+            ready = min(count, max(0, (end - entry.offset) // dtype.itemsize))
+            if ready > self._scanned:
+                start = entry.offset + self._scanned * dtype.itemsize
+                values = np.frombuffer(buffer, dtype=dtype, count=ready - self._scanned, offset=start)
+                self._scan.add(entry.name, values)
+                self._scanned = ready
+            if self._scanned < count:
+                return
+            self._pending.popleft()
+            self._scanned = 0
+
+    @property
+    def values(self) -> ValueScan:
+        """The finite-value and norm scan of the tensors (complete once :meth:`finish` returned)."""
+        return self._scan
 
     def finish(self) -> dict[str, np.ndarray]:
         """Verify the whole transfer and decode it; ProtocolError if incomplete, corrupt or unexpected."""
@@ -150,14 +223,16 @@ class TensorAssembler:
                 f" ({self._received_bytes} of {manifest.total_bytes} bytes) received",
                 CLOSE_PROTOCOL_ERROR,
             )
+        self.verify()
         digest = self._hash.hexdigest()
         if digest != manifest.sha256:
             raise ProtocolError(
                 f"{self._what}: sha256 mismatch for transfer {tid}: received {digest}, manifest says {manifest.sha256}",
                 CLOSE_PROTOCOL_ERROR,
             )
-        entries = read_safetensors_header(self._buffer)
-        announced = entry_mismatches(entries, manifest.entries)
+        assert self._buffer is not None
+        entries = read_safetensors_header(self._buffer.data)
+        announced = entry_mismatches(entries, manifest.entries) + _offset_mismatches(entries, manifest.entries)
         if announced:
             raise ProtocolError(
                 f"{self._what}: safetensors header of transfer {tid} does not match its manifest: "
@@ -167,8 +242,11 @@ class TensorAssembler:
         if self._expected is not None:
             self._raise_mismatches(entries, "safetensors header")
         tensors = self._decode(entries)
+        if not self._streamed:  # the manifest gave no offsets: scan the decoded tensors now
+            for name, array in tensors.items():
+                self._scan.add(name, array)
         if self._check_values:
-            check_tensor_values(tensors, max_norm=self._max_norm, what=self._what)
+            self._scan.check(max_norm=self._max_norm, what=self._what)
         logger.debug("transfer %s: %d tensors, %d bytes verified", tid, len(tensors), manifest.total_bytes)
         return tensors
 
@@ -183,6 +261,7 @@ class TensorAssembler:
 
     def _decode(self, entries: Iterable[TensorEntry]) -> dict[str, np.ndarray]:
         tensors: dict[str, np.ndarray] = {}
+        assert self._buffer is not None
         for entry in entries:
             assert entry.offset is not None
             dtype = numpy_dtype(entry.dtype)
@@ -190,6 +269,17 @@ class TensorAssembler:
             array = np.frombuffer(self._buffer, dtype=dtype, count=count, offset=entry.offset)
             tensors[entry.name] = array.reshape(entry.shape)
         return tensors
+
+
+def _offset_mismatches(actual: Iterable[TensorEntry], announced: Iterable[TensorEntry]) -> list[str]:
+    """Tensors the manifest placed elsewhere than the safetensors header does (the values scanned as
+    they arrived were read at the manifest's offsets)."""
+    have = {entry.name: entry.offset for entry in actual}
+    return [
+        f"tensor {entry.name!r}: at byte {have[entry.name]}, the manifest says {entry.offset}"
+        for entry in announced
+        if entry.offset is not None and entry.name in have and have[entry.name] != entry.offset
+    ]
 
 
 def decode_tensors(

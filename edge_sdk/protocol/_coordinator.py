@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
 from typing import ClassVar, TypeVar
 
 import numpy as np
@@ -25,6 +24,7 @@ from edge_sdk.protocol._machine import (
     BaseConnection,
     ConnectionState,
     TaskMessage,
+    Tensors,
     error_code_for,
     kind_of,
 )
@@ -47,7 +47,8 @@ from edge_sdk.protocol._messages import (
     Welcome,
     WireLimits,
 )
-from edge_sdk.protocol._tensors import check_tensor_values
+from edge_sdk.protocol._payload import EncodedTensors
+from edge_sdk.protocol._tensors import ValueScan
 from edge_sdk.protocol._update_entries import update_entry_check
 from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
@@ -115,16 +116,18 @@ class CoordinatorConnection(BaseConnection):
         spec: JSONObject,
         model_config: JSONObject,
         settings: TrainSettings,
-        tensors: Mapping[str, np.ndarray],
+        tensors: Tensors,
         max_update_norm: float | None = None,
     ) -> TrainTask:
         """Send a training task; the Update must return the same tensor names, shapes and dtypes, or
         what ``settings.levers`` allows instead (``edge_sdk.protocol._update_entries``).
 
         ``max_update_norm``: bound on the global L2 norm of the returned tensors (for delta updates).
+        ``tensors``: arrays, or an :class:`EncodedTensors` prepared once and sent to every device that
+        gets the same tensors (the send then copies and hashes nothing).
         """
         self._require_state("send_train_task", ConnectionState.READY)
-        manifest, frames = self._encode_for_peer(tensors, f"train task {task_id!r}")
+        manifest, encoded = self._encode_for_peer(tensors, f"train task {task_id!r}")
         task = TrainTask(
             task_id=task_id,
             round=round,
@@ -133,7 +136,7 @@ class CoordinatorConnection(BaseConnection):
             settings=settings,
             weights=manifest,
         )
-        return self._send_task(task, frames, max_update_norm)
+        return self._send_task(task, encoded, max_update_norm)
 
     def send_evaluate_task(
         self,
@@ -143,11 +146,11 @@ class CoordinatorConnection(BaseConnection):
         spec: JSONObject,
         model_config: JSONObject,
         settings: EvalSettings,
-        tensors: Mapping[str, np.ndarray],
+        tensors: Tensors,
     ) -> EvaluateTask:
         """Send an evaluation task; the device answers with an EvalResult."""
         self._require_state("send_evaluate_task", ConnectionState.READY)
-        manifest, frames = self._encode_for_peer(tensors, f"evaluate task {task_id!r}")
+        manifest, encoded = self._encode_for_peer(tensors, f"evaluate task {task_id!r}")
         task = EvaluateTask(
             task_id=task_id,
             round=round,
@@ -156,7 +159,7 @@ class CoordinatorConnection(BaseConnection):
             settings=settings,
             weights=manifest,
         )
-        return self._send_task(task, frames, None)
+        return self._send_task(task, encoded, None)
 
     def send_deploy(
         self,
@@ -166,11 +169,11 @@ class CoordinatorConnection(BaseConnection):
         spec: JSONObject,
         model_config: JSONObject,
         settings: InferenceSettings,
-        tensors: Mapping[str, np.ndarray],
+        tensors: Tensors,
     ) -> Deploy:
         """Send a sub-network for deployment (ONNX export on the device); it answers with a DeployResult."""
         self._require_state("send_deploy", ConnectionState.READY)
-        manifest, frames = self._encode_for_peer(tensors, f"deploy {task_id!r}")
+        manifest, encoded = self._encode_for_peer(tensors, f"deploy {task_id!r}")
         task = Deploy(
             task_id=task_id,
             round=round,
@@ -179,11 +182,11 @@ class CoordinatorConnection(BaseConnection):
             settings=settings,
             weights=manifest,
         )
-        return self._send_task(task, frames, None)
+        return self._send_task(task, encoded, None)
 
-    def _send_task(self, task: _T, frames: list[bytes], max_norm: float | None) -> _T:
+    def _send_task(self, task: _T, encoded: EncodedTensors, max_norm: float | None) -> _T:
         self._queue(task)
-        self._outgoing.extend(frames)
+        self._queue_transfer(encoded, task.weights)
         self._outstanding = _Outstanding(task=task, max_norm=max_norm)
         self._state = ConnectionState.AWAITING_RESULT
         return task
@@ -269,16 +272,14 @@ class CoordinatorConnection(BaseConnection):
             return [EvalResultReceived(result=message)]
         return [DeployResultReceived(result=message)]
 
-    def _on_transfer_complete(self, tensors: dict[str, np.ndarray]) -> list[Event]:
+    def _on_transfer_complete(self, tensors: dict[str, np.ndarray], values: ValueScan) -> list[Event]:
         update, outstanding = self._update, self._outstanding
         assert update is not None and outstanding is not None
         self._update = None
         self._outstanding = None
         self._state = ConnectionState.READY
         try:
-            norm = check_tensor_values(
-                tensors, max_norm=outstanding.max_norm, what=f"update for task {update.task_id!r}"
-            )
+            norm = values.check(max_norm=outstanding.max_norm, what=f"update for task {update.task_id!r}")
         except ProtocolError as exc:
             logger.warning("coordinator: rejected the update for task %r: %s", update.task_id, exc)
             self._queue(Error(task_id=update.task_id, code=ErrorCode.BAD_UPDATE, message=str(exc)[:MAX_ERROR_TEXT]))

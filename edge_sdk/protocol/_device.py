@@ -34,7 +34,7 @@ from edge_sdk.protocol._messages import (
     Welcome,
     WireLimits,
 )
-from edge_sdk.protocol._tensors import check_tensor_values, describe_tensors
+from edge_sdk.protocol._tensors import ValueScan, check_tensor_values, describe_tensors
 from edge_sdk.protocol._update_entries import update_entry_mismatches
 from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
@@ -108,7 +108,7 @@ class DeviceConnection(BaseConnection):
                 f"{what} does not match the task's tensors: " + "; ".join(problems), CLOSE_POLICY_VIOLATION
             )
         check_tensor_values(tensors, what=what)
-        manifest, frames = self._encode_for_peer(tensors, what)
+        manifest, encoded = self._encode_for_peer(tensors, what)
         update = Update(
             task_id=task_id,
             num_samples=num_samples,
@@ -120,7 +120,7 @@ class DeviceConnection(BaseConnection):
             encoding=encoding,
         )
         self._queue(update)
-        self._outgoing.extend(frames)
+        self._queue_transfer(encoded, manifest)
         self._finish_task()
         return update
 
@@ -217,11 +217,11 @@ class DeviceConnection(BaseConnection):
         self._state = ConnectionState.RECEIVING
         return []
 
-    def _on_transfer_complete(self, tensors: dict[str, np.ndarray]) -> list[Event]:
+    def _on_transfer_complete(self, tensors: dict[str, np.ndarray], values: ValueScan) -> list[Event]:
         task = self._task
         assert task is not None
         try:
-            check_tensor_values(tensors, what=f"{kind_of(task)} {task.task_id!r}")
+            values.check(what=f"{kind_of(task)} {task.task_id!r}")
         except ProtocolError as exc:
             logger.warning("device: rejected task %r: %s", task.task_id, exc)
             self._finish_task()

@@ -13,7 +13,12 @@ a thread or a clock. The caller's loop is::
                                             # with event.close_code, event.close_reason
 
 ``send_*`` methods queue messages (a JSON text frame, then a tensor transfer's binary chunk frames)
-for :meth:`data_to_send` and return the message they built. They raise ProtocolError when called in
+for :meth:`data_to_send` and return the message they built. A socket transport takes them with
+:meth:`frames_to_send` instead: a transfer's chunk frames are then made one at a time as the socket
+takes them, from views of the tensors' own memory (``_payload``), optionally as the pieces of a
+fragmented websocket message, so no copy of the tensors is queued. Received chunks are checked
+(sha256, finite values, norm) as they arrive; with ``defer_checks`` the transport runs that work
+itself between frames, in a worker thread (:meth:`take_work`). They raise ProtocolError when called in
 the wrong state or when the message would exceed the peer's limits: that is a bug on this side and
 nothing is queued. :meth:`receive` never raises: a peer's fault queues an ``Error`` for the peer
 (naming the task when there is one), moves the machine to CLOSED and returns a
@@ -25,9 +30,10 @@ EvalResult, DeployResult, or an Error naming it) before the next task may be sen
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -56,13 +62,14 @@ from edge_sdk.protocol._messages import (
     message_from_json,
     parse_text_frame,
 )
+from edge_sdk.protocol._payload import ChunkPieces, EncodedTensors, prepare_tensors
 from edge_sdk.protocol._tensors import (
     CHUNK_HEADER_BYTES,
     MIN_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
+    ValueScan,
     decode_chunk,
-    encode_tensors,
 )
 from edge_sdk.protocol._wire import (
     CLOSE_INTERNAL_ERROR,
@@ -72,12 +79,24 @@ from edge_sdk.protocol._wire import (
     CLOSE_UNSUPPORTED_DATA,
 )
 
-__all__ = ["MAX_ERROR_TEXT", "BaseConnection", "ConnectionState", "TaskMessage", "error_code_for", "kind_of"]
+__all__ = [
+    "MAX_ERROR_TEXT",
+    "BaseConnection",
+    "ConnectionState",
+    "OutgoingFrame",
+    "TaskMessage",
+    "Tensors",
+    "error_code_for",
+    "kind_of",
+]
 
 logger = logging.getLogger(__name__)
 
 TaskMessage = TrainTask | EvaluateTask | Deploy
+Tensors = Mapping[str, np.ndarray] | EncodedTensors  # what a send_* method takes: arrays, or already prepared
+OutgoingFrame = str | bytes | ChunkPieces  # text, binary, or a binary frame's pieces (a fragmented message)
 MAX_ERROR_TEXT = 2000  # characters of a fault's description sent back in an Error
+FRAGMENT_BYTES = 256 << 10  # the longest piece of a fragmented chunk frame (frames_to_send(fragments=True))
 _TO_DEVICE = (Welcome, TrainTask, EvaluateTask, Deploy)
 _TO_COORDINATOR = (Hello, Update, EvalResult, DeployResult, Progress)
 
@@ -116,8 +135,9 @@ class BaseConnection:
         self._limits = limits if limits is not None else WireLimits()
         self._peer_limits: WireLimits | None = None
         self._state = state
-        self._outgoing: list[str | bytes] = []
+        self._outgoing: collections.deque[str | bytes | tuple[EncodedTensors, TensorManifest]] = collections.deque()
         self._assembler: TensorAssembler | None = None
+        self.defer_checks = False  # True: the transport runs received chunks' checks itself (take_work)
 
     # ------------------------------------------------------------------------------------ public
 
@@ -136,9 +156,38 @@ class BaseConnection:
         return self._peer_limits
 
     def data_to_send(self) -> list[str | bytes]:
-        """Take the queued outgoing messages, in order: ``str`` as text frames, ``bytes`` as binary frames."""
-        out, self._outgoing = self._outgoing, []
-        return out
+        """Take the queued outgoing messages, in order: ``str`` as text frames, ``bytes`` as binary frames.
+
+        Every chunk frame is made here (a copy of the tensors): a socket transport uses
+        :meth:`frames_to_send`."""
+        return [frame if isinstance(frame, (str, bytes)) else b"".join(frame) for frame in self.frames_to_send()]
+
+    def frames_to_send(self, *, fragments: bool = False) -> Iterator[OutgoingFrame]:
+        """Take the queued outgoing messages one at a time, in order, as the caller sends them.
+
+        A transfer's chunk frames are made only as they are taken: ``bytes`` (the chunk's pieces joined),
+        or with ``fragments`` a tuple of pieces (the chunk header, then views of the tensors' memory, each
+        at most ``FRAGMENT_BYTES``) to send as one fragmented websocket message (``websockets``:
+        ``await ws.send(pieces)``). Messages queued meanwhile follow in order. Stop taking only to drop the connection.
+        """
+        while self._outgoing:
+            item = self._outgoing.popleft()
+            if isinstance(item, (str, bytes)):
+                yield item
+                continue
+            encoded, manifest = item
+            if fragments:
+                yield from encoded.chunk_pieces(manifest, max_piece_bytes=FRAGMENT_BYTES)
+            else:
+                yield from encoded.frames(manifest)
+
+    def take_work(self) -> Callable[[], None] | None:
+        """The received chunks' checks waiting to run (with ``defer_checks``): run it (in a worker
+        thread) before feeding the next frame; None when nothing waits."""
+        assembler = self._assembler
+        if assembler is None or not assembler.backlog:
+            return None
+        return assembler.verify
 
     def receive(self, message: str | bytes) -> list[Event]:
         """Handle one received websocket message; never raises (faults become ProtocolViolation)."""
@@ -199,7 +248,7 @@ class BaseConnection:
     def _on_message(self, message: Message) -> list[Event]:
         raise NotImplementedError
 
-    def _on_transfer_complete(self, tensors: dict[str, np.ndarray]) -> list[Event]:
+    def _on_transfer_complete(self, tensors: dict[str, np.ndarray], values: ValueScan) -> list[Event]:
         raise NotImplementedError
 
     def _pending_task_id(self) -> str | None:
@@ -254,7 +303,7 @@ class BaseConnection:
             tensors = assembler.finish()
         except ProtocolError as exc:
             return self._violation(str(exc), exc.close_code, error_code_for(exc.close_code, self._transfer_error_code))
-        return self._on_transfer_complete(tensors)
+        return self._on_transfer_complete(tensors, assembler.values)
 
     def _open_transfer(
         self, manifest: TensorManifest, expected: tuple[TensorEntry, ...] | EntryCheck | None, what: str
@@ -273,6 +322,7 @@ class BaseConnection:
             check_values=False,  # values are checked by the side's handler: a bad value is not fatal
             what=what,
         )
+        self._assembler.deferred = self.defer_checks
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -301,18 +351,24 @@ class BaseConnection:
         self._outgoing.append(encode_message(message, max_bytes=peer_text))
         logger.debug("%s: queued %s", self._side, kind_of(message))
 
-    def _encode_for_peer(self, tensors: Mapping[str, np.ndarray], what: str) -> tuple[TensorManifest, list[bytes]]:
+    def _encode_for_peer(self, tensors: Tensors, what: str) -> tuple[TensorManifest, EncodedTensors]:
+        """The manifest of a new transfer of ``tensors`` (prepared here unless they already are)."""
         peer = self._peer_limits
         assert peer is not None, "tensors are only sent after the handshake"
         chunk_bytes = min(self._limits.max_chunk_bytes, peer.max_chunk_bytes)
-        manifest, frames = encode_tensors(tensors, chunk_bytes=chunk_bytes)
+        encoded = tensors if isinstance(tensors, EncodedTensors) else prepare_tensors(tensors)
+        manifest = encoded.manifest(chunk_bytes=chunk_bytes)
         if manifest.total_bytes > peer.max_transfer_bytes:
             raise ProtocolError(
                 f"{what}: {manifest.total_bytes} bytes of tensors exceed the peer's transfer limit of"
                 f" {peer.max_transfer_bytes}",
                 CLOSE_MESSAGE_TOO_BIG,
             )
-        return manifest, frames
+        return manifest, encoded
+
+    def _queue_transfer(self, encoded: EncodedTensors, manifest: TensorManifest) -> None:
+        """Queue a transfer's chunk frames (made when taken, see :meth:`frames_to_send`)."""
+        self._outgoing.append((encoded, manifest))
 
     def _require_open(self, action: str) -> None:
         if self._state is ConnectionState.CLOSED:

@@ -214,6 +214,8 @@ def _is_dict_record(ann: Any) -> bool:
 
 def thaw_json(value: Any) -> Any:
     """Plain ``dict``/``list`` copy of a frozen JSON value or a :class:`WireRecord`'s JSON form."""
+    if value is None or isinstance(value, (str, int, float)):  # most values: no dataclass lookups
+        return value
     if isinstance(value, WireRecord):
         return value.to_json()
     if _is_dict_record(type(value)):
