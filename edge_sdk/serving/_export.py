@@ -174,17 +174,10 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report = ExportReport(
-        out_dir=out,
-        exporter=exporter,
-        opset=opset,
-        parity=parity,
-        fp32_bytes=(out / MODEL_FP32).stat().st_size,
-        int8_bytes=(out / MODEL_INT8).stat().st_size if quantize else None,
-        drift=drift,
-        seconds=time.perf_counter() - started,
-        manifest=manifest,
-        fusion=fusion,
-    )
+        out_dir=out, exporter=exporter, opset=opset, parity=parity, fp32_bytes=(out / MODEL_FP32).stat().st_size,
+        int8_bytes=(out / MODEL_INT8).stat().st_size if quantize else None, drift=drift,
+        seconds=time.perf_counter() - started, manifest=manifest, fusion=fusion,
+    )  # fmt: skip
     _log_report(report)
     return report
 
