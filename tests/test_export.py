@@ -81,9 +81,17 @@ def test_optimum_export_keeps_per_layer_widths_and_matches_torch(
         "config.json",
         "edge_manifest.json",
     } | TOKENIZER_FILES
-    # The graph carries the pruned shapes: 2 and 3 heads of 8 dims, 40 FFN neurons (weights are [in, out]).
+    # The graph carries the pruned shapes: 2 and 3 heads of 8 dims, 40 FFN neurons (weights are [in, out]);
+    # fused, each layer's Q, K and V weights are one [hidden, 3 x heads x head dim] matrix.
     shapes = initializer_shapes(out / FP32)
-    assert {(32, 16), (16, 32), (32, 24), (24, 32), (32, 40), (40, 32), (32, 64)} <= shapes
+    assert {(32, 48), (16, 32), (32, 72), (24, 32), (32, 96), (32, 40), (40, 32), (32, 64)} <= shapes
+    assert report.fusion is not None and report.fusion.attention_heads == (2, 3, 4)  # one node per layer
+    assert dict(report.fusion.fused) == {
+        "Attention": 3,
+        "SkipLayerNormalization": 6,
+        "BiasGelu": 3,
+        "EmbedLayerNormalization": 1,
+    }
     # ... and computes what torch computes, through our own predictor too.
     fp32 = load(out, prefer_quantized=False)
     enc = fp32.encode(TEXTS)

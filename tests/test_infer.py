@@ -67,6 +67,29 @@ def test_batching_keeps_input_order(served: Path) -> None:
     assert predictor.predict([]) == []
 
 
+def test_batches_are_padded_to_their_longest_text_only(served: Path) -> None:
+    predictor = load(served)
+    # Both axes of every input are dynamic: nothing pads to max_length.
+    assert all(isinstance(d, str) for i in predictor._session.get_inputs() for d in i.shape)
+    widths: list[tuple[int, int]] = []
+    real_run = predictor._session.run
+
+    class Recording:
+        def run(self, names: object, feed: dict[str, np.ndarray]) -> object:
+            widths.append(feed["input_ids"].shape)
+            return real_run(names, feed)
+
+    predictor._session = Recording()  # type: ignore[assignment]
+    texts = ["wow", "a fine film", "one long string of cliches .", LONG_TEXT]
+    predictions = predictor.predict(texts, batch_size=2)
+    n = [p.n_tokens for p in predictions]
+    assert n[:3] == [3, 5, 10] and n[3] == predictor.max_length  # LONG_TEXT is cut to 32 tokens
+    # Sorted by length, two batches: each as wide as its longest text, no wider.
+    assert widths == [(2, 5), (2, 32)]
+    predictor.predict(["wow"])
+    assert widths[-1] == (1, 3)
+
+
 def test_truncation_is_flagged_and_logged(served: Path, caplog: pytest.LogCaptureFixture) -> None:
     predictor = load(served)
     with caplog.at_level(logging.WARNING, logger="edge_sdk.serving._infer"):

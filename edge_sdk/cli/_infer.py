@@ -3,8 +3,9 @@
     edge-sdk infer --model DIR [--threads N] [--fp32] [--max-length N] [--json] "text" ...
 
 With no text arguments, one text per line is read from stdin. The table on stdout has one row per text:
-label, score, latency (milliseconds, one text at a time, after one warm-up run) and ``[truncated]`` when
-the text was cut to the model's maximum length. ``--json`` prints
+label, score, latency (milliseconds, one text at a time, after one warm-up run; tokenization, the model
+and the scores, the text padded to nothing but its own length) and ``[truncated]`` when the text was cut
+to the model's maximum length. ``--json`` prints
 ``{"model": ..., "threads": ..., "max_length": ..., "load_ms": ..., "results": [{"text", "label",
 "score", "scores", "latency_ms", "truncated", "n_tokens"}, ...]}``.
 

@@ -11,8 +11,14 @@ What :func:`export_onnx` writes (the *served folder*, read by :func:`edge_sdk.se
   widths survive (the Hugging Face config cannot describe them; the graph carries the shapes). Its logits
   are checked against torch on ``parity_batch`` (max abs difference <= ``parity_atol``) before anything
   is published.
+- With ``optimize=True`` (default) and a BERT-like model type, ``model.onnx`` is the graph after ONNX
+  Runtime's transformer fusions (attention, skip-LayerNorm, bias-GELU, embedding-LayerNorm; one
+  ``Attention`` node per layer with that layer's head count, :mod:`edge_sdk.serving._export_optimize`),
+  and the parity check runs on the fused graph. If the fusion fails or its graph misses parity, the
+  unfused graph is checked and served instead, with a warning.
 - ``model_quantized.onnx`` when ``quantize=True``: dynamic int8 with per-channel weights, quantized from the
-  un-optimized fp32 graph. Both files are kept: the fp32 one is the checked reference and the fallback;
+  served fp32 graph (fused first, then quantized: the order measured fastest, ``bench/inference.py``).
+  Both files are kept: the fp32 one is the checked reference and the fallback;
   the predictor serves the int8 one by default (``prefer_quantized=True``). A device short of storage may
   delete ``model.onnx``; the predictor then uses what is left.
 - ``config.json`` (loads in ``optimum.onnxruntime.ORTModelForSequenceClassification``), the tokenizer files
@@ -42,7 +48,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel
 
-from edge_sdk._errors import ConfigError
+from edge_sdk._errors import ConfigError, ExportError
 from edge_sdk.serving._export_checks import (
     DriftReport,
     ParityInput,
@@ -52,6 +58,7 @@ from edge_sdk.serving._export_checks import (
     quantize_int8,
 )
 from edge_sdk.serving._export_graph import ExportMethod, export_graph
+from edge_sdk.serving._export_optimize import FusionReport, fuse_graph, optimizer_model_type
 from edge_sdk.serving._infer import (
     MANIFEST_NAME,
     MODEL_FP32,
@@ -61,7 +68,7 @@ from edge_sdk.serving._infer import (
     sha256_file,
 )
 
-__all__ = ["DriftReport", "ExportReport", "ParityReport", "export_onnx"]
+__all__ = ["DriftReport", "ExportReport", "FusionReport", "ParityReport", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +97,7 @@ _RESERVED_KEYS = frozenset(
         "parity",
         "quantization",
         "drift",
+        "graph",
         "files",
     }
 )
@@ -108,6 +116,7 @@ class ExportReport:
     drift: DriftReport | None
     seconds: float
     manifest: Mapping[str, Any]
+    fusion: FusionReport | None = None  # None: the served graph is not fused
 
     @property
     def size_ratio(self) -> float | None:
@@ -129,6 +138,7 @@ def export_onnx(
     method: ExportMethod = "auto",
     opset: int = DEFAULT_OPSET,
     parity_atol: float = 1e-4,
+    optimize: bool = True,
 ) -> ExportReport:
     """Export ``model`` (a ``*ForSequenceClassification`` module, any per-layer widths) to ``out_dir``.
 
@@ -139,6 +149,8 @@ def export_onnx(
     ``manifest_extra``: JSON-serializable facts for the manifest (source run, round, per-layer spec...).
     ``method``: ``"optimum"`` (``onnx_export_from_model``), ``"torch"`` (``torch.onnx.export``,
     ``dynamo=False``) or ``"auto"`` (optimum, falling back to torch when it cannot export the model).
+    ``optimize``: apply ONNX Runtime's transformer fusions to the graph before the parity check and
+    quantization (BERT, RoBERTa, DistilBERT model types; others are served unfused).
 
     Raises :class:`ConfigError` for bad arguments (before any work) and :class:`ExportError` when the
     export fails or its logits differ from torch by more than ``parity_atol``.
@@ -147,31 +159,25 @@ def export_onnx(
     req = _Request(
         tok_dir=Path(tokenizer_dir), out=Path(out_dir).absolute(), parity_batch=parity_batch,
         max_length=max_length, quantize=quantize, drift_texts=drift_texts, drift_labels=drift_labels,
-        method=method, opset=opset, parity_atol=parity_atol,
+        method=method, opset=opset, parity_atol=parity_atol, optimize=optimize,
     )  # fmt: skip
     extra = _check_args(model, req, manifest_extra)
     out = req.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        exporter, parity, drift = _write_models(model, req, tmp)
-        manifest = _manifest(model, tmp, req, exporter=exporter, parity=parity, drift=drift, extra=extra)
+        exporter, parity, drift, fusion = _write_models(model, req, tmp)
+        manifest = _manifest(model, tmp, req, exporter=exporter, parity=parity, drift=drift, extra=extra, fusion=fusion)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report = ExportReport(
-        out_dir=out,
-        exporter=exporter,
-        opset=opset,
-        parity=parity,
-        fp32_bytes=(out / MODEL_FP32).stat().st_size,
-        int8_bytes=(out / MODEL_INT8).stat().st_size if quantize else None,
-        drift=drift,
-        seconds=time.perf_counter() - started,
-        manifest=manifest,
-    )
+        out_dir=out, exporter=exporter, opset=opset, parity=parity, fp32_bytes=(out / MODEL_FP32).stat().st_size,
+        int8_bytes=(out / MODEL_INT8).stat().st_size if quantize else None, drift=drift,
+        seconds=time.perf_counter() - started, manifest=manifest, fusion=fusion,
+    )  # fmt: skip
     _log_report(report)
     return report
 
@@ -190,17 +196,19 @@ class _Request:
     method: ExportMethod
     opset: int
     parity_atol: float
+    optimize: bool
 
 
 def _write_models(
     model: PreTrainedModel, req: _Request, tmp: Path
-) -> tuple[Literal["optimum", "torch"], ParityReport, DriftReport | None]:
-    """Write the tokenizer, config and fp32 graph (and the int8 graph if ``quantize``) into ``tmp``;
-    check the fp32 graph's parity with ``model`` and measure the int8 graph's drift from it."""
+) -> tuple[Literal["optimum", "torch"], ParityReport, DriftReport | None, FusionReport | None]:
+    """Write the tokenizer, config and fp32 graph (fused when possible; and the int8 graph if ``quantize``)
+    into ``tmp``; check the fp32 graph's parity with ``model`` and measure the int8 graph's drift from it."""
     with _eval_mode(model):
         _copy_tokenizer(req.tok_dir, tmp)
         _write_config(model, tmp)
         exporter = export_graph(model, tmp / MODEL_FP32, req.method, req.opset, tmp)
+        fusion = _fuse(model, req, tmp) if req.optimize else None
         fp32 = load(tmp, prefer_quantized=False, max_length=req.max_length, verify=False)
         parity = check_parity(model, fp32, req.parity_batch, req.parity_atol)
         drift: DriftReport | None = None
@@ -208,7 +216,28 @@ def _write_models(
             quantize_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
             int8 = load(tmp, prefer_quantized=True, max_length=req.max_length, verify=False)
             drift = measure_drift(fp32, int8, req.parity_batch, texts=req.drift_texts, labels=req.drift_labels)
-    return exporter, parity, drift
+    return exporter, parity, drift, fusion
+
+
+def _fuse(model: PreTrainedModel, req: _Request, tmp: Path) -> FusionReport | None:
+    """Replace ``tmp/model.onnx`` with its fused graph if the fusion works and keeps parity with ``model``;
+    otherwise keep the unfused graph (with a warning naming why). None when nothing was fused."""
+    model_type = optimizer_model_type(getattr(model.config, "model_type", None))
+    if model_type is None:
+        logger.info("no ONNX Runtime fusion for model type %r: serving the unfused graph", model.config.model_type)
+        return None
+    unfused = tmp / "model.unfused.onnx"
+    os.replace(tmp / MODEL_FP32, unfused)
+    try:
+        report = fuse_graph(unfused, tmp / MODEL_FP32, model_type)
+        fused = load(tmp, prefer_quantized=False, max_length=req.max_length, verify=False)
+        check_parity(model, fused, req.parity_batch, req.parity_atol)
+    except ExportError as exc:
+        logger.warning("the fused graph is not used (%s); checking the unfused graph", exc)
+        os.replace(unfused, tmp / MODEL_FP32)
+        return None
+    unfused.unlink()
+    return report
 
 
 def _log_report(report: ExportReport) -> None:
@@ -327,6 +356,7 @@ def _manifest(
     parity: ParityReport,
     drift: DriftReport | None,
     extra: Mapping[str, Any],
+    fusion: FusionReport | None,
 ) -> dict[str, Any]:
     import onnxruntime
     import transformers
@@ -365,8 +395,18 @@ def _manifest(
             else None
         ),
         "drift": drift_doc,
+        "graph": None if fusion is None else _graph_doc(fusion),
         "files": files,
         **extra,
+    }
+
+
+def _graph_doc(fusion: FusionReport) -> dict[str, Any]:
+    return {
+        "optimizer": "onnxruntime.transformers",
+        "model_type": fusion.model_type,
+        "fused": dict(fusion.fused),
+        "attention_heads": list(fusion.attention_heads),
     }
 
 

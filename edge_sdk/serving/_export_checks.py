@@ -1,8 +1,9 @@
 """The checks an export must pass or report: ONNX-vs-torch parity, int8 quantization, int8 drift.
 
 Parity compares fp32 ONNX Runtime logits with the torch module's on the same arrays; quantization is
-dynamic int8 with per-channel weights on the un-optimized graph (quantize first, optimize later: the
-quantizer fails on an O2-optimized graph); drift compares the int8 model with the fp32 one on a held-back
+dynamic int8 with per-channel weights of the served fp32 graph (fused by
+:mod:`edge_sdk.serving._export_optimize` when the model type allows: optimize, then quantize);
+drift compares the int8 model with the fp32 one on a held-back
 slice. Note that dynamic quantization scales activations per batch, so int8 logits depend slightly on how
 inputs are batched. Used by :mod:`edge_sdk.serving._export`; needs torch.
 """
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel
 
 from edge_sdk._errors import ExportError
 from edge_sdk.serving._export_graph import input_names
+from edge_sdk.serving._export_optimize import quiet_export_logs
 from edge_sdk.serving._infer import Predictor
 
 __all__ = [
@@ -109,11 +111,20 @@ def check_parity(model: PreTrainedModel, fp32: Predictor, batch: ParityInput, at
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8, per-channel weights, on the un-optimized graph (quantize first, optimize later)."""
+    """Dynamic int8 with per-channel weights of ``src``, fused or not (a fused ``Attention`` becomes
+    ``QAttention``; tensors the quantizer's shape inference cannot type, the fused ops' outputs, are float)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
-        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+        with quiet_export_logs():
+            quantize_dynamic(
+                src,
+                dst,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
     except Exception as exc:  # onnxruntime.quantization raises assorted types
         raise ExportError(f"int8 quantization of {src.name} failed: {exc}") from exc
 

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from edge_sdk._errors import ExportError
+from edge_sdk.serving._export_optimize import quiet_export_logs
 from edge_sdk.serving._infer import MODEL_FP32
 
 __all__ = ["ExportMethod", "export_graph", "export_optimum", "export_torch", "input_names"]
@@ -67,7 +68,7 @@ def export_optimum(model: PreTrainedModel, path: Path, opset: int, scratch_paren
     name_or_path = model.config._name_or_path
     model.config._name_or_path = str(scratch)
     try:
-        with _expected_export_warnings_silenced():
+        with _expected_export_warnings_silenced(), quiet_export_logs():
             onnx_export_from_model(model, scratch, opset=opset, task="text-classification", do_validation=False)
         model.eval()
         written = scratch / MODEL_FP32
