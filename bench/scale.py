@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ TIMEOUT_S = 600.0  # bound on every wait of the benchmark
 PING_LATE_S = 1.0  # a pong later than this is late
 PING_GIVE_UP_S = 20.0  # a ping without a pong this long is unanswered
 LAG_INTERVAL_S = 0.02  # the lag probe's period (its sleep), in the coordinator and in the device processes
+DEVICE_NICE = 10  # the device processes' niceness, relative to the coordinator's
 USABLE_BYTES = 4 << 30  # the budget each device declares
 SAMPLES = 16  # examples each device holds (declared in its Hello)
 TINY_BERT = dict(
@@ -113,14 +115,57 @@ def rss_bytes() -> int:
 
 
 class Stalls:
-    """The lag probe's sink: the worst event-loop delay of each phase (``watch_loop_lag`` feeds it)."""
+    """The lag probe's sink: per phase, the worst event-loop delay (``watch_loop_lag`` feeds it), the
+    wall time and the process's CPU time (a loop starved of CPU stalls without being busy)."""
 
     def __init__(self) -> None:
         self.phase = "start"
         self.worst: dict[str, float] = {}
+        self.busy: dict[str, float] = {}  # the loop thread's most CPU between two of the probe's wake-ups
+        self.gc: dict[str, float] = {}  # the longest garbage collection (any thread)
+        self._thread_cpu = time.thread_time()
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._since = (time.monotonic(), _cpu_s())
+        self._gc_start = 0.0
+        import gc
+
+        gc.callbacks.append(self._collecting)
+
+    def _collecting(self, stage: str, _info: dict[str, int]) -> None:
+        if stage == "start":
+            self._gc_start = time.monotonic()
+        else:
+            self.gc[self.phase] = max(self.gc.get(self.phase, 0.0), time.monotonic() - self._gc_start)
+
+    def enter(self, phase: str) -> None:
+        wall, cpu = time.monotonic(), _cpu_s()
+        self.wall[self.phase] = self.wall.get(self.phase, 0.0) + wall - self._since[0]
+        self.cpu[self.phase] = self.cpu.get(self.phase, 0.0) + cpu - self._since[1]
+        self.phase, self._since = phase, (wall, cpu)
 
     def loop_lag(self, seconds: float) -> None:
+        """Called by the probe in the loop's thread after each of its sleeps, ``seconds`` late."""
+        cpu, self._thread_cpu = self._thread_cpu, time.thread_time()
         self.worst[self.phase] = max(self.worst.get(self.phase, 0.0), seconds)
+        self.busy[self.phase] = max(self.busy.get(self.phase, 0.0), self._thread_cpu - cpu)
+
+    def table(self) -> dict[str, dict[str, float]]:
+        return {
+            p: {
+                "wall_s": self.wall[p],
+                "cpu_s": self.cpu[p],
+                "worst_stall_s": self.worst.get(p, 0.0),
+                "worst_busy_s": self.busy.get(p, 0.0),
+                "longest_gc_s": self.gc.get(p, 0.0),
+            }
+            for p in self.wall
+        }
+
+
+def _cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 async def probe(sink: Stalls, interval_s: float = LAG_INTERVAL_S) -> None:
@@ -150,6 +195,7 @@ class Marks:
         self.accepted: list[float] = []
         self.outcomes: dict[str, int] = {}
         self.finished = math.nan
+        self.longest: dict[str, float] = {}  # the longest call of each method
         self._stalls = stalls
         self._hook(engine, "admit", lambda *_: setattr(self, "admitted", self.admitted + 1))
         self._hook(engine, "begin_round", lambda *_: setattr(self, "begun", time.monotonic()))
@@ -157,12 +203,13 @@ class Marks:
         self._hook(engine, "accept_update", self._accepted)
         self._hook(engine, "finish_round", self._finished)
 
-    @staticmethod
-    def _hook(engine: Any, name: str, after: Callable[..., None]) -> None:
+    def _hook(self, engine: Any, name: str, after: Callable[..., None]) -> None:
         original = getattr(engine, name)
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
+            start = time.monotonic()
             result = original(*args, **kwargs)
+            self.longest[name] = max(self.longest.get(name, 0.0), time.monotonic() - start)
             after(result, *args, **kwargs)
             return result
 
@@ -178,7 +225,7 @@ class Marks:
 
     def _finished(self, summary: Any, *_: Any) -> None:
         self.finished = time.monotonic()
-        self._stalls.phase = "goodbye"
+        self._stalls.enter("goodbye")
         for outcome in summary.outcomes:
             self.outcomes[outcome.status] = self.outcomes.get(outcome.status, 0) + 1
 
@@ -192,7 +239,7 @@ def write_model(folder: Path) -> None:
     transformers.BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
 
 
-def coordinator_main(folder: str, idle_s: float, pipe: Connection) -> None:
+def coordinator_main(folder: str, options: Options, pipe: Connection) -> None:
     """The coordinator process: build the run of ``folder/run.toml``, serve it, report its figures."""
     import logging
 
@@ -207,40 +254,101 @@ def coordinator_main(folder: str, idle_s: float, pipe: Connection) -> None:
     write_model(Path(folder) / "model")
     config = load_config(Path(folder) / "run.toml")
     engine = build_engine(config)
-    pipe.send(("done", asyncio.run(_coordinate(config, engine, idle_s, pipe))))
+    if not options.profile:
+        pipe.send(("done", asyncio.run(_coordinate(config, engine, options, pipe))))
+        return
+    import cProfile
+    import pstats
+
+    catcher = StallCatcher()
+    with cProfile.Profile() as profiler:  # the event loop's thread only: what stalls it
+        result = asyncio.run(_coordinate(config, engine, options, pipe, catcher))
+    profiler.dump_stats(Path(folder) / "coordinator.prof")
+    with (Path(folder) / "coordinator-profile.txt").open("w", encoding="utf-8") as out:
+        catcher.report(out)
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
+    pipe.send(("done", result))
 
 
-async def _coordinate(config: Any, engine: Any, idle_s: float, pipe: Connection) -> dict[str, Any]:
-    import gc
+class StallCatcher:
+    """A thread that, while the event loop is late (no heartbeat for 200 ms), samples the loop thread's
+    stack every 50 ms: where the stalls are spent (with ``--profile``)."""
 
+    def __init__(self, late_s: float = 0.2) -> None:
+        import collections
+        import threading
+
+        self.late_s = late_s
+        self.beat = time.monotonic()
+        self.samples: collections.Counter[str] = collections.Counter()
+        self._loop_thread = threading.get_ident()
+        threading.Thread(target=self._watch, daemon=True, name="stall-catcher").start()
+
+    async def heartbeat(self) -> None:
+        while True:
+            self.beat = time.monotonic()
+            await asyncio.sleep(0.02)
+
+    def _watch(self) -> None:
+        import traceback
+
+        clock = time.pthread_getcpuclockid(self._loop_thread)
+        cpu = time.clock_gettime(clock)
+        while True:
+            time.sleep(0.05)
+            cpu, used = time.clock_gettime(clock), time.clock_gettime(clock) - cpu
+            frame = sys._current_frames().get(self._loop_thread)
+            if time.monotonic() - self.beat > self.late_s and frame is not None:
+                state = "busy" if used > 0.025 else "waiting"  # the loop thread ran, or did not, since the last look
+                stack = traceback.extract_stack(frame)[-14:]
+                self.samples[f"{state}:\n" + "".join(traceback.format_list(stack))] += 1
+
+    def report(self, out: Any) -> None:
+        total = sum(self.samples.values())
+        out.write(f"{total} samples (50 ms apart) of the event loop's stack while it was late\n")
+        for stack, count in self.samples.most_common(16):
+            out.write(f"\n---- {count} samples:\n{stack}")
+        out.write("\n\n")
+
+
+async def _coordinate(
+    config: Any, engine: Any, options: Options, pipe: Connection, catcher: StallCatcher | None = None
+) -> dict[str, Any]:
     from coordinator.serve import CoordinatorServer
+    from coordinator.serve._run import freeze_heap
 
     stalls = Stalls()
     marks = Marks(engine, stalls)
     lag = asyncio.ensure_future(probe(stalls))
+    beats = None
+    if catcher is not None:
+        beats = asyncio.ensure_future(catcher.heartbeat())
     server = CoordinatorServer(engine, config.server, config.devices, run_dir=config.run.dir, deploy=config.deploy)
+    if options.freeze:
+        freeze_heap()  # as serve_async does
     port = await server.start()
     await asyncio.sleep(1.0)
-    gc.collect()
-    before = rss_bytes()
+    before = await _settled_rss(stalls)
     samples: list[tuple[int, int]] = []  # (devices admitted, RSS) while devices connect
     sampler = asyncio.ensure_future(_sample(marks, samples))
-    stalls.phase = "connect"
+    stalls.enter("connect")
     pipe.send(("port", port))
     started = time.monotonic()
     await asyncio.to_thread(pipe.recv)  # "go": every device has its Welcome
     connected_s = time.monotonic() - started
-    stalls.phase = "idle"
-    await asyncio.sleep(idle_s)
-    gc.collect()
-    idle = rss_bytes()
+    stalls.enter("idle")
+    await asyncio.sleep(options.idle_s)
+    idle = await _settled_rss(stalls)
     sampler.cancel()
-    stalls.phase = "round"
+    stalls.enter("round")
     peak = [idle]
     peaks = asyncio.ensure_future(_peak_rss(peak))
     await asyncio.wait_for(server.run(), TIMEOUT_S)  # the round, then goodbye to every device
     peaks.cancel()
     lag.cancel()
+    stalls.enter("end")
+    if beats is not None:
+        beats.cancel()
     devices = len(config.devices)
     half = [rss for admitted, rss in samples if admitted >= devices // 2]
     return {
@@ -256,8 +364,22 @@ async def _coordinate(config: Any, engine: Any, idle_s: float, pipe: Connection)
         "receive_all_s": max(marks.accepted) - marks.begun if marks.accepted else math.nan,
         "merge_s": marks.finished - max(marks.accepted) if marks.accepted else math.nan,
         "outcomes": marks.outcomes,
-        "stall_worst_s": stalls.worst,
+        "longest_call_s": marks.longest,
+        "phases": stalls.table(),
     }
+
+
+async def _settled_rss(stalls: Stalls) -> int:
+    """The resident set after a full collection (counted as phase "measure", not the next phase)."""
+    import gc
+
+    phase = stalls.phase
+    stalls.enter("measure")
+    gc.collect()
+    rss = rss_bytes()
+    await asyncio.sleep(3 * LAG_INTERVAL_S)  # the probe wakes up, and counts this stall here
+    stalls.enter(phase)
+    return rss
 
 
 async def _sample(marks: Marks, samples: list[tuple[int, int]]) -> None:
@@ -313,91 +435,90 @@ class DeviceStats:
 
 
 def devices_main(port: int, names: list[str], ping_every: float, pipe: Connection) -> None:
-    """A device process: connect ``names``, report when all have a Welcome, serve tasks until closed."""
-    stats = DeviceStats()
-    asyncio.run(_devices(port, names, ping_every, pipe, stats))
+    """A device process: connect ``names``, report when all have a Welcome, serve tasks until closed.
+
+    Niced (``DEVICE_NICE``): the devices stand for other machines, so they yield the CPU to the
+    coordinator, whose stalls this measures.
+    """
+    os.nice(DEVICE_NICE)
+    fleet = Fleet(port, len(names), ping_every)
+    asyncio.run(fleet.run(names, pipe))
+    stats = fleet.stats
     report = {k: v for k, v in vars(stats).items() if k != "stalls"}
     pipe.send(("done", {**report, "stall_worst_s": max(stats.stalls.worst.values(), default=0.0)}))
 
 
-async def _devices(port: int, names: list[str], ping_every: float, pipe: Connection, stats: DeviceStats) -> None:
-    from concurrent.futures import ThreadPoolExecutor
+class Fleet:
+    """One device process's devices: each a websocket and a ``DeviceConnection``, sharing one trainer."""
 
-    from edge_sdk import TaskRunner
+    def __init__(self, port: int, count: int, ping_every: float) -> None:
+        from concurrent.futures import ThreadPoolExecutor
 
-    runner = TaskRunner(Tokens(), threads=1)  # type: ignore[arg-type]
-    trainer = ThreadPoolExecutor(1, thread_name_prefix="train")
-    lag = asyncio.ensure_future(probe(stats.stalls))
-    opening = asyncio.Semaphore(32)  # handshakes under way at once (the listen backlog is 100)
-    ready = asyncio.Event()
+        from edge_sdk import TaskRunner
 
-    def answered() -> None:
-        if stats.welcomed + len(stats.refused) == len(names):
-            ready.set()
+        self.port = port
+        self.count = count
+        self.ping_every = ping_every
+        self.stats = DeviceStats()
+        self.runner = TaskRunner(Tokens(), threads=1)  # type: ignore[arg-type]
+        self.trainer = ThreadPoolExecutor(1, thread_name_prefix="train")  # one training at a time
+        self.ready = asyncio.Event()
+        self.opening = asyncio.Semaphore(32)  # handshakes under way at once (the listen backlog is 100)
 
-    devices = [
-        asyncio.ensure_future(_device(port, name, ping_every, opening, answered, runner, trainer, stats))
-        for name in names
-    ]
-    await asyncio.wait_for(ready.wait(), TIMEOUT_S)
-    pipe.send(("welcomed", stats.welcomed, stats.refused[:5]))
-    await asyncio.wait(devices, timeout=TIMEOUT_S)  # until the coordinator says goodbye
-    lag.cancel()
-    trainer.shutdown(wait=False)
+    async def run(self, names: list[str], pipe: Connection) -> None:
+        lag = asyncio.ensure_future(probe(self.stats.stalls))
+        devices = [asyncio.ensure_future(self.device(name)) for name in names]
+        await asyncio.wait_for(self.ready.wait(), TIMEOUT_S)
+        pipe.send(("welcomed", self.stats.welcomed, self.stats.refused[:5]))
+        await asyncio.wait(devices, timeout=TIMEOUT_S)  # until the coordinator says goodbye
+        lag.cancel()
+        self.trainer.shutdown(wait=False)
 
+    def _answered(self) -> None:
+        if self.stats.welcomed + len(self.stats.refused) == self.count:
+            self.ready.set()
 
-async def _device(
-    port: int,
-    name: str,
-    ping_every: float,
-    opening: asyncio.Semaphore,
-    answered: Callable[[], None],
-    runner: Any,
-    trainer: Any,
-    stats: DeviceStats,
-) -> None:
-    from websockets.exceptions import ConnectionClosed
+    async def device(self, name: str) -> None:
+        """Connect as ``name``, say Hello, then train every task until the coordinator closes."""
+        from websockets.exceptions import ConnectionClosed
 
-    from edge_sdk import __version__
-    from edge_sdk.protocol import DeviceConnection, TaskReceived, WelcomeReceived, WireLimits
+        from edge_sdk import __version__
+        from edge_sdk.protocol import DeviceConnection, TaskReceived, WelcomeReceived, WireLimits
 
-    limits = WireLimits()
-    conn = DeviceConnection(limits=limits)
-    try:
-        async with opening:
-            ws = await _open(port, name, limits, stats)
-            conn.send_hello(
-                device_id=name,
-                sdk_version=__version__,
-                profile={"budget": {"usable": USABLE_BYTES}, "data": {"num_samples": SAMPLES}},
-            )
-            await _flush(ws, conn)
-            events = conn.receive(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
-            if not any(isinstance(e, WelcomeReceived) for e in events):
-                raise RuntimeError(f"no Welcome: {events}")
-    except Exception as exc:  # reported, not raised: the other devices go on
-        stats.refused.append(f"{name}: {exc!r}"[:300])
-        answered()
-        return
-    stats.welcomed += 1
-    answered()
-    pinger = asyncio.ensure_future(_pings(ws, ping_every, stats))
-    loop = asyncio.get_running_loop()
-    try:
-        async for frame in ws:
-            for event in conn.receive(frame):
-                if isinstance(event, TaskReceived):
-                    stats.tasks += 1
-                    out = await loop.run_in_executor(trainer, runner.train, event.task, event.tensors)
-                    out.send(conn, event.task.task_id)
-                    stats.updates += 1
-            await _flush(ws, conn)
-    except ConnectionClosed:
-        pass
-    finally:
-        pinger.cancel()
-        code = str(ws.close_code)
-        stats.closes[code] = stats.closes.get(code, 0) + 1
+        stats, limits = self.stats, WireLimits()
+        conn = DeviceConnection(limits=limits)
+        try:
+            async with self.opening:
+                ws = await _open(self.port, name, limits, stats)
+                profile = {"budget": {"usable": USABLE_BYTES}, "data": {"num_samples": SAMPLES}}
+                conn.send_hello(device_id=name, sdk_version=__version__, profile=profile)
+                await _flush(ws, conn)
+                events = conn.receive(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
+                if not any(isinstance(e, WelcomeReceived) for e in events):
+                    raise RuntimeError(f"no Welcome: {events}")
+        except Exception as exc:  # reported, not raised: the other devices go on
+            stats.refused.append(f"{name}: {exc!r}"[:300])
+            self._answered()
+            return
+        stats.welcomed += 1
+        self._answered()
+        pinger = asyncio.ensure_future(_pings(ws, self.ping_every, stats))
+        loop = asyncio.get_running_loop()
+        try:
+            async for frame in ws:
+                for event in conn.receive(frame):
+                    if isinstance(event, TaskReceived):
+                        stats.tasks += 1
+                        out = await loop.run_in_executor(self.trainer, self.runner.train, event.task, event.tensors)
+                        out.send(conn, event.task.task_id)
+                        stats.updates += 1
+                await _flush(ws, conn)
+        except ConnectionClosed:
+            pass
+        finally:
+            pinger.cancel()
+            code = str(ws.close_code)
+            stats.closes[code] = stats.closes.get(code, 0) + 1
 
 
 async def _open(port: int, name: str, limits: Any, stats: DeviceStats) -> Any:
@@ -415,11 +536,10 @@ async def _open(port: int, name: str, limits: Any, stats: DeviceStats) -> Any:
                 ping_interval=None,  # this bench pings itself, and times the pongs
                 close_timeout=10,
             )
-        except (OSError, asyncio.TimeoutError, Exception) as exc:
+        except Exception:  # refused (503, reset) or slow: try again
             if attempt == 19:
                 raise
             stats.retries += 1
-            del exc
             await asyncio.sleep(0.2 + random.random())
     raise AssertionError("unreachable")
 
@@ -434,11 +554,11 @@ async def _pings(ws: Any, every: float, stats: DeviceStats) -> None:
 
     await asyncio.sleep(random.uniform(0.0, every))
     while True:
+        sent = time.monotonic()
         try:
             pong = await ws.ping()
         except ConnectionClosed:
             return
-        sent = time.monotonic()
         done, _ = await asyncio.wait({pong}, timeout=PING_GIVE_UP_S)
         if not done or pong.exception() is not None:  # unanswered, or the connection went meanwhile
             if ws.close_code is None:
@@ -460,8 +580,20 @@ def _recv(pipe: Connection, what: str) -> Any:
     return pipe.recv()
 
 
-def run(devices: int, train: int, procs: int, idle_s: float, ping_every: float, folder: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Options:
+    devices: int = 1000
+    train: int = 100  # devices in the round
+    procs: int = 4  # device processes
+    idle_s: float = 10.0  # all connected and idle this long before the round
+    ping_every: float = 2.0  # seconds between a device's pings
+    profile: bool = False  # cProfile the coordinator's event loop (folder/coordinator-profile.txt)
+    freeze: bool = True  # freeze the startup heap out of garbage collection, as serve_async does
+
+
+def run(options: Options, folder: Path) -> dict[str, Any]:
     """Run the benchmark in ``folder``; the figures (see the module's docstring)."""
+    devices, procs = options.devices, options.procs
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # children inherit the limit
@@ -469,19 +601,21 @@ def run(devices: int, train: int, procs: int, idle_s: float, ping_every: float, 
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    write_run(folder, devices, train)
+    write_run(folder, devices, options.train)
     spawn = multiprocessing.get_context("spawn")
     ours, theirs = spawn.Pipe()
-    coordinator = spawn.Process(target=coordinator_main, args=(str(folder), idle_s, theirs), daemon=True)
+    coordinator = spawn.Process(target=coordinator_main, args=(str(folder), options, theirs), daemon=True)
     coordinator.start()
     children = [coordinator]
     try:
-        kind, port = _recv(ours, "port")
+        _, port = _recv(ours, "port")
         names = [f"d{i:05d}" for i in range(devices)]
         pipes = []
         for k in range(procs):
             mine, child = spawn.Pipe()
-            proc = spawn.Process(target=devices_main, args=(port, names[k::procs], ping_every, child), daemon=True)
+            proc = spawn.Process(
+                target=devices_main, args=(port, names[k::procs], options.ping_every, child), daemon=True
+            )
             proc.start()
             children.append(proc)
             pipes.append(mine)
@@ -494,12 +628,10 @@ def run(devices: int, train: int, procs: int, idle_s: float, ping_every: float, 
             child.join(30)
             if child.is_alive():
                 child.kill()
-    return _summary(devices, train, procs, coordinated, welcomed, reports)
+    return _summary(options, coordinated, welcomed, reports)
 
 
-def _summary(
-    devices: int, train: int, procs: int, coordinated: dict[str, Any], welcomed: list[Any], reports: list[Any]
-) -> dict[str, Any]:
+def _summary(options: Options, coordinated: dict[str, Any], welcomed: list[Any], reports: list[Any]) -> dict[str, Any]:
     total = {
         key: sum(r[key] for r in reports)
         for key in ("welcomed", "retries", "tasks", "updates", "pings", "late", "unanswered")
@@ -509,9 +641,9 @@ def _summary(
         for code, n in r["closes"].items():
             closes[code] = closes.get(code, 0) + n
     return {
-        "devices": devices,
-        "train": train,
-        "procs": procs,
+        "devices": options.devices,
+        "train": options.train,
+        "procs": options.procs,
         "coordinator": coordinated,
         "devices_side": {
             **total,
@@ -525,7 +657,13 @@ def _summary(
 
 def text(result: dict[str, Any]) -> str:
     c, d = result["coordinator"], result["devices_side"]
-    stalls = ", ".join(f"{phase} {s * 1000:.0f} ms" for phase, s in c["stall_worst_s"].items() if phase != "start")
+    stalls = ", ".join(
+        f"{phase} {p['worst_stall_s'] * 1000:.0f} ms (busy {p['worst_busy_s'] * 1000:.0f} ms,"
+        f" gc {p['longest_gc_s'] * 1000:.0f} ms;"
+        f" {p['cpu_s']:.1f} s CPU in {p['wall_s']:.1f} s)"
+        for phase, p in c["phases"].items()
+        if phase not in ("start", "measure")
+    )
     merged = c["outcomes"].get("ok", 0)
     return "\n".join(
         [
@@ -537,7 +675,8 @@ def text(result: dict[str, Any]) -> str:
             f" {c['rss_round_peak'] / 2**20:.1f} MiB",
             f"all connected and welcomed in {c['connect_s']:.1f} s",
             f"round: {c['tasks_sent']} tasks sent in {c['send_all_s']:.2f} s, {merged} replies received in"
-            f" {c['receive_all_s']:.2f} s, merged and checkpointed {c['merge_s']:.2f} s later; outcomes {c['outcomes']}",
+            f" {c['receive_all_s']:.2f} s, merged and checkpointed {c['merge_s']:.2f} s later;"
+            f" outcomes {c['outcomes']}",
             f"coordinator event loop, worst stall: {stalls}",
             f"pings: {d['pings']} answered, worst {d['worst_pong_s'] * 1000:.0f} ms, {d['late']} later than"
             f" {PING_LATE_S:.0f} s, {d['unanswered']} unanswered (device processes' own worst stall"
@@ -554,6 +693,8 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=4, help="device processes")
     parser.add_argument("--idle-s", type=float, default=10.0, help="all connected and idle this long before the round")
     parser.add_argument("--ping-every", type=float, default=2.0, help="seconds between a device's pings")
+    parser.add_argument("--profile", action="store_true", help="cProfile the coordinator's event loop (with --keep)")
+    parser.add_argument("--no-freeze", action="store_true", help="leave the startup heap to the collector")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", type=Path, default=None, help="run in this folder (kept: the coordinator's log)")
     args = parser.parse_args()
@@ -562,7 +703,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edge-fm-scale-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        result = run(args.devices, args.train, args.procs, args.idle_s, args.ping_every, folder)
+        options = Options(
+            args.devices, args.train, args.procs, args.idle_s, args.ping_every, args.profile, not args.no_freeze
+        )
+        result = run(options, folder)
     print(json.dumps(result, indent=1) if args.json else text(result))
 
 
