@@ -297,7 +297,9 @@ class TaskRunner:
         if settings.optimizer != "adamw":
             raise ConfigError(f"optimizer {settings.optimizer!r} is not supported on this device (adamw only)")
         levers = settings.levers
-        received = {n: a.copy() for n, a in tensors.items() if a.dtype.kind == "f"} if keep_received else None
+        # training updates the received arrays in place: deltas (and local DP) need them as received
+        keep = keep_received or settings.dp_clip_norm is not None
+        received = {n: a.copy() for n, a in tensors.items() if a.dtype.kind == "f"} if keep else None
         spec, model = self._build(task, tensors, attention=levers.attention)
         steps = settings.local_steps or max(1, math.ceil(len(self.data) / settings.batch_size)) * (
             settings.local_epochs or 1
@@ -322,7 +324,8 @@ class TaskRunner:
             on_step=on_step,
         )
         result = (self.train_fn or train_local)(model, batches, config)
-        out = local_dp(_as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors), tensors, settings)
+        trained = _as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors)
+        out = local_dp(trained, received if received is not None else tensors, settings)
         return _train_output(result, out, len(self.data), received)
 
     def evaluate(
