@@ -95,7 +95,8 @@ def test_three_devices_train_three_widths_within_their_budgets(tmp_path: Path) -
             assert d["predicted_bytes"] <= d["usable_bytes"] - MARGIN, d
             assert 0 < d["runtime_bytes"] < d["peak_rss_bytes"], d
             assert d["peak_rss_bytes"] - d["runtime_bytes"] <= d["usable_bytes"], d  # see the module docstring
-            assert d["bytes_out"] > 4 * d["params"] and d["bytes_in"] > 4 * d["params"]
+            # fp32 weights down; int8+zstd deltas up (the default update encoding): about a byte a parameter
+            assert d["bytes_out"] > 4 * d["params"] and d["params"] // 2 < d["bytes_in"] < 2 * d["params"], d
         assert 0.0 <= entry["metrics"]["accuracy"] <= 1.0
     # The global model changed, and it is what the checkpoint files hold.
     start = load_file(run_dir / "checkpoints" / "round-000000" / "weights.safetensors")

@@ -284,3 +284,33 @@ def test_a_simulation_reports_epsilon_per_round_and_in_its_summary(tmp_path: Pat
         accountant.compose(dp_accounting.PoissonSampledDpEvent(q, event) if q < 1 else event, rounds)
         assert eps == pytest.approx(float(accountant.get_epsilon(1e-5)))
     assert f"(DP epsilon {epsilons[-1]:.3g})" in markdown_table([summarize(result)])
+
+
+def test_local_dp_clips_the_change_from_what_was_received_not_from_the_trained_arrays() -> None:
+    """Training updates the received arrays in place (the model is built on them): local DP must clip
+    against a copy taken before training. It clipped against the trained arrays, so the delta it saw
+    was zero and the whole unclipped update went out (a change of ~3 with clip_norm 1e-6)."""
+    import json
+
+    from tests.models import tiny_parent
+
+    parent = tiny_parent("bert")
+    spec = SubnetSpec.full(parent.dims)
+    sent = {n: t.numpy() for n, t in extract(parent, spec).items()}
+    before = {n: a.copy() for n, a in sent.items()}
+    manifest, _ = encode_tensors(sent)
+    settings = TrainSettings(
+        local_steps=3, lr=1e-2, batch_size=4, seq_len=8, dp_clip_norm=1e-6, dp_noise_multiplier=0.0
+    )
+    task = TrainTask(
+        task_id="t",
+        round=1,
+        spec=spec.to_dict(),
+        model_config=json.loads(json.dumps(parent.config)),
+        settings=settings,
+        weights=manifest,
+    )
+    out = TaskRunner(Tokens(), threads=1).train(task, sent).tensors
+    floats = [n for n in out if out[n].dtype.kind == "f"]
+    change = math.sqrt(sum(float(np.square(out[n].astype(np.float64) - before[n]).sum()) for n in floats))
+    assert change <= 1e-5  # clip 1e-6, plus float32 rounding of the weights

@@ -268,6 +268,7 @@ class DeviceSession:
             round=self.engine.round,
             server_time=self._wall_clock(),
             device_id=self.device_id,
+            update_encoding=_granted(self.engine.federation.update_encoding),
         )
         self.admitted = True
         _device_log.info(
@@ -331,3 +332,8 @@ class DeviceSession:
         if self._task_mark is not None:
             self.engine.record_traffic(self.device_id, bytes_in=self.bytes_in - self._task_mark)
             self._task_mark = None
+
+
+def _granted(update_encoding: str) -> str | None:
+    """The encoding a Welcome grants for ``[federation] update_encoding`` ("weights": none)."""
+    return None if update_encoding == "weights" else update_encoding

@@ -23,6 +23,7 @@ from coordinator.federation._robust import CLIPS, RULES, AggregationRule
 from edge_sdk import DataFormat, LabelMap
 from edge_sdk._errors import ConfigError
 from edge_sdk._units import parse_size
+from edge_sdk.protocol import ENCODINGS
 from edge_sdk.scaling import DEFAULT_MIN_MARGIN_BYTES, SALIENCE_KINDS, LeverPolicy
 
 if sys.version_info >= (3, 11):
@@ -32,8 +33,10 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "DATA_FORMAT_KEYS",
+    "DEFAULT_UPDATE_ENCODING",
     "STRATEGIES",
     "TASKS",
+    "UPDATE_ENCODINGS",
     "FederationConfig",
     "ModelConfig",
     "Table",
@@ -52,6 +55,8 @@ __all__ = [
 ]
 
 STRATEGIES = ("fedavg", "fedadam")
+UPDATE_ENCODINGS = ("weights", *ENCODINGS)
+DEFAULT_UPDATE_ENCODING = "int8+zstd"  # measured by bench/updates.py (docs/wire-encodings.md)
 TASKS = ("text-classification", "image-classification")
 
 
@@ -90,6 +95,9 @@ class FederationConfig:
     # ([privacy]); the tables are read with [federation] (see read_federation).
     aggregation: AggregationRule = field(default_factory=AggregationRule)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # How devices that can (SDK with the encodings capability) send their updates: deltas against what
+    # they received, packed as one of edge_sdk.protocol.ENCODINGS; "weights": plain float32 weights.
+    update_encoding: str = DEFAULT_UPDATE_ENCODING
 
 
 @dataclass(frozen=True)
@@ -306,6 +314,7 @@ def read_federation(
         max_update_norm_ratio=t.number("max_update_norm_ratio", 2.0, low=1.0),
         max_delta_norm_ratio=t.number("max_delta_norm_ratio", 0.5, low=0.0, open_low=True),
         min_margin_bytes=t.size("min_margin", DEFAULT_MIN_MARGIN_BYTES, allow_zero=True),
+        update_encoding=t.text("update_encoding", DEFAULT_UPDATE_ENCODING, choices=UPDATE_ENCODINGS),
     )
     if strategy == "fedavg":
         for key in ("beta1", "beta2", "tau"):

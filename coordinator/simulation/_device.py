@@ -150,6 +150,7 @@ def run_device_job(job: DeviceJob) -> DeviceReport:
     from edge_sdk import TaskRunner, __version__
     from edge_sdk._errors import ProtocolError
     from edge_sdk.protocol import (
+        CAPABILITY_ENCODINGS,
         DeviceConnection,
         ErrorCode,
         TaskReceived,
@@ -163,7 +164,9 @@ def run_device_job(job: DeviceJob) -> DeviceReport:
     source = job.data.source(job.indices)
     runner = TaskRunner(source if job.attack is None else job.attack.data(source), threads=job.threads)
     conn = DeviceConnection()
-    conn.send_hello(device_id=job.device_id, sdk_version=__version__, profile={}, capabilities=("train",))
+    conn.send_hello(
+        device_id=job.device_id, sdk_version=__version__, profile={}, capabilities=("train", CAPABILITY_ENCODINGS)
+    )
     conn.data_to_send()  # this Hello was delivered when the device was admitted
     if not any(isinstance(e, WelcomeReceived) for f in read_frames(job.welcome) for e in conn.receive(f)):
         raise ProtocolError(f"{job.device_id}: the recorded admission holds no Welcome")
@@ -184,7 +187,7 @@ def run_device_job(job: DeviceJob) -> DeviceReport:
     # training may update the received arrays in place: an attacker keeps what it was sent
     sent = {n: a.copy() for n, a in tensors.items()} if job.attack is not None else None
     try:
-        output = runner.train(task, tensors)
+        output = runner.train(task, tensors, keep_received=conn.update_encoding is not None)
         if job.attack is not None and sent is not None:  # the lie goes out through the same DeviceConnection
             output = job.attack.tamper(output, sent)
         del tensors

@@ -25,7 +25,7 @@ from coordinator.simulation._device import DeviceJob, DeviceReport, frames_size,
 from coordinator.simulation._executor import Executor
 from coordinator.simulation._partition import partition
 from edge_sdk import __version__, load_device_class
-from edge_sdk.protocol import DeviceConnection
+from edge_sdk.protocol import CAPABILITY_ENCODINGS, DeviceConnection
 from edge_sdk.scaling import MemoryBudget, budget_for_device_class
 
 __all__ = ["Link", "VirtualDevice", "connect", "receive", "send_task", "virtual_devices"]
@@ -94,7 +94,10 @@ def connect(engine: FederationEngine, device: VirtualDevice, now: float) -> Link
     """Admission over the protocol: the device's Hello (its budget) to its session; None if refused."""
     device_side = DeviceConnection()
     device_side.send_hello(
-        device_id=device.name, sdk_version=__version__, profile=device.hello_profile(), capabilities=("train",)
+        device_id=device.name,
+        sdk_version=__version__,
+        profile=device.hello_profile(),
+        capabilities=("train", CAPABILITY_ENCODINGS),
     )
     session = DeviceSession(engine, device.name)
     verdict = GO_ON

@@ -55,6 +55,7 @@ from edge_sdk._units import format_bytes
 from edge_sdk.client._backoff import Backoff
 from edge_sdk.client._progress import ProgressFn, StepLog, StepThrottle
 from edge_sdk.protocol import (
+    CAPABILITY_ENCODINGS,
     ByeReceived,
     Deploy,
     DeployReceived,
@@ -295,7 +296,13 @@ class _Session:
             device_id=options.device_id,
             sdk_version=__version__,
             profile=self.device.hello_profile(),
-            capabilities=("train", "evaluate", FEATURE_PROGRESS, *(("deploy",) if self.device.deployer else ())),
+            capabilities=(
+                "train",
+                "evaluate",
+                FEATURE_PROGRESS,
+                CAPABILITY_ENCODINGS,
+                *(("deploy",) if self.device.deployer else ()),
+            ),
         )
         await self.flush()
         try:
@@ -417,7 +424,8 @@ class _Session:
         try:
             if isinstance(task, TrainTask):
                 on_step = StepThrottle(asyncio.get_running_loop(), functools.partial(self.progress, task.task_id))
-                output = await asyncio.to_thread(runner.train, task, tensors, self.cancel, on_step)
+                keep = conn.update_encoding is not None  # deltas: the received weights are kept
+                output = await asyncio.to_thread(runner.train, task, tensors, self.cancel, on_step, keep_received=keep)
                 del tensors
                 logger.info(
                     "task %s: trained in %.1f s (%.3f s/step, loss %s), peak RSS %s; sending the update",

@@ -18,6 +18,14 @@ from edge_sdk.protocol._closecodes import (
 )
 from edge_sdk.protocol._coordinator import CoordinatorConnection
 from edge_sdk.protocol._device import DeviceConnection
+from edge_sdk.protocol._encodings import (
+    CAPABILITY_ENCODINGS,
+    ENCODINGS,
+    check_encoding,
+    decode_arrays,
+    delta_from_weights,
+    encode_arrays,
+)
 from edge_sdk.protocol._events import (
     ByeReceived,
     ConnectionLost,
@@ -106,6 +114,7 @@ from edge_sdk.protocol._wire import (
 )
 
 __all__ = [
+    "CAPABILITY_ENCODINGS",
     "CHUNK_HEADER_BYTES",
     "CLOSE_GOING_AWAY",
     "CLOSE_INTERNAL_ERROR",
@@ -120,6 +129,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_TRANSFER_BYTES",
     "DTYPES",
+    "ENCODINGS",
     "FEATURE_PROGRESS",
     "LORA_A_SUFFIX",
     "LORA_B_SUFFIX",
@@ -177,12 +187,16 @@ __all__ = [
     "Welcome",
     "WelcomeReceived",
     "WireLimits",
+    "check_encoding",
     "check_tensor_values",
     "chunk_blob",
+    "decode_arrays",
     "decode_chunk",
     "decode_message",
     "decode_tensors",
+    "delta_from_weights",
     "describe_tensors",
+    "encode_arrays",
     "encode_chunk",
     "encode_message",
     "encode_tensors",

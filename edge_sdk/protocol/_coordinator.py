@@ -9,6 +9,13 @@ from typing import ClassVar, TypeVar
 import numpy as np
 
 from edge_sdk._errors import ProtocolError
+from edge_sdk.protocol._encodings import (
+    CAPABILITY_ENCODINGS,
+    check_encoding,
+    decode_arrays,
+    encoded_entry_check,
+    encoding_feature,
+)
 from edge_sdk.protocol._events import (
     DeployResultReceived,
     ErrorReceived,
@@ -48,7 +55,7 @@ from edge_sdk.protocol._messages import (
     WireLimits,
 )
 from edge_sdk.protocol._payload import EncodedTensors
-from edge_sdk.protocol._tensors import ValueScan
+from edge_sdk.protocol._tensors import ValueScan, check_tensor_values
 from edge_sdk.protocol._update_entries import update_entry_check
 from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
@@ -81,6 +88,12 @@ class CoordinatorConnection(BaseConnection):
         self._hello: Hello | None = None
         self._outstanding: _Outstanding | None = None
         self._update: Update | None = None
+        self._update_encoding: str | None = None
+
+    @property
+    def update_encoding(self) -> str | None:
+        """The encoding this device's Welcome granted for its updates (None: plain float32 weights)."""
+        return self._update_encoding
 
     @property
     def hello(self) -> Hello | None:
@@ -92,17 +105,33 @@ class CoordinatorConnection(BaseConnection):
         """The task sent and not answered yet."""
         return self._outstanding.task if self._outstanding is not None else None
 
-    def send_welcome(self, *, run_id: str, round: int, server_time: float, device_id: str | None = None) -> Welcome:
-        """Accept the device (after HelloReceived); ``device_id`` defaults to the one in its Hello."""
+    def send_welcome(
+        self,
+        *,
+        run_id: str,
+        round: int,
+        server_time: float,
+        device_id: str | None = None,
+        update_encoding: str | None = None,
+    ) -> Welcome:
+        """Accept the device (after HelloReceived); ``device_id`` defaults to the one in its Hello.
+
+        ``update_encoding`` (one of ``ENCODINGS``): granted when the Hello announced the encodings
+        capability; the device then sends deltas packed with it (plain float32 weights stay accepted).
+        """
         self._require_state("send_welcome", ConnectionState.HELLO_RECEIVED)
         assert self._hello is not None
+        features = [FEATURE_PROGRESS] if FEATURE_PROGRESS in self._hello.capabilities else []
+        if update_encoding is not None and CAPABILITY_ENCODINGS in self._hello.capabilities:
+            features.append(encoding_feature(check_encoding(update_encoding)))
+            self._update_encoding = update_encoding
         welcome = Welcome(
             run_id=run_id,
             device_id=device_id if device_id is not None else self._hello.device_id,
             round=round,
             server_time=server_time,
             limits=self._limits,
-            features=(FEATURE_PROGRESS,) if FEATURE_PROGRESS in self._hello.capabilities else (),
+            features=tuple(features),
         )
         self._queue(welcome)
         self._state = ConnectionState.READY
@@ -258,6 +287,15 @@ class CoordinatorConnection(BaseConnection):
             try:
                 assert isinstance(task, TrainTask)  # an Update answers only a TrainTask (checked above)
                 expected = update_entry_check(task.weights.entries, task.settings.levers)
+                encoding = message.weights.encoding
+                if encoding:
+                    if encoding != self._update_encoding:
+                        granted = self._update_encoding or "none"
+                        raise ProtocolError(
+                            f"update encoded as {encoding[:32]!r}, the Welcome granted {granted!r}",
+                            CLOSE_POLICY_VIOLATION,
+                        )
+                    expected = encoded_entry_check(message.weights, expected)
                 self._open_transfer(message.weights, expected, f"update for task {task_id!r}")
             except ProtocolError as exc:
                 return self._violation(
@@ -278,8 +316,13 @@ class CoordinatorConnection(BaseConnection):
         self._update = None
         self._outstanding = None
         self._state = ConnectionState.READY
+        what = f"update for task {update.task_id!r}"
         try:
-            norm = values.check(max_norm=outstanding.max_norm, what=f"update for task {update.task_id!r}")
+            if update.weights.encoding:  # sizes were checked against the manifest before any byte arrived
+                tensors = decode_arrays(tensors, update.weights.logical, update.weights.encoding, what=what)
+                norm = check_tensor_values(tensors, max_norm=outstanding.max_norm, what=what)
+            else:  # scanned chunk by chunk as the bytes arrived
+                norm = values.check(max_norm=outstanding.max_norm, what=what)
         except ProtocolError as exc:
             logger.warning("coordinator: rejected the update for task %r: %s", update.task_id, exc)
             self._queue(Error(task_id=update.task_id, code=ErrorCode.BAD_UPDATE, message=str(exc)[:MAX_ERROR_TEXT]))

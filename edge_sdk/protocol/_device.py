@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import ClassVar, Literal, TypeVar
@@ -9,6 +10,7 @@ from typing import ClassVar, Literal, TypeVar
 import numpy as np
 
 from edge_sdk._errors import ProtocolError
+from edge_sdk.protocol._encodings import encode_arrays, granted_encoding
 from edge_sdk.protocol._events import DeployReceived, ErrorReceived, Event, TaskReceived, TaskRejected, WelcomeReceived
 from edge_sdk.protocol._machine import (
     MAX_ERROR_TEXT,
@@ -96,6 +98,7 @@ class DeviceConnection(BaseConnection):
     ) -> Update:
         """Answer the running TrainTask with its trained tensors (same names, shapes, dtypes as received,
         or what the task's levers allow instead: row updates, LoRA factors, frozen tensors left out).
+        A ``"delta"`` update is packed with the granted :attr:`update_encoding`, if any.
 
         Raises ProtocolError, queueing nothing, if the tensors differ from the task's, hold NaN/Inf or
         exceed the coordinator's transfer limit: report the failure with ``send_error`` instead.
@@ -108,7 +111,13 @@ class DeviceConnection(BaseConnection):
                 f"{what} does not match the task's tensors: " + "; ".join(problems), CLOSE_POLICY_VIOLATION
             )
         check_tensor_values(tensors, what=what)
-        manifest, encoded = self._encode_for_peer(tensors, what)
+        packing = self.update_encoding if encoding == "delta" else None
+        if packing is None:
+            manifest, encoded = self._encode_for_peer(tensors, what)
+        else:
+            packed, logical = encode_arrays(tensors, packing)
+            manifest, encoded = self._encode_for_peer(packed, what)
+            manifest = dataclasses.replace(manifest, encoding=packing, logical=logical)
         update = Update(
             task_id=task_id,
             num_samples=num_samples,
@@ -123,6 +132,12 @@ class DeviceConnection(BaseConnection):
         self._queue_transfer(encoded, manifest)
         self._finish_task()
         return update
+
+    @property
+    def update_encoding(self) -> str | None:
+        """The encoding the coordinator's Welcome granted: ``send_update(encoding="delta")`` packs the
+        deltas with it (``_encodings``). None: no encoding granted, tensors travel as float32."""
+        return granted_encoding(self._welcome.features) if self._welcome is not None else None
 
     @property
     def progress_accepted(self) -> bool:

@@ -35,6 +35,7 @@ from edge_sdk.protocol._wire import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,
+    OPTIONAL_ON_WIRE,
     WireRecord,
     loads_json_object,
 )
@@ -166,8 +167,19 @@ class TensorManifest(WireRecord):
     chunk_bytes: int
     num_chunks: int
     sha256: str
+    # An encoded transfer (``_encodings``): ``encoding`` names how the blob's tensors (``entries``) encode
+    # the ``logical`` tensors the receiver gets back. Both absent (the default) for a plain transfer.
+    encoding: str = dataclasses.field(default="", metadata=OPTIONAL_ON_WIRE)
+    logical: tuple[TensorEntry, ...] = dataclasses.field(default=(), metadata=OPTIONAL_ON_WIRE)
 
     def _validate(self) -> None:
+        if (self.encoding == "") != (not self.logical) or len(self.encoding) > 32:
+            raise self._invalid(
+                "encoding", f"encoding {self.encoding[:32]!r} needs its logical tensors (and only then)"
+            )
+        logical_names = [entry.name for entry in self.logical]
+        if len(set(logical_names)) != len(logical_names):
+            raise self._invalid("logical", "duplicate logical tensor names")
         if not _HEX32.fullmatch(self.transfer_id):
             raise self._invalid("transfer_id", f"expected 32 lowercase hex digits, got {self.transfer_id!r}")
         if not _HEX64.fullmatch(self.sha256):

@@ -41,7 +41,15 @@ import numpy as np
 
 from edge_sdk._errors import ConfigError, EdgeFMError, SpecError
 from edge_sdk._spec import SubnetSpec
-from edge_sdk.protocol import DeviceConnection, EvaluateTask, TrainTask, numpy_to_torch, thaw_json, torch_to_numpy
+from edge_sdk.protocol import (
+    DeviceConnection,
+    EvaluateTask,
+    TrainTask,
+    delta_from_weights,
+    numpy_to_torch,
+    thaw_json,
+    torch_to_numpy,
+)
 from edge_sdk.scaling._models import packaged_model_dir
 from edge_sdk.training._data import (
     Encoded,
@@ -234,18 +242,23 @@ class TrainOutput:
     peak_rss_bytes: int
     step_time_s: float
     train_time_s: float
+    # A copy of the float tensors received (``TaskRunner.train(keep_received=True)``): the update can
+    # then travel as deltas, packed with the encoding the coordinator granted.
+    received: Mapping[str, np.ndarray] | None = None
 
     def send(self, conn: DeviceConnection, task_id: str) -> None:
-        """Queue this output as the task's Update (the trained weights) on ``conn``."""
+        """Queue this output as the task's Update on ``conn``: deltas against what was received when the
+        coordinator granted an update encoding and the received tensors were kept, else the weights."""
+        delta = conn.update_encoding is not None and self.received is not None
         conn.send_update(
             task_id=task_id,
-            tensors=self.tensors,
+            tensors=delta_from_weights(self.tensors, self.received or {}) if delta else self.tensors,
             num_samples=self.num_samples,
             metrics=self.metrics,
             peak_rss_bytes=self.peak_rss_bytes,
             step_time_s=self.step_time_s,
             train_time_s=self.train_time_s,
-            encoding="weights",
+            encoding="delta" if delta else "weights",
         )
 
 
@@ -296,6 +309,8 @@ class TaskRunner:
         tensors: Mapping[str, np.ndarray],
         cancel: threading.Event | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        *,
+        keep_received: bool = False,
     ) -> TrainOutput:
         """Train the task's sub-network on local data; TaskCancelledError once ``cancel`` is set;
         ``on_step(done, total)`` after each step, in this thread (a progress display).
@@ -303,6 +318,8 @@ class TaskRunner:
         The task's settings say how: its ``levers``, ``dropout`` (None: the model's), ``max_grad_norm``
         (None: no clipping) and ``dp_clip_norm`` (local DP, ``_privacy``); rows are truncated at the
         task's ``seq_len``, at most the model's max positions, and each batch is padded to its longest row.
+        ``keep_received``: keep a copy of the received float tensors (training updates them in place)
+        so the output can be sent as deltas (one more copy of the float weights in memory).
         """
         from edge_sdk.training._levers import install_rows, touched_rows, trained_tensors
         from edge_sdk.training._train import TrainConfig, train_local
@@ -312,6 +329,9 @@ class TaskRunner:
         if settings.optimizer != "adamw":
             raise ConfigError(f"optimizer {settings.optimizer!r} is not supported on this device (adamw only)")
         levers = settings.levers
+        # training updates the received arrays in place: deltas (and local DP) need them as received
+        keep = keep_received or settings.dp_clip_norm is not None
+        received = {n: a.copy() for n, a in tensors.items() if a.dtype.kind == "f"} if keep else None
         spec, model = self._build(task, tensors, attention=levers.attention)
         steps = settings.local_steps or max(1, math.ceil(len(self.data) / settings.batch_size)) * (
             settings.local_epochs or 1
@@ -336,18 +356,9 @@ class TaskRunner:
             on_step=on_step,
         )
         result = (self.train_fn or train_local)(model, batches, config)
-        out = local_dp(_as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors), tensors, settings)
-        metrics = {"steps": float(result.steps), "samples_seen": float(result.samples)}
-        if math.isfinite(result.loss):
-            metrics["loss"] = float(result.loss)
-        return TrainOutput(
-            tensors=out,
-            num_samples=len(self.data),
-            metrics=metrics,
-            peak_rss_bytes=int(result.peak_rss_bytes),
-            step_time_s=max(0.0, float(result.step_time_s)),
-            train_time_s=max(0.0, float(result.train_time_s)),
-        )
+        trained = _as_received(torch_to_numpy(trained_tensors(model, tensors)), tensors)
+        out = local_dp(trained, received if received is not None else tensors, settings)
+        return _train_output(result, out, len(self.data), received)
 
     def evaluate(
         self, task: EvaluateTask, tensors: Mapping[str, np.ndarray], cancel: threading.Event | None = None
@@ -363,6 +374,24 @@ class TaskRunner:
         metrics = evaluate(model, _cancellable(source(task.settings.batch_size, task.settings.seq_len), cancel))
         samples = int(metrics.pop("samples", 0))
         return samples, {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _train_output(
+    result: Any, tensors: dict[str, np.ndarray], num_samples: int, received: Mapping[str, np.ndarray] | None
+) -> TrainOutput:
+    """The TrainOutput of a local training ``result`` (a ``TrainResult``)."""
+    metrics = {"steps": float(result.steps), "samples_seen": float(result.samples)}
+    if math.isfinite(result.loss):
+        metrics["loss"] = float(result.loss)
+    return TrainOutput(
+        tensors=tensors,
+        num_samples=num_samples,
+        metrics=metrics,
+        peak_rss_bytes=int(result.peak_rss_bytes),
+        step_time_s=max(0.0, float(result.step_time_s)),
+        train_time_s=max(0.0, float(result.train_time_s)),
+        received=received,
+    )
 
 
 def _max_length(seq_len: int, config: Mapping[str, Any]) -> int:
