@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import json
 import urllib.error
 import urllib.request
@@ -24,6 +25,7 @@ from coordinator.federation._config import DeployConfig, FederationConfig, Serve
 from coordinator.federation._deploy_plan import DeployOutcome
 from coordinator.federation._engine import FederationEngine
 from coordinator.serve._server import DEPLOYMENTS_FILE, CoordinatorServer
+from edge_sdk import LabelMap
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.client._backoff import Backoff
 from edge_sdk.client._client import DeviceOptions, EdgeDevice
@@ -180,9 +182,15 @@ def test_corrupt_weights_or_a_foreign_folder_answer_not_ok(
 
 @contextlib.asynccontextmanager
 async def coordinator(
-    tmp_path: Path, names: list[str], parent: tuple[ParentModel, Salience], **deploy: Any
+    tmp_path: Path,
+    names: list[str],
+    parent: tuple[ParentModel, Salience],
+    labels: tuple[str, ...] = (),
+    **deploy: Any,
 ) -> AsyncIterator[CoordinatorServer]:
     model, salience = parent
+    if labels:  # the run's label map, in the model config every task and deploy carries (as serve sets it)
+        model = dataclasses.replace(model, config=LabelMap.from_config(list(labels)).apply_to(model.config))
     federation = FederationConfig(
         rounds=1, min_devices=len(names), device_wait_s=60, round_deadline_s=60, min_margin_bytes=0
     )
@@ -269,7 +277,7 @@ def test_after_the_last_round_every_deploying_device_installs_its_inference_mode
     assert sorted(r["device_id"] for r in records) == ["new", "old"]
     assert next(r for r in records if r["device_id"] == "new")["metrics"] == new.metrics
     (prediction,) = load(folder).predict(["a gorgeous , witty , seductive movie ."])
-    assert prediction.label in ("negative", "positive")  # [deploy] labels reach the served model
+    assert prediction.label in ("negative", "positive")  # the run's labels reach the served model
 
 
 def http_get(url: str, token: str | None) -> tuple[int, dict[str, Any]]:

@@ -432,3 +432,17 @@ def test_a_signal_during_deploys_stops_the_daemon_within_5_s(tmp_path: Path, tin
     finally:
         proc.kill()
     assert checkpoint_round(tmp_path) == 1
+
+
+def test_a_flood_that_ends_over_the_rate_is_still_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """The suppressed count is written when the peer is gone (settle), not only before its next line."""
+    from coordinator.federation._ratelimit import LogLimiter
+
+    clock = [0.0]
+    limiter = LogLimiter(logging.getLogger("coordinator.test"), rate=1.0, burst=2, clock=lambda: clock[0])
+    with caplog.at_level(logging.INFO, logger="coordinator"):
+        for i in range(10):
+            limiter.warning("dev", "line %d", i)
+        assert [r.getMessage() for r in caplog.records] == ["line 0", "line 1"]
+        assert limiter.settle("dev") == 8 and limiter.settle("dev") == 0 and limiter.settle("unknown") == 0
+    assert caplog.records[-1].getMessage() == "dev: 8 log lines suppressed (more than 1 a second)"

@@ -3,7 +3,9 @@
 A :class:`LogLimiter` keeps a token bucket per key (a device's name, a peer's address): a key may log
 ``burst`` lines at once, then ``rate`` lines a second. Lines beyond that are counted, not written;
 the next line the key may write is preceded by one warning ``"<key>: K log lines suppressed (more
-than R a second)"``. A flood of N messages thus writes at most ``burst + 2 * rate * seconds`` lines.
+than R a second)"``, and :meth:`settle` writes that warning when the key's peer is gone (a flood
+that ends over the rate is still reported). A flood of N messages thus writes at most
+``burst + 2 * rate * seconds + 1`` lines.
 Text that comes from a peer goes through :func:`clip` (at most ``TEXT_LIMIT`` characters, control
 characters and unencodable surrogates escaped), so each line is bounded too. At most ``max_keys``
 keys are tracked (the longest idle forgotten first), so the limiter's own memory is bounded.
@@ -73,6 +75,20 @@ class LogLimiter:
 
     def warning(self, key: str, msg: str, *args: object) -> bool:
         return self._log(key, logging.WARNING, msg, args)
+
+    def settle(self, key: str) -> int:
+        """Write the count of ``key``'s suppressed lines now (one warning, whatever its rate; call it when
+        the key's peer is gone, so a flood that ends while over the rate is still reported); how many."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            suppressed = bucket.suppressed if bucket is not None else 0
+            if bucket is not None:
+                bucket.suppressed = 0
+        if suppressed:
+            self.logger.warning(
+                "%s: %d log lines suppressed (more than %g a second)", clip(key), suppressed, self.rate, stacklevel=2
+            )
+        return suppressed
 
     def _log(self, key: str, level: int, msg: str, args: tuple[object, ...], *, exc_info: bool = False) -> bool:
         stacklevel = 3  # the caller of log / info / warning

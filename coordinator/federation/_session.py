@@ -251,6 +251,7 @@ class DeviceSession:
                     clip(event.pending_task_id),
                 )
                 self._failed(event.pending_task_id, f"disconnected (code {code})")
+        _device_log.settle(self.device_id)  # a flood that ended over the rate is still reported
 
     # ------------------------------------------------------------------------------ internals
 
