@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SST2 = ROOT / "examples" / "data" / "sst2" / "train.tsv"
 
 
-def child(folder: Path, quantize: bool, seq: int) -> None:
+def child(folder: Path, quantize: bool, seq: int, optimize: bool) -> None:
     """In a fresh process: the runtime, then one export as a device's Deployer does it."""
     from edge_sdk.scaling._build import model_class
     from edge_sdk.training._train import peak_rss_bytes
@@ -54,6 +54,7 @@ def child(folder: Path, quantize: bool, seq: int) -> None:
         parity_batch=texts[:8],
         max_length=seq,
         quantize=quantize,
+        optimize=optimize,
         drift_texts=texts if quantize else None,
         drift_labels=[r.label for r in rows] if quantize else None,
     )
@@ -69,10 +70,13 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--quantize", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--unfused", action="store_true", help="export without ONNX Runtime's transformer fusion (default: fused)"
+    )
     parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.quantize, args.seq)
+        child(args.child, args.quantize, args.seq, not args.unfused)
         return 0
 
     from safetensors.torch import save_file
@@ -86,7 +90,8 @@ def main() -> int:
     model_dir = resolve_model_dir("all-MiniLM-L6-v2")
     parent = load_parent(model_dir)
     d = parent.dims
-    print(f"MiniLM export in a fresh process: build, ONNX, parity, [int8 + drift on 64 rows], load; seq {args.seq}")
+    graph = "unfused" if args.unfused else "fused"
+    print(f"MiniLM export ({graph}) in a fresh process: build, ONNX, parity, [int8 + drift], load; seq {args.seq}")
     print(
         f"{'sub-network':<22} {'params':>8} {'int8':>5} {'runtime':>11} {'measured':>11} {'predicted':>11} {'ratio':>6}"
     )
@@ -111,6 +116,7 @@ def main() -> int:
                     "--tokenizer",
                     str(model_dir),
                     *(["--quantize"] if quantize else []),
+                    *(["--unfused"] if args.unfused else []),
                 ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
             if out.returncode != 0:
@@ -119,7 +125,7 @@ def main() -> int:
             got = json.loads(out.stdout.strip().splitlines()[-1])
             assert got["params"] == params, (got["params"], params)
             measured = got["peak"] - got["runtime"]
-            predicted = export_estimate(params, quantize=quantize)
+            predicted = export_estimate(params, quantize=quantize, optimize=not args.unfused)
             print(
                 f"{heads:>2} heads, FFN {ffn:>5}    {params / 1e6:>7.2f}M {'yes' if quantize else 'no':>5} "
                 f"{format_bytes(got['runtime']):>11} {format_bytes(measured):>11} {format_bytes(predicted):>11} "

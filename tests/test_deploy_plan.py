@@ -174,3 +174,37 @@ def test_deploy_defaults_and_values() -> None:
 def test_bad_deploy_values_name_their_key(values: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(with_deploy(**values), where="run.toml")
+
+
+def test_the_export_is_fused_only_where_the_fused_export_fits_the_budget() -> None:
+    """The planner sizes the served sub-network with the unfused export's bytes; the device is asked
+    to fuse (about twice the export's peak) only when that fits its budget as well."""
+    from coordinator.federation._deploy_plan import plan_inference_for
+    from edge_sdk.scaling import export_estimate
+
+    engine = make_engine(["d"])
+    dims = engine.parent.dims
+    engine.admit("d", hello(budget_for(engine, SubnetSpec.uniform(dims, heads=2, ffn=20)), runtime=0))
+    training = engine.registry.training_plan("d")
+    params, runtime = training.params, 100_000_000
+
+    def plan(budget: int) -> Any:
+        return plan_inference_for(
+            engine.parent,
+            engine.salience,
+            training,
+            device_id="d",
+            budget_bytes=budget,
+            work=INFER,
+            runtime_footprint=runtime,
+        )
+
+    fused = runtime + export_estimate(params, quantize=False, optimize=True)
+    unfused = runtime + export_estimate(params, quantize=False)
+    assert unfused < fused
+    tight = plan(unfused)  # room for the plain export of the training sub-network only
+    assert tight.fits and not tight.optimize and tight.inference.spec == training.spec
+    roomy = plan(10 * fused)
+    assert roomy.optimize
+    order_settings = make_order(engine, "d", DeployConfig(), "t").settings  # the registry's budget decides
+    assert isinstance(order_settings.optimize, bool)

@@ -97,5 +97,11 @@ def test_the_devices_export_must_fit_too() -> None:
     assert int8.inference.spec == int8.training.spec
     assert int8.inference.estimate.total == footprint + export_estimate(params, quantize=True)
     # the export grows with the parameters: per parameter and a fixed part, int8 above fp32
-    assert export_estimate(2_000_000, quantize=True) - export_estimate(1_000_000, quantize=True) == 45_000_000
+    assert export_estimate(2_000_000, quantize=True) - export_estimate(1_000_000, quantize=True) == 23_000_000
+    # ONNX Runtime's transformer fusion (symbolic shape inference copies the graph) about doubles it
+    assert (
+        export_estimate(2_000_000, quantize=True, optimize=True)
+        - export_estimate(1_000_000, quantize=True, optimize=True)
+        == 45_000_000
+    )
     assert export_estimate(0, quantize=False) < export_estimate(0, quantize=True)

@@ -30,7 +30,7 @@ from coordinator.federation._config import DeployConfig
 from coordinator.federation._records import width_of
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import InferenceSettings, torch_to_numpy
-from edge_sdk.scaling import ParentModel, Plan, Salience, Workload, extract, plan_serving
+from edge_sdk.scaling import ParentModel, Plan, Salience, Workload, export_estimate, extract, plan_serving
 
 if TYPE_CHECKING:
     from coordinator.federation._engine import FederationEngine
@@ -59,6 +59,7 @@ class DeployPlan:
     budget_bytes: int  # what the served model's process may hold (ONNX Runtime's footprint included)
     could_grow: bool  # the budget holds more than the training sub-network
     fits: bool = True  # False: not even the training sub-network's serving (export) fits; sent anyway
+    optimize: bool = False  # the export's transformer fusion fits the budget too: the device fuses
 
     @property
     def larger(self) -> bool:
@@ -156,7 +157,11 @@ def plan_inference_for(
 
     With ``runtime_footprint`` (what the device reported), its export must fit too (int8 with
     ``quantize``). If not even the training sub-network fits, it is served anyway (``fits`` False): a
-    device can always serve what it trained. The rule is :func:`edge_sdk.scaling._planning.plan_serving`.
+    device can always serve what it trained. The rule is :func:`edge_sdk.scaling._planning.plan_serving`,
+    with the unfused export's bytes: the largest sub-network first. The export is then fused
+    (``optimize``: faster int8 serving of short inputs) only if the fused export of that sub-network fits
+    the budget too; else the device exports the plain graph, which ONNX Runtime still fuses partly when
+    it loads it.
     """
     serving = plan_serving(
         parent,
@@ -167,7 +172,21 @@ def plan_inference_for(
         runtime_footprint=runtime_footprint,
         quantize=quantize,
     )
-    return DeployPlan(device_id, training, serving.plan, budget_bytes, could_grow=serving.could_grow, fits=serving.fits)
+    params = serving.plan.params
+    optimize = (
+        serving.fits
+        and runtime_footprint is not None
+        and runtime_footprint + export_estimate(params, quantize=quantize, optimize=True) <= budget_bytes
+    )
+    return DeployPlan(
+        device_id,
+        training,
+        serving.plan,
+        budget_bytes,
+        could_grow=serving.could_grow,
+        fits=serving.fits,
+        optimize=optimize,
+    )
 
 
 def plan_deployment(engine: FederationEngine, device_id: str, config: DeployConfig) -> DeployPlan:
@@ -199,7 +218,9 @@ def make_order(engine: FederationEngine, device_id: str, config: DeployConfig, t
         device_id=device_id,
         round=engine.round,
         plan=plan,
-        settings=InferenceSettings(batch_size=config.batch_size, seq_len=config.seq_len, quantize=config.quantize),
+        settings=InferenceSettings(
+            batch_size=config.batch_size, seq_len=config.seq_len, quantize=config.quantize, optimize=plan.optimize
+        ),
         model_config=dict(engine.model_config),  # with the run's label map (id2label)
         tensors=torch_to_numpy(extract(parent, plan.inference.spec)),
     )

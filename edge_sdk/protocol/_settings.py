@@ -171,6 +171,9 @@ class InferenceSettings(WireRecord):
     batch_size: int
     seq_len: int
     quantize: bool = False
+    # export through ONNX Runtime's transformer fusion (about twice the export's peak memory; the
+    # coordinator asks for it only where that fits the device's budget)
+    optimize: bool = dataclasses.field(default=False, metadata=OPTIONAL_ON_WIRE)
 
     def _validate(self) -> None:
         require_field(self, "batch_size", self.batch_size >= 1, f"must be >= 1, got {self.batch_size}")

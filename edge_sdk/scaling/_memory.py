@@ -317,21 +317,27 @@ def inference_estimate(
     )
 
 
-# Exporting a sub-network on the device (edge_sdk.serving._install: build, trace to ONNX, fuse with ONNX
-# Runtime's transformer optimizer, parity check, [int8 quantization and drift check], load the installed
+# Exporting a sub-network on the device (edge_sdk.serving._install: build, trace to ONNX, [fuse with ONNX
+# Runtime's transformer optimizer], parity check, [int8 quantization and drift check], load the installed
 # folder) runs in the device's torch process, so it must fit the training allowance too. Bytes above the
 # runtime footprint, fitted on fresh processes exporting MiniLM sub-networks of 14.7M-22.7M parameters
-# (bench/export_memory.py, predictions 1.01x the measured peaks): per parameter the module, the traced
-# graph, the fusion's copies of it (its symbolic shape inference copies the model on each pass: the
-# fusion added 16 B/param to the fp32 fit) and the serialized model; fixed, the exporter's, optimizer's
-# and (int8) the quantizer's imports and sessions.
-_EXPORT_PER_PARAM = {False: 33, True: 45}
-_EXPORT_FIXED = {False: 95_000_000, True: 190_000_000}
+# (bench/export_memory.py): per parameter the module, the traced graph, the fusion's copies of it (its
+# symbolic shape inference copies the model on each pass: fusing adds 16 B/param to the fp32 fit) and the
+# serialized model; fixed, the exporter's, optimizer's and (int8) the quantizer's imports and sessions.
+# Keys: (quantize, optimize). Unfused: 1.00x the measured peaks before the fusion existed; fused: 1.01x.
+_EXPORT_PER_PARAM = {(False, False): 17, (True, False): 23, (False, True): 33, (True, True): 45}
+_EXPORT_FIXED = {
+    (False, False): 64_000_000,
+    (True, False): 215_000_000,
+    (False, True): 95_000_000,
+    (True, True): 190_000_000,
+}
 
 
-def export_estimate(params: int, *, quantize: bool) -> int:
-    """Peak bytes above the runtime footprint of exporting a ``params``-parameter sub-network to ONNX."""
-    return _EXPORT_PER_PARAM[quantize] * params + _EXPORT_FIXED[quantize]
+def export_estimate(params: int, *, quantize: bool, optimize: bool = False) -> int:
+    """Peak bytes above the runtime footprint of exporting a ``params``-parameter sub-network to ONNX
+    (``optimize``: with ONNX Runtime's transformer fusion, about twice the unfused peak)."""
+    return _EXPORT_PER_PARAM[quantize, optimize] * params + _EXPORT_FIXED[quantize, optimize]
 
 
 def serving_estimate(

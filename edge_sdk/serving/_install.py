@@ -201,6 +201,7 @@ class Deployer:
             parity_batch=parity_batch,
             max_length=max_length,
             quantize=settings.quantize,
+            optimize=settings.optimize,
             drift_texts=drift_texts,
             drift_labels=drift_labels,
             manifest_extra={
@@ -210,6 +211,7 @@ class Deployer:
                     "batch_size": settings.batch_size,
                     "seq_len": settings.seq_len,
                     "quantize": settings.quantize,
+                    "optimize": settings.optimize,
                 },
                 "drift_slice": drift_slice,
             },
