@@ -21,20 +21,18 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from edge_sdk._errors import ConfigError, ProtocolError
+from edge_sdk._errors import ConfigError
 from edge_sdk.protocol._tensors import (
     _CHUNK_HEADER,
-    _NUMPY_DTYPES,
     CHUNK_MAGIC,
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
-    _require_ndarray,
     dtype_name,
     new_transfer_id,
+    wire_arrays,
 )
-from edge_sdk.protocol._wire import CLOSE_PROTOCOL_ERROR
 
 __all__ = ["ChunkPieces", "EncodedTensors", "prepare_tensors"]
 
@@ -108,13 +106,7 @@ def prepare_tensors(tensors: Mapping[str, np.ndarray]) -> EncodedTensors:
     element size (the header is padded to 8 bytes, as safetensors does). The blob is byte for byte a
     valid safetensors file.
     """
-    prepared: dict[str, np.ndarray] = {}
-    for name, array in tensors.items():
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ProtocolError(f"invalid tensor name {name!r}", CLOSE_PROTOCOL_ERROR)
-        _require_ndarray(name, array)
-        # asarray, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
-        prepared[name] = np.asarray(array, dtype=_NUMPY_DTYPES[dtype_name(array.dtype)], order="C")
+    prepared = wire_arrays(tensors)
     order = sorted(prepared, key=lambda name: (-prepared[name].dtype.itemsize, name))
     header: dict[str, dict[str, object]] = {}
     begins: list[int] = []

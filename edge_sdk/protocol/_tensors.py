@@ -65,6 +65,7 @@ __all__ = [
     "numpy_to_torch",
     "read_safetensors_header",
     "torch_to_numpy",
+    "wire_arrays",
 ]
 
 logger = logging.getLogger(__name__)
@@ -370,6 +371,19 @@ def chunk_blob(
     return manifest, frames
 
 
+def wire_arrays(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``tensors`` checked (names, numpy arrays of a wire dtype) and laid out as they travel: C-contiguous
+    and little-endian (a copy only for an array that is not already)."""
+    prepared: dict[str, np.ndarray] = {}
+    for name, array in tensors.items():
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ProtocolError(f"invalid tensor name {name!r}", CLOSE_PROTOCOL_ERROR)
+        _require_ndarray(name, array)
+        # asarray, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
+        prepared[name] = np.asarray(array, dtype=_NUMPY_DTYPES[dtype_name(array.dtype)], order="C")
+    return prepared
+
+
 def encode_tensors(
     tensors: Mapping[str, np.ndarray],
     *,
@@ -381,14 +395,7 @@ def encode_tensors(
     Arrays are made C-contiguous and little-endian first (safetensors 0.8 ``save`` silently writes a
     non-contiguous array's memory in storage order, i.e. wrong values).
     """
-    prepared: dict[str, np.ndarray] = {}
-    for name, array in tensors.items():
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ProtocolError(f"invalid tensor name {name!r}", CLOSE_PROTOCOL_ERROR)
-        _require_ndarray(name, array)
-        # asarray, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
-        prepared[name] = np.asarray(array, dtype=_NUMPY_DTYPES[dtype_name(array.dtype)], order="C")
-    blob = safetensors.numpy.save(prepared)
+    blob = safetensors.numpy.save(wire_arrays(tensors))
     return chunk_blob(blob, chunk_bytes=chunk_bytes, transfer_id=transfer_id)
 
 
