@@ -82,6 +82,18 @@ def tiny_vocab_bert_config() -> transformers.BertConfig:
     )
 
 
+def tiny_vocab_bert_dir(folder: Path) -> Path:
+    """``folder`` holding a tiny BERT (:func:`tiny_vocab_bert_config`) and MiniLM's tokenizer.json: a model
+    folder the packaged tokenizer applies to, fast to start and train."""
+    import shutil
+
+    transformers.BertForSequenceClassification(tiny_vocab_bert_config()).save_pretrained(
+        folder, safe_serialization=True
+    )
+    shutil.copy(minilm_dir() / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
 def long_rows_tsv(folder: Path, rows: int = 128, words: int = 200) -> Path:
     """SST-2 training sentences joined into rows of ``words``+ words each (label of the first): every
     row fills any max length up to about 200 tokens, the worst case the memory model plans for."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import signal
 import threading
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import transformers
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidStatus
@@ -33,7 +31,7 @@ from edge_sdk.training._train import TrainConfig, TrainResult, train_local
 
 from ._federation import Proc, read_port, write_config
 from ._federation import coordinator as coordinator_process
-from .models import minilm_dir, tiny_vocab_bert_config
+from .models import tiny_vocab_bert_dir
 from .test_client import RandomTokens, options
 from .test_server import FULL, TIMEOUT, Device, coordinator, dial, run
 
@@ -276,12 +274,7 @@ SIGNAL_BOUND_S = 5.0  # the issue's bound: a signal stops the daemon within 5 s 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT with MiniLM's vocabulary (the packaged tokenizer applies): fast to start and train."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    transformers.BertForSequenceClassification(tiny_vocab_bert_config()).save_pretrained(
-        folder, safe_serialization=True
-    )
-    shutil.copy(minilm_dir() / "tokenizer.json", folder / "tokenizer.json")
-    return folder
+    return tiny_vocab_bert_dir(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def start_daemon(folder: Path, model: Path | str, *, deploy: bool = False, **config: Any) -> tuple[Proc, int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import transformers
 from websockets.asyncio.client import connect
 
 from coordinator.federation import load_config
@@ -31,7 +29,7 @@ from coordinator.simulation._config import parse_simulation_config
 from edge_sdk._errors import ConfigError
 
 from ._federation import child_env, write_config
-from .models import minilm_dir, tiny_vocab_bert_config
+from .models import tiny_vocab_bert_dir
 from .test_server import Device
 from .test_simulation import tiny_config
 
@@ -43,12 +41,7 @@ TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT with MiniLM's vocabulary (the packaged tokenizer applies)."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    transformers.BertForSequenceClassification(tiny_vocab_bert_config()).save_pretrained(
-        folder, safe_serialization=True
-    )
-    shutil.copy(minilm_dir() / "tokenizer.json", folder / "tokenizer.json")
-    return folder
+    return tiny_vocab_bert_dir(tmp_path_factory.mktemp("tiny-bert"))
 
 
 class Loads:
