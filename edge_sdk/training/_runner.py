@@ -70,6 +70,7 @@ __all__ = [
     "TextDataset",
     "TrainFn",
     "TrainOutput",
+    "model_task",
     "resolve_tokenizer_dir",
     "warm_up",
 ]
@@ -301,7 +302,8 @@ class TaskRunner:
             fit = getattr(source, "fit_model", None)  # image data: its preprocessing checked against the model
             if callable(fit):
                 fit(config)
-        return spec, build_model(spec, config, numpy_to_torch(dict(tensors)), attn_implementation=attention)
+        head = model_task(config, getattr(self.data, "task", None))
+        return spec, build_model(spec, config, numpy_to_torch(dict(tensors)), task=head, attn_implementation=attention)
 
     def train(
         self,
@@ -374,6 +376,22 @@ class TaskRunner:
         metrics = evaluate(model, _cancellable(source(task.settings.batch_size, task.settings.seq_len), cancel))
         samples = int(metrics.pop("samples", 0))
         return samples, {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def model_task(config: Mapping[str, Any], data_task: str | None = None) -> str | None:
+    """The task whose head a received model ``config`` is built with: the one whose class its
+    ``architectures`` names (the coordinator sends the run's), else ``data_task`` (the data's kind,
+    e.g. ``"causal-lm"`` for prompt/response records) when the family has it, else None (the
+    family's first task)."""
+    from edge_sdk.scaling import family_for
+
+    tasks = family_for(config).task_classes
+    names = config.get("architectures")
+    for name in names if isinstance(names, list) else ():
+        found = next((task for task, cls in tasks.items() if cls == name), None)
+        if found is not None:
+            return found
+    return data_task if data_task in tasks else None
 
 
 def _train_output(
