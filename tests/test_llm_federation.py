@@ -1,0 +1,171 @@
+"""End to end: causal-LM fine-tuning of a Llama through the federation, a coordinator and three device
+processes over websockets on 127.0.0.1, devices of three budgets (dense training, and LoRA of two
+ranks on devices that cannot fit it), held-out response-token loss every round.
+
+Budgets are found with the coordinator's own planner (the same ranked parent, workload and lever
+policy): the largest budget at which each lever plan appears. "Within budget" compares as in
+``test_federation_e2e`` (both sides leave the runtime footprint out; the margin is kept in reserve).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint
+from coordinator.federation._config import FederationConfig
+from coordinator.federation._planner import training_workload
+from coordinator.federation._tables import TrainingConfig
+from edge_sdk._errors import BudgetError
+from edge_sdk._levers import Levers
+from edge_sdk.scaling import LeverPolicy, ParentModel, Salience, plan_training, ranked_parent
+
+from ._federation import TIMEOUT_S, coordinator, device, read_port
+from ._llm import SST2_INSTRUCT, tiny_llama_dir
+
+MARGIN = FederationConfig().min_margin_bytes
+TOKENS = {"small": "token-small-1111", "medium": "token-medium-2222", "large": "token-large-3333"}
+
+
+def lever_budgets(parent: ParentModel, salience: Salience, training: TrainingConfig, policy: LeverPolicy) -> dict[str, int]:
+    """Planning budgets (bytes the planner may spend) for: dense training of the full model ("large"),
+    LoRA of the largest rank that appears ("medium") and of the smallest ("small")."""
+    work = training_workload(parent.config, training)
+    first: dict[int, int] = {}  # LoRA rank (0: dense) -> the largest scanned budget planned with it
+    budget = 4 * plan_training(parent, salience, 1 << 40, work, runtime=0, policy=policy).plain.total
+    while True:
+        try:
+            plan = plan_training(parent, salience, budget, work, runtime=0, policy=policy)
+        except BudgetError:
+            break
+        first.setdefault(plan.levers.lora_rank, budget)
+        budget = int(budget * 0.97)
+    ranks = sorted(r for r in first if r)
+    assert 0 in first and len(ranks) >= 2, first
+    return {"large": first[0], "medium": first[ranks[-1]], "small": first[ranks[0]]}
+
+
+def write_llm_config(folder: Path, model: Path | str, *, training: TrainingConfig, ranks: list[int], dev_rows: int) -> Path:
+    device_lines = "".join(f'{name} = "{token}"\n' for name, token in TOKENS.items())
+    text = f"""
+[model]
+name = "{model}"
+task = "causal-lm"
+
+[federation]
+rounds = 2
+min_devices = 3
+device_wait_s = 300
+round_deadline_s = 600
+
+[training]
+local_steps = {training.local_steps}
+batch_size = {training.batch_size}
+seq_len = {training.seq_len}
+lr = {training.lr}
+
+[levers]
+lora_ranks = {ranks}
+
+[validation]
+data = "{SST2_INSTRUCT / "dev.jsonl"}"
+limit = {dev_rows}
+batch_size = 16
+
+[server]
+host = "127.0.0.1"
+port = 0
+port_file = "port"
+
+[devices]
+{device_lines}
+[run]
+dir = "run"
+"""
+    path = folder / "run.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run_federation(
+    folder: Path, config: Path, budgets: dict[str, int], tokenizer: str, rows: int, timeout: float = TIMEOUT_S
+) -> list[dict[str, Any]]:
+    """Serve ``config`` to three ``edge-sdk join`` processes (their budgets: ``MARGIN + budgets``);
+    the run's history (one entry per round) once every process has exited cleanly."""
+    server = coordinator(config, folder / "coordinator.log")
+    devices = {}
+    try:
+        port = read_port(folder, server, timeout)
+        for k, (name, token) in enumerate(TOKENS.items()):
+            data = SST2_INSTRUCT / f"train-{k}.jsonl"
+            extra = ("--tokenizer", tokenizer, "--limit", str(rows))
+            budget = str(MARGIN + budgets[name])
+            devices[name] = device(f"ws://127.0.0.1:{port}", token, data, budget, folder / f"{name}.log", *extra)
+        assert server.wait(timeout) == 0, server.text()[-4000:]
+        for name, proc in devices.items():
+            assert proc.wait(timeout) == 0, f"{name}:\n{proc.text()[-3000:]}"
+    finally:
+        for proc in [server, *devices.values()]:
+            proc.kill()
+    log = server.text()
+    assert "round 1/2: 3/3 updates merged" in log and "round 2/2: 3/3 updates merged" in log, log[-3000:]
+    assert "perplexity" in log
+    final = load_checkpoint(latest_checkpoint(folder / "run"))  # type: ignore[arg-type]
+    assert final.round == 2 and len(final.history) == 2
+    return list(final.history)
+
+
+def check_devices(entry: dict[str, Any], budgets: dict[str, int]) -> dict[str, Levers]:
+    """Every device trained within its budget; the levers each one trained with."""
+    got = {d["device_id"]: d for d in entry["devices"]}
+    assert {n: d["status"] for n, d in got.items()} == dict.fromkeys(TOKENS, "ok"), entry
+    for name, d in got.items():
+        assert d["usable_bytes"] == MARGIN + budgets[name]
+        assert d["predicted_bytes"] <= d["usable_bytes"] - MARGIN, d
+        assert 0 < d["runtime_bytes"] < d["peak_rss_bytes"], d
+        assert d["peak_rss_bytes"] - d["runtime_bytes"] <= d["usable_bytes"], d
+    metrics = entry["metrics"]
+    assert math.isfinite(metrics["loss"]) and metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert "accuracy" not in metrics and metrics["tokens"] > 0
+    return {name: Levers.parse(d["levers"]) for name, d in got.items()}
+
+
+def test_a_tiny_llama_fine_tunes_through_the_federation_with_lora_of_two_ranks(tmp_path: Path) -> None:
+    model = tiny_llama_dir(tmp_path / "model")
+    training = TrainingConfig(local_steps=2, batch_size=4, seq_len=48, lr=1e-3)
+    ranks = [8, 4, 2]
+    parent, salience = ranked_parent(model, task="causal-lm")
+    budgets = lever_budgets(parent, salience, training, LeverPolicy(lora_ranks=tuple(ranks)))
+    config = write_llm_config(tmp_path, model, training=training, ranks=ranks, dev_rows=32)
+    history = run_federation(tmp_path, config, budgets, str(model), rows=48)
+    for entry in history:
+        levers = check_devices(entry, budgets)
+        assert levers["large"].lora_rank == 0  # it fits dense training
+        assert 0 < levers["small"].lora_rank < levers["medium"].lora_rank  # the other two cannot: LoRA
+        assert entry["metrics"]["tokens"] == 32 * 2  # " positive" / " negative" is one token here, + eos
+
+
+@pytest.mark.slow
+def test_smollm2_fine_tunes_with_lora_on_three_budgets_and_its_held_out_loss_falls(tmp_path: Path) -> None:
+    from edge_sdk.scaling import resolve_model_dir
+
+    model = resolve_model_dir("SmolLM2-135M")  # the packaged model (GGUF, cached as safetensors)
+    training = TrainingConfig(local_steps=3, batch_size=4, seq_len=40, lr=2e-4)
+    ranks = [16, 8, 4]
+    parent, salience = ranked_parent(model, task="causal-lm", cache=True)
+    budgets = lever_budgets(parent, salience, training, LeverPolicy(lora_ranks=tuple(ranks)))
+    del parent, salience
+    config = write_llm_config(tmp_path, "SmolLM2-135M", training=training, ranks=ranks, dev_rows=48)
+    history = run_federation(tmp_path, config, budgets, "SmolLM2-135M", rows=48, timeout=600)
+    losses = []
+    for entry in history:
+        levers = check_devices(entry, budgets)
+        assert 0 < levers["small"].lora_rank < levers["medium"].lora_rank
+        assert levers["large"].lora_rank == 0
+        losses.append(entry["metrics"]["loss"])
+    start = (tmp_path / "coordinator.log").read_text(encoding="utf-8")
+    print("held-out response-token loss per round:", losses, "\n", start[-2000:])
+    assert losses[1] < losses[0]
