@@ -33,12 +33,24 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
         model = transformers.ViTForImageClassification(
             transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, num_labels=3, **TINY)
         )
+    elif family in ("llama", "llama-mha"):  # causal LM, tied embeddings; "llama": 4 heads in 2 KV groups
+        model = transformers.LlamaForCausalLM(tiny_llama_config(kv_heads=2 if family == "llama" else 4))
     else:
         raise ValueError(family)
     with torch.no_grad():  # HF zero-initialises biases: make every tensor matter
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+def tiny_llama_config(kv_heads: int = 2, **overrides: object) -> transformers.LlamaConfig:
+    """A 3-layer Llama (hidden 32, 4 query heads of 8 in ``kv_heads`` KV groups, gated FFN 48, tied
+    embeddings, vocabulary 50)."""
+    fields: dict[str, object] = dict(
+        vocab_size=50, max_position_embeddings=64, num_key_value_heads=kv_heads, tie_word_embeddings=True, **TINY
+    )
+    fields.update(overrides)
+    return transformers.LlamaConfig(**fields)
 
 
 def tiny_parent(family: str, seed: int = 0) -> ParentModel:
