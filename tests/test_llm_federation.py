@@ -19,9 +19,10 @@ from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoin
 from coordinator.federation._config import FederationConfig
 from coordinator.federation._planner import training_workload
 from coordinator.federation._tables import TrainingConfig
-from edge_sdk._errors import BudgetError
 from edge_sdk._levers import Levers
-from edge_sdk.scaling import LeverPolicy, ParentModel, Salience, plan_training, ranked_parent
+from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling import LeverPolicy, ParentModel, Salience, param_count, plan_training, ranked_parent
+from edge_sdk.scaling._lever_choice import LeverChooser
 
 from ._federation import TIMEOUT_S, coordinator, device, read_port
 from ._llm import SST2_INSTRUCT, tiny_llama_dir
@@ -30,25 +31,39 @@ MARGIN = FederationConfig().min_margin_bytes
 TOKENS = {"small": "token-small-1111", "medium": "token-medium-2222", "large": "token-large-3333"}
 
 
-def lever_budgets(parent: ParentModel, salience: Salience, training: TrainingConfig, policy: LeverPolicy) -> dict[str, int]:
-    """Planning budgets (bytes the planner may spend) for: dense training of the full model ("large"),
-    LoRA of the largest rank that appears ("medium") and of the smallest ("small")."""
+def lever_budgets(
+    parent: ParentModel, salience: Salience, training: TrainingConfig, policy: LeverPolicy
+) -> dict[str, int]:
+    """Planning budgets (bytes the planner may spend) at which the full model trains densely ("large"),
+    with LoRA of the largest rank the policy allows ("medium") and of its smallest ("small").
+
+    The planner takes, among the lever sets that fit, the one of least accuracy cost (dense < frozen
+    table < LoRA of a high rank < a low rank): LoRA of rank r is planned at a budget just below the
+    least any set of lower cost needs, if a rank-r set fits there. Checked against the planner itself.
+    """
     work = training_workload(parent.config, training)
-    first: dict[int, int] = {}  # LoRA rank (0: dense) -> the largest scanned budget planned with it
-    budget = 4 * plan_training(parent, salience, 1 << 40, work, runtime=0, policy=policy).plain.total
-    while True:
-        try:
-            plan = plan_training(parent, salience, budget, work, runtime=0, policy=policy)
-        except BudgetError:
-            break
-        first.setdefault(plan.levers.lora_rank, budget)
-        budget = int(budget * 0.97)
-    ranks = sorted(r for r in first if r)
-    assert 0 in first and len(ranks) >= 2, first
-    return {"large": first[0], "medium": first[ranks[-1]], "small": first[ranks[0]]}
+    full = SubnetSpec.full(parent.dims)
+    chooser = LeverChooser(parent, work, 0, policy)
+    params = param_count(parent, full)
+    need: dict[int, int] = {}  # LoRA rank (0: dense) -> the least any lever set of that rank needs
+    for levers in chooser.candidates:
+        total = chooser.price(full, params, levers).estimate.total
+        need[levers.lora_rank] = min(total, need.get(levers.lora_rank, total))
+    ranks = sorted(need, reverse=True)[:-1]  # LoRA ranks, largest first
+    assert len(ranks) >= 2 and need[ranks[-1]] < need[ranks[0]] < need[0], need
+    budgets = {"large": need[0] + (need[0] >> 4)}
+    budgets["medium"] = need[0] - 1  # below every dense set (no rank above the largest)
+    budgets["small"] = min(need[r] for r in (0, *ranks[:-1])) - 1  # below every set of a larger rank
+    expected = {"large": 0, "medium": ranks[0], "small": ranks[-1]}
+    for name, budget in budgets.items():
+        plan = plan_training(parent, salience, budget, work, runtime=0, policy=policy)
+        assert plan.params_fraction == 1 and plan.levers.lora_rank == expected[name], (name, plan.levers, need)
+    return budgets
 
 
-def write_llm_config(folder: Path, model: Path | str, *, training: TrainingConfig, ranks: list[int], dev_rows: int) -> Path:
+def write_llm_config(
+    folder: Path, model: Path | str, *, training: TrainingConfig, ranks: list[int], dev_rows: int
+) -> Path:
     device_lines = "".join(f'{name} = "{token}"\n' for name, token in TOKENS.items())
     text = f"""
 [model]
@@ -91,7 +106,7 @@ dir = "run"
 
 
 def run_federation(
-    folder: Path, config: Path, budgets: dict[str, int], tokenizer: str, rows: int, timeout: float = TIMEOUT_S
+    folder: Path, config: Path, budgets: dict[str, int], tokenizer: str, *, rows: int, timeout: float = TIMEOUT_S
 ) -> list[dict[str, Any]]:
     """Serve ``config`` to three ``edge-sdk join`` processes (their budgets: ``MARGIN + budgets``);
     the run's history (one entry per round) once every process has exited cleanly."""
