@@ -50,8 +50,8 @@ def tiny_tokenizer_dir(folder: Path, vocab_size: int = 384) -> Path:
 
 
 def tiny_llama_config(vocab_size: int, **overrides: object) -> transformers.LlamaConfig:
-    settings: dict[str, object] = {**TINY_LLAMA, "tie_word_embeddings": True, **overrides}
-    return transformers.LlamaConfig(vocab_size=vocab_size, eos_token_id=0, pad_token_id=0, **settings)
+    settings: dict[str, object] = {**TINY_LLAMA, "tie_word_embeddings": True, "eos_token_id": 0, "pad_token_id": 0}
+    return transformers.LlamaConfig(vocab_size=vocab_size, **{**settings, **overrides})
 
 
 def tiny_llama_dir(folder: Path, *, causal: bool = True, seed: int = 0) -> Path:

@@ -149,3 +149,43 @@ def test_evaluate_keeps_classification_metrics(tokenizer_dir: Path) -> None:
     batch = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
     metrics = evaluate(model, iter([{**batch, "labels": np.array([0, 1])}]))
     assert set(metrics) >= {"accuracy", "loss", "macro_f1"} and "perplexity" not in metrics
+
+
+def test_a_llama_classifies_text_through_the_text_classification_path(tokenizer_dir: Path) -> None:
+    """LlamaForSequenceClassification: the run names its head and a pad id (its end token's); a
+    device builds that head (not the family's first task, the causal LM) and trains on padded
+    batches of labelled texts, each row scored at its own last token."""
+    import transformers
+
+    from coordinator.federation._tables import task_config
+    from edge_sdk import LabelMap, SubnetSpec, TextDataset, build_model, read_rows
+    from edge_sdk.scaling import parent_from_module
+    from edge_sdk.training import model_task
+    from edge_sdk.training._train import TrainConfig, train_local
+
+    torch.manual_seed(0)
+    vocab = PromptTokenizer(tokenizer_dir).vocab_size
+    config = tiny_llama_config(vocab, num_labels=2, pad_token_id=None, eos_token_id=3)
+    parent = parent_from_module(transformers.LlamaForSequenceClassification(config), "text-classification")
+    labels = LabelMap.infer(["0", "1"])
+    sent = task_config(parent, labels)
+    assert sent["architectures"] == ["LlamaForSequenceClassification"] and sent["pad_token_id"] == 3
+    assert model_task(sent) == "text-classification" and model_task(parent.config) is None
+    model = build_model(SubnetSpec.full(parent.dims), sent, parent.state, task=model_task(sent))
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    data = TextDataset(read_rows(SST2 / "dev.tsv", limit=24), tokenizer_dir)
+    data.use_labels(labels)
+    batch = next(data.eval_batches(8, 64))
+    assert (batch["attention_mask"] == 0).any()  # padded rows: scored at their last real token
+    whole = evaluate(model, iter([batch]))
+    rows = [
+        {
+            k: v[i : i + 1, : int(batch["attention_mask"][i].sum())] if v.ndim == 2 else v[i : i + 1]
+            for k, v in batch.items()
+        }
+        for i in range(8)
+    ]
+    alone = [evaluate(model, iter([row]))["loss"] for row in rows]
+    assert whole["loss"] == pytest.approx(float(np.mean(alone)), rel=1e-5)
+    result = train_local(model, data.batches(8, 64, seed=0), TrainConfig(steps=2, lr=1e-3))
+    assert math.isfinite(result.loss)

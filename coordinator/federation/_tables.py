@@ -271,9 +271,14 @@ def resolve_labels(model: ModelConfig, observed: Iterable[str] | None = None) ->
 def task_config(parent: ParentModel, labels: LabelMap | None) -> dict[str, Any]:
     """The model config a run sends with every task: the parent's, with ``architectures`` naming the
     class of the run's task (a device builds that head: Llama has a causal-LM and a classification
-    head) and, for a labelled task, the run's label map (``id2label``, ...)."""
+    head) and, for a labelled task, the run's label map (``id2label``, ...). A decoder classifying
+    text finds each row's last token by ``pad_token_id``: a config without one gets its end token's."""
     config = dict(parent.config)
     config["architectures"] = [parent.family.task_classes[parent.task]]
+    eos = config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if parent.task == "text-classification" and config.get("pad_token_id") is None and isinstance(eos, int):
+        config["pad_token_id"] = eos
     return labels.apply_to(config) if labels is not None else config
 
 

@@ -114,10 +114,24 @@ def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: floa
 def _to_torch(
     batch: Mapping[str, np.ndarray | torch.Tensor], model: nn.Module | None = None
 ) -> dict[str, torch.Tensor]:
-    """``batch`` as tensors; with ``model``, without ``token_type_ids`` when its forward takes none
-    (decoders such as Llama have no token types)."""
+    """``batch`` as tensors; with ``model``, fitted to it: no ``token_type_ids`` when its forward takes
+    none (decoders such as Llama), and padded positions (``attention_mask`` 0) holding the config's
+    ``pad_token_id`` for a sequence classifier that finds each row's last token by that id (Llama's)."""
     drop = model is not None and "token_type_ids" not in _forward_parameters(type(model).forward)
-    return {k: torch.as_tensor(v) for k, v in batch.items() if not (drop and k == "token_type_ids")}
+    out = {k: torch.as_tensor(v) for k, v in batch.items() if not (drop and k == "token_type_ids")}
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    ids, mask = out.get("input_ids"), out.get("attention_mask")
+    if isinstance(pad, int) and ids is not None and mask is not None and _pools_last_token(type(model)):
+        out["input_ids"] = torch.where(mask.bool(), ids, pad)
+    return out
+
+
+def _pools_last_token(cls: type) -> bool:
+    """Whether ``cls`` classifies from each row's last token, found by ``pad_token_id`` (Llama's
+    sequence classifier: transformers' ``GenericForSequenceClassification``)."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    return issubclass(cls, GenericForSequenceClassification)
 
 
 @functools.cache
