@@ -180,16 +180,16 @@ def test_smollm2_fine_tunes_with_lora_on_three_budgets_and_its_held_out_loss_fal
     from edge_sdk.scaling import resolve_model_dir
 
     model = resolve_model_dir("SmolLM2-135M")  # converted once into edge-fm's cache folder
-    training = TrainingConfig(local_steps=3, batch_size=4, seq_len=40, lr=1e-4)
+    training = TrainingConfig(local_steps=2, batch_size=4, seq_len=32, lr=1e-4)
     ranks = [16, 8, 4]
     parent, salience = ranked_parent(model, task="causal-lm", cache=True)
     budgets = lever_budgets(parent, salience, training, LeverPolicy(lora_ranks=tuple(ranks)))
     del parent, salience
-    config = write_llm_config(tmp_path, "SmolLM2-135M", training=training, ranks=ranks, dev_rows=48)
-    history = run_federation(tmp_path, config, budgets, "SmolLM2-135M", rows=48, timeout=900)
+    config = write_llm_config(tmp_path, "SmolLM2-135M", training=training, ranks=ranks, dev_rows=32)
+    history = run_federation(tmp_path, config, budgets, "SmolLM2-135M", rows=32, timeout=900)
     for entry in history:
         levers = check_devices(entry, budgets)
-        assert levers["large"].is_plain  # full fine-tuning fits it
+        assert levers["large"].lora_rank == 0 and not levers["large"].costs_accuracy  # full fine-tuning fits it
         assert (levers["medium"].lora_rank, levers["small"].lora_rank) == (16, 4)  # they cannot: LoRA
     losses = held_out_losses((tmp_path / "coordinator.log").read_text(encoding="utf-8"), history)
     print("held-out response-token loss (round 0, 1, 2):", losses)
