@@ -139,6 +139,20 @@ def test_the_causal_lm_task_has_no_labels_and_reads_prompt_columns() -> None:
         parse_config({**base, "model": {"name": "m", "task": "causal-lm", "labels": ["a", "b"]}})
 
 
+def test_a_causal_lm_run_sends_its_head_and_no_label_map(tokenizer_dir: Path) -> None:
+    import transformers
+
+    from coordinator.federation._tables import task_config
+    from edge_sdk.scaling import parent_from_module
+    from edge_sdk.training import model_task
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(PromptTokenizer(tokenizer_dir).vocab_size))
+    sent = task_config(parent_from_module(model, "causal-lm"), None)
+    assert sent["architectures"] == ["LlamaForCausalLM"] and model_task(sent) == "causal-lm"
+    assert not {"id2label", "label2id", "label_values"} & set(sent)
+
+
 def test_evaluate_keeps_classification_metrics(tokenizer_dir: Path) -> None:
     import transformers
 

@@ -271,7 +271,7 @@ def resolve_labels(model: ModelConfig, observed: Iterable[str] | None = None) ->
 def task_config(parent: ParentModel, labels: LabelMap | None) -> dict[str, Any]:
     """The model config a run sends with every task: the parent's, with ``architectures`` naming the
     class of the run's task (a device builds that head: Llama has a causal-LM and a classification
-    head) and, for a labelled task, the run's label map (``id2label``, ...). A decoder classifying
+    head) and, for a labelled task, the run's label map (``id2label``, ...; none without labels). A decoder classifying
     text finds each row's last token by ``pad_token_id``: a config without one gets its end token's."""
     config = dict(parent.config)
     config["architectures"] = [parent.family.task_classes[parent.task]]
@@ -279,7 +279,9 @@ def task_config(parent: ParentModel, labels: LabelMap | None) -> dict[str, Any]:
     eos = eos[0] if isinstance(eos, list) and eos else eos
     if parent.task == "text-classification" and config.get("pad_token_id") is None and isinstance(eos, int):
         config["pad_token_id"] = eos
-    return labels.apply_to(config) if labels is not None else config
+    if labels is None:  # a task without labels (causal-lm) carries no stand-in class names either
+        return {k: v for k, v in config.items() if k not in ("id2label", "label2id", "label_values")}
+    return labels.apply_to(config)
 
 
 DATA_FORMAT_KEYS = (
