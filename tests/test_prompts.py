@@ -13,7 +13,7 @@ import torch
 
 from coordinator.federation._config import parse_config
 from coordinator.federation._preflight import check_data_file
-from edge_sdk import ConfigError, DataFormat, is_prompt_file, read_prompts
+from edge_sdk import ConfigError, DataFormat, SpecError, is_prompt_file, read_prompts
 from edge_sdk.training._data import iter_batches
 from edge_sdk.training._prompts import IGNORE_INDEX, PromptDataset, PromptRow, PromptTokenizer, encode_prompts
 from edge_sdk.training._train import evaluate
@@ -203,3 +203,16 @@ def test_a_llama_classifies_text_through_the_text_classification_path(tokenizer_
     assert whole["loss"] == pytest.approx(float(np.mean(alone)), rel=1e-5)
     result = train_local(model, data.batches(8, 64, seed=0), TrainConfig(steps=2, lr=1e-3))
     assert math.isfinite(result.loss)
+
+
+def test_records_and_a_classifier_do_not_mix(tokenizer_dir: Path) -> None:
+    from edge_sdk.training._runner import _check_data_kind
+
+    _check_data_kind("causal-lm", "causal-lm")
+    _check_data_kind(None, "text-classification")
+    with pytest.raises(SpecError, match="trains a text-classification model but this device's data holds prompt/resp"):
+        _check_data_kind(
+            PromptDataset(read_prompts(SST2_INSTRUCT / "dev.jsonl", limit=4), tokenizer_dir).task, "text-classification"
+        )
+    with pytest.raises(SpecError, match="trains a causal-lm model but this device's data holds labelled examples"):
+        _check_data_kind(None, "causal-lm")

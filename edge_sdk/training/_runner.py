@@ -284,6 +284,7 @@ class TaskRunner:
     ) -> tuple[SubnetSpec, Any]:
         import torch
 
+        from edge_sdk.scaling import family_for
         from edge_sdk.scaling._build import build_model
 
         if self.threads:
@@ -303,6 +304,7 @@ class TaskRunner:
             if callable(fit):
                 fit(config)
         head = model_task(config, getattr(self.data, "task", None))
+        _check_data_kind(getattr(self.data, "task", None), head or next(iter(family_for(config).task_classes)))
         return spec, build_model(spec, config, numpy_to_torch(dict(tensors)), task=head, attn_implementation=attention)
 
     def train(
@@ -397,6 +399,16 @@ class TaskRunner:
         metrics = evaluate(model, _cancellable(source(task.settings.batch_size, task.settings.seq_len), cancel))
         samples = int(metrics.pop("samples", 0))
         return samples, {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _check_data_kind(data_task: str | None, head: str) -> None:
+    """SpecError when prompt/response records meet a classifier, or labelled rows a causal LM."""
+    records = data_task == "causal-lm"
+    if records != (head == "causal-lm"):
+        have = "prompt/response records" if records else "labelled examples"
+        raise SpecError(
+            f"the run trains a {head} model but this device's data holds {have}: join with data of the run's kind"
+        )
 
 
 def model_task(config: Mapping[str, Any], data_task: str | None = None) -> str | None:
