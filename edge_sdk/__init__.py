@@ -67,6 +67,10 @@ _LAZY: dict[str, str] = {
     "DataFormat": "edge_sdk.training",
     "LabelMap": "edge_sdk.training",
     "read_rows": "edge_sdk.training",
+    "PromptDataset": "edge_sdk.training",
+    "encode_prompts": "edge_sdk.training",
+    "is_prompt_file": "edge_sdk.training",
+    "read_prompts": "edge_sdk.training",
     "Predictor": "edge_sdk.serving",
     "Prediction": "edge_sdk.serving",
 }
@@ -97,6 +101,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "ProfileError",
+    "PromptDataset",
     "ProtocolError",
     "SpecError",
     "SubnetSpec",
@@ -112,11 +117,13 @@ __all__ = [
     "compute_budget",
     "detect_profile",
     "encode",
+    "encode_prompts",
     "evaluate",
     "export_onnx",
     "format_bytes",
     "image_seq_len",
     "inference_estimate",
+    "is_prompt_file",
     "iter_batches",
     "list_device_classes",
     "load",
@@ -126,6 +133,7 @@ __all__ = [
     "prepare_runtime",
     "proximal_term",
     "read_image_folder",
+    "read_prompts",
     "read_rows",
     "read_tsv",
     "train_local",
@@ -150,6 +158,7 @@ if TYPE_CHECKING:
     from edge_sdk.training._formats import DataFile, DataFormat, read_rows
     from edge_sdk.training._images import ImageDataset, ImageProcessing, image_seq_len, read_image_folder
     from edge_sdk.training._labels import LabelMap
+    from edge_sdk.training._prompts import PromptDataset, encode_prompts, is_prompt_file, read_prompts
     from edge_sdk.training._runner import TaskRunner, TextDataset
     from edge_sdk.training._runtime import prepare_runtime
     from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, proximal_term, train_local

@@ -23,6 +23,8 @@ EDGE_SDK = {
     "ImageDataset", "ImageProcessing", "image_seq_len", "read_image_folder",
     # files of any common format, and the run's label map
     "DataFile", "DataFormat", "LabelMap", "read_rows",
+    # causal-LM prompt/response records
+    "PromptDataset", "encode_prompts", "is_prompt_file", "read_prompts",
 }  # fmt: skip
 
 COORDINATOR = {

@@ -58,6 +58,7 @@ from coordinator.federation._session import (
     frame_bytes,
 )
 from coordinator.federation._tables import (
+    LABELLED_TASKS,
     FederationConfig,
     ModelConfig,
     Table,
@@ -72,12 +73,14 @@ from coordinator.federation._tables import (
     read_training,
     resolve_labels,
     table_reader,
+    task_config,
 )
 
 __all__ = [
     "BUDGET",
     "CHANGED",
     "GO_ON",
+    "LABELLED_TASKS",
     "WIDTHS",
     "AggregationRule",
     "ClientUpdate",
@@ -149,4 +152,5 @@ __all__ = [
     "resolve_labels",
     "save_checkpoint",
     "table_reader",
+    "task_config",
 ]

@@ -15,6 +15,34 @@ its prefix region with d_k = B_k A_k, the product of the factors placed on the c
 sub-network, so devices of different widths and ranks average per coordinate in the space of the
 product (averaging A and B separately would be biased); a frozen parameter covers nothing.
 
+Federated LoRA of different ranks: merge into the weights every round. Device k, planned rank r_k
+by its budget, receives the merged weights W and trains fresh adapters (A_k [r_k, in] random, B_k
+[out, r_k] zero, so B_k A_k = 0 at the start) on its sub-network; it returns A_k and B_k (scaling
+folded into B_k). The coordinator never keeps adapters: for every LoRA target (an encoder's six
+linears; Llama's seven, q/k/v/o and gate/up/down) it forms the product and merges it like any
+dense delta, coordinate by coordinate over the region P_k of the parent the sub-network covers::
+
+    delta[c] = sum_k n_k [c in P_k] (B_k A_k)[c] / sum_k n_k [c in P_k],      W <- W + server_lr * delta
+
+and the next round starts new adapters on the new W. Why this scheme, and not keeping adapters:
+
+- it is exact in the space of the update: sum_k n_k B_k A_k is the weighted mean of the devices'
+  changes, whatever their ranks, while averaging the factors gives (sum n_k B_k)(sum n_k A_k) / n^2,
+  cross terms B_j A_k included (biased even at one rank);
+- no rank-padding dilution: padding A_k, B_k with zeros to the largest rank and averaging (HetLoRA,
+  FLoRA-by-padding) divides a high-rank device's extra directions by every device's weight, low-rank
+  ones included, which contribute exactly zero there; the product has no "extra directions";
+- no SVD redistribution: keeping a global adapter would need the merged product cut back to each
+  device's rank every round (FlexLoRA's truncated SVD), which loses what lies outside the top r_k
+  directions and can collapse ranks; here the merged change is applied in full;
+- it composes with widths: B_k A_k lives in the sub-network's coordinates, the region P_k maps it
+  onto the parent as every dense update is mapped, and a dense device's change averages in beside it.
+
+The trade-off: the merged W is dense, so a round's global change is not low-rank (a device's
+knowledge accumulates in W, not in an adapter that could be detached or shipped alone), each round
+sends devices the full weights of their sub-network (they need W anyway to train on it), and the
+adapters' optimizer state (AdamW moments) restarts every round, as a dense device's does here too.
+
 Shared tensors -- those every width trains whole (embeddings, LayerNorms, biases of the layers'
 outputs, pooler, classifier) -- may be protected from narrow updates (:class:`SharedProtection`):
 averaged only over clients of at least a width fraction, or with w_k = n_k x width_k. The width of a
@@ -96,7 +124,7 @@ def width_fraction(spec: SubnetSpec) -> float:
 
 def shared_tensors(parent: ParentModel) -> frozenset[str]:
     """Parent tensors every width trains whole: what the narrowest sub-network keeps entirely."""
-    narrowest = SubnetSpec.uniform(parent.dims, heads=1, ffn=1)
+    narrowest = SubnetSpec.uniform(parent.dims, heads=parent.dims.group, ffn=1)  # one KV group
     shapes = parent.shapes()
     return frozenset(
         name

@@ -12,20 +12,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge_sdk import DataFormat, read_image_folder, read_rows
+from edge_sdk import DataFormat, read_image_folder, read_prompts, read_rows
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import resolve_model_dir
 
 __all__ = ["check_data_file", "check_model_folder", "read_data"]
 
 
-def read_data(path: str | Path, data_format: DataFormat | None = None, *, limit: int | None = None) -> int:
+def read_data(
+    path: str | Path, data_format: DataFormat | None = None, *, limit: int | None = None, task: str | None = None
+) -> int:
     """How many examples a data file (any format ``data_format`` names) or an image folder (one sub-folder
     per class, every image opened) holds, read with the SDK's readers; ConfigError on any problem: missing,
-    unreadable, not UTF-8, without the needed columns, a corrupt image."""
+    unreadable, not UTF-8, without the needed columns, a corrupt image. ``task="causal-lm"``: the file holds
+    prompt/response records (``read_prompts``), not labelled texts."""
     try:
         if Path(path).is_dir():
             return len(read_image_folder(path, limit=limit).files)
+        if task == "causal-lm":
+            return len(read_prompts(path, data_format, limit=limit))
         return len(read_rows(path, data_format, limit=limit).rows)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
@@ -34,14 +39,19 @@ def read_data(path: str | Path, data_format: DataFormat | None = None, *, limit:
 
 
 def check_data_file(
-    path: str | Path, what: str, *, limit: int | None = None, data_format: DataFormat | None = None
+    path: str | Path,
+    what: str,
+    *,
+    limit: int | None = None,
+    data_format: DataFormat | None = None,
+    task: str | None = None,
 ) -> int:
-    """Read ``path`` (up to ``limit`` examples) as a run would; the number of examples.
+    """Read ``path`` (up to ``limit`` examples) as a run of ``task`` would; the number of examples.
 
     ``what`` names the file in errors (``"[validation] data"``). A file with no example is an error.
     """
     try:
-        count = read_data(path, data_format, limit=limit)
+        count = read_data(path, data_format, limit=limit, task=task)
     except ConfigError as exc:
         raise ConfigError(f"{what}: {exc}") from None
     if count == 0:

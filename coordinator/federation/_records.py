@@ -160,9 +160,13 @@ def metrics_text(metrics: Mapping[str, float]) -> str:
 
     ``accuracy 0.6838 macro-F1 0.4061 (majority class 0.6838) loss 0.6217``, then the collapse note when
     the model predicts one class for almost every row; "no validation" without metrics. Older records
-    (accuracy and loss only) give the short form.
+    (accuracy and loss only) give the short form. A causal LM's (``loss`` and ``perplexity``, no
+    accuracy): ``loss 0.4123 perplexity 1.510``, the mean response-token loss held out.
     """
     acc, loss = metrics.get("accuracy"), metrics.get("loss")
+    perplexity = metrics.get("perplexity")
+    if acc is None and loss is not None and perplexity is not None:  # a causal LM: response-token loss
+        return f"loss {loss:.4f} perplexity {perplexity:.3f}"
     if acc is None or loss is None or math.isnan(acc):
         return "no validation"
     f1, majority = metrics.get("macro_f1"), metrics.get("majority_share")

@@ -24,7 +24,7 @@ from edge_sdk import DataFormat, LabelMap
 from edge_sdk._errors import ConfigError
 from edge_sdk._units import parse_size
 from edge_sdk.protocol import ENCODINGS
-from edge_sdk.scaling import DEFAULT_MIN_MARGIN_BYTES, SALIENCE_KINDS, LeverPolicy
+from edge_sdk.scaling import DEFAULT_MIN_MARGIN_BYTES, SALIENCE_KINDS, LeverPolicy, ParentModel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +34,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = [
     "DATA_FORMAT_KEYS",
     "DEFAULT_UPDATE_ENCODING",
+    "LABELLED_TASKS",
     "STRATEGIES",
     "TASKS",
     "UPDATE_ENCODINGS",
@@ -52,12 +53,14 @@ __all__ = [
     "read_training",
     "resolve_labels",
     "table_reader",
+    "task_config",
 ]
 
 STRATEGIES = ("fedavg", "fedadam")
 UPDATE_ENCODINGS = ("weights", *ENCODINGS)
 DEFAULT_UPDATE_ENCODING = "int8+zstd"  # measured by bench/updates.py (docs/wire-encodings.md)
-TASKS = ("text-classification", "image-classification")
+TASKS = ("text-classification", "image-classification", "causal-lm")
+LABELLED_TASKS = ("text-classification", "image-classification")  # the tasks with a label map
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,10 @@ def read_model(t: Table) -> ModelConfig:
         seed=t.integer("seed", 0, low=0, high=2**31 - 1),
         salience=t.text("salience", "weight_l1", choices=SALIENCE_KINDS),
     )
+    if cfg.task not in LABELLED_TASKS:
+        for key in ("labels", "num_labels"):
+            if t.has(key):
+                raise t.error(key, f"does not apply to task {cfg.task!r}: its labels are the responses' tokens")
     if cfg.labels is not None and cfg.num_labels is not None and cfg.num_labels != len(cfg.labels):
         raise t.error("num_labels", f"is {cfg.num_labels} but labels names {len(cfg.labels)}: drop num_labels")
     t.done()
@@ -261,12 +268,38 @@ def resolve_labels(model: ModelConfig, observed: Iterable[str] | None = None) ->
     return labels
 
 
-DATA_FORMAT_KEYS = ("format", "delimiter", "text_column", "text_pair_column", "label_column", "text_separator")
+def task_config(parent: ParentModel, labels: LabelMap | None) -> dict[str, Any]:
+    """The model config a run sends with every task: the parent's, with ``architectures`` naming the
+    class of the run's task (a device builds that head: Llama has a causal-LM and a classification
+    head) and, for a labelled task, the run's label map (``id2label``, ...; none without labels). A decoder classifying
+    text finds each row's last token by ``pad_token_id``: a config without one gets its end token's."""
+    config = dict(parent.config)
+    config["architectures"] = [parent.family.task_classes[parent.task]]
+    eos = config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if parent.task == "text-classification" and config.get("pad_token_id") is None and isinstance(eos, int):
+        config["pad_token_id"] = eos
+    if labels is None:  # a task without labels (causal-lm) carries no stand-in class names either
+        return {k: v for k, v in config.items() if k not in ("id2label", "label2id", "label_values")}
+    return labels.apply_to(config)
+
+
+DATA_FORMAT_KEYS = (
+    "format",
+    "delimiter",
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "text_separator",
+    "prompt_column",
+    "response_column",
+)
 
 
 def read_data_format(t: Table, *, format_default: str | None = None) -> DataFormat:
     """How a data table's files are read: format, delimiter, text_column (a name or a list of names,
-    joined with text_separator), text_pair_column, label_column (``edge_sdk.DataFormat``)."""
+    joined with text_separator), text_pair_column, label_column; for causal-LM records prompt_column
+    and response_column (``edge_sdk.DataFormat``)."""
     texts = t.value("text_column", [])
     if isinstance(texts, str):
         texts = [texts]
@@ -288,6 +321,8 @@ def read_data_format(t: Table, *, format_default: str | None = None) -> DataForm
             text_pair_column=t.text("text_pair_column") if t.has("text_pair_column") else None,
             label_column=t.text("label_column") if t.has("label_column") else None,
             text_separator=separator,
+            prompt_column=t.text("prompt_column") if t.has("prompt_column") else None,
+            response_column=t.text("response_column") if t.has("response_column") else None,
         )
     except ConfigError as exc:
         raise t.error(None, str(exc)) from None

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from coordinator.federation import (
+    LABELLED_TASKS,
     EngineState,
     FederationEngine,
     RoundObserver,
@@ -35,13 +36,14 @@ from coordinator.federation import (
     metrics_text,
     resolve_labels,
     save_checkpoint,
+    task_config,
 )
 from coordinator.serve._connection import start_thread
 from coordinator.serve._security import server_ssl_context
 from coordinator.serve._server import FINISH_GRACE_S, CoordinatorServer
 from coordinator.serve._startup import bind_listener, check_run
 from coordinator.serve._status_http import open_status
-from coordinator.serve._validation import ImageValidator, Validator, calibration_batches
+from coordinator.serve._validation import ImageValidator, PromptValidator, Validator, calibration_batches
 from edge_sdk import LabelMap, read_image_folder, read_rows
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ranked_parent, resolve_model_dir
@@ -62,21 +64,32 @@ EXIT_SIGNAL = 130  # stopped by SIGINT or SIGTERM
 STOP_GRACE_S = 1.0  # on a signal: how long devices have to hear goodbye before their sockets are cut
 
 
-def _validator(config: RunConfig, model_dir: Path, labels: LabelMap) -> Validator | ImageValidator | None:
+AnyValidator = Validator | PromptValidator | ImageValidator
+
+
+def _validator(config: RunConfig, model_dir: Path, labels: LabelMap | None) -> AnyValidator | None:
+    """The ``[validation]`` evaluator: images, prompt/response records (``causal-lm``: no label map),
+    or labelled texts."""
     val = config.validation
     if val is None:
         return None
     if Path(val.data).is_dir():  # an image folder, preprocessed as the model folder says
         images = ImageValidator(val.data, model_dir, batch_size=val.batch_size, limit=val.limit)
-        images.data.use_labels(labels)
+        if labels is not None:
+            images.data.use_labels(labels)
         return images
     tokenizer = val.tokenizer or model_dir
     if not (Path(tokenizer) / "tokenizer.json").is_file():
         raise ConfigError(f"[validation]: {tokenizer} has no tokenizer.json: set [validation] tokenizer = DIR")
+    seq_len = val.seq_len or config.training.seq_len
+    if labels is None:
+        return PromptValidator(
+            val.data, tokenizer, seq_len=seq_len, batch_size=val.batch_size, limit=val.limit, format=val.format
+        )
     return Validator(
         val.data,
         tokenizer,
-        seq_len=val.seq_len or config.training.seq_len,
+        seq_len=seq_len,
         batch_size=val.batch_size,
         limit=val.limit,
         format=val.format,
@@ -84,9 +97,11 @@ def _validator(config: RunConfig, model_dir: Path, labels: LabelMap) -> Validato
     )
 
 
-def run_labels(config: RunConfig) -> LabelMap:
+def run_labels(config: RunConfig) -> LabelMap | None:
     """A new run's label map: ``[model] labels``, else the labels of the ``[validation]`` data, else
-    ``num_labels`` (2) unnamed classes."""
+    ``num_labels`` (2) unnamed classes; None for a task without labels (``causal-lm``)."""
+    if config.model.task not in LABELLED_TASKS:
+        return None
     val = config.validation
     observed = None
     if val is not None and config.model.labels is None and Path(val.data).is_dir():  # class sub-folders
@@ -96,8 +111,11 @@ def run_labels(config: RunConfig) -> LabelMap:
     return resolve_labels(config.model, observed)
 
 
-def _resumed_labels(config: RunConfig, state: EngineState) -> LabelMap:
-    """A resumed run keeps its label map (the checkpoint's); a config naming other labels is an error."""
+def _resumed_labels(config: RunConfig, state: EngineState) -> LabelMap | None:
+    """A resumed run keeps its label map (the checkpoint's); a config naming other labels is an error.
+    None for a task without labels (``causal-lm``)."""
+    if config.model.task not in LABELLED_TASKS:
+        return None
     saved = LabelMap.from_model_config(state.model_config)
     if config.model.labels is not None and config.model.labels != saved:
         raise ConfigError(
@@ -144,7 +162,7 @@ def prepare_run(config: RunConfig, *, resume: bool = False) -> tuple[FederationE
 
 
 def _resumed(
-    config: RunConfig, checkpoint: Path, state: EngineState, validator: Validator | ImageValidator | None
+    config: RunConfig, checkpoint: Path, state: EngineState, validator: AnyValidator | None
 ) -> FederationEngine:
     if state.model_name and state.model_name != config.model.name:
         raise ConfigError(
@@ -171,7 +189,7 @@ def _resumed(
 
 
 def _new_run(
-    config: RunConfig, model_dir: Path, validator: Validator | ImageValidator | None, labels: LabelMap
+    config: RunConfig, model_dir: Path, validator: AnyValidator | None, labels: LabelMap | None
 ) -> FederationEngine:
     def calibration() -> list[dict[str, torch.Tensor]]:
         assert validator is not None  # the config requires [validation] for activation salience
@@ -182,12 +200,12 @@ def _new_run(
         salience=config.model.salience,
         calibration=calibration,
         task=config.model.task,
-        num_labels=len(labels),
+        num_labels=len(labels) if labels is not None else 2,
         seed=config.model.seed,
         cache=True,  # a model ranked before (same files, task, labels, seed) is read back, not loaded
     )
-    parent = dataclasses.replace(parent, config=labels.apply_to(parent.config))  # sent with every task
-    logger.info("the run's %s", labels.describe())
+    parent = dataclasses.replace(parent, config=task_config(parent, labels))  # sent with every task
+    logger.info("the run's %s", labels.describe() if labels is not None else f"task: {parent.task}, no labels")
     engine = FederationEngine(
         parent,
         ranked,
@@ -202,7 +220,7 @@ def _new_run(
     return engine
 
 
-def _begin(config: RunConfig, engine: FederationEngine, validator: Validator | ImageValidator | None) -> None:
+def _begin(config: RunConfig, engine: FederationEngine, validator: AnyValidator | None) -> None:
     """A new run's first step: the round-0 checkpoint, then the starting model's validation line."""
     path = save_checkpoint(config.run.dir, engine.snapshot(), keep=config.run.keep_checkpoints)
     logger.info("new run %s: global weights sha256 %s (%s)", engine.run_id, engine.weights_digest(), path)

@@ -85,7 +85,13 @@ from coordinator.serve._operator import OperatorHTTP
 from coordinator.serve._security import TokenTable
 from coordinator.serve._status import StatusBoard
 from edge_sdk._errors import ProtocolError
-from edge_sdk.protocol import CLOSE_REPLACED, CLOSE_RUN_COMPLETE, ConnectionState, WireLimits
+from edge_sdk.protocol import (
+    CLOSE_REPLACED,
+    CLOSE_RUN_COMPLETE,
+    DEFAULT_MAX_TRANSFER_BYTES,
+    ConnectionState,
+    WireLimits,
+)
 
 __all__ = ["DEPLOYMENTS_FILE", "FINISH_GRACE_S", "CoordinatorServer", "RunAbortedError"]
 
@@ -96,6 +102,13 @@ FINISH_GRACE_S = 2.0  # how long a stop waits for a merge and checkpoint in prog
 # Frames websockets reads ahead per connection before it stops reading the socket (its default is 16,
 # i.e. 16 to 64 MiB of chunks per device receiving an update).
 RECEIVE_QUEUE_FRAMES = 1
+
+
+def transfer_limit(engine: FederationEngine) -> int:
+    """The most one update may carry: the protocol's default, or 1.25 x the model's float weights if
+    more (a device that trains the full model densely may send every weight back as float32)."""
+    floats = sum(t.numel() * 4 for t in engine.parent.state.values() if t.is_floating_point())
+    return max(DEFAULT_MAX_TRANSFER_BYTES, floats + floats // 4)
 
 
 class CoordinatorServer:
@@ -119,7 +132,7 @@ class CoordinatorServer:
         self.run_dir = run_dir
         self.keep_checkpoints = keep_checkpoints
         self._ssl = ssl_context
-        self._limits = WireLimits(max_chunk_bytes=config.chunk_bytes)
+        self._limits = WireLimits(max_chunk_bytes=config.chunk_bytes, max_transfer_bytes=transfer_limit(engine))
         self._connections: dict[str, Connection] = {}  # admitted devices (their Hello handled)
         self._changes = Changes()
         self.deploys = DeployService(

@@ -39,7 +39,9 @@ def check_run(config: RunConfig, *, resume: bool = False) -> None:
     if val is not None:
         if val.tokenizer is not None and not (val.tokenizer / "tokenizer.json").is_file():
             raise ConfigError(f"[validation]: {val.tokenizer} has no tokenizer.json: set [validation] tokenizer = DIR")
-        count = check_data_file(val.data, "[validation] data", limit=val.limit, data_format=val.format)
+        count = check_data_file(
+            val.data, "[validation] data", limit=val.limit, data_format=val.format, task=config.model.task
+        )
         logger.debug("[validation] data: %d examples in %s", count, val.data)
     if config.server.tls_cert is not None and config.server.tls_key is not None:
         server_ssl_context(config.server.tls_cert, config.server.tls_key)

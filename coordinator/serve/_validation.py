@@ -1,5 +1,6 @@
 """Server-side validation of the global model on a held-out data file (any format) or image folder: accuracy,
-loss, macro-F1, majority share, recall."""
+loss, macro-F1, majority share, recall; for a causal LM (:class:`PromptValidator`), the mean response-token
+loss and the perplexity ``exp(loss)`` on held-out prompt/response records."""
 
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ from edge_sdk import (
     ImageDataset,
     ImageProcessing,
     LabelMap,
+    PromptDataset,
     SubnetSpec,
     encode,
     evaluate,
     iter_batches,
     load_tokenizer,
     read_image_folder,
+    read_prompts,
     read_rows,
 )
 from edge_sdk._errors import ConfigError
 from edge_sdk.scaling import ParentModel, build_model
 
-__all__ = ["ImageValidator", "Validator", "calibration_batches"]
+__all__ = ["ImageValidator", "PromptValidator", "Validator", "calibration_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,35 @@ class Validator:
         self.data: Encoded = encode(load_tokenizer(tokenizer_dir, seq_len), examples)
         self.batch_size = batch_size
         logger.info("validation set: %d examples from %s", len(self.data), data)
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter_batches(self.data, self.batch_size, seed=0, shuffle=False)
+
+    def __call__(self, parent: ParentModel) -> Mapping[str, float]:
+        model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)
+        with torch.inference_mode():
+            return evaluate(model, self.batches())
+
+
+class PromptValidator:
+    """Evaluates a causal LM on held-out prompt/response records: ``loss`` (mean negative log-likelihood
+    of the response tokens, every token weighing the same), ``perplexity`` (``exp(loss)``), ``tokens``.
+    The records are tokenized as devices tokenize theirs (``PromptDataset``)."""
+
+    def __init__(
+        self,
+        data: str | Path,
+        tokenizer_dir: str | Path,
+        *,
+        seq_len: int,
+        batch_size: int = 32,
+        limit: int | None = None,
+        format: DataFormat | None = None,
+    ) -> None:
+        records = PromptDataset(read_prompts(data, format, limit=limit), tokenizer_dir)
+        self.data: Encoded = records.encoded(seq_len)
+        self.batch_size = batch_size
+        logger.info("validation set: %d prompt/response records from %s", len(self.data), data)
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         return iter_batches(self.data, self.batch_size, seed=0, shuffle=False)
@@ -91,7 +123,9 @@ class ImageValidator:
             return evaluate(model, self.batches())
 
 
-def calibration_batches(validator: Validator | ImageValidator, count: int = 4) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(
+    validator: Validator | PromptValidator | ImageValidator, count: int = 4
+) -> list[dict[str, torch.Tensor]]:
     """A few validation batches as torch tensors (inputs for activation-aware salience)."""
     out = []
     for i, batch in enumerate(validator.batches()):

@@ -32,6 +32,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from coordinator.federation import (
+    LABELLED_TASKS,
     Evaluator,
     FederationEngine,
     FinishRound,
@@ -99,6 +100,11 @@ def width_policy(method: MethodConfig) -> WidthPolicy:
 def _sim_data(config: SimulationConfig, model_dir: Path | None) -> tuple[SimData, Evaluator | None, Any, LabelMap]:
     """The devices' data, the evaluator, the validator (for calibration) and the run's label map."""
     d = config.data
+    if config.model.task not in LABELLED_TASKS:
+        raise ConfigError(
+            f"[model] task = {config.model.task!r}: the simulator runs labelled tasks only;"
+            " run a causal-LM federation with edge-coordinator serve and edge-sdk join (examples/llm-federation.toml)"
+        )
     if d.kind == "synthetic":
         train = SyntheticData(d.size, d.vocab_size, d.seq_len, seed=config.model.seed)
         dev = SyntheticData(d.dev_size, d.vocab_size, d.seq_len, seed=config.model.seed + 1)

@@ -2,14 +2,18 @@
 
     edge-sdk join wss://HOST:PORT --token T --data FILE|IMAGE_DIR [--memory-budget SIZE | --profile NAME]
                   [--format csv|tsv|jsonl|parquet] [--delimiter C] [--text-column NAME ...]
-                  [--text-pair-column NAME] [--label-column NAME] [--image-processor DIR]
+                  [--text-pair-column NAME] [--label-column NAME] [--prompt-column NAME]
+                  [--response-column NAME] [--image-processor DIR]
                   [--tokenizer DIR] [--ca-file PEM] [--threads N] [--limit N] [--device-id NAME]
                   [--retry-initial S] [--retry-max S] [--give-up-after S] [--no-probe]
                   [--deploy-dir DIR | --no-deploy] [--holdout N]
 
 ``--data`` is a CSV, TSV, JSON Lines or Parquet file (docs/data.md); its columns are read when the
-device starts, and its labels are mapped through the run's label map when the first task brings it
-(a label outside the map fails the task, untrained, naming the file, line and label).
+device starts. A file with prompt and response columns (or ``--prompt-column`` / ``--response-column``)
+holds causal-LM records: it trains a decoder's responses (``[model] task = "causal-lm"``; pass the
+model's tokenizer, e.g. ``--tokenizer SmolLM2-135M``). Otherwise its rows are labelled texts, and
+its labels are mapped through the run's label map when the first task brings it (a label outside
+the map fails the task, untrained, naming the file, line and label).
 
 When the run finishes the coordinator sends the device a larger, inference-sized sub-network: it is
 exported to ONNX, checked, and installed in ``--deploy-dir`` (default ``./edge-fm-model``), where
@@ -116,6 +120,16 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--text-pair-column", metavar="NAME", help="the second text of a sentence pair")
     p.add_argument("--label-column", metavar="NAME", help="default: label, labels, Quality or Class Index")
+    p.add_argument(
+        "--prompt-column",
+        metavar="NAME",
+        help="causal-LM records: the prompt column (default: prompt, instruction, input or question)",
+    )
+    p.add_argument(
+        "--response-column",
+        metavar="NAME",
+        help="causal-LM records: the response column (default: response, completion, output or answer)",
+    )
 
 
 def data_format(args: argparse.Namespace) -> Any:
@@ -131,6 +145,8 @@ def data_format(args: argparse.Namespace) -> Any:
         text_column=tuple(args.text_column or ()),
         text_pair_column=args.text_pair_column,
         label_column=args.label_column,
+        prompt_column=getattr(args, "prompt_column", None),
+        response_column=getattr(args, "response_column", None),
     )
 
 
@@ -142,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     from edge_sdk.client._progress import step_display
     from edge_sdk.training._formats import read_rows
     from edge_sdk.training._images import ImageDataset
-    from edge_sdk.training._runner import TextDataset
+    from edge_sdk.training._prompts import PromptDataset, is_prompt_file, read_prompts
+    from edge_sdk.training._runner import TextDataset, resolve_tokenizer_dir
 
     if not args.token:
         raise ConfigError("a token is required: --token T or EDGE_FM_TOKEN")
@@ -151,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_size(args.memory_budget) if args.memory_budget is not None else None
     if args.data.is_dir():  # an image folder (ImageFolder layout), for an image-classification model
         data: Any = ImageDataset.from_folder(args.data, args.image_processor, limit=args.limit, holdout=args.holdout)
+    elif is_prompt_file(args.data, data_format(args)):  # prompt/response records, for a causal-LM run
+        records = read_prompts(args.data, data_format(args), limit=args.limit)
+        data = PromptDataset(records, resolve_tokenizer_dir(args.tokenizer), holdout=args.holdout)
     else:
         rows = read_rows(args.data, data_format(args), limit=args.limit)
         data = TextDataset(rows, args.tokenizer, holdout=args.holdout)

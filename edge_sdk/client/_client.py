@@ -184,6 +184,10 @@ class EdgeDevice:
                 format_bytes(budget.runtime_footprint),
             )
             self._profile = {"device": profile.to_dict(), "budget": budget.to_dict()}
+            # what this device may be sent is bounded by what it can hold: a model over the default
+            # transfer limit (SmolLM2-135M's fp32 weights are 538 MB) fits a device whose budget holds it
+            if budget.usable > self.limits.max_transfer_bytes:
+                self.limits = dataclasses.replace(self.limits, max_transfer_bytes=budget.usable)
             size = _data_size(self.runner.data)
             if size is not None:
                 self._profile["data"] = {"num_samples": size}

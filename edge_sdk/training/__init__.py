@@ -15,6 +15,13 @@ _NAMES: dict[str, str] = {
     "DataFormat": "edge_sdk.training._formats",
     "FORMATS": "edge_sdk.training._formats",
     "LabelMap": "edge_sdk.training._labels",
+    "PromptDataset": "edge_sdk.training._prompts",
+    "PromptTokenizer": "edge_sdk.training._prompts",
+    "encode_prompts": "edge_sdk.training._prompts",
+    "evaluate_lm": "edge_sdk.training._train",
+    "is_prompt_file": "edge_sdk.training._prompts",
+    "model_task": "edge_sdk.training._runner",
+    "read_prompts": "edge_sdk.training._prompts",
     "read_rows": "edge_sdk.training._formats",
     "Encoded": "edge_sdk.training._data",
     "ImageDataset": "edge_sdk.training._images",
@@ -55,6 +62,8 @@ __all__ = [
     "ImageFolder",
     "ImageProcessing",
     "LabelMap",
+    "PromptDataset",
+    "PromptTokenizer",
     "TaskCancelledError",
     "TaskRunner",
     "TextDataset",
@@ -63,14 +72,19 @@ __all__ = [
     "TrainResult",
     "default_max_length",
     "encode",
+    "encode_prompts",
     "evaluate",
+    "evaluate_lm",
     "image_seq_len",
+    "is_prompt_file",
     "iter_batches",
     "load_tokenizer",
+    "model_task",
     "peak_rss_bytes",
     "prepare_runtime",
     "proximal_term",
     "read_image_folder",
+    "read_prompts",
     "read_rows",
     "read_tsv",
     "split_batch",
@@ -98,6 +112,15 @@ if TYPE_CHECKING:
     from edge_sdk.training._images import ImageDataset, ImageFolder, ImageProcessing, image_seq_len, read_image_folder
     from edge_sdk.training._labels import LabelMap
     from edge_sdk.training._levers import trained_tensors
-    from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, warm_up
+    from edge_sdk.training._prompts import PromptDataset, PromptTokenizer, encode_prompts, is_prompt_file, read_prompts
+    from edge_sdk.training._runner import TaskCancelledError, TaskRunner, TextDataset, model_task, warm_up
     from edge_sdk.training._runtime import RUNTIME_MODULES, prepare_runtime
-    from edge_sdk.training._train import TrainConfig, TrainResult, evaluate, peak_rss_bytes, proximal_term, train_local
+    from edge_sdk.training._train import (
+        TrainConfig,
+        TrainResult,
+        evaluate,
+        evaluate_lm,
+        peak_rss_bytes,
+        proximal_term,
+        train_local,
+    )

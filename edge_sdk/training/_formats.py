@@ -35,7 +35,7 @@ from typing import Any
 
 from edge_sdk._errors import ConfigError
 
-__all__ = ["FORMATS", "DataFile", "DataFormat", "Row", "read_rows"]
+__all__ = ["FORMATS", "DataFile", "DataFormat", "Record", "Row", "find_column", "read_records", "read_rows"]
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
 _SUFFIXES = {
@@ -70,6 +70,10 @@ class DataFormat:
     text_pair_column: str | None = None  # the second text of a sentence pair
     label_column: str | None = None  # None: found by name
     text_separator: str = " "
+    # Prompt/response records (the "causal-lm" task, :func:`edge_sdk.training._prompts.read_prompts`):
+    # None: found by name (prompt/instruction/input/question; response/completion/output/answer)
+    prompt_column: str | None = None
+    response_column: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.text_column, str):
@@ -81,7 +85,7 @@ class DataFormat:
                 raise ConfigError(f"delimiter must be one character (not a quote or newline), got {self.delimiter!r}")
             if self.format in ("jsonl", "parquet"):
                 raise ConfigError(f"delimiter does not apply to {self.format} files")
-        names = [*self.text_column, self.text_pair_column, self.label_column]
+        names = [*self.text_column, self.text_pair_column, self.label_column, self.prompt_column, self.response_column]
         if len(self.text_column) > MAX_TEXT_COLUMNS:
             raise ConfigError(f"at most {MAX_TEXT_COLUMNS} text columns, got {len(self.text_column)}")
         for name in names:
@@ -131,17 +135,24 @@ def read_rows(path: str | Path, fmt: DataFormat | None = None, *, limit: int | N
     """The labelled rows of ``path`` read as ``fmt`` says (at most ``limit`` of them)."""
     path = Path(path)
     fmt = fmt or DataFormat()
+    records, where = read_records(path, fmt)
+    return _collect(path, fmt, records, limit, where)
+
+
+Record = tuple[int, dict[str, Any]]  # (line, column -> value); the first one yielded is (0, {name: name})
+
+
+def read_records(path: Path, fmt: DataFormat) -> tuple[Iterator[Record], str]:
+    """The raw records of ``path`` (the first one names the columns) and what their number counts
+    (``"line"``, or ``"row"`` for Parquet); every reader of a data file starts here."""
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist")
     kind = fmt.format_of(path)
     if kind == "jsonl":
-        return _collect(path, fmt, _jsonl_records(path), limit, "line")
+        return _jsonl_records(path), "line"
     if kind == "parquet":
-        return _collect(path, fmt, _parquet_records(path, fmt), limit, "row")
-    return _collect(path, fmt, _delimited_records(path, fmt, kind), limit, "line")
-
-
-Record = tuple[int, dict[str, Any]]  # (line, column -> value); the first one yielded is (0, {name: name})
+        return _parquet_records(path, fmt), "row"
+    return _delimited_records(path, fmt, kind), "line"
 
 
 def _collect(path: Path, fmt: DataFormat, records: Iterator[Record], limit: int | None, where: str) -> DataFile:
@@ -165,7 +176,7 @@ def _collect(path: Path, fmt: DataFormat, records: Iterator[Record], limit: int 
     return DataFile(path, columns, tuple(rows), where)
 
 
-def _find(columns: Sequence[str], name: str) -> str | None:
+def find_column(columns: Sequence[str], name: str) -> str | None:
     """``name`` among ``columns``: exactly, else the one column equal to it ignoring case and spaces."""
     if name in columns:
         return name
@@ -177,7 +188,7 @@ def _resolve(path: Path, fmt: DataFormat, columns: tuple[str, ...]) -> tuple[tup
     """The text columns, the pair column and the label column of a file with ``columns``."""
 
     def named(name: str, key: str) -> str:
-        found = _find(columns, name)
+        found = find_column(columns, name)
         if found is None:
             raise ConfigError(f"{path}: {key} {name!r} is not a column; the file has {list(columns)}")
         return found
@@ -191,7 +202,7 @@ def _resolve(path: Path, fmt: DataFormat, columns: tuple[str, ...]) -> tuple[tup
     texts = tuple(named(c, "text_column") for c in fmt.text_column)
     if not texts and pair is None:
         for first, second in _PAIRS:
-            if _find(columns, first) and _find(columns, second):
+            if find_column(columns, first) and find_column(columns, second):
                 texts, pair = (named(first, "text_column"),), named(second, "text_pair_column")
                 break
     if not texts:
@@ -208,7 +219,7 @@ def _resolve(path: Path, fmt: DataFormat, columns: tuple[str, ...]) -> tuple[tup
 
 def _first(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
     for name in candidates:
-        found = _find(columns, name)
+        found = find_column(columns, name)
         if found is not None:
             return found
     return None

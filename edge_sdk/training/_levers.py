@@ -10,11 +10,13 @@ calls it; the loop itself does the micro-batches):
   backward. Dropout draws the same masks in the recomputation (the RNG state is restored).
 * ``embeddings``: the word-embedding table trains (``"train"``), does not (``"frozen"``), or trains
   on the rows the task's batches touch only (``"rows"``, :class:`RowEmbedding`).
-* ``lora_rank=r``: LoRA adapters (``peft``) on the six linear layers of every encoder layer
-  (query, key, value, attention output, FFN up and down). The layer's output is
+* ``lora_rank=r``: LoRA adapters (``peft``) on the family's LoRA targets in every layer (an
+  encoder's six linear layers: query, key, value, attention output, FFN up and down; Llama's seven:
+  ``q/k/v/o_proj`` and ``gate/up/down_proj``). The layer's output is
   ``W x + b + s B A x`` with ``A [r, in]``, ``B [out, r]`` (zero at the start) and ``s = alpha / r``;
-  the linear weights and biases, position and token-type embeddings are frozen; LayerNorms and the
-  task head (everything outside the embeddings and the encoder layers: pooler, classifier) train;
+  the linear weights and biases, position and token-type embeddings are frozen; norms (LayerNorm,
+  RMSNorm) and the task head (everything outside the embeddings and the layers: pooler, classifier,
+  Llama's ``score``; a language-model head tied to the token table follows the table) train;
   the word-embedding table follows ``embeddings``.
 * ``attention``: fixed when the model is built (``build_model(..., attn_implementation=...)``);
   :func:`prepare` checks the model was built with the requested kind.
@@ -131,28 +133,34 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
 
-def _family_paths(model: nn.Module) -> tuple[str, Any]:
-    """(dotted path of the encoder's layer list, the family's LayerMap) for ``model``."""
+def _family_paths(model: nn.Module) -> tuple[str, tuple[str, ...]]:
+    """(dotted path of the model's layer list, its family's LoRA target paths inside a layer)."""
     from edge_sdk.scaling import family_for
 
     family = family_for({"model_type": getattr(model.config, "model_type", None)})
     task = next((t for t, cls in family.task_classes.items() if cls == type(model).__name__), None)
     if task is None:
         raise SpecError(f"{type(model).__name__} is not a task class of the {family.name} family")
-    return family.layers_of(task), family.layer
+    family.require_lora()
+    return family.layers_of(task), family.lora_targets
 
 
 def lora_targets(model: nn.Module) -> list[str]:
-    """Full module names of the six linear layers of every encoder layer of ``model``."""
-    layers_path, lm = _family_paths(model)
+    """Full module names of the family's LoRA targets in every layer of ``model`` (the six linear
+    layers of an encoder layer; Llama's seven: q, k, v, o and the gated FFN's gate, up, down)."""
+    layers_path, paths = _family_paths(model)
     layers = model.get_submodule(layers_path)
     assert isinstance(layers, nn.ModuleList)
-    paths = (lm.query, lm.key, lm.value, lm.output, lm.up, lm.down)
     return [f"{layers_path}.{i}.{path}" for i in range(len(layers)) for path in paths]
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """A normalization layer (LayerNorm, or an RMSNorm such as Llama's): it trains under LoRA."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def _apply_lora(model: nn.Module, rank: int) -> None:
-    """Inject LoRA adapters of ``rank`` (frozen base weights); LayerNorms and the task head train."""
+    """Inject LoRA adapters of ``rank`` (frozen base weights); norms and the task head train."""
     from peft import LoraConfig, inject_adapter_in_model
 
     layers_path, _ = _family_paths(model)
@@ -166,7 +174,7 @@ def _apply_lora(model: nn.Module, rank: int) -> None:
     for name, param in model.named_parameters():
         owner = name.rpartition(".")[0]
         in_backbone = name.startswith((layers_path + ".", embeddings + "."))
-        if "lora_" not in name and (isinstance(modules[owner], nn.LayerNorm) or not in_backbone):
+        if "lora_" not in name and (_is_norm(modules[owner]) or not in_backbone):
             param.requires_grad_(True)
 
 

@@ -70,6 +70,7 @@ __all__ = [
     "TextDataset",
     "TrainFn",
     "TrainOutput",
+    "model_task",
     "resolve_tokenizer_dir",
     "warm_up",
 ]
@@ -283,6 +284,7 @@ class TaskRunner:
     ) -> tuple[SubnetSpec, Any]:
         import torch
 
+        from edge_sdk.scaling import family_for
         from edge_sdk.scaling._build import build_model
 
         if self.threads:
@@ -301,7 +303,9 @@ class TaskRunner:
             fit = getattr(source, "fit_model", None)  # image data: its preprocessing checked against the model
             if callable(fit):
                 fit(config)
-        return spec, build_model(spec, config, numpy_to_torch(dict(tensors)), attn_implementation=attention)
+        head = model_task(config, getattr(self.data, "task", None))
+        _check_data_kind(getattr(self.data, "task", None), head or next(iter(family_for(config).task_classes)))
+        return spec, build_model(spec, config, numpy_to_torch(dict(tensors)), task=head, attn_implementation=attention)
 
     def train(
         self,
@@ -331,7 +335,7 @@ class TaskRunner:
         levers = settings.levers
         # training updates the received arrays in place: deltas (and local DP) need them as received
         keep = keep_received or settings.dp_clip_norm is not None
-        received = {n: a.copy() for n, a in tensors.items() if a.dtype.kind == "f"} if keep else None
+        received = self._as_received(task, tensors, levers) if keep else None
         spec, model = self._build(task, tensors, attention=levers.attention)
         steps = settings.local_steps or max(1, math.ceil(len(self.data) / settings.batch_size)) * (
             settings.local_epochs or 1
@@ -360,6 +364,27 @@ class TaskRunner:
         out = local_dp(trained, received if received is not None else tensors, settings)
         return _train_output(result, out, len(self.data), received)
 
+    def _as_received(self, task: TrainTask, tensors: Mapping[str, np.ndarray], levers: Any) -> dict[str, np.ndarray]:
+        """The float tensors as received, for deltas: a copy of each one training may change in place,
+        the received array itself for the others (no copy): LoRA targets (frozen; they come back as
+        factors) and a frozen or row-trained token table (its rows train in a compact copy). A LoRA
+        device of SmolLM2-135M copied all 538 MB of its weights here, and trained 0.5 GB over its plan."""
+        from edge_sdk.scaling import family_for
+
+        config = thaw_json(task.model_config)
+        family = family_for(config)
+        head = model_task(config, getattr(self.data, "task", None)) or next(iter(family.task_classes))
+        table = family.word_embedding(head)
+        out = {}
+        for name, array in tensors.items():
+            if array.dtype.kind != "f":
+                continue
+            frozen = (levers.lora_rank and family.lora_target(name, head)) or (
+                name == table and levers.embeddings != "train"
+            )
+            out[name] = array if frozen else array.copy()
+        return out
+
     def evaluate(
         self, task: EvaluateTask, tensors: Mapping[str, np.ndarray], cancel: threading.Event | None = None
     ) -> tuple[int, dict[str, float]]:
@@ -374,6 +399,32 @@ class TaskRunner:
         metrics = evaluate(model, _cancellable(source(task.settings.batch_size, task.settings.seq_len), cancel))
         samples = int(metrics.pop("samples", 0))
         return samples, {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _check_data_kind(data_task: str | None, head: str) -> None:
+    """SpecError when prompt/response records meet a classifier, or labelled rows a causal LM."""
+    records = data_task == "causal-lm"
+    if records != (head == "causal-lm"):
+        have = "prompt/response records" if records else "labelled examples"
+        raise SpecError(
+            f"the run trains a {head} model but this device's data holds {have}: join with data of the run's kind"
+        )
+
+
+def model_task(config: Mapping[str, Any], data_task: str | None = None) -> str | None:
+    """The task whose head a received model ``config`` is built with: the one whose class its
+    ``architectures`` names (the coordinator sends the run's), else ``data_task`` (the data's kind,
+    e.g. ``"causal-lm"`` for prompt/response records) when the family has it, else None (the
+    family's first task)."""
+    from edge_sdk.scaling import family_for
+
+    tasks = family_for(config).task_classes
+    names = config.get("architectures")
+    for name in names if isinstance(names, list) else ():
+        found = next((task for task, cls in tasks.items() if cls == name), None)
+        if found is not None:
+            return found
+    return data_task if data_task in tasks else None
 
 
 def _train_output(

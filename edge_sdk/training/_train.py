@@ -15,7 +15,11 @@ before the first step (:func:`edge_sdk.training._levers.prepare`).
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
 import logging
+import math
 import resource
 import sys
 import time
@@ -33,8 +37,9 @@ from edge_sdk.device._allocator import trim_heap, tune_allocator
 from edge_sdk.training._data import split_batch
 from edge_sdk.training._levers import RowEmbedding, prepare, touched_rows
 from edge_sdk.training._metrics import class_metrics, confusion_matrix
+from edge_sdk.training._prompts import IGNORE_INDEX, lm_metrics
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "peak_rss_bytes", "proximal_term", "train_local"]
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "evaluate_lm", "peak_rss_bytes", "proximal_term", "train_local"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +111,32 @@ def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: floa
     return 0.5 * mu * torch.stack(terms).sum()
 
 
-def _to_torch(batch: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v) for k, v in batch.items()}
+def _to_torch(
+    batch: Mapping[str, np.ndarray | torch.Tensor], model: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """``batch`` as tensors; with ``model``, fitted to it: no ``token_type_ids`` when its forward takes
+    none (decoders such as Llama), and padded positions (``attention_mask`` 0) holding the config's
+    ``pad_token_id`` for a sequence classifier that finds each row's last token by that id (Llama's)."""
+    drop = model is not None and "token_type_ids" not in _forward_parameters(type(model).forward)
+    out = {k: torch.as_tensor(v) for k, v in batch.items() if not (drop and k == "token_type_ids")}
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    ids, mask = out.get("input_ids"), out.get("attention_mask")
+    if isinstance(pad, int) and ids is not None and mask is not None and _pools_last_token(type(model)):
+        out["input_ids"] = torch.where(mask.bool(), ids, pad)
+    return out
+
+
+def _pools_last_token(cls: type) -> bool:
+    """Whether ``cls`` classifies from each row's last token, found by ``pad_token_id`` (Llama's
+    sequence classifier: transformers' ``GenericForSequenceClassification``)."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    return issubclass(cls, GenericForSequenceClassification)
+
+
+@functools.cache
+def _forward_parameters(forward: Callable[..., object]) -> frozenset[str]:
+    return frozenset(inspect.signature(forward).parameters)
 
 
 def _prepare(
@@ -139,7 +168,7 @@ def _step_loss(
     rows = int(whole["labels"].shape[0])
     total = 0.0
     for part in split_batch(whole, micro_batches):
-        loss = model(**_to_torch(part)).loss * (int(part["labels"].shape[0]) / rows)
+        loss = model(**_to_torch(part, model)).loss * (int(part["labels"].shape[0]) / rows)
         loss.backward()
         total += float(loss.detach())
     if prox is not None:
@@ -197,12 +226,24 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]]) -> dict[str, float]:
-    """Accuracy, mean loss, macro-F1, majority share, per-class recall over one pass of ``batches``.
+    """Accuracy, mean loss, macro-F1, majority share, per-class recall over one pass of ``batches``;
+    for causal-LM batches (labels ``[n, seq]`` like the ids), :func:`evaluate_lm`'s loss and perplexity.
 
     The classes are the model's ``config.num_labels`` (the logits' width when the model has no
     config); the class metrics and the collapse flag are :func:`edge_sdk.training._metrics.class_metrics`.
     No rows: accuracy and loss are NaN and no class metric is given.
     """
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return {"accuracy": float("nan"), "loss": float("nan"), "samples": 0.0}
+    rest = itertools.chain([first], batches)
+    if np.ndim(first["labels"]) == 2:
+        return evaluate_lm(model, rest)
+    return _evaluate_classes(model, rest)
+
+
+def _evaluate_classes(model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]]) -> dict[str, float]:
     model.eval()
     config = getattr(model, "config", None)
     num_labels = getattr(config, "num_labels", None)
@@ -210,7 +251,7 @@ def evaluate(model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch
     loss_sum = 0.0
     confusion: np.ndarray | None = None
     for raw in batches:
-        batch = _to_torch(raw)
+        batch = _to_torch(raw, model)
         out = model(**batch)
         n = int(batch["labels"].shape[0])
         loss_sum += float(out.loss) * n
@@ -226,3 +267,29 @@ def evaluate(model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch
     if confusion is not None:
         metrics.update(class_metrics(confusion))
     return metrics
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, batches: Iterator[Mapping[str, np.ndarray | torch.Tensor]]) -> dict[str, float]:
+    """A causal LM's mean response-token loss and perplexity over one pass of ``batches``.
+
+    Every scored token weighs the same: ``loss = sum_t -log p(x_t | x_<t) / T`` over the positions
+    ``t`` whose (shifted) label is not ``-100``, ``perplexity = exp(loss)``
+    (:func:`~edge_sdk.training._prompts.lm_metrics`); also ``tokens`` (``T``) and ``samples``.
+    """
+    model.eval()
+    loss_sum, tokens, samples = 0.0, 0, 0
+    for raw in batches:
+        batch = _to_torch(raw, model)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss_sum += float(
+            nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        )
+        tokens += int((target != IGNORE_INDEX).sum())
+        samples += int(labels.shape[0])
+    metrics = lm_metrics(loss_sum, tokens, samples)
+    return {k: v for k, v in metrics.items() if math.isfinite(v)} | {"samples": float(samples)}

@@ -1,0 +1,203 @@
+"""End to end: causal-LM fine-tuning of a Llama through the federation, a coordinator and three device
+processes over websockets on 127.0.0.1, devices of three budgets (dense training, and LoRA of two
+ranks on devices that cannot fit it), held-out response-token loss every round.
+
+Budgets are found with the coordinator's own planner (the same ranked parent, workload and lever
+policy): the largest budget at which each lever plan appears. "Within budget" compares as in
+``test_federation_e2e`` (both sides leave the runtime footprint out; the margin is kept in reserve).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.federation._checkpoint import latest_checkpoint, load_checkpoint
+from coordinator.federation._config import FederationConfig
+from coordinator.federation._planner import training_workload
+from coordinator.federation._tables import TrainingConfig
+from edge_sdk._levers import Levers
+from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling import LeverPolicy, ParentModel, Salience, param_count, plan_training, ranked_parent
+from edge_sdk.scaling._lever_choice import LeverChooser
+
+from ._federation import TIMEOUT_S, coordinator, device, read_port
+from ._llm import SST2_INSTRUCT, tiny_llama_dir
+
+MARGIN = FederationConfig().min_margin_bytes
+TOKENS = {"small": "token-small-1111", "medium": "token-medium-2222", "large": "token-large-3333"}
+
+
+def lever_budgets(
+    parent: ParentModel, salience: Salience, training: TrainingConfig, policy: LeverPolicy
+) -> dict[str, int]:
+    """Planning budgets (bytes the planner may spend) at which the full model fits full fine-tuning
+    ("large": plain training, no lever), with LoRA of the largest rank the policy allows ("medium")
+    and with LoRA of its smallest ("small").
+
+    The planner takes, among the lever sets that fit, the one of least accuracy cost (dense < frozen
+    table < LoRA of a high rank < a low rank): LoRA of rank r is planned at a budget just below the
+    least any set of lower cost needs, if a rank-r set fits there. Checked against the planner itself.
+    """
+    work = training_workload(parent.config, training)
+    full = SubnetSpec.full(parent.dims)
+    chooser = LeverChooser(parent, work, 0, policy)
+    params = param_count(parent, full)
+    need: dict[int, int] = {}  # LoRA rank (0: dense) -> the least any lever set of that rank needs
+    for levers in chooser.candidates:
+        total = chooser.price(full, params, levers).estimate.total
+        need[levers.lora_rank] = min(total, need.get(levers.lora_rank, total))
+    ranks = sorted(need, reverse=True)[:-1]  # LoRA ranks, largest first
+    assert len(ranks) >= 2 and need[ranks[-1]] < need[ranks[0]] < need[0], need
+    plain = chooser.price(full, params, Levers()).estimate.total  # full fine-tuning, no lever
+    budgets = {"large": plain + (plain >> 4)}
+    budgets["medium"] = need[0] - 1  # below every dense set (no rank above the largest)
+    budgets["small"] = min(need[r] for r in (0, *ranks[:-1])) - 1  # below every set of a larger rank
+    expected = {"large": 0, "medium": ranks[0], "small": ranks[-1]}
+    for name, budget in budgets.items():
+        plan = plan_training(parent, salience, budget, work, runtime=0, policy=policy)
+        assert plan.params_fraction == 1 and plan.levers.lora_rank == expected[name], (name, plan.levers, need)
+    return budgets
+
+
+def write_llm_config(
+    folder: Path, model: Path | str, *, training: TrainingConfig, ranks: list[int], dev_rows: int
+) -> Path:
+    device_lines = "".join(f'{name} = "{token}"\n' for name, token in TOKENS.items())
+    text = f"""
+[model]
+name = "{model}"
+task = "causal-lm"
+
+[federation]
+rounds = 2
+min_devices = 3
+device_wait_s = 300
+round_deadline_s = 600
+
+[training]
+local_steps = {training.local_steps}
+batch_size = {training.batch_size}
+seq_len = {training.seq_len}
+lr = {training.lr}
+
+[levers]
+lora_ranks = {ranks}
+
+[validation]
+data = "{SST2_INSTRUCT / "dev.jsonl"}"
+limit = {dev_rows}
+batch_size = 16
+
+[server]
+host = "127.0.0.1"
+port = 0
+port_file = "port"
+
+[devices]
+{device_lines}
+[run]
+dir = "run"
+"""
+    path = folder / "run.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run_federation(
+    folder: Path, config: Path, budgets: dict[str, int], tokenizer: str, *, rows: int, timeout: float = TIMEOUT_S
+) -> list[dict[str, Any]]:
+    """Serve ``config`` to three ``edge-sdk join`` processes (their budgets: ``MARGIN + budgets``);
+    the run's history (one entry per round) once every process has exited cleanly."""
+    server = coordinator(config, folder / "coordinator.log")
+    devices = {}
+    try:
+        port = read_port(folder, server, timeout)
+        for k, (name, token) in enumerate(TOKENS.items()):
+            data = SST2_INSTRUCT / f"train-{k}.jsonl"
+            extra = ("--tokenizer", tokenizer, "--limit", str(rows))
+            budget = str(MARGIN + budgets[name])
+            devices[name] = device(f"ws://127.0.0.1:{port}", token, data, budget, folder / f"{name}.log", *extra)
+        assert server.wait(timeout) == 0, server.text()[-4000:]
+        for name, proc in devices.items():
+            assert proc.wait(timeout) == 0, f"{name}:\n{proc.text()[-3000:]}"
+    finally:
+        for proc in [server, *devices.values()]:
+            proc.kill()
+    log = server.text()
+    assert "round 1/2: 3/3 updates merged" in log and "round 2/2: 3/3 updates merged" in log, log[-3000:]
+    assert "perplexity" in log
+    final = load_checkpoint(latest_checkpoint(folder / "run"))  # type: ignore[arg-type]
+    assert final.round == 2 and len(final.history) == 2
+    return list(final.history)
+
+
+def check_devices(entry: dict[str, Any], budgets: dict[str, int]) -> dict[str, Levers]:
+    """Every device trained within its budget; the levers each one trained with."""
+    got = {d["device_id"]: d for d in entry["devices"]}
+    assert {n: d["status"] for n, d in got.items()} == dict.fromkeys(TOKENS, "ok"), entry
+    for name, d in got.items():
+        assert d["usable_bytes"] == MARGIN + budgets[name]
+        assert d["predicted_bytes"] <= d["usable_bytes"] - MARGIN, d
+        assert 0 < d["runtime_bytes"] < d["peak_rss_bytes"], d
+        assert d["peak_rss_bytes"] - d["runtime_bytes"] <= d["usable_bytes"], d
+    metrics = entry["metrics"]
+    assert math.isfinite(metrics["loss"]) and metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert "accuracy" not in metrics and metrics["tokens"] > 0
+    return {name: Levers.parse(d["levers"]) for name, d in got.items()}
+
+
+def test_a_tiny_llama_fine_tunes_through_the_federation_with_lora_of_two_ranks(tmp_path: Path) -> None:
+    model = tiny_llama_dir(tmp_path / "model")
+    training = TrainingConfig(local_steps=2, batch_size=4, seq_len=48, lr=1e-3)
+    ranks = [8, 4, 2]
+    parent, salience = ranked_parent(model, task="causal-lm")
+    budgets = lever_budgets(parent, salience, training, LeverPolicy(lora_ranks=tuple(ranks)))
+    config = write_llm_config(tmp_path, model, training=training, ranks=ranks, dev_rows=32)
+    history = run_federation(tmp_path, config, budgets, str(model), rows=48)
+    for entry in history:
+        levers = check_devices(entry, budgets)
+        assert levers["large"].lora_rank == 0  # it fits dense training
+        assert 0 < levers["small"].lora_rank < levers["medium"].lora_rank  # the other two cannot: LoRA
+        assert entry["metrics"]["tokens"] == 32 * 2  # " positive" / " negative" is one token here, + eos
+
+
+def held_out_losses(log: str, history: list[dict[str, Any]]) -> list[float]:
+    """The held-out loss of the starting model (its round-0 log line), then of every round."""
+    start = re.search(r"round 0 \(pre-trained model\): loss ([0-9.]+)", log)
+    assert start is not None, log[-3000:]
+    return [float(start.group(1))] + [float(entry["metrics"]["loss"]) for entry in history]
+
+
+@pytest.mark.slow
+def test_smollm2_fine_tunes_with_lora_on_three_budgets_and_its_held_out_loss_falls(tmp_path: Path) -> None:
+    """The real SmolLM2-135M (the packaged GGUF), SST-2 as instructions: one device fits full
+    fine-tuning, two cannot and train LoRA of ranks 16 and 4; the held-out response loss falls."""
+    from edge_sdk.scaling import resolve_model_dir
+
+    model = resolve_model_dir("SmolLM2-135M")  # converted once into edge-fm's cache folder
+    training = TrainingConfig(local_steps=2, batch_size=4, seq_len=32, lr=1e-4)
+    ranks = [16, 8, 4]
+    parent, salience = ranked_parent(model, task="causal-lm", cache=True)
+    budgets = lever_budgets(parent, salience, training, LeverPolicy(lora_ranks=tuple(ranks)))
+    del parent, salience
+    config = write_llm_config(tmp_path, "SmolLM2-135M", training=training, ranks=ranks, dev_rows=32)
+    history = run_federation(tmp_path, config, budgets, "SmolLM2-135M", rows=32, timeout=900)
+    for entry in history:
+        levers = check_devices(entry, budgets)
+        assert levers["large"].lora_rank == 0 and not levers["large"].costs_accuracy  # full fine-tuning fits it
+        assert (levers["medium"].lora_rank, levers["small"].lora_rank) == (16, 4)  # they cannot: LoRA
+    losses = held_out_losses((tmp_path / "coordinator.log").read_text(encoding="utf-8"), history)
+    print("held-out response-token loss (round 0, 1, 2):", losses)
+    for entry in history:
+        print(
+            {
+                d["device_id"]: (d["levers"], d["predicted_bytes"], d["peak_rss_bytes"] - d["runtime_bytes"])
+                for d in entry["devices"]
+            }
+        )
+    assert losses[2] < losses[1] < losses[0]
