@@ -83,7 +83,6 @@ from edge_sdk.protocol._tensors import (
     MIN_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
-    check_tensor_values,
     chunk_blob,
     decode_chunk,
     describe_tensors,
@@ -101,6 +100,7 @@ from edge_sdk.protocol._update_entries import (
     split_update_name,
     update_entry_mismatches,
 )
+from edge_sdk.protocol._values import check_tensor_values
 from edge_sdk.protocol._wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,

@@ -32,12 +32,12 @@ from edge_sdk.protocol._tensors import (
     MAX_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
-    ValueScan,
     decode_chunk,
     entry_mismatches,
     numpy_dtype,
     read_safetensors_header,
 )
+from edge_sdk.protocol._values import ValueScan
 from edge_sdk.protocol._wire import CLOSE_MESSAGE_TOO_BIG, CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR
 
 __all__ = ["MAX_BACKLOG_CHUNKS", "EntryCheck", "TensorAssembler", "decode_tensors"]

@@ -55,8 +55,8 @@ from edge_sdk.protocol._messages import (
     WireLimits,
 )
 from edge_sdk.protocol._payload import EncodedTensors
-from edge_sdk.protocol._tensors import ValueScan, check_tensor_values
 from edge_sdk.protocol._update_entries import update_entry_check
+from edge_sdk.protocol._values import ValueScan, check_tensor_values
 from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
 __all__ = ["CoordinatorConnection"]

@@ -36,8 +36,9 @@ from edge_sdk.protocol._messages import (
     Welcome,
     WireLimits,
 )
-from edge_sdk.protocol._tensors import ValueScan, check_tensor_values, describe_tensors
+from edge_sdk.protocol._tensors import describe_tensors
 from edge_sdk.protocol._update_entries import update_entry_mismatches
+from edge_sdk.protocol._values import ValueScan, check_tensor_values
 from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
 __all__ = ["DeviceConnection"]

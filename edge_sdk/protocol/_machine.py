@@ -68,9 +68,9 @@ from edge_sdk.protocol._tensors import (
     MIN_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
-    ValueScan,
     decode_chunk,
 )
+from edge_sdk.protocol._values import ValueScan
 from edge_sdk.protocol._wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
