@@ -45,6 +45,7 @@ from edge_sdk.protocol._events import (
 )
 from edge_sdk.protocol._machine import ConnectionState, OutgoingFrame, TaskMessage
 from edge_sdk.protocol._messages import (
+    FEATURE_CHUNK_XXH3,
     FEATURE_PROGRESS,
     MAX_MEMORY_BYTES,
     MAX_NUM_SAMPLES,
@@ -130,6 +131,7 @@ __all__ = [
     "DEFAULT_MAX_TRANSFER_BYTES",
     "DTYPES",
     "ENCODINGS",
+    "FEATURE_CHUNK_XXH3",
     "FEATURE_PROGRESS",
     "LORA_A_SUFFIX",
     "LORA_B_SUFFIX",

@@ -2,11 +2,12 @@
 
 Checks run in an order that spends nothing on a bad transfer: the announced manifest against the
 size limits and the *expected* tensors (construction, before a byte is buffered); every chunk's
-transfer id, index and length (as it arrives); total bytes and sha256; the safetensors header
-against the manifest and the expected tensors (before any array is made); finally, optionally,
-finite values and a global L2-norm bound.
+transfer id, index and length (as it arrives); each chunk's xxh3_128 against the manifest's (as it is
+verified; a corrupt chunk is refused by its index), or for a sha256 manifest the digest of the whole
+blob (once complete); the safetensors header against the manifest and the expected tensors (before
+any array is made); finally, optionally, finite values and a global L2-norm bound.
 
-The costly part (copying each payload into the receive buffer, sha256, the finite-value and norm scan
+The costly part (copying each payload into the receive buffer, its digest, the finite-value and norm scan
 of every tensor's elements as their bytes complete) is streamed: chunk by chunk as they arrive, in
 :meth:`TensorAssembler.verify`. By default :meth:`~TensorAssembler.add_chunk` runs it at once; a
 transport that sets ``deferred`` runs it itself in a worker thread between frames (see
@@ -25,6 +26,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import xxhash
 
 from edge_sdk._errors import ProtocolError
 from edge_sdk.protocol._tensors import (
@@ -95,11 +97,12 @@ class TensorAssembler:
             self._raise_mismatches(manifest.entries, "announced manifest")
         # Allocated (uninitialized, so untouched pages cost no memory) when the first chunk arrives.
         self._buffer: np.ndarray | None = None
-        self._hash = hashlib.sha256()
+        self._hash = None if manifest.chunk_xxh3 else hashlib.sha256()
+        self._fault: str | None = None  # the first corrupt chunk found by verify(), raised by the next call
         self._next = 0
         self._received_bytes = 0
         self.deferred = False  # True: the transport calls verify() itself (e.g. in a worker thread)
-        self._backlog: collections.deque[tuple[int, memoryview]] = collections.deque()
+        self._backlog: collections.deque[tuple[int, int, memoryview]] = collections.deque()
         self._lock = threading.Lock()  # verify() may run in a worker thread
         self._scan = ValueScan()
         # Tensors in data order as announced (offsets known): scanned as their bytes complete.
@@ -128,8 +131,18 @@ class TensorAssembler:
     def complete(self) -> bool:
         return self._next == self._manifest.num_chunks
 
+    @property
+    def fault(self) -> str | None:
+        """Why a verified chunk was refused (its digest differs from the manifest's); None while all are good."""
+        return self._fault
+
+    def _raise_fault(self) -> None:
+        if self._fault is not None:
+            raise ProtocolError(self._fault, CLOSE_PROTOCOL_ERROR)
+
     def add_chunk(self, frame: bytes | bytearray | memoryview) -> bool:
         """Take the next chunk frame; return True once the last chunk is in. ProtocolError if wrong."""
+        self._raise_fault()
         manifest = self._manifest
         tid = manifest.transfer_id
         transfer_id, index, payload = decode_chunk(frame)
@@ -161,11 +174,12 @@ class TensorAssembler:
             )
         if self._buffer is None:
             self._buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
-        self._backlog.append((self._received_bytes, payload))
+        self._backlog.append((self._received_bytes, index, payload))
         self._next += 1
         self._received_bytes += want
         if not self.deferred or len(self._backlog) > MAX_BACKLOG_CHUNKS or self.complete:
             self.verify()
+            self._raise_fault()
         return self.complete
 
     @property
@@ -174,19 +188,29 @@ class TensorAssembler:
         return len(self._backlog)
 
     def verify(self) -> None:
-        """Copy every waiting chunk into the buffer, hash it and scan the tensor values it completes.
+        """Check every waiting chunk's digest, copy it into the buffer and scan the tensor values it completes.
 
-        Safe to call from a worker thread while no other thread feeds this assembler; payload views
-        keep their frames alive until then.
+        Never raises: a corrupt chunk is kept in :attr:`fault` (the rest of the backlog dropped) and
+        raised by the next :meth:`add_chunk` or :meth:`finish`. Safe to call from a worker thread
+        while no other thread feeds this assembler; payload views keep their frames alive until then.
         """
         with self._lock:
             buffer = self._buffer
-            while self._backlog:
+            digests = self._manifest.chunk_xxh3
+            while self._backlog and self._fault is None:
                 assert buffer is not None
-                position, payload = self._backlog.popleft()
+                position, index, payload = self._backlog.popleft()
+                if self._hash is not None:
+                    self._hash.update(payload)
+                elif (got := xxhash.xxh3_128_hexdigest(payload)) != digests[index]:
+                    self._fault = (
+                        f"{self._what}: chunk {index} of transfer {self._manifest.transfer_id} is corrupt:"
+                        f" xxh3_128 {got}, the manifest says {digests[index]}"
+                    )
+                    self._backlog.clear()
+                    return
                 end = position + len(payload)
                 buffer[position:end] = np.frombuffer(payload, dtype=np.uint8)
-                self._hash.update(payload)
                 if self._streamed:
                     self._scan_values(buffer, end)
 
@@ -224,7 +248,8 @@ class TensorAssembler:
                 CLOSE_PROTOCOL_ERROR,
             )
         self.verify()
-        digest = self._hash.hexdigest()
+        self._raise_fault()
+        digest = self._hash.hexdigest() if self._hash is not None else manifest.sha256
         if digest != manifest.sha256:
             raise ProtocolError(
                 f"{self._what}: sha256 mismatch for transfer {tid}: received {digest}, manifest says {manifest.sha256}",

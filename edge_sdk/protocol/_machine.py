@@ -17,7 +17,7 @@ for :meth:`data_to_send` and return the message they built. A socket transport t
 :meth:`frames_to_send` instead: a transfer's chunk frames are then made one at a time as the socket
 takes them, from views of the tensors' own memory (``_payload``), optionally as the pieces of a
 fragmented websocket message, so no copy of the tensors is queued. Received chunks are checked
-(sha256, finite values, norm) as they arrive; with ``defer_checks`` the transport runs that work
+(digests, finite values, norm) as they arrive; with ``defer_checks`` the transport runs that work
 itself between frames, in a worker thread (:meth:`take_work`). They raise ProtocolError when called in
 the wrong state or when the message would exceed the peer's limits: that is a bug on this side and
 nothing is queued. :meth:`receive` never raises: a peer's fault queues an ``Error`` for the peer
@@ -65,6 +65,7 @@ from edge_sdk.protocol._messages import (
 from edge_sdk.protocol._payload import ChunkPieces, EncodedTensors, prepare_tensors
 from edge_sdk.protocol._tensors import (
     CHUNK_HEADER_BYTES,
+    CHUNK_XXH3,
     MIN_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
@@ -138,6 +139,7 @@ class BaseConnection:
         self._outgoing: collections.deque[str | bytes | tuple[EncodedTensors, TensorManifest]] = collections.deque()
         self._assembler: TensorAssembler | None = None
         self.defer_checks = False  # True: the transport runs received chunks' checks itself (take_work)
+        self._chunk_xxh3 = False  # the handshake agreed on per-chunk xxh3_128 digests (FEATURE_CHUNK_XXH3)
 
     # ------------------------------------------------------------------------------------ public
 
@@ -296,9 +298,16 @@ class BaseConnection:
             raise ProtocolError(
                 f"{what} arrived with no transfer open (state {self._state.name})", CLOSE_UNSUPPORTED_DATA
             )
-        if not self._assembler.add_chunk(frame):
-            return []
-        assembler, self._assembler = self._assembler, None
+        assembler = self._assembler
+        try:
+            if not assembler.add_chunk(frame):
+                return []
+        except ProtocolError as exc:
+            if assembler.fault is None:  # a framing fault (foreign, out of order, wrong length)
+                raise
+            code = error_code_for(exc.close_code, self._transfer_error_code)  # corrupt data: a bad task/update
+            return self._violation(str(exc), exc.close_code, code)
+        self._assembler = None
         try:
             tensors = assembler.finish()
         except ProtocolError as exc:
@@ -356,8 +365,8 @@ class BaseConnection:
         peer = self._peer_limits
         assert peer is not None, "tensors are only sent after the handshake"
         chunk_bytes = min(self._limits.max_chunk_bytes, peer.max_chunk_bytes)
-        encoded = tensors if isinstance(tensors, EncodedTensors) else prepare_tensors(tensors)
-        manifest = encoded.manifest(chunk_bytes=chunk_bytes)
+        encoded = tensors if isinstance(tensors, EncodedTensors) else prepare_tensors(tensors, chunk_bytes=chunk_bytes)
+        manifest = encoded.manifest(chunk_bytes=chunk_bytes, digest=CHUNK_XXH3 if self._chunk_xxh3 else "sha256")
         if manifest.total_bytes > peer.max_transfer_bytes:
             raise ProtocolError(
                 f"{what}: {manifest.total_bytes} bytes of tensors exceed the peer's transfer limit of"

@@ -98,8 +98,10 @@ def join(frame: str | bytes | tuple[bytes | memoryview, ...]) -> str | bytes:
     return frame if isinstance(frame, (str, bytes)) else b"".join(frame)
 
 
-def assembler_for(encoded: EncodedTensors, *, deferred: bool) -> tuple[TensorAssembler, list[bytes]]:
-    manifest = encoded.manifest(chunk_bytes=MiB)
+def assembler_for(
+    encoded: EncodedTensors, *, deferred: bool, digest: str = "xxh3_128"
+) -> tuple[TensorAssembler, list[bytes]]:
+    manifest = encoded.manifest(chunk_bytes=MiB, digest=digest)
     assembler = TensorAssembler(manifest, expected=manifest.entries, max_norm=1e9)
     assembler.deferred = deferred
     return assembler, list(encoded.frames(manifest))
@@ -120,7 +122,20 @@ def test_deferred_checks_wait_for_the_transport_and_a_corrupted_chunk_is_still_c
     assert assembler.values.norm == pytest.approx(check_tensor_values(tensors), rel=1e-5)
     np.testing.assert_array_equal(decoded["tail"], tensors["tail"])
 
+    # Per-chunk digests: chunk 2 is refused by its index when the transport next feeds a frame.
     corrupt, frames = assembler_for(prepare_tensors(tensors), deferred=True)
+    bad = bytearray(frames[2])
+    bad[100] ^= 1
+    frames[2] = bytes(bad)
+    for frame in frames[:3]:
+        corrupt.add_chunk(frame)
+        corrupt.verify()  # as the transport does, in a worker thread: never raises, keeps the fault
+    assert corrupt.fault is not None and "chunk 2 of transfer" in corrupt.fault
+    with pytest.raises(ProtocolError, match=r"chunk 2 of transfer \w+ is corrupt: xxh3_128"):
+        corrupt.add_chunk(frames[3])
+
+    # A whole-blob sha256 (a peer without per-chunk digests): caught once the transfer is complete.
+    corrupt, frames = assembler_for(prepare_tensors(tensors), deferred=True, digest="sha256")
     bad = bytearray(frames[2])
     bad[100] ^= 1
     frames[2] = bytes(bad)
