@@ -85,9 +85,11 @@ def minilm_weights() -> dict[str, np.ndarray]:
     return dict(safetensors.numpy.load_file(str(path)))
 
 
-def child(*args: str) -> subprocess.Popen[bytes]:
+def child(*args: str, profile: str | None = None) -> subprocess.Popen[bytes]:
+    """This script in a child process in ``--role``; with ``profile``, under cProfile writing there."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], env=env)
+    run = ["-m", "cProfile", "-o", profile] if profile else []
+    return subprocess.Popen([sys.executable, *run, str(Path(__file__).resolve()), *args], env=env)
 
 
 # ------------------------------------------------------------------------------ roles (children)
@@ -253,11 +255,17 @@ async def protocol_round_trips(
         port = next(iter(server.sockets)).getsockname()[1]
         scheme = "wss" if tls else "ws"
         args = ["--role", "ws-device", "--url", f"{scheme}://127.0.0.1:{port}"]
-        proc = child(*args, *(["--cafile", tls[0]] if tls else []))
+        device_profile = tempfile.mktemp(suffix=".prof") if profile else None
+        proc = child(*args, *(["--cafile", tls[0]] if tls else []), profile=device_profile)
         try:
             await asyncio.wait_for(ready, TIMEOUT_S)
         finally:
             proc.wait(TIMEOUT_S)
+    if device_profile is not None:
+        out = io.StringIO()
+        pstats.Stats(device_profile, stream=out).sort_stats("tottime").print_stats(16)
+        os.unlink(device_profile)
+        print(f"Device side, all {repeat} round trips over ws:// (cProfile, by own time):\n" + out.getvalue())
     return trips
 
 
