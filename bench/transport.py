@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import hashlib
 import io
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +61,14 @@ import psutil
 import safetensors.numpy
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosedOK
 
 from coordinator.serve._server import RECEIVE_QUEUE_FRAMES
+from edge_sdk import websocket_messages
 from edge_sdk.protocol import (
     CoordinatorConnection,
     DeviceConnection,
+    Fragment,
     HelloReceived,
     TaskReceived,
     TrainSettings,
@@ -112,25 +117,26 @@ async def ws_device(url: str, cafile: str | None) -> None:
         for frame in conn.frames_to_send():
             await ws.send(frame)
         conn.defer_checks = True  # as the SDK client: each chunk's checks in a worker thread
-        async for message in ws:
-            events = conn.receive(message)
-            work = conn.take_work()
-            if work is not None:
-                await asyncio.to_thread(work)
-            for event in events:
-                if isinstance(event, TaskReceived):
-                    conn.send_update(
-                        task_id=event.task.task_id,
-                        tensors=event.tensors,
-                        num_samples=1,
-                        metrics={},
-                        peak_rss_bytes=0,
-                        step_time_s=0.0,
-                        train_time_s=0.0,
-                        encoding="weights",
-                    )
-            for frame in conn.frames_to_send():  # as the SDK client sends: chunk frames made one at a time
-                await ws.send(frame)
+        with contextlib.suppress(ConnectionClosedOK):  # the server closes when done
+            async for message in websocket_messages(ws):  # as the SDK client: binary messages piece by piece
+                events = conn.receive(message)
+                work = conn.take_work()
+                if work is not None:
+                    await asyncio.to_thread(work)
+                for event in events:
+                    if isinstance(event, TaskReceived):
+                        conn.send_update(
+                            task_id=event.task.task_id,
+                            tensors=event.tensors,
+                            num_samples=1,
+                            metrics={},
+                            peak_rss_bytes=0,
+                            step_time_s=0.0,
+                            train_time_s=0.0,
+                            encoding="weights",
+                        )
+                for frame in conn.frames_to_send(fragments=True):  # as the SDK client: chunks as fragments
+                    await ws.send(frame)
 
 
 def raw_echo(port: int, size: int, repeat: int) -> None:
@@ -172,10 +178,11 @@ class Trip:
         self.send_extra = self.receive_extra = 0
 
 
-async def _receive(ws: ServerConnection, conn: CoordinatorConnection) -> UpdateReceived:
-    """Frames until the verified Update, each chunk's checks in a worker thread (as the coordinator)."""
+async def _receive(incoming: AsyncIterator[str | Fragment], conn: CoordinatorConnection) -> UpdateReceived:
+    """Messages (binary ones piece by piece) until the verified Update, each chunk's checks in a worker
+    thread (as the coordinator)."""
     while True:
-        events = conn.receive(await ws.recv())
+        events = conn.receive(await anext(incoming))
         work = conn.take_work()
         if work is not None:
             await asyncio.to_thread(work)
@@ -185,7 +192,11 @@ async def _receive(ws: ServerConnection, conn: CoordinatorConnection) -> UpdateR
 
 
 async def _round_trip(
-    ws: ServerConnection, conn: CoordinatorConnection, tensors: dict[str, np.ndarray], i: int
+    ws: ServerConnection,
+    incoming: AsyncIterator[str | Fragment],
+    conn: CoordinatorConnection,
+    tensors: dict[str, np.ndarray],
+    i: int,
 ) -> Trip:
     trip = Trip()
     before = _peak_reset()
@@ -205,7 +216,7 @@ async def _round_trip(
         await ws.send(frame)
     trip.send_extra = _peak() - before
     before = _peak_reset()
-    update = await _receive(ws, conn)
+    update = await _receive(incoming, conn)
     trip.total = time.perf_counter() - start
     trip.receive_extra = _peak() - before - update.update.weights.total_bytes
     return trip
@@ -227,10 +238,11 @@ async def protocol_round_trips(
         for frame in conn.frames_to_send():
             await ws.send(frame)
         profiler = cProfile.Profile() if profile else None
+        incoming = websocket_messages(ws)
         for i in range(repeat):
             if profiler is not None and i == repeat - 1:
                 profiler.enable()
-            trips.append(await _round_trip(ws, conn, tensors, i))
+            trips.append(await _round_trip(ws, incoming, conn, tensors, i))
         if profiler is not None:
             profiler.disable()
             out = io.StringIO()

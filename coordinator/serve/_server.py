@@ -84,6 +84,7 @@ from coordinator.serve._metrics import RunMetrics
 from coordinator.serve._operator import OperatorHTTP
 from coordinator.serve._security import TokenTable
 from coordinator.serve._status import StatusBoard
+from edge_sdk import websocket_messages
 from edge_sdk._errors import ProtocolError
 from edge_sdk.protocol import CLOSE_REPLACED, CLOSE_RUN_COMPLETE, ConnectionState, WireLimits
 
@@ -376,6 +377,7 @@ class CoordinatorServer:
             await close_quietly(ws, 1001, "coordinator shutting down")
             return
         self._connections[connection.name] = connection
+        incoming = websocket_messages(ws)  # binary messages piece by piece, as the frames arrive
         while True:
             await connection.flush()
             if verdict.changed:
@@ -384,5 +386,5 @@ class CoordinatorServer:
                 assert verdict.close_code is not None
                 await close_quietly(ws, verdict.close_code, verdict.close_reason)
                 return
-            frame = await ws.recv()  # ConnectionClosed when the device goes
+            frame = await anext(incoming)  # ConnectionClosed when the device goes
             verdict = await connection.receive(frame, loop.time())

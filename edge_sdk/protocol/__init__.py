@@ -43,7 +43,7 @@ from edge_sdk.protocol._events import (
     UpdateRejected,
     WelcomeReceived,
 )
-from edge_sdk.protocol._machine import ConnectionState, OutgoingFrame, TaskMessage
+from edge_sdk.protocol._machine import ConnectionState, Fragment, OutgoingFrame, TaskMessage
 from edge_sdk.protocol._messages import (
     FEATURE_CHUNK_XXH3,
     FEATURE_PROGRESS,
@@ -166,6 +166,7 @@ __all__ = [
     "EvalSettings",
     "EvaluateTask",
     "Event",
+    "Fragment",
     "Hello",
     "HelloReceived",
     "InferenceSettings",

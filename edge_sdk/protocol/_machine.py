@@ -31,6 +31,7 @@ EvalResult, DeployResult, or an Error naming it) before the next task may be sen
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -84,6 +85,7 @@ __all__ = [
     "MAX_ERROR_TEXT",
     "BaseConnection",
     "ConnectionState",
+    "Fragment",
     "OutgoingFrame",
     "TaskMessage",
     "Tensors",
@@ -100,6 +102,20 @@ MAX_ERROR_TEXT = 2000  # characters of a fault's description sent back in an Err
 FRAGMENT_BYTES = 256 << 10  # the longest piece of a fragmented chunk frame (frames_to_send(fragments=True))
 _TO_DEVICE = (Welcome, TrainTask, EvaluateTask, Deploy)
 _TO_COORDINATOR = (Hello, Update, EvalResult, DeployResult, Progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fragment:
+    """A piece of a binary websocket message as it arrives, ``fin`` on the message's last piece (which
+    may be empty). A transport that reads messages piece by piece (``websockets``: ``recv_streaming``)
+    feeds each to :meth:`BaseConnection.receive`: no message is joined, and a chunk held in flight is
+    a piece, not a whole chunk frame."""
+
+    data: bytes | bytearray | memoryview
+    fin: bool
+
+    def __len__(self) -> int:
+        return len(self.data)
 
 
 class ConnectionState(enum.Enum):
@@ -187,12 +203,13 @@ class BaseConnection:
         """The received chunks' checks waiting to run (with ``defer_checks``): run it (in a worker
         thread) before feeding the next frame; None when nothing waits."""
         assembler = self._assembler
-        if assembler is None or not assembler.backlog:
+        if assembler is None or not assembler.work_waiting:
             return None
         return assembler.verify
 
-    def receive(self, message: str | bytes) -> list[Event]:
-        """Handle one received websocket message; never raises (faults become ProtocolViolation)."""
+    def receive(self, message: str | bytes | Fragment) -> list[Event]:
+        """Handle one received websocket message, or the next piece of a binary one (:class:`Fragment`);
+        never raises (faults become ProtocolViolation)."""
         if self._state is ConnectionState.CLOSED:
             logger.debug("%s: ignoring a frame received after close", self._side)
             return []
@@ -201,6 +218,8 @@ class BaseConnection:
                 return self._receive_text(message)
             if isinstance(message, (bytes, bytearray, memoryview)):
                 return self._receive_binary(message)
+            if isinstance(message, Fragment):
+                return self._receive_binary(message.data, fin=message.fin, whole=False)
             raise ProtocolError(f"unsupported frame of type {type(message).__name__}", CLOSE_UNSUPPORTED_DATA)
         except ProtocolError as exc:
             return self._violation(str(exc), exc.close_code, error_code_for(exc.close_code, ErrorCode.BAD_MESSAGE))
@@ -283,9 +302,12 @@ class BaseConnection:
             return [ByeReceived(bye=message, pending_task_id=pending)]
         return self._on_message(message)
 
-    def _receive_binary(self, frame: bytes | bytearray | memoryview) -> list[Event]:
+    def _receive_binary(
+        self, frame: bytes | bytearray | memoryview, fin: bool = True, whole: bool = True
+    ) -> list[Event]:
+        """A binary message (``whole``), or the next piece of one (the assembler bounds its length)."""
         limit = self._limits.max_chunk_bytes + CHUNK_HEADER_BYTES
-        if len(frame) > limit:
+        if whole and len(frame) > limit:
             raise ProtocolError(
                 f"binary frame of {len(frame)} bytes exceeds the limit of {limit}", CLOSE_MESSAGE_TOO_BIG
             )
@@ -300,7 +322,7 @@ class BaseConnection:
             )
         assembler = self._assembler
         try:
-            if not assembler.add_chunk(frame):
+            if not assembler.add_fragment(frame, fin=fin):
                 return []
         except ProtocolError as exc:
             if assembler.fault is None:  # a framing fault (foreign, out of order, wrong length)
