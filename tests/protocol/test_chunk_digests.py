@@ -8,6 +8,7 @@ feature keeps the whole-blob sha256, and never sees the new fields.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -20,6 +21,7 @@ from edge_sdk.protocol import (
     DeviceConnection,
     Error,
     Event,
+    Fragment,
     ProtocolViolation,
     TaskReceived,
     TensorManifest,
@@ -45,7 +47,7 @@ def weights() -> dict[str, np.ndarray]:
     return {"w": rng.standard_normal(700_000).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
 
 
-def feed(conn: CoordinatorConnection | DeviceConnection, frames: list[str | bytes]) -> list[Event]:
+def feed(conn: CoordinatorConnection | DeviceConnection, frames: list[str | bytes | Fragment]) -> list[Event]:
     return [event for frame in frames for event in conn.receive(frame)]
 
 
@@ -86,7 +88,9 @@ def at_working() -> CoordinatorConnection:
     return coord
 
 
-def refused(coord: CoordinatorConnection, frames: list[str | bytes], fragment: str, close_code: int = 1002) -> None:
+def refused(
+    coord: CoordinatorConnection, frames: list[str | bytes | Fragment], fragment: str, close_code: int = 1002
+) -> None:
     events = feed(coord, frames)
     (event,) = events
     assert isinstance(event, ProtocolViolation) and event.close_code == close_code, events
@@ -99,7 +103,7 @@ def test_both_directions_carry_chunk_digests_once_negotiated() -> None:
     coord, dev = connected()
     assert dev.welcome is not None and FEATURE_CHUNK_XXH3 in dev.welcome.features
     frames = train(coord)
-    announced = json.loads(frames[0])["weights"]  # type: ignore[arg-type]
+    announced = json.loads(frames[0])["weights"]
     assert "sha256" not in announced and len(announced["chunk_xxh3"]) == announced["num_chunks"] == 3
     (event,) = feed(dev, frames)
     assert isinstance(event, TaskReceived)
@@ -123,7 +127,7 @@ def test_a_device_that_does_not_announce_the_feature_keeps_sha256() -> None:
     coord = CoordinatorConnection()
     feed(coord, [OLD_HELLO])
     coord.send_welcome(run_id="r", round=0, server_time=0.0)
-    welcome, task = (json.loads(m) for m in coord.data_to_send()[:1] + train(coord)[:1])  # type: ignore[arg-type]
+    welcome, task = (json.loads(m) for m in coord.data_to_send()[:1] + train(coord)[:1])
     assert "features" not in welcome  # an older device decodes exactly the fields it knows
     assert "chunk_xxh3" not in task["weights"] and len(task["weights"]["sha256"]) == 64
     (event,) = feed(coord, raw_update("sha256"))  # and its sha256 update is taken
@@ -154,7 +158,7 @@ def test_a_coordinator_that_does_not_grant_the_feature_gets_sha256_updates() -> 
         encoding="weights",
     )
     assert len(update.weights.sha256) == 64 and not update.weights.chunk_xxh3
-    assert "chunk_xxh3" not in json.loads(dev.data_to_send()[0])["weights"]  # type: ignore[arg-type]
+    assert "chunk_xxh3" not in json.loads(dev.data_to_send()[0])["weights"]
 
 
 def flip(frame: str | bytes, at: int) -> bytes:
@@ -193,7 +197,7 @@ def test_a_corrupt_task_costs_the_device_its_task() -> None:
 def test_a_truncated_chunk_or_transfer_is_refused() -> None:
     coord = at_working()
     frames = raw_update()
-    refused(coord, [*frames[:2], frames[2][:5000]], "chunk 1 of transfer")  # type: ignore[index]
+    refused(coord, [*frames[:2], frames[2][:5000]], "chunk 1 of transfer")
     coord = at_working()
     stop = '{"type":"eval_result","v":1,"task_id":"t","num_samples":1,"metrics":{}}'
     refused(coord, [*frames[:3], stop], "chunk 2 of 3 of transfer", close_code=1003)
@@ -205,8 +209,8 @@ def test_reordered_chunks_are_refused() -> None:
     refused(coord, [frames[0], frames[2], frames[1], frames[3]], "arrived out of order, expected chunk 0")
     # The payloads swapped under headers in order: each chunk's digest names the first that differs.
     coord = at_working()
-    manifest = json.loads(frames[0])["weights"]  # type: ignore[arg-type]
-    swapped = [encode_chunk(manifest["transfer_id"], i, frames[1 + j][24:]) for i, j in enumerate((1, 0, 2))]  # type: ignore[index]
+    manifest = json.loads(frames[0])["weights"]
+    swapped = [encode_chunk(manifest["transfer_id"], i, frames[1 + j][24:]) for i, j in enumerate((1, 0, 2))]
     refused(coord, [frames[0], *swapped], "chunk 0 of transfer")
 
 
@@ -224,3 +228,74 @@ def test_a_manifest_carries_exactly_one_kind_of_digest() -> None:
             TensorManifest.from_json(json_obj)
     assert TensorManifest.from_json(good) == manifest
     assert dataclasses.replace(manifest, chunk_xxh3=(), sha256="ab" * 32).sha256
+
+
+# ------------------------------------------------------------------------- pieces (Fragment)
+
+
+def pieces(frame: str | bytes, cuts: list[int]) -> list[Fragment]:
+    """A chunk frame as a websocket could deliver it: cut at ``cuts``, ``fin`` on the last piece."""
+    assert isinstance(frame, bytes)
+    bounds = [0, *cuts, len(frame)]
+    parts = [frame[a:b] for a, b in itertools.pairwise(bounds)]
+    return [Fragment(part, fin=i == len(parts) - 1) for i, part in enumerate(parts)]
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        [24],  # the header alone, then the payload (as frames_to_send(fragments=True) sends it)
+        [5, 30, 300_000],  # the header cut inside
+        [24, 24, 1000],  # an empty piece in the middle
+    ],
+)
+def test_a_transfer_received_piece_by_piece_is_the_same(cuts: list[int]) -> None:
+    coord = at_working()
+    text, *frames = raw_update()
+    events = feed(coord, [text])
+    for frame in frames:
+        events += feed(coord, pieces(frame, [c for c in cuts if c < len(frame)]))
+    (event,) = events
+    assert isinstance(event, UpdateReceived)
+    np.testing.assert_array_equal(event.tensors["w"], weights()["w"])
+
+
+def test_the_fin_may_come_as_an_empty_last_piece() -> None:
+    coord = at_working()
+    text, *frames = raw_update()
+    events = feed(coord, [text])
+    for frame in frames:
+        events += feed(coord, [Fragment(frame, fin=False), Fragment(b"", fin=True)])
+    assert isinstance(events[-1], UpdateReceived)
+
+
+def test_pieces_are_refused_as_whole_frames_are() -> None:
+    coord = at_working()
+    text, first, second, *_ = raw_update()
+    corrupt = flip(second, 600_000)
+    refused(coord, [text, *pieces(first, [24]), *pieces(corrupt, [24, 500_000])], "chunk 1 of transfer")
+    coord = at_working()
+    overrun = [Fragment(first, fin=False), Fragment(b"x", fin=False)]
+    refused(coord, [text, *overrun], "carries more than 1048576 bytes, expected 1048576")
+    coord = at_working()
+    refused(coord, [text, Fragment(first[:1000], fin=True)], "carries 976 bytes, expected 1048576 (truncated)")
+    coord = at_working()
+    header = [Fragment(first[:10], fin=False), Fragment(first[10:20], fin=True)]
+    refused(coord, [text, *header], "truncated chunk frame: 20 bytes")
+
+
+def test_checks_wait_for_a_whole_chunk_before_the_transport_runs_them() -> None:
+    coord, dev = connected()
+    coord.defer_checks = True
+    (event,) = feed(dev, train(coord))
+    assert isinstance(event, TaskReceived)
+    text, first, *_ = raw_update()
+    feed(coord, [text])
+    assert coord.take_work() is None
+    feed(coord, pieces(first, [24, 300_000])[:2])
+    assert coord.take_work() is None  # a quarter of a chunk waits: not worth a worker thread yet
+    feed(coord, pieces(first, [24, 300_000])[2:])
+    work = coord.take_work()
+    assert work is not None
+    work()
+    assert coord.take_work() is None
