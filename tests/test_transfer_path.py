@@ -11,13 +11,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosedOK
 
 from coordinator.serve import _connection
 from coordinator.serve._connection import Connection, SharedEncodings
+from edge_sdk import websocket_messages
 from edge_sdk.protocol import (
     CoordinatorConnection,
     DeviceConnection,
     EncodedTensors,
+    Fragment,
     TaskReceived,
     TrainSettings,
     UpdateReceived,
@@ -143,3 +148,34 @@ def test_received_chunks_are_checked_in_worker_threads(monkeypatch: pytest.Monke
     main_thread = threading.main_thread().name
     assert len(threads) >= 4 and threads[-1] == main_thread  # the last chunk inline, at most one chunk
     assert all(name != main_thread for name in threads[:-1]), threads  # every other chunk in a worker
+
+
+def test_websocket_messages_yield_text_whole_and_binary_piece_by_piece() -> None:
+    """Over a real websocket: a fragmented binary message arrives as its frames, never joined."""
+
+    async def main() -> list[str | Fragment]:
+        async def handler(ws: ServerConnection) -> None:
+            await ws.send(["{", '"a": 1}'])  # a fragmented text message: whole
+            await ws.send([b"head", memoryview(b"x" * 1000), b"tail"])
+            await ws.send(b"one")
+            await ws.close()
+
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            got: list[str | Fragment] = []
+            async with connect(f"ws://127.0.0.1:{port}") as ws:
+                with contextlib.suppress(ConnectionClosedOK):
+                    async for message in websocket_messages(ws):
+                        got.append(message)
+            return got
+
+    got = asyncio.run(asyncio.wait_for(main(), 30))
+    assert got[0] == '{"a": 1}'
+    fragments = [f for f in got[1:] if isinstance(f, Fragment)]
+    assert len(fragments) == len(got) - 1
+    ends = [i for i, f in enumerate(fragments) if f.fin]
+    first, second = fragments[: ends[0] + 1], fragments[ends[0] + 1 :]
+    assert len(ends) == 2 and ends[1] == len(fragments) - 1
+    # websockets ends a fragmented message with an empty final frame: the pieces are the frames sent
+    assert [bytes(f.data) for f in first if f.data] == [b"head", b"x" * 1000, b"tail"]
+    assert [bytes(f.data) for f in second] == [b"one"]
