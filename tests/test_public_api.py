@@ -23,6 +23,8 @@ EDGE_SDK = {
     "ImageDataset", "ImageProcessing", "image_seq_len", "read_image_folder",
     # files of any common format, and the run's label map
     "DataFile", "DataFormat", "LabelMap", "read_rows",
+    # a websocket's messages as the protocol takes them (the SDK client and the coordinator's server)
+    "websocket_messages",
 }  # fmt: skip
 
 COORDINATOR = {

@@ -14,8 +14,9 @@ is its :class:`~coordinator.federation.RoundLoop` (the simulator drives the same
   a device whose old connection died silently gets back in once keepalive closes the old one (about
   40 s), retrying the 409 with its backoff;
 - TLS through an ``ssl`` context; ``max_size`` is the protocol's frame limit; no compression; at most
-  ``RECEIVE_QUEUE_FRAMES`` frame read ahead per connection (an update arriving holds a few chunks
-  beyond its own buffer; a task being sent, less than one: see ``Connection.flush``);
+  ``RECEIVE_QUEUE_FRAMES`` frame read ahead per connection, and binary messages taken frame by frame
+  (``websocket_messages``: an update arriving holds a frame or two, at most 2 chunks, beyond its own
+  buffer; a task being sent, less than one: see ``Connection.flush``);
 - each connection feeds its frames to its session and sends what the session queued. The first frame
   (the Hello: admission plans the device's sub-network, a search of a tenth of a second or more) is
   handled in a worker thread, so other devices are served meanwhile. A device's fault (bad frame,
