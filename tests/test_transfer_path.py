@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from coordinator.serve import _connection
 from coordinator.serve._connection import Connection, SharedEncodings
 from edge_sdk import websocket_messages
 from edge_sdk.protocol import (
+    FEATURE_CHUNK_XXH3,
     CoordinatorConnection,
     DeviceConnection,
     EncodedTensors,
@@ -26,6 +28,7 @@ from edge_sdk.protocol import (
     TaskReceived,
     TrainSettings,
     UpdateReceived,
+    WelcomeReceived,
     prepare_tensors,
 )
 from edge_sdk.protocol._assembler import TensorAssembler
@@ -179,3 +182,31 @@ def test_websocket_messages_yield_text_whole_and_binary_piece_by_piece() -> None
     # websockets ends a fragmented message with an empty final frame: the pieces are the frames sent
     assert [bytes(f.data) for f in first if f.data] == [b"head", b"x" * 1000, b"tail"]
     assert [bytes(f.data) for f in second] == [b"one"]
+
+
+def test_an_older_device_gets_sha256_and_a_newer_one_chunk_digests_in_the_same_round(tmp_path: Path) -> None:
+    names = ["new", "old"]
+
+    async def main() -> list[TaskReceived]:
+        async with coordinator(tmp_path, names) as (srv, running), contextlib.AsyncExitStack() as stack:
+            new, old = [Device(await stack.enter_async_context(dial(srv, n))) for n in names]
+            await new.hello()
+            old.conn.send_hello(device_id="old", sdk_version="0", profile={"budget": {"usable": 1 << 34}})
+            (hello,) = old.conn.data_to_send()
+            assert isinstance(hello, str) and FEATURE_CHUNK_XXH3 in hello
+            older = json.loads(hello)
+            older["capabilities"].remove(FEATURE_CHUNK_XXH3)  # as an SDK without the feature says it
+            await old.ws.send(json.dumps(older))
+            (welcomed,) = await old.events()
+            assert isinstance(welcomed, WelcomeReceived)
+            assert not old.conn.chunk_xxh3
+            tasks = [await device.task() for device in (new, old)]
+            for device, task in zip((new, old), tasks, strict=True):
+                device.answer(task)
+                await device.flush()
+            await asyncio.wait_for(running, 60)
+            return tasks
+
+    new_task, old_task = run(main())
+    assert new_task.task.weights.chunk_xxh3 and not new_task.task.weights.sha256
+    assert len(old_task.task.weights.sha256) == 64 and not old_task.task.weights.chunk_xxh3

@@ -299,8 +299,11 @@ class CoordinatorServer:
 
     async def _send_order(self, order: TrainOrder, limit: asyncio.Semaphore) -> None:
         async with limit:
+            connection = self._connections.get(order.device_id)
             try:  # once per sub-network, off the event loop; every device of that sub-network shares it
                 encoded = await self.encodings.get(order.tensors)
+                if connection is not None and not connection.session.conn.chunk_xxh3:  # an older device
+                    await asyncio.to_thread(lambda: encoded.sha256)  # its digest, once, off the loop too
             except ProtocolError:
                 encoded = None  # start_task raises it again and fails the task
             connection = self._connections.get(order.device_id)

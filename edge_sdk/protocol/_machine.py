@@ -169,6 +169,11 @@ class BaseConnection:
         return self._limits
 
     @property
+    def chunk_xxh3(self) -> bool:
+        """The handshake agreed on per-chunk xxh3_128 digests (else transfers carry the blob's sha256)."""
+        return self._chunk_xxh3
+
+    @property
     def peer_limits(self) -> WireLimits | None:
         """What the peer accepts, once its Hello/Welcome arrived."""
         return self._peer_limits
