@@ -20,6 +20,7 @@ from edge_sdk.protocol import (
     check_tensor_values,
     prepare_tensors,
 )
+from edge_sdk.protocol._tensors import chunk_xxh3
 
 MiB = 1 << 20
 
@@ -176,3 +177,14 @@ def test_float32_sums_that_overflow_are_redone_exactly() -> None:
     huge = np.full(10, 1e30, dtype=np.float32)  # finite, but its squares overflow float32
     assert check_tensor_values({"h": huge}) == pytest.approx(1e30 * np.sqrt(10), rel=1e-6)
     assert WireLimits().max_chunk_bytes >= MiB
+
+
+@pytest.mark.parametrize("chunk_bytes", [MiB, 3 * MiB + 7])
+def test_chunk_digests_are_each_chunks_xxh3_across_tensor_boundaries(chunk_bytes: int) -> None:
+    encoded = prepare_tensors(arrays())
+    blob = blob_of(encoded)
+    expected = tuple(chunk_xxh3(blob[at : at + chunk_bytes]) for at in range(0, len(blob), chunk_bytes))
+    assert encoded.chunk_xxh3(chunk_bytes) == expected
+    manifest = encoded.manifest(chunk_bytes=chunk_bytes)
+    assert manifest.chunk_xxh3 == expected and manifest.sha256 == ""
+    assert encoded.manifest(chunk_bytes=chunk_bytes, digest="sha256").sha256 == hashlib.sha256(blob).hexdigest()
