@@ -5,26 +5,27 @@
 1. Throughput. The all-MiniLM-L6-v2 weights (90.9 MB of safetensors) make a round trip over loopback:
    - protocol: a websocket server in this process sends them as a TrainTask the way the coordinator
      does (``CoordinatorConnection``; the tensors laid out once by ``prepare_tensors`` in a worker
-     thread, chunk frames sent as fragmented messages of views of the arrays, 1 MiB chunks, no
-     compression); a device process receives them through ``DeviceConnection`` (manifest, chunk and
-     sha256 checks, decode, finite-value check) and answers with an Update of the same tensors, which
-     the server verifies as the coordinator does (chunks copied, hashed and value-checked in a worker
-     thread as they arrive, plus the norm bound). Timed from the start of encoding to the verified
-     Update; the "shared encoding" row leaves the encoding out (a round encodes each sub-network once
-     for every device that gets it).
+     thread, with each chunk's xxh3_128; chunk frames sent as fragmented messages of views of the
+     arrays, 1 MiB chunks of 256 KiB fragments, no compression); a device process receives them as
+     the SDK client does (``websocket_messages``: frame by frame, never joined; ``DeviceConnection``:
+     manifest, each chunk's digest, decode, finite-value check) and answers with an Update of the
+     same tensors, which the server verifies as the coordinator does (pieces copied into place,
+     each chunk's digest and values checked in a worker thread once it is in, plus the norm bound).
+     Timed from the start of encoding to the verified Update; the "shared encoding" row leaves the
+     encoding out (a round encodes each sub-network once for every device that gets it).
    - raw: the same safetensors bytes, ``sendall`` to a process that reads them and sends them back
      over a plain TCP socket. Timed from the first byte sent to the last byte back.
+   - websockets alone: the same bytes framed as the protocol frames them (1 MiB messages of 256 KiB
+     fragments, received frame by frame), echoed by a child once it has them all, with no protocol
+     work at all: the ceiling of any protocol over this websocket library.
    Throughput = 2 x bytes / time (both directions); the median of ``--repeat`` round trips. With TLS
-   available (``openssl`` on the PATH), the protocol path is also measured over ``wss://``. The
-   "codec only" row is the protocol's CPU work without any socket (prepare, chunk, sha256, assemble,
-   header and finite/norm checks, both directions): the bound the protocol path cannot beat. The
-   "3 sha256 passes" row is the floor under it: a round trip digests the bytes three times one after
-   the other (the device checks the task; it digests its update before the manifest announcing it
-   can go; the coordinator checks the update), and no pass can start before the previous one ends.
-   The server's peak extra resident memory (``VmHWM`` reset through ``/proc/self/clear_refs``) is
-   measured while it sends the task (above what it held before) and while it receives the update
-   (above that and the update's own bytes), in chunks (MiB). ``--profile`` prints where the server's
-   time goes over one ws:// round trip (cProfile).
+   available (``openssl`` on the PATH), the websocket rows are also measured over ``wss://``. The
+   "codec only" row is the protocol's CPU work without any socket (prepare with digests, chunk,
+   assemble with digest, header and finite/norm checks, both directions). The server's peak extra
+   resident memory (``VmHWM`` reset through ``/proc/self/clear_refs``) is measured while it sends
+   the task (above what it held before) and while it receives the update (above that and the
+   update's own bytes), in MiB (a chunk is 1 MiB). ``--profile`` prints where the server's time
+   goes over one ws:// round trip and the device's over all of them (cProfile).
 2. Idle clients. ``edge-coordinator serve`` (the real daemon, holding MiniLM) runs as a child process;
    ``--clients`` devices, all in this one process, connect, say Hello and stay idle (the run waits for
    one more device, so no round starts). Its resident set before and after, per client.
@@ -36,8 +37,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
-import hashlib
 import io
 import json
 import os
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +61,28 @@ import psutil
 import safetensors.numpy
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosedOK
 
 from coordinator.serve._server import RECEIVE_QUEUE_FRAMES
+from edge_sdk import websocket_messages
 from edge_sdk.protocol import (
     CoordinatorConnection,
     DeviceConnection,
+    Fragment,
     HelloReceived,
     TaskReceived,
+    TensorAssembler,
     TrainSettings,
     UpdateReceived,
     WelcomeReceived,
     WireLimits,
-    decode_tensors,
+    check_tensor_values,
     prepare_tensors,
 )
+from edge_sdk.protocol._machine import FRAGMENT_BYTES
 
 TIMEOUT_S = 300.0
+MiB = 1 << 20
 TOKEN = "bench-token-0000"
 
 
@@ -85,9 +93,11 @@ def minilm_weights() -> dict[str, np.ndarray]:
     return dict(safetensors.numpy.load_file(str(path)))
 
 
-def child(*args: str) -> subprocess.Popen[bytes]:
+def child(*args: str, profile: str | None = None) -> subprocess.Popen[bytes]:
+    """This script in a child process in ``--role``; with ``profile``, under cProfile writing there."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], env=env)
+    run = ["-m", "cProfile", "-o", profile] if profile else []
+    return subprocess.Popen([sys.executable, *run, str(Path(__file__).resolve()), *args], env=env)
 
 
 # ------------------------------------------------------------------------------ roles (children)
@@ -110,25 +120,26 @@ async def ws_device(url: str, cafile: str | None) -> None:
         for frame in conn.frames_to_send():
             await ws.send(frame)
         conn.defer_checks = True  # as the SDK client: each chunk's checks in a worker thread
-        async for message in ws:
-            events = conn.receive(message)
-            work = conn.take_work()
-            if work is not None:
-                await asyncio.to_thread(work)
-            for event in events:
-                if isinstance(event, TaskReceived):
-                    conn.send_update(
-                        task_id=event.task.task_id,
-                        tensors=event.tensors,
-                        num_samples=1,
-                        metrics={},
-                        peak_rss_bytes=0,
-                        step_time_s=0.0,
-                        train_time_s=0.0,
-                        encoding="weights",
-                    )
-            for frame in conn.frames_to_send():  # as the SDK client sends: chunk frames made one at a time
-                await ws.send(frame)
+        with contextlib.suppress(ConnectionClosedOK):  # the server closes when done
+            async for message in websocket_messages(ws):  # as the SDK client: binary messages piece by piece
+                events = conn.receive(message)
+                work = conn.take_work()
+                if work is not None:
+                    await asyncio.to_thread(work)
+                for event in events:
+                    if isinstance(event, TaskReceived):
+                        conn.send_update(
+                            task_id=event.task.task_id,
+                            tensors=event.tensors,
+                            num_samples=1,
+                            metrics={},
+                            peak_rss_bytes=0,
+                            step_time_s=0.0,
+                            train_time_s=0.0,
+                            encoding="weights",
+                        )
+                for frame in conn.frames_to_send(fragments=True):  # as the SDK client: chunks as fragments
+                    await ws.send(frame)
 
 
 def raw_echo(port: int, size: int, repeat: int) -> None:
@@ -170,10 +181,11 @@ class Trip:
         self.send_extra = self.receive_extra = 0
 
 
-async def _receive(ws: ServerConnection, conn: CoordinatorConnection) -> UpdateReceived:
-    """Frames until the verified Update, each chunk's checks in a worker thread (as the coordinator)."""
+async def _receive(incoming: AsyncIterator[str | Fragment], conn: CoordinatorConnection) -> UpdateReceived:
+    """Messages (binary ones piece by piece) until the verified Update, each chunk's checks in a worker
+    thread (as the coordinator)."""
     while True:
-        events = conn.receive(await ws.recv())
+        events = conn.receive(await anext(incoming))
         work = conn.take_work()
         if work is not None:
             await asyncio.to_thread(work)
@@ -183,7 +195,11 @@ async def _receive(ws: ServerConnection, conn: CoordinatorConnection) -> UpdateR
 
 
 async def _round_trip(
-    ws: ServerConnection, conn: CoordinatorConnection, tensors: dict[str, np.ndarray], i: int
+    ws: ServerConnection,
+    incoming: AsyncIterator[str | Fragment],
+    conn: CoordinatorConnection,
+    tensors: dict[str, np.ndarray],
+    i: int,
 ) -> Trip:
     trip = Trip()
     before = _peak_reset()
@@ -203,7 +219,7 @@ async def _round_trip(
         await ws.send(frame)
     trip.send_extra = _peak() - before
     before = _peak_reset()
-    update = await _receive(ws, conn)
+    update = await _receive(incoming, conn)
     trip.total = time.perf_counter() - start
     trip.receive_extra = _peak() - before - update.update.weights.total_bytes
     return trip
@@ -212,12 +228,10 @@ async def _round_trip(
 async def protocol_round_trips(
     tensors: dict[str, np.ndarray], repeat: int, tls: tuple[str, str] | None, profile: bool = False
 ) -> list[Trip]:
-    limits = WireLimits()
     trips: list[Trip] = []
-    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def handler(ws: ServerConnection) -> None:
-        conn = CoordinatorConnection(limits=limits)
+        conn = CoordinatorConnection()
         conn.defer_checks = True
         for event in conn.receive(await ws.recv()):
             assert isinstance(event, HelloReceived)
@@ -225,24 +239,52 @@ async def protocol_round_trips(
         for frame in conn.frames_to_send():
             await ws.send(frame)
         profiler = cProfile.Profile() if profile else None
+        incoming = websocket_messages(ws)
         for i in range(repeat):
             if profiler is not None and i == repeat - 1:
                 profiler.enable()
-            trips.append(await _round_trip(ws, conn, tensors, i))
+            trips.append(await _round_trip(ws, incoming, conn, tensors, i))
         if profiler is not None:
             profiler.disable()
             out = io.StringIO()
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(14)
             print("Server side, one round trip over ws:// (cProfile, by own time):\n" + out.getvalue())
-        await ws.close()
-        ready.set_result(None)
+
+    device_profile = tempfile.mktemp(suffix=".prof") if profile else None
+    await _serve_child(handler, "ws-device", tls, profile=device_profile)
+    if device_profile is not None:
+        out = io.StringIO()
+        pstats.Stats(device_profile, stream=out).sort_stats("tottime").print_stats(16)
+        os.unlink(device_profile)
+        print(f"Device side, all {repeat} round trips over ws:// (cProfile, by own time):\n" + out.getvalue())
+    return trips
+
+
+async def _serve_child(
+    handler: Callable[[ServerConnection], Awaitable[None]],
+    role: str,
+    tls: tuple[str, str] | None,
+    *child_args: str,
+    profile: str | None = None,
+) -> None:
+    """Serve one websocket connection, as the coordinator does, to a child process in ``role``; until
+    ``handler`` returns (then the connection closes)."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def serve_one(ws: ServerConnection) -> None:
+        try:
+            await handler(ws)
+            await ws.close()
+        finally:
+            done.set_result(None)
 
     context = None
     if tls is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(tls[0], tls[1])
+    limits = WireLimits()
     async with serve(
-        handler,
+        serve_one,
         "127.0.0.1",
         0,
         max_size=limits.max_frame_bytes,
@@ -251,14 +293,56 @@ async def protocol_round_trips(
         ssl=context,
     ) as server:
         port = next(iter(server.sockets)).getsockname()[1]
-        scheme = "wss" if tls else "ws"
-        args = ["--role", "ws-device", "--url", f"{scheme}://127.0.0.1:{port}"]
-        proc = child(*args, *(["--cafile", tls[0]] if tls else []))
+        url = f"{'wss' if tls else 'ws'}://127.0.0.1:{port}"
+        args = ["--role", role, "--url", url, *child_args, *(["--cafile", tls[0]] if tls else [])]
+        proc = child(*args, profile=profile)
         try:
-            await asyncio.wait_for(ready, TIMEOUT_S)
+            await asyncio.wait_for(done, TIMEOUT_S)
         finally:
             proc.wait(TIMEOUT_S)
-    return trips
+
+
+async def ws_echo(url: str, cafile: str | None, count: int) -> None:
+    """Take ``count`` binary messages (frame by frame, as the protocol does), then send them back."""
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("wss://") else None
+    async with connect(url, ssl=context, max_size=WireLimits().max_frame_bytes, compression=None) as ws:
+        with contextlib.suppress(ConnectionClosedOK):
+            held: list[list[bytes]] = [[]]
+            async for message in websocket_messages(ws):
+                assert isinstance(message, Fragment)
+                held[-1] += [message.data] if message.data else []
+                if message.fin:
+                    held.append([])
+                if len(held) > count:
+                    for pieces in held[:count]:
+                        await ws.send(pieces)
+                    held = [[]]
+
+
+async def websocket_round_trips(blob: bytes, repeat: int, tls: tuple[str, str] | None) -> list[float]:
+    """The same bytes through websockets alone, framed as the protocol frames them (1 MiB messages
+    of 256 KiB fragments, received frame by frame) and echoed by a child: no protocol work at all."""
+    view = memoryview(blob)
+    messages = []
+    for start in range(0, len(blob), MiB):
+        end = min(start + MiB, len(blob))
+        messages.append([view[at : min(end, at + FRAGMENT_BYTES)] for at in range(start, end, FRAGMENT_BYTES)])
+    times: list[float] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        incoming = websocket_messages(ws)
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for pieces in messages:
+                await ws.send(pieces)
+            ends = 0
+            while ends < len(messages):
+                message = await anext(incoming)
+                ends += isinstance(message, Fragment) and message.fin
+            times.append(time.perf_counter() - start)
+
+    await _serve_child(handler, "ws-echo", tls, "--size", str(len(messages)))
+    return times
 
 
 def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
@@ -295,26 +379,22 @@ def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
     return times
 
 
-def sha256_seconds(blob: bytes, repeat: int) -> list[float]:
-    """One sha256 pass over the model's bytes: the protocol's floor per pass."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        hashlib.sha256(blob).digest()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def codec_round_trips(tensors: dict[str, np.ndarray], repeat: int) -> list[float]:
-    """The protocol's CPU work alone, no socket: encode, assemble and verify, both directions."""
+    """The protocol's CPU work alone, no socket: encode (with digests), then assemble and verify the
+    pieces as a socket would deliver them (each chunk's digest, copy, values), both directions."""
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         arrays = tensors
         for _direction in range(2):
+            check_tensor_values(arrays)  # the device checks its update before it sends it
             encoded = prepare_tensors(arrays)
             manifest = encoded.manifest()
-            arrays = decode_tensors(manifest, encoded.frames(manifest), expected=manifest.entries, max_norm=1e9)
+            assembler = TensorAssembler(manifest, expected=manifest.entries, max_norm=1e9)
+            for pieces in encoded.chunk_pieces(manifest, max_piece_bytes=FRAGMENT_BYTES):
+                for i, piece in enumerate(pieces):
+                    assembler.add_fragment(piece, fin=i == len(pieces) - 1)
+            arrays = assembler.finish()
         times.append(time.perf_counter() - start)
     return times
 
@@ -445,7 +525,7 @@ def main() -> None:
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--role", choices=("ws-device", "raw-echo"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("ws-device", "ws-echo", "raw-echo"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--cafile", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -453,6 +533,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "ws-device":
         asyncio.run(asyncio.wait_for(ws_device(args.url, args.cafile), TIMEOUT_S))
+        return
+    if args.role == "ws-echo":
+        asyncio.run(asyncio.wait_for(ws_echo(args.url, args.cafile, args.size), TIMEOUT_S))
         return
     if args.role == "raw-echo":
         raw_echo(args.port, args.size, args.repeat)
@@ -465,9 +548,9 @@ def main() -> None:
     memory: dict[str, Trip] = {}
     rows["raw TCP socket"] = 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
     rows["codec only, no socket"] = 2 * mb / statistics.median(codec_round_trips(tensors, args.repeat))
-    # A round trip hashes the bytes three times one after the other (the device checks the task, then
-    # digests its update before announcing it, then the coordinator checks the update): a bound.
-    rows["3 sha256 passes, no socket"] = 2 * mb / (3 * statistics.median(sha256_seconds(blob, args.repeat)))
+    rows["websockets alone, ws://"] = (
+        2 * mb / statistics.median(asyncio.run(websocket_round_trips(blob, args.repeat, None)))
+    )
 
     def protocol_rows(label: str, trips: list[Trip]) -> None:
         rows[f"protocol, {label}"] = 2 * mb / statistics.median(t.total for t in trips)
@@ -478,6 +561,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cert = None if args.no_tls else make_certificate(Path(tmp))
         if cert is not None:
+            trips = asyncio.run(websocket_round_trips(blob, args.repeat, cert))
+            rows["websockets alone, wss://"] = 2 * mb / statistics.median(trips)
             protocol_rows("wss://", asyncio.run(protocol_round_trips(tensors, args.repeat, cert)))
         idle = None if args.skip_idle else run_idle(args.clients, Path(tmp))
     raw = rows["raw TCP socket"]

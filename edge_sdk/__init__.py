@@ -50,6 +50,7 @@ _LAZY: dict[str, str] = {
     "load": "edge_sdk.serving",
     "EdgeDevice": "edge_sdk.client",
     "DeviceOptions": "edge_sdk.client",
+    "websocket_messages": "edge_sdk.client",
     "TextDataset": "edge_sdk.training",
     "TaskRunner": "edge_sdk.training",
     "prepare_runtime": "edge_sdk.training",
@@ -138,6 +139,7 @@ __all__ = [
     "read_tsv",
     "train_local",
     "training_estimate",
+    "websocket_messages",
 ]
 
 
@@ -146,6 +148,7 @@ __getattr__, __dir__ = lazy_face(__name__, _LAZY, globals())
 
 if TYPE_CHECKING:
     from edge_sdk.client._client import DeviceOptions, EdgeDevice
+    from edge_sdk.client._stream import websocket_messages
     from edge_sdk.device._budget import compute_budget
     from edge_sdk.device._classes import DeviceClass, list_device_classes, load_device_class
     from edge_sdk.device._profile import DeviceProfile, detect_profile

@@ -25,6 +25,8 @@ EDGE_SDK = {
     "DataFile", "DataFormat", "LabelMap", "read_rows",
     # causal-LM prompt/response records
     "PromptDataset", "encode_prompts", "is_prompt_file", "read_prompts",
+    # a websocket's messages as the protocol takes them (the SDK client and the coordinator's server)
+    "websocket_messages",
 }  # fmt: skip
 
 COORDINATOR = {

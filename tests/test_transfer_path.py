@@ -5,22 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosedOK
 
 from coordinator.serve import _connection
 from coordinator.serve._connection import Connection, SharedEncodings
+from edge_sdk import websocket_messages
 from edge_sdk.protocol import (
+    FEATURE_CHUNK_XXH3,
     CoordinatorConnection,
     DeviceConnection,
     EncodedTensors,
+    Fragment,
     TaskReceived,
     TrainSettings,
     UpdateReceived,
+    WelcomeReceived,
     prepare_tensors,
 )
 from edge_sdk.protocol._assembler import TensorAssembler
@@ -143,3 +151,62 @@ def test_received_chunks_are_checked_in_worker_threads(monkeypatch: pytest.Monke
     main_thread = threading.main_thread().name
     assert len(threads) >= 4 and threads[-1] == main_thread  # the last chunk inline, at most one chunk
     assert all(name != main_thread for name in threads[:-1]), threads  # every other chunk in a worker
+
+
+def test_websocket_messages_yield_text_whole_and_binary_piece_by_piece() -> None:
+    """Over a real websocket: a fragmented binary message arrives as its frames, never joined."""
+
+    async def main() -> list[str | Fragment]:
+        async def handler(ws: ServerConnection) -> None:
+            await ws.send(["{", '"a": 1}'])  # a fragmented text message: whole
+            await ws.send([b"head", memoryview(b"x" * 1000), b"tail"])
+            await ws.send(b"one")
+            await ws.close()
+
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            got: list[str | Fragment] = []
+            async with connect(f"ws://127.0.0.1:{port}") as ws:
+                with contextlib.suppress(ConnectionClosedOK):
+                    async for message in websocket_messages(ws):
+                        got.append(message)
+            return got
+
+    got = asyncio.run(asyncio.wait_for(main(), 30))
+    assert got[0] == '{"a": 1}'
+    fragments = [f for f in got[1:] if isinstance(f, Fragment)]
+    assert len(fragments) == len(got) - 1
+    ends = [i for i, f in enumerate(fragments) if f.fin]
+    first, second = fragments[: ends[0] + 1], fragments[ends[0] + 1 :]
+    assert len(ends) == 2 and ends[1] == len(fragments) - 1
+    # websockets ends a fragmented message with an empty final frame: the pieces are the frames sent
+    assert [bytes(f.data) for f in first if f.data] == [b"head", b"x" * 1000, b"tail"]
+    assert [bytes(f.data) for f in second] == [b"one"]
+
+
+def test_an_older_device_gets_sha256_and_a_newer_one_chunk_digests_in_the_same_round(tmp_path: Path) -> None:
+    names = ["new", "old"]
+
+    async def main() -> list[TaskReceived]:
+        async with coordinator(tmp_path, names) as (srv, running), contextlib.AsyncExitStack() as stack:
+            new, old = [Device(await stack.enter_async_context(dial(srv, n))) for n in names]
+            await new.hello()
+            old.conn.send_hello(device_id="old", sdk_version="0", profile={"budget": {"usable": 1 << 34}})
+            (hello,) = old.conn.data_to_send()
+            assert isinstance(hello, str) and FEATURE_CHUNK_XXH3 in hello
+            older = json.loads(hello)
+            older["capabilities"].remove(FEATURE_CHUNK_XXH3)  # as an SDK without the feature says it
+            await old.ws.send(json.dumps(older))
+            (welcomed,) = await old.events()
+            assert isinstance(welcomed, WelcomeReceived)
+            assert not old.conn.chunk_xxh3
+            tasks = [await device.task() for device in (new, old)]
+            for device, task in zip((new, old), tasks, strict=True):
+                device.answer(task)
+                await device.flush()
+            await asyncio.wait_for(running, 60)
+            return tasks
+
+    new_task, old_task = run(main())
+    assert new_task.task.weights.chunk_xxh3 and not new_task.task.weights.sha256
+    assert len(old_task.task.weights.sha256) == 64 and not old_task.task.weights.chunk_xxh3

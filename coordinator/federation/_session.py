@@ -52,6 +52,7 @@ from edge_sdk.protocol import (
     ErrorCode,
     ErrorReceived,
     Event,
+    Fragment,
     HelloReceived,
     ProgressReceived,
     ProtocolViolation,
@@ -115,7 +116,7 @@ class DeployInbox(Protocol):
     def answer(self, task_id: str, ok: bool, metrics: Mapping[str, float], message: str) -> bool: ...
 
 
-def frame_bytes(frame: str | bytes) -> int:
+def frame_bytes(frame: str | bytes | Fragment) -> int:
     """A websocket message's payload size (text as UTF-8)."""
     return len(frame.encode("utf-8")) if isinstance(frame, str) else len(frame)
 
@@ -149,7 +150,9 @@ class DeviceSession:
         """Admitted, and no task outstanding: a round (or a deploy) may send it one."""
         return self.admitted and self.conn.state is ConnectionState.READY
 
-    def receive(self, frame: str | bytes, now: float, *, peak_of: Callable[[int], int] | None = None) -> Verdict:
+    def receive(
+        self, frame: str | bytes | Fragment, now: float, *, peak_of: Callable[[int], int] | None = None
+    ) -> Verdict:
         """Handle one message from the device; ``now`` is the engine's clock (round deadlines).
 
         ``peak_of`` maps the peak resident set an Update reports to the device's own (a simulator

@@ -18,7 +18,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from coordinator.federation import DeviceSession, Verdict
-from edge_sdk.protocol import EncodedTensors, prepare_tensors
+from edge_sdk.protocol import EncodedTensors, Fragment, prepare_tensors
 
 __all__ = [
     "CLOSE_TIMEOUT_S",
@@ -72,9 +72,10 @@ class Connection:
                 sent += len(frame) if isinstance(frame, (str, bytes)) else sum(len(piece) for piece in frame)
         return sent
 
-    async def receive(self, frame: str | bytes, now: float) -> Verdict:
-        """Feed one frame to the session; a received chunk's checks (copy, sha256, finite values,
-        norm) run in a worker thread, while the event loop serves the other devices."""
+    async def receive(self, frame: str | bytes | Fragment, now: float) -> Verdict:
+        """Feed one message (or piece of one, see ``websocket_messages``) to the session; received chunks'
+        checks (digest, copy, finite values, norm) run in a worker thread once a chunk is in, while the
+        event loop serves the other devices."""
         verdict = self.session.receive(frame, now)
         work = self.session.conn.take_work()
         if work is not None:

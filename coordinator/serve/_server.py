@@ -14,8 +14,9 @@ is its :class:`~coordinator.federation.RoundLoop` (the simulator drives the same
   a device whose old connection died silently gets back in once keepalive closes the old one (about
   40 s), retrying the 409 with its backoff;
 - TLS through an ``ssl`` context; ``max_size`` is the protocol's frame limit; no compression; at most
-  ``RECEIVE_QUEUE_FRAMES`` frame read ahead per connection (an update arriving holds a few chunks
-  beyond its own buffer; a task being sent, less than one: see ``Connection.flush``);
+  ``RECEIVE_QUEUE_FRAMES`` frame read ahead per connection, and binary messages taken frame by frame
+  (``websocket_messages``: an update arriving holds a frame or two, at most 2 chunks, beyond its own
+  buffer; a task being sent, less than one: see ``Connection.flush``);
 - each connection feeds its frames to its session and sends what the session queued. The first frame
   (the Hello: admission plans the device's sub-network, a search of a tenth of a second or more) is
   handled in a worker thread, so other devices are served meanwhile. A device's fault (bad frame,
@@ -84,6 +85,7 @@ from coordinator.serve._metrics import RunMetrics
 from coordinator.serve._operator import OperatorHTTP
 from coordinator.serve._security import TokenTable
 from coordinator.serve._status import StatusBoard
+from edge_sdk import websocket_messages
 from edge_sdk._errors import ProtocolError
 from edge_sdk.protocol import (
     CLOSE_REPLACED,
@@ -310,8 +312,11 @@ class CoordinatorServer:
 
     async def _send_order(self, order: TrainOrder, limit: asyncio.Semaphore) -> None:
         async with limit:
+            connection = self._connections.get(order.device_id)
             try:  # once per sub-network, off the event loop; every device of that sub-network shares it
                 encoded = await self.encodings.get(order.tensors)
+                if connection is not None and not connection.session.conn.chunk_xxh3:  # an older device
+                    await asyncio.to_thread(lambda: encoded.sha256)  # its digest, once, off the loop too
             except ProtocolError:
                 encoded = None  # start_task raises it again and fails the task
             connection = self._connections.get(order.device_id)
@@ -389,6 +394,7 @@ class CoordinatorServer:
             await close_quietly(ws, 1001, "coordinator shutting down")
             return
         self._connections[connection.name] = connection
+        incoming = websocket_messages(ws)  # binary messages piece by piece, as the frames arrive
         while True:
             await connection.flush()
             if verdict.changed:
@@ -397,5 +403,5 @@ class CoordinatorServer:
                 assert verdict.close_code is not None
                 await close_quietly(ws, verdict.close_code, verdict.close_reason)
                 return
-            frame = await ws.recv()  # ConnectionClosed when the device goes
+            frame = await anext(incoming)  # ConnectionClosed when the device goes
             verdict = await connection.receive(frame, loop.time())

@@ -10,12 +10,14 @@ _NAMES: dict[str, str] = {
     "Backoff": "edge_sdk.client._backoff",
     "DeviceOptions": "edge_sdk.client._client",
     "EdgeDevice": "edge_sdk.client._client",
+    "websocket_messages": "edge_sdk.client._stream",
 }
 
 __all__ = [
     "Backoff",
     "DeviceOptions",
     "EdgeDevice",
+    "websocket_messages",
 ]
 
 __getattr__, __dir__ = lazy_face(__name__, _NAMES, globals())
@@ -23,3 +25,4 @@ __getattr__, __dir__ = lazy_face(__name__, _NAMES, globals())
 if TYPE_CHECKING:
     from edge_sdk.client._backoff import Backoff
     from edge_sdk.client._client import DeviceOptions, EdgeDevice
+    from edge_sdk.client._stream import websocket_messages

@@ -54,6 +54,7 @@ from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError, ProtocolErro
 from edge_sdk._units import format_bytes
 from edge_sdk.client._backoff import Backoff
 from edge_sdk.client._progress import ProgressFn, StepLog, StepThrottle
+from edge_sdk.client._stream import websocket_messages
 from edge_sdk.protocol import (
     CAPABILITY_ENCODINGS,
     ByeReceived,
@@ -64,6 +65,7 @@ from edge_sdk.protocol import (
     ErrorReceived,
     EvaluateTask,
     Event,
+    Fragment,
     ProtocolViolation,
     TaskReceived,
     TaskRejected,
@@ -291,7 +293,8 @@ class _Session:
 
     async def flush(self) -> None:
         async with self.lock:
-            for frame in self.conn.frames_to_send():  # chunk frames made one at a time, as sent
+            # Chunk frames made one at a time as sent, each a fragmented message of views of the tensors.
+            for frame in self.conn.frames_to_send(fragments=True):
                 await self.ws.send(frame)
 
     async def run(self) -> _SessionEnd:
@@ -312,7 +315,7 @@ class _Session:
         try:
             first = await asyncio.wait_for(self.ws.recv(), options.welcome_timeout_s)
             await self.on_frame(first)
-            async for frame in self.ws:
+            async for frame in websocket_messages(self.ws):  # binary messages piece by piece
                 await self.on_frame(frame)
         except ConnectionClosed:
             pass
@@ -330,9 +333,9 @@ class _Session:
             with contextlib.suppress(Exception, asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.work), _CANCEL_WAIT_S)
 
-    async def on_frame(self, frame: str | bytes) -> None:
+    async def on_frame(self, frame: str | bytes | Fragment) -> None:
         events = self.conn.receive(frame)
-        work = self.conn.take_work()  # a received chunk's copy, sha256 and value checks: off the loop
+        work = self.conn.take_work()  # received chunks' digests, copies and value checks: off the loop
         if work is not None:
             await asyncio.to_thread(work)
         for event in events:

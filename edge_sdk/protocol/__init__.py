@@ -43,8 +43,9 @@ from edge_sdk.protocol._events import (
     UpdateRejected,
     WelcomeReceived,
 )
-from edge_sdk.protocol._machine import ConnectionState, OutgoingFrame, TaskMessage
+from edge_sdk.protocol._machine import ConnectionState, Fragment, OutgoingFrame, TaskMessage
 from edge_sdk.protocol._messages import (
+    FEATURE_CHUNK_XXH3,
     FEATURE_PROGRESS,
     MAX_MEMORY_BYTES,
     MAX_NUM_SAMPLES,
@@ -83,7 +84,6 @@ from edge_sdk.protocol._tensors import (
     MIN_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
-    check_tensor_values,
     chunk_blob,
     decode_chunk,
     describe_tensors,
@@ -101,6 +101,7 @@ from edge_sdk.protocol._update_entries import (
     split_update_name,
     update_entry_mismatches,
 )
+from edge_sdk.protocol._values import check_tensor_values
 from edge_sdk.protocol._wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
@@ -130,6 +131,7 @@ __all__ = [
     "DEFAULT_MAX_TRANSFER_BYTES",
     "DTYPES",
     "ENCODINGS",
+    "FEATURE_CHUNK_XXH3",
     "FEATURE_PROGRESS",
     "LORA_A_SUFFIX",
     "LORA_B_SUFFIX",
@@ -164,6 +166,7 @@ __all__ = [
     "EvalSettings",
     "EvaluateTask",
     "Event",
+    "Fragment",
     "Hello",
     "HelloReceived",
     "InferenceSettings",

@@ -2,11 +2,12 @@
 
 Checks run in an order that spends nothing on a bad transfer: the announced manifest against the
 size limits and the *expected* tensors (construction, before a byte is buffered); every chunk's
-transfer id, index and length (as it arrives); total bytes and sha256; the safetensors header
-against the manifest and the expected tensors (before any array is made); finally, optionally,
-finite values and a global L2-norm bound.
+transfer id, index and length (as it arrives); each chunk's xxh3_128 against the manifest's (as it is
+verified; a corrupt chunk is refused by its index), or for a sha256 manifest the digest of the whole
+blob (once complete); the safetensors header against the manifest and the expected tensors (before
+any array is made); finally, optionally, finite values and a global L2-norm bound.
 
-The costly part (copying each payload into the receive buffer, sha256, the finite-value and norm scan
+The costly part (copying each payload into the receive buffer, its digest, the finite-value and norm scan
 of every tensor's elements as their bytes complete) is streamed: chunk by chunk as they arrive, in
 :meth:`TensorAssembler.verify`. By default :meth:`~TensorAssembler.add_chunk` runs it at once; a
 transport that sets ``deferred`` runs it itself in a worker thread between frames (see
@@ -25,19 +26,21 @@ import threading
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import xxhash
 
 from edge_sdk._errors import ProtocolError
 from edge_sdk.protocol._tensors import (
+    CHUNK_HEADER_BYTES,
     DEFAULT_MAX_TRANSFER_BYTES,
     MAX_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
-    ValueScan,
     decode_chunk,
     entry_mismatches,
     numpy_dtype,
     read_safetensors_header,
 )
+from edge_sdk.protocol._values import ValueScan
 from edge_sdk.protocol._wire import CLOSE_MESSAGE_TOO_BIG, CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR
 
 __all__ = ["MAX_BACKLOG_CHUNKS", "EntryCheck", "TensorAssembler", "decode_tensors"]
@@ -47,7 +50,7 @@ EntryCheck = Callable[[Iterable[TensorEntry]], list[str]]
 
 logger = logging.getLogger(__name__)
 
-MAX_BACKLOG_CHUNKS = 2  # chunks a deferred assembler holds unverified before it verifies inline
+MAX_BACKLOG_CHUNKS = 2  # chunks' worth of bytes a deferred assembler holds unverified before it verifies inline
 
 
 class TensorAssembler:
@@ -95,11 +98,19 @@ class TensorAssembler:
             self._raise_mismatches(manifest.entries, "announced manifest")
         # Allocated (uninitialized, so untouched pages cost no memory) when the first chunk arrives.
         self._buffer: np.ndarray | None = None
-        self._hash = hashlib.sha256()
+        self._hash = None if manifest.chunk_xxh3 else hashlib.sha256()
+        self._fault: str | None = None  # the first corrupt chunk found by verify(), raised by the next call
         self._next = 0
         self._received_bytes = 0
         self.deferred = False  # True: the transport calls verify() itself (e.g. in a worker thread)
-        self._backlog: collections.deque[tuple[int, memoryview]] = collections.deque()
+        # Pieces received, not verified yet: (position in the blob, chunk index, payload, ends its chunk).
+        self._backlog: collections.deque[tuple[int, int, memoryview, bool]] = collections.deque()
+        self._backlog_bytes = 0
+        self._ended = 0  # chunks whose last piece waits in the backlog
+        self._chunk: tuple[int, int] | None = None  # (index, payload bytes) of the chunk being received
+        self._head = b""  # the chunk header's first bytes, when a piece ended inside it
+        self._got = 0  # payload bytes of that chunk received so far
+        self._chunk_hash = xxhash.xxh3_128()  # of the chunk being verified (per-chunk digests)
         self._lock = threading.Lock()  # verify() may run in a worker thread
         self._scan = ValueScan()
         # Tensors in data order as announced (offsets known): scanned as their bytes complete.
@@ -128,11 +139,64 @@ class TensorAssembler:
     def complete(self) -> bool:
         return self._next == self._manifest.num_chunks
 
+    @property
+    def fault(self) -> str | None:
+        """Why a verified chunk was refused (its digest differs from the manifest's); None while all are good."""
+        return self._fault
+
+    def _raise_fault(self) -> None:
+        if self._fault is not None:
+            raise ProtocolError(self._fault, CLOSE_PROTOCOL_ERROR)
+
     def add_chunk(self, frame: bytes | bytearray | memoryview) -> bool:
-        """Take the next chunk frame; return True once the last chunk is in. ProtocolError if wrong."""
+        """Take the next chunk frame whole; return True once the last chunk is in. ProtocolError if wrong."""
+        return self.add_fragment(frame, fin=True)
+
+    def add_fragment(self, data: bytes | bytearray | memoryview, *, fin: bool) -> bool:
+        """Take the next piece of a chunk frame as the websocket delivers it (``fin`` on the frame's
+        last piece, which may be empty): no frame is joined, each piece is copied into place when
+        verified. Return True once the transfer's last chunk is in; ProtocolError if wrong (a piece
+        that would overrun its chunk is refused before it is kept)."""
+        self._raise_fault()
+        view = memoryview(data).cast("B")
+        if self._chunk is None:  # the chunk header: usually whole in the first piece
+            need = CHUNK_HEADER_BYTES - len(self._head)
+            self._head += bytes(view[:need])
+            view = view[need:]
+            if len(self._head) < CHUNK_HEADER_BYTES and not fin:
+                return False
+            head, self._head = self._head, b""
+            self._chunk = self._open_chunk(head)
+        index, want = self._chunk
+        got = self._got + len(view)
+        if got > want or (fin and got < want):
+            raise ProtocolError(
+                f"{self._what}: chunk {index} of transfer {self._manifest.transfer_id} carries"
+                f" {got if fin else f'more than {want}'} bytes, expected {want}"
+                + (" (truncated)" if got < want else ""),
+                CLOSE_PROTOCOL_ERROR,
+            )
+        if self._buffer is None:
+            self._buffer = np.empty(self._manifest.total_bytes, dtype=np.uint8)
+        if view or fin:
+            self._backlog.append((self._received_bytes + self._got, index, view, fin))
+            self._backlog_bytes += len(view)
+        self._got = got
+        if fin:
+            self._chunk, self._got = None, 0
+            self._next += 1
+            self._received_bytes += want
+            self._ended += 1
+        if not self.deferred or self._backlog_bytes > MAX_BACKLOG_CHUNKS * self._manifest.chunk_bytes or self.complete:
+            self.verify()
+            self._raise_fault()
+        return self.complete
+
+    def _open_chunk(self, head: bytes) -> tuple[int, int]:
+        """Check a chunk header (transfer, index in order); (index, payload bytes) of the chunk it opens."""
         manifest = self._manifest
         tid = manifest.transfer_id
-        transfer_id, index, payload = decode_chunk(frame)
+        transfer_id, index, _ = decode_chunk(head)
         if transfer_id != tid:
             raise ProtocolError(
                 f"{self._what}: chunk {index} belongs to foreign transfer {transfer_id}, open transfer is {tid}",
@@ -152,41 +216,46 @@ class TensorAssembler:
                 f"{self._what}: chunk {index} of transfer {tid} arrived out of order, expected chunk {self._next}",
                 CLOSE_PROTOCOL_ERROR,
             )
-        want = manifest.chunk_length(index)
-        if len(payload) != want:
-            raise ProtocolError(
-                f"{self._what}: chunk {index} of transfer {tid} carries {len(payload)} bytes, expected {want}"
-                + (" (truncated)" if len(payload) < want else ""),
-                CLOSE_PROTOCOL_ERROR,
-            )
-        if self._buffer is None:
-            self._buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
-        self._backlog.append((self._received_bytes, payload))
-        self._next += 1
-        self._received_bytes += want
-        if not self.deferred or len(self._backlog) > MAX_BACKLOG_CHUNKS or self.complete:
-            self.verify()
-        return self.complete
+        return index, manifest.chunk_length(index)
 
     @property
     def backlog(self) -> int:
-        """Chunks received and not verified yet (see :meth:`verify`)."""
+        """Pieces received and not verified yet (see :meth:`verify`)."""
         return len(self._backlog)
 
-    def verify(self) -> None:
-        """Copy every waiting chunk into the buffer, hash it and scan the tensor values it completes.
+    @property
+    def work_waiting(self) -> bool:
+        """A received chunk ended, or a chunk's worth of pieces waits: time for :meth:`verify`."""
+        return self._ended > 0 or self._backlog_bytes >= self._manifest.chunk_bytes
 
-        Safe to call from a worker thread while no other thread feeds this assembler; payload views
-        keep their frames alive until then.
+    def verify(self) -> None:
+        """Check every waiting piece: its chunk's digest (at the chunk's end), copied into the buffer,
+        the tensor values it completes scanned.
+
+        Never raises: a corrupt chunk is kept in :attr:`fault` (the rest of the backlog dropped) and
+        raised by the next :meth:`add_fragment` or :meth:`finish`. Safe to call from a worker thread
+        while no other thread feeds this assembler; payload views keep their frames alive until then.
         """
         with self._lock:
             buffer = self._buffer
-            while self._backlog:
+            digests = self._manifest.chunk_xxh3
+            while self._backlog and self._fault is None:
                 assert buffer is not None
-                position, payload = self._backlog.popleft()
+                position, index, payload, ends = self._backlog.popleft()
+                self._backlog_bytes -= len(payload)
+                self._ended -= ends
+                (self._hash if self._hash is not None else self._chunk_hash).update(payload)
+                if ends and self._hash is None:
+                    got, self._chunk_hash = self._chunk_hash.hexdigest(), xxhash.xxh3_128()
+                    if got != digests[index]:
+                        self._fault = (
+                            f"{self._what}: chunk {index} of transfer {self._manifest.transfer_id} is corrupt:"
+                            f" xxh3_128 {got}, the manifest says {digests[index]}"
+                        )
+                        self._backlog.clear()
+                        return
                 end = position + len(payload)
                 buffer[position:end] = np.frombuffer(payload, dtype=np.uint8)
-                self._hash.update(payload)
                 if self._streamed:
                     self._scan_values(buffer, end)
 
@@ -224,7 +293,8 @@ class TensorAssembler:
                 CLOSE_PROTOCOL_ERROR,
             )
         self.verify()
-        digest = self._hash.hexdigest()
+        self._raise_fault()
+        digest = self._hash.hexdigest() if self._hash is not None else manifest.sha256
         if digest != manifest.sha256:
             raise ProtocolError(
                 f"{self._what}: sha256 mismatch for transfer {tid}: received {digest}, manifest says {manifest.sha256}",

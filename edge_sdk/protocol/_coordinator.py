@@ -36,6 +36,7 @@ from edge_sdk.protocol._machine import (
     kind_of,
 )
 from edge_sdk.protocol._messages import (
+    FEATURE_CHUNK_XXH3,
     FEATURE_PROGRESS,
     Deploy,
     DeployResult,
@@ -55,8 +56,8 @@ from edge_sdk.protocol._messages import (
     WireLimits,
 )
 from edge_sdk.protocol._payload import EncodedTensors
-from edge_sdk.protocol._tensors import ValueScan, check_tensor_values
 from edge_sdk.protocol._update_entries import update_entry_check
+from edge_sdk.protocol._values import ValueScan, check_tensor_values
 from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
 __all__ = ["CoordinatorConnection"]
@@ -121,7 +122,8 @@ class CoordinatorConnection(BaseConnection):
         """
         self._require_state("send_welcome", ConnectionState.HELLO_RECEIVED)
         assert self._hello is not None
-        features = [FEATURE_PROGRESS] if FEATURE_PROGRESS in self._hello.capabilities else []
+        features: list[str] = [f for f in (FEATURE_PROGRESS, FEATURE_CHUNK_XXH3) if f in self._hello.capabilities]
+        self._chunk_xxh3 = FEATURE_CHUNK_XXH3 in features  # tasks then carry per-chunk digests
         if update_encoding is not None and CAPABILITY_ENCODINGS in self._hello.capabilities:
             features.append(encoding_feature(check_encoding(update_encoding)))
             self._update_encoding = update_encoding

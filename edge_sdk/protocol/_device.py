@@ -21,6 +21,7 @@ from edge_sdk.protocol._machine import (
     kind_of,
 )
 from edge_sdk.protocol._messages import (
+    FEATURE_CHUNK_XXH3,
     FEATURE_PROGRESS,
     Deploy,
     DeployResult,
@@ -36,8 +37,9 @@ from edge_sdk.protocol._messages import (
     Welcome,
     WireLimits,
 )
-from edge_sdk.protocol._tensors import ValueScan, check_tensor_values, describe_tensors
+from edge_sdk.protocol._tensors import describe_tensors
 from edge_sdk.protocol._update_entries import update_entry_mismatches
+from edge_sdk.protocol._values import ValueScan, check_tensor_values
 from edge_sdk.protocol._wire import CLOSE_POLICY_VIOLATION, CLOSE_PROTOCOL_ERROR, JSONObject
 
 __all__ = ["DeviceConnection"]
@@ -71,8 +73,11 @@ class DeviceConnection(BaseConnection):
     def send_hello(
         self, *, device_id: str, sdk_version: str, profile: JSONObject, capabilities: tuple[str, ...] = ()
     ) -> Hello:
-        """Introduce the device (first message on a new connection); announces this side's limits."""
+        """Introduce the device (first message on a new connection); announces this side's limits and
+        the capabilities of its protocol layer (per-chunk xxh3 digests, :data:`FEATURE_CHUNK_XXH3`)."""
         self._require_state("send_hello", ConnectionState.CONNECTING)
+        if FEATURE_CHUNK_XXH3 not in capabilities:
+            capabilities = (*capabilities, FEATURE_CHUNK_XXH3)
         hello = Hello(
             device_id=device_id,
             sdk_version=sdk_version,
@@ -205,6 +210,7 @@ class DeviceConnection(BaseConnection):
                 return self._unexpected(message)
             self._welcome = message
             self._peer_limits = message.limits
+            self._chunk_xxh3 = FEATURE_CHUNK_XXH3 in message.features
             self._state = ConnectionState.READY
             return [WelcomeReceived(welcome=message)]
         if isinstance(message, Error) and state is not ConnectionState.CONNECTING:

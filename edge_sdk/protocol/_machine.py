@@ -17,7 +17,7 @@ for :meth:`data_to_send` and return the message they built. A socket transport t
 :meth:`frames_to_send` instead: a transfer's chunk frames are then made one at a time as the socket
 takes them, from views of the tensors' own memory (``_payload``), optionally as the pieces of a
 fragmented websocket message, so no copy of the tensors is queued. Received chunks are checked
-(sha256, finite values, norm) as they arrive; with ``defer_checks`` the transport runs that work
+(digests, finite values, norm) as they arrive; with ``defer_checks`` the transport runs that work
 itself between frames, in a worker thread (:meth:`take_work`). They raise ProtocolError when called in
 the wrong state or when the message would exceed the peer's limits: that is a bug on this side and
 nothing is queued. :meth:`receive` never raises: a peer's fault queues an ``Error`` for the peer
@@ -31,6 +31,7 @@ EvalResult, DeployResult, or an Error naming it) before the next task may be sen
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -65,12 +66,13 @@ from edge_sdk.protocol._messages import (
 from edge_sdk.protocol._payload import ChunkPieces, EncodedTensors, prepare_tensors
 from edge_sdk.protocol._tensors import (
     CHUNK_HEADER_BYTES,
+    CHUNK_XXH3,
     MIN_CHUNK_BYTES,
     TensorEntry,
     TensorManifest,
-    ValueScan,
     decode_chunk,
 )
+from edge_sdk.protocol._values import ValueScan
 from edge_sdk.protocol._wire import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
@@ -83,6 +85,7 @@ __all__ = [
     "MAX_ERROR_TEXT",
     "BaseConnection",
     "ConnectionState",
+    "Fragment",
     "OutgoingFrame",
     "TaskMessage",
     "Tensors",
@@ -99,6 +102,20 @@ MAX_ERROR_TEXT = 2000  # characters of a fault's description sent back in an Err
 FRAGMENT_BYTES = 256 << 10  # the longest piece of a fragmented chunk frame (frames_to_send(fragments=True))
 _TO_DEVICE = (Welcome, TrainTask, EvaluateTask, Deploy)
 _TO_COORDINATOR = (Hello, Update, EvalResult, DeployResult, Progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fragment:
+    """A piece of a binary websocket message as it arrives, ``fin`` on the message's last piece (which
+    may be empty). A transport that reads messages piece by piece (``websockets``: ``recv_streaming``)
+    feeds each to :meth:`BaseConnection.receive`: no message is joined, and a chunk held in flight is
+    a piece, not a whole chunk frame."""
+
+    data: bytes | bytearray | memoryview
+    fin: bool
+
+    def __len__(self) -> int:
+        return len(self.data)
 
 
 class ConnectionState(enum.Enum):
@@ -138,6 +155,7 @@ class BaseConnection:
         self._outgoing: collections.deque[str | bytes | tuple[EncodedTensors, TensorManifest]] = collections.deque()
         self._assembler: TensorAssembler | None = None
         self.defer_checks = False  # True: the transport runs received chunks' checks itself (take_work)
+        self._chunk_xxh3 = False  # the handshake agreed on per-chunk xxh3_128 digests (FEATURE_CHUNK_XXH3)
 
     # ------------------------------------------------------------------------------------ public
 
@@ -149,6 +167,11 @@ class BaseConnection:
     def limits(self) -> WireLimits:
         """What this side accepts, announced to the peer (websocket ``max_size``: ``max_frame_bytes``)."""
         return self._limits
+
+    @property
+    def chunk_xxh3(self) -> bool:
+        """The handshake agreed on per-chunk xxh3_128 digests (else transfers carry the blob's sha256)."""
+        return self._chunk_xxh3
 
     @property
     def peer_limits(self) -> WireLimits | None:
@@ -185,12 +208,13 @@ class BaseConnection:
         """The received chunks' checks waiting to run (with ``defer_checks``): run it (in a worker
         thread) before feeding the next frame; None when nothing waits."""
         assembler = self._assembler
-        if assembler is None or not assembler.backlog:
+        if assembler is None or not assembler.work_waiting:
             return None
         return assembler.verify
 
-    def receive(self, message: str | bytes) -> list[Event]:
-        """Handle one received websocket message; never raises (faults become ProtocolViolation)."""
+    def receive(self, message: str | bytes | Fragment) -> list[Event]:
+        """Handle one received websocket message, or the next piece of a binary one (:class:`Fragment`);
+        never raises (faults become ProtocolViolation)."""
         if self._state is ConnectionState.CLOSED:
             logger.debug("%s: ignoring a frame received after close", self._side)
             return []
@@ -199,6 +223,8 @@ class BaseConnection:
                 return self._receive_text(message)
             if isinstance(message, (bytes, bytearray, memoryview)):
                 return self._receive_binary(message)
+            if isinstance(message, Fragment):
+                return self._receive_binary(message.data, fin=message.fin, whole=False)
             raise ProtocolError(f"unsupported frame of type {type(message).__name__}", CLOSE_UNSUPPORTED_DATA)
         except ProtocolError as exc:
             return self._violation(str(exc), exc.close_code, error_code_for(exc.close_code, ErrorCode.BAD_MESSAGE))
@@ -281,9 +307,12 @@ class BaseConnection:
             return [ByeReceived(bye=message, pending_task_id=pending)]
         return self._on_message(message)
 
-    def _receive_binary(self, frame: bytes | bytearray | memoryview) -> list[Event]:
+    def _receive_binary(
+        self, frame: bytes | bytearray | memoryview, fin: bool = True, whole: bool = True
+    ) -> list[Event]:
+        """A binary message (``whole``), or the next piece of one (the assembler bounds its length)."""
         limit = self._limits.max_chunk_bytes + CHUNK_HEADER_BYTES
-        if len(frame) > limit:
+        if whole and len(frame) > limit:
             raise ProtocolError(
                 f"binary frame of {len(frame)} bytes exceeds the limit of {limit}", CLOSE_MESSAGE_TOO_BIG
             )
@@ -296,9 +325,16 @@ class BaseConnection:
             raise ProtocolError(
                 f"{what} arrived with no transfer open (state {self._state.name})", CLOSE_UNSUPPORTED_DATA
             )
-        if not self._assembler.add_chunk(frame):
-            return []
-        assembler, self._assembler = self._assembler, None
+        assembler = self._assembler
+        try:
+            if not assembler.add_fragment(frame, fin=fin):
+                return []
+        except ProtocolError as exc:
+            if assembler.fault is None:  # a framing fault (foreign, out of order, wrong length)
+                raise
+            code = error_code_for(exc.close_code, self._transfer_error_code)  # corrupt data: a bad task/update
+            return self._violation(str(exc), exc.close_code, code)
+        self._assembler = None
         try:
             tensors = assembler.finish()
         except ProtocolError as exc:
@@ -356,8 +392,8 @@ class BaseConnection:
         peer = self._peer_limits
         assert peer is not None, "tensors are only sent after the handshake"
         chunk_bytes = min(self._limits.max_chunk_bytes, peer.max_chunk_bytes)
-        encoded = tensors if isinstance(tensors, EncodedTensors) else prepare_tensors(tensors)
-        manifest = encoded.manifest(chunk_bytes=chunk_bytes)
+        encoded = tensors if isinstance(tensors, EncodedTensors) else prepare_tensors(tensors, chunk_bytes=chunk_bytes)
+        manifest = encoded.manifest(chunk_bytes=chunk_bytes, digest=CHUNK_XXH3 if self._chunk_xxh3 else "sha256")
         if manifest.total_bytes > peer.max_transfer_bytes:
             raise ProtocolError(
                 f"{what}: {manifest.total_bytes} bytes of tensors exceed the peer's transfer limit of"

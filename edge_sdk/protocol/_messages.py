@@ -38,6 +38,7 @@ from edge_sdk.protocol._wire import (
 )
 
 __all__ = [
+    "FEATURE_CHUNK_XXH3",
     "FEATURE_PROGRESS",
     "MAX_MEMORY_BYTES",
     "MAX_NUM_SAMPLES",
@@ -103,6 +104,9 @@ MAX_PROGRESS_STEPS: Final = 10_000_000  # steps a Progress may count (a task of 
 # What a peer may announce in ``Hello.capabilities`` / ``Welcome.features``: "progress" (the device may
 # send Progress while it trains; the coordinator lists it in its Welcome only if the Hello did).
 FEATURE_PROGRESS: Final = "progress"
+# "chunks:xxh3_128": transfers carry each chunk's xxh3_128 (``TensorManifest.chunk_xxh3``) instead of the
+# blob's sha256, both ways. Every DeviceConnection announces it; a coordinator that knows it grants it.
+FEATURE_CHUNK_XXH3: Final = "chunks:xxh3_128"
 _BOUNDS: Final = {
     "round": MAX_NUM_SAMPLES,
     "num_samples": MAX_NUM_SAMPLES,

@@ -20,6 +20,7 @@ from edge_sdk.protocol import (
     check_tensor_values,
     prepare_tensors,
 )
+from edge_sdk.protocol._tensors import chunk_xxh3
 
 MiB = 1 << 20
 
@@ -98,8 +99,10 @@ def join(frame: str | bytes | tuple[bytes | memoryview, ...]) -> str | bytes:
     return frame if isinstance(frame, (str, bytes)) else b"".join(frame)
 
 
-def assembler_for(encoded: EncodedTensors, *, deferred: bool) -> tuple[TensorAssembler, list[bytes]]:
-    manifest = encoded.manifest(chunk_bytes=MiB)
+def assembler_for(
+    encoded: EncodedTensors, *, deferred: bool, digest: str = "xxh3_128"
+) -> tuple[TensorAssembler, list[bytes]]:
+    manifest = encoded.manifest(chunk_bytes=MiB, digest=digest)
     assembler = TensorAssembler(manifest, expected=manifest.entries, max_norm=1e9)
     assembler.deferred = deferred
     return assembler, list(encoded.frames(manifest))
@@ -120,7 +123,20 @@ def test_deferred_checks_wait_for_the_transport_and_a_corrupted_chunk_is_still_c
     assert assembler.values.norm == pytest.approx(check_tensor_values(tensors), rel=1e-5)
     np.testing.assert_array_equal(decoded["tail"], tensors["tail"])
 
+    # Per-chunk digests: chunk 2 is refused by its index when the transport next feeds a frame.
     corrupt, frames = assembler_for(prepare_tensors(tensors), deferred=True)
+    bad = bytearray(frames[2])
+    bad[100] ^= 1
+    frames[2] = bytes(bad)
+    for frame in frames[:3]:
+        corrupt.add_chunk(frame)
+        corrupt.verify()  # as the transport does, in a worker thread: never raises, keeps the fault
+    assert corrupt.fault is not None and "chunk 2 of transfer" in corrupt.fault
+    with pytest.raises(ProtocolError, match=r"chunk 2 of transfer \w+ is corrupt: xxh3_128"):
+        corrupt.add_chunk(frames[3])
+
+    # A whole-blob sha256 (a peer without per-chunk digests): caught once the transfer is complete.
+    corrupt, frames = assembler_for(prepare_tensors(tensors), deferred=True, digest="sha256")
     bad = bytearray(frames[2])
     bad[100] ^= 1
     frames[2] = bytes(bad)
@@ -161,3 +177,14 @@ def test_float32_sums_that_overflow_are_redone_exactly() -> None:
     huge = np.full(10, 1e30, dtype=np.float32)  # finite, but its squares overflow float32
     assert check_tensor_values({"h": huge}) == pytest.approx(1e30 * np.sqrt(10), rel=1e-6)
     assert WireLimits().max_chunk_bytes >= MiB
+
+
+@pytest.mark.parametrize("chunk_bytes", [MiB, 3 * MiB + 7])
+def test_chunk_digests_are_each_chunks_xxh3_across_tensor_boundaries(chunk_bytes: int) -> None:
+    encoded = prepare_tensors(arrays())
+    blob = blob_of(encoded)
+    expected = tuple(chunk_xxh3(blob[at : at + chunk_bytes]) for at in range(0, len(blob), chunk_bytes))
+    assert encoded.chunk_xxh3(chunk_bytes) == expected
+    manifest = encoded.manifest(chunk_bytes=chunk_bytes)
+    assert manifest.chunk_xxh3 == expected and manifest.sha256 == ""
+    assert encoded.manifest(chunk_bytes=chunk_bytes, digest="sha256").sha256 == hashlib.sha256(blob).hexdigest()

@@ -14,6 +14,7 @@ import pytest
 
 from edge_sdk import ProtocolError
 from edge_sdk.protocol import (
+    FEATURE_CHUNK_XXH3,
     FEATURE_PROGRESS,
     ConnectionState,
     CoordinatorConnection,
@@ -89,7 +90,7 @@ def test_the_welcome_lists_the_feature_only_for_a_device_that_announced_it() -> 
     assert isinstance(text, str)
     assert "features" not in json.loads(text)  # an older device decodes exactly the fields it knows
     _, dev = _connected(("train", FEATURE_PROGRESS))
-    assert dev.welcome is not None and dev.welcome.features == (FEATURE_PROGRESS,)
+    assert dev.welcome is not None and dev.welcome.features == (FEATURE_PROGRESS, FEATURE_CHUNK_XXH3)
 
 
 def test_a_device_sends_no_progress_to_a_coordinator_that_did_not_accept_it() -> None:
