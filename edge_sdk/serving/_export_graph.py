@@ -58,8 +58,11 @@ def export_graph(
     return "torch"
 
 
-def export_optimum(model: PreTrainedModel, path: Path, opset: int, scratch_parent: Path) -> None:
-    """optimum's exporter, run in a scratch folder under ``scratch_parent``; only the graph is kept."""
+def export_optimum(
+    model: PreTrainedModel, path: Path, opset: int, scratch_parent: Path, *, task: str = "text-classification"
+) -> None:
+    """optimum's exporter for ``task``, run in a scratch folder under ``scratch_parent``; only the graph
+    is kept (``"text-generation-with-past"``: a decoder with its key/value cache)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     scratch = Path(tempfile.mkdtemp(prefix="optimum-", dir=scratch_parent))
@@ -69,7 +72,7 @@ def export_optimum(model: PreTrainedModel, path: Path, opset: int, scratch_paren
     model.config._name_or_path = str(scratch)
     try:
         with _expected_export_warnings_silenced(), quiet_export_logs():
-            onnx_export_from_model(model, scratch, opset=opset, task="text-classification", do_validation=False)
+            onnx_export_from_model(model, scratch, opset=opset, task=task, do_validation=False)
         model.eval()
         written = scratch / MODEL_FP32
         if not written.is_file():
