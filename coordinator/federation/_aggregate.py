@@ -96,7 +96,7 @@ def width_fraction(spec: SubnetSpec) -> float:
 
 def shared_tensors(parent: ParentModel) -> frozenset[str]:
     """Parent tensors every width trains whole: what the narrowest sub-network keeps entirely."""
-    narrowest = SubnetSpec.uniform(parent.dims, heads=1, ffn=1)
+    narrowest = SubnetSpec.uniform(parent.dims, heads=parent.dims.group, ffn=1)  # one KV group
     shapes = parent.shapes()
     return frozenset(
         name

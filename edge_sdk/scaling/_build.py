@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edge_sdk._errors import SpecError
-from edge_sdk._spec import SubnetSpec
+from edge_sdk._spec import LayerSpec, ParentDims, SubnetSpec
 from edge_sdk.scaling.families import Family, default_task, family_for
 
 if TYPE_CHECKING:
@@ -69,11 +69,24 @@ def _fill_buffers(model: nn.Module, family: Family) -> None:
         fill = family.buffers.get(leaf)
         if fill is None:
             raise SpecError(f"the {family.name} family does not say how to make the buffer {name}")
+        if fill == "rotary":  # the owner's own __init__ computes it (and its non-buffer copies)
+            _rebuild_on_cpu(model, module_name)
+            continue
         if fill == "positions":  # 0, 1, 2, ... along the last axis
             value = torch.arange(buffer.shape[-1], dtype=buffer.dtype).expand(buffer.shape)
         else:  # "zeros" (a family's fills are checked against BUFFER_FILLS when it is made)
             value = torch.zeros(buffer.shape, dtype=buffer.dtype)
         setattr(model.get_submodule(module_name), leaf, value)  # stays a buffer, same persistence
+
+
+def _rebuild_on_cpu(model: nn.Module, module_name: str) -> None:
+    """Replace the (meta) module ``module_name`` by a new one made on the CPU from the model's config:
+    a rotary embedding has no parameters, so nothing is lost, and its ``inv_freq`` (and the
+    ``original_inv_freq`` attribute, the ``attention_scaling`` factor) come out as transformers makes them."""
+    owner = model.get_submodule(module_name)
+    with torch.device("cpu"):
+        fresh = type(owner)(config=owner.config)
+    model.set_submodule(module_name, fresh)
 
 
 def _resized(linear: nn.Module, *, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
@@ -86,14 +99,18 @@ def _resized(linear: nn.Module, *, out_features: int | None = None, in_features:
     )
 
 
-def _resize_layer(layer: nn.Module, family: Family, heads: int, head_dim: int, ffn: int) -> None:
-    """Shrink one layer in place to ``heads`` heads and ``ffn`` FFN neurons (prefixes)."""
+def _resize_layer(layer: nn.Module, family: Family, spec: LayerSpec, dims: ParentDims) -> None:
+    """Shrink one layer in place to ``spec.heads`` query heads (their whole KV groups) and ``spec.ffn``
+    FFN neurons (prefixes)."""
+    heads, head_dim, ffn = spec.heads, dims.head_dim, spec.ffn
+    kv_heads = dims.kv_kept(heads)
     lm = family.layer
-    attn = heads * head_dim
-    for path in (lm.query, lm.key, lm.value):  # [attn, hidden]
-        layer.set_submodule(path, _resized(layer.get_submodule(path), out_features=attn))
+    attn, kv = heads * head_dim, kv_heads * head_dim
+    for path, rows in ((lm.query, attn), (lm.key, kv), (lm.value, kv)):  # [attn or kv, hidden]
+        layer.set_submodule(path, _resized(layer.get_submodule(path), out_features=rows))
     layer.set_submodule(lm.output, _resized(layer.get_submodule(lm.output), in_features=attn))  # [hidden, attn]
-    layer.set_submodule(lm.up, _resized(layer.get_submodule(lm.up), out_features=ffn))  # [ffn, hidden]
+    for path in (lm.up, lm.gate) if lm.gate else (lm.up,):  # [ffn, hidden]
+        layer.set_submodule(path, _resized(layer.get_submodule(path), out_features=ffn))
     layer.set_submodule(lm.down, _resized(layer.get_submodule(lm.down), in_features=ffn))  # [hidden, ffn]
     family.set_heads(layer.get_submodule(lm.attention), heads, head_dim)
 
@@ -122,10 +139,13 @@ def build_model(
     layers = model.get_submodule(family.layers_of(task))
     assert isinstance(layers, nn.ModuleList)
     for position, layer_spec in enumerate(spec.layers):
-        _resize_layer(layers[position], family, layer_spec.heads, spec.parent.head_dim, layer_spec.ffn)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        _resize_layer(layers[position], family, layer_spec, spec.parent)
+    tied = family.tied_aliases(config, task)  # e.g. lm_head.weight: made the embedding's Parameter below
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
     _check_state_dict(expected, state_dict)
-    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    model.load_state_dict(dict(state_dict), strict=not tied, assign=True)
+    if tied:
+        model.tie_weights()  # type: ignore[operator]  # one Parameter: trained and counted once
     _fill_buffers(model, family)
     model.eval()
     return model

@@ -55,7 +55,8 @@ def parent_from_module(model: nn.Module, task: str | None = None) -> ParentModel
     family = family_for(config)
     task = task or default_task(family)
     family.layers_of(task)  # raises when the family has no such head
-    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    tied = family.tied_aliases(config, task)  # a tied lm_head is the embedding: held once, under its name
+    state = {name: t.detach().clone() for name, t in model.state_dict().items() if name not in tied}
     return ParentModel(family, config, task, state)
 
 

@@ -3,10 +3,13 @@
 Two scores (``docs/method.md`` compares them on MiniLM):
 
 - ``weight_l1``: data-free, the paper's. A head scores the L1 norm of its Q, K, V rows and of its
-  O columns; a neuron the L1 norm of its up-projection row and down-projection column.
+  O columns (with grouped-query attention, its KV head's K and V rows divided among the group's
+  ``group`` query heads); a neuron the L1 norm of its up-projection row (and gate row, for a gated
+  FFN) and down-projection column.
 - ``activation_aware``: from a few calibration inputs. A head scores the mean L2 norm of its
   contribution to the attention output (its context vectors times its O columns); a neuron the mean
-  absolute value of its activation times the L2 norm of its down-projection column.
+  absolute value of its activation (the down-projection's input: ``silu(gate x) * up x`` for a
+  gated FFN) times the L2 norm of its down-projection column.
 """
 
 from __future__ import annotations
@@ -57,10 +60,12 @@ def weight_l1(parent: ParentModel) -> Salience:
         def w(module: str, i: int = i) -> torch.Tensor:
             return parent.layer_tensor(i, module).float()
 
-        heads = sum(_head_blocks(w(m), dims.num_heads, 0) for m in (lm.query, lm.key, lm.value))
-        heads = heads + _head_blocks(w(lm.output), dims.num_heads, 1)
+        kv = _head_blocks(w(lm.key), dims.kv_heads, 0) + _head_blocks(w(lm.value), dims.kv_heads, 0)  # [g]
+        heads = _head_blocks(w(lm.query), dims.num_heads, 0) + _head_blocks(w(lm.output), dims.num_heads, 1)
+        heads = heads + kv.repeat_interleave(dims.group) / dims.group  # a KV head shared by its group
         head_scores.append(heads)
-        ffn_scores.append(w(lm.up).abs().sum(dim=1) + w(lm.down).abs().sum(dim=0))
+        ffn = w(lm.up).abs().sum(dim=1) + w(lm.down).abs().sum(dim=0)
+        ffn_scores.append(ffn + w(lm.gate).abs().sum(dim=1) if lm.gate else ffn)
     return Salience(torch.stack(head_scores), torch.stack(ffn_scores), "weight_l1")
 
 
@@ -71,7 +76,8 @@ def _rebuild(parent: ParentModel) -> nn.Module:
     import transformers  # only activation-aware salience builds a model
 
     model: nn.Module = getattr(transformers, class_name)(cfg)
-    model.load_state_dict(parent.state, strict=True)
+    tied = parent.family.tied_aliases(parent.config, parent.task)  # the parent holds a tied weight once
+    model.load_state_dict({**parent.state, **{a: parent.state[s] for a, s in tied.items()}}, strict=True)
     return model.eval()
 
 

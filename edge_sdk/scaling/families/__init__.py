@@ -9,6 +9,7 @@ from edge_sdk._errors import UnsupportedModelError
 from edge_sdk.scaling.families._family import Family, LayerMap, Region
 from edge_sdk.scaling.families.bert import BERT, ROBERTA
 from edge_sdk.scaling.families.distilbert import DISTILBERT
+from edge_sdk.scaling.families.llama import LLAMA
 from edge_sdk.scaling.families.vit import VIT
 
 __all__ = ["FAMILIES", "Family", "LayerMap", "Region", "default_task", "family_for", "modeling_modules", "register"]
@@ -23,7 +24,7 @@ def register(family: Family) -> Family:
     return family
 
 
-for _family in (BERT, ROBERTA, DISTILBERT, VIT):
+for _family in (BERT, ROBERTA, DISTILBERT, VIT, LLAMA):
     register(_family)
 
 

@@ -33,9 +33,11 @@ def head_attributes(count: str, width: str) -> Callable[[nn.Module, int, int], N
     return set_heads
 
 
-# How a non-persistent buffer's values are made from its shape: "positions" is 0, 1, 2, ... along
-# the last axis (``torch.arange(n).expand(shape)``); "zeros" is all zeros.
-BUFFER_FILLS = ("positions", "zeros")
+# How a non-persistent buffer's values are made: "positions" is 0, 1, 2, ... along the last axis
+# (``torch.arange(n).expand(shape)``); "zeros" is all zeros; "rotary" rebuilds the module that owns
+# the buffer from the model's config (a rotary embedding's ``inv_freq`` = base^(-2i/d), scaled as
+# the config's ``rope_scaling`` says: only the module's own code knows how).
+BUFFER_FILLS = ("positions", "zeros", "rotary")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,13 @@ class LayerMap:
     up: str  # FFN up-projection: rows are neurons
     down: str  # FFN down-projection: columns are neurons
     attention: str  # the module holding the head-count attributes
+    gate: str = ""  # gated FFN (SwiGLU): gate-projection rows are neurons, moving with ``up``'s rows
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every sliced Linear of the layer: attention projections, then the FFN's."""
+        ffn = (self.gate, self.up, self.down) if self.gate else (self.up, self.down)
+        return (self.query, self.key, self.value, self.output, *ffn)
 
 
 @dataclass(frozen=True)
@@ -72,13 +81,19 @@ class Family:
     # task -> parameter name of the token-embedding table (the "embeddings" lever's table); a task
     # without one (ViT's patch projection is not a lookup table) leaves that lever out.
     word_embeddings: Mapping[str, str] = field(default_factory=dict)
+    # Rotary position embeddings rotate dimension pairs (i, i + d/2) of each query/key head by a
+    # frequency of their own: no permutation may move dimensions inside a head.
+    rotary: bool = False
+    # task -> {alias: source}: parameters that are the same tensor as another when the config's
+    # ``tie_word_embeddings`` is true (a causal LM's ``lm_head.weight`` is its token embedding). The
+    # parent's state holds only the source: the alias is never extracted, sent, trained or counted twice.
+    tied: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = {name: fill for name, fill in self.buffers.items() if fill not in BUFFER_FILLS}
         if unknown:
             raise SpecError(f"{self.name}: unknown buffer fills {unknown} (known: {BUFFER_FILLS})")
-        lm = self.layer
-        linears = (lm.query, lm.key, lm.value, lm.output, lm.up, lm.down)
+        linears = self.layer.linears
         untargetable = [t for t in self.lora_targets if t not in linears]
         if untargetable:
             raise SpecError(
@@ -99,9 +114,14 @@ class Family:
             ffn = int(config[keys["ffn"]])
         except KeyError as exc:
             raise SpecError(f"{self.name} config is missing {exc.args[0]!r}") from None
-        if hidden % heads:
-            raise SpecError(f"hidden size {hidden} is not a multiple of {heads} heads")
-        return ParentDims(self.name, layers, heads, hidden // heads, ffn, hidden)
+        # optional keys (grouped-query attention, an explicit head size): absent or null -> the default
+        kv_heads = int(config.get(keys.get("kv_heads", ""), None) or heads)
+        head_dim = config.get(keys.get("head_dim", ""), None)
+        if head_dim is None:
+            if hidden % heads:
+                raise SpecError(f"hidden size {hidden} is not a multiple of {heads} heads")
+            head_dim = hidden // heads
+        return ParentDims(self.name, layers, heads, int(head_dim), ffn, hidden, kv_heads)
 
     def layers_of(self, task: str) -> str:
         try:
@@ -125,6 +145,12 @@ class Family:
         _, _, rest = name[len(prefix) :].partition(".")
         return rest[: -len(".weight")] in self.lora_targets
 
+    def tied_aliases(self, config: Mapping[str, Any], task: str) -> dict[str, str]:
+        """{alias: source} of the parameters tied in this config (empty unless ``tie_word_embeddings``)."""
+        if not config.get("tie_word_embeddings", False):
+            return {}
+        return dict(self.tied.get(task, {}))
+
     def require_lora(self) -> None:
         """Raise :class:`SpecError` unless the family has a LoRA target map."""
         if not self.lora_targets:
@@ -145,7 +171,7 @@ class Family:
         """
         prefix = self.layers_of(task) + "."
         kept = {layer.index: (position, layer) for position, layer in enumerate(spec.layers)}
-        d = spec.parent.head_dim
+        d, parent = spec.parent.head_dim, spec.parent
         out: dict[str, tuple[str, Region]] = {}
         for name, shape in names.items():
             full: Region = tuple(slice(None) for _ in shape)
@@ -159,18 +185,23 @@ class Family:
             position, layer = kept[index]
             child = f"{prefix}{position}.{rest}"
             module, _, kind = rest.rpartition(".")
+            kv = parent.kv_kept(layer.heads) * d
             out[name] = (
                 child,
-                self._region(module, kind, shape, attn=layer.heads * d, ffn=layer.ffn, full=full),
+                self._region(module, kind, shape, attn=layer.heads * d, kv=kv, ffn=layer.ffn, full=full),
             )
         return out
 
-    def _region(self, module: str, kind: str, shape: tuple[int, ...], *, attn: int, ffn: int, full: Region) -> Region:
+    def _region(
+        self, module: str, kind: str, shape: tuple[int, ...], *, attn: int, kv: int, ffn: int, full: Region
+    ) -> Region:
+        """Q rows: the kept query heads; K/V rows: their KV heads; gate/up rows and down columns: neurons."""
         lm = self.layer
         rows = kind == "bias" or len(shape) == 1
         if module in (lm.query, lm.key, lm.value):
-            return (slice(0, attn),) if rows else (slice(0, attn), slice(None))
-        if module == lm.up:
+            n = attn if module == lm.query else kv
+            return (slice(0, n),) if rows else (slice(0, n), slice(None))
+        if module in (lm.up, lm.gate) and module:
             return (slice(0, ffn),) if rows else (slice(0, ffn), slice(None))
         if module == lm.output and not rows:
             return (slice(None), slice(0, attn))
