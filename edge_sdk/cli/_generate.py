@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         doc = {"threads": generator.threads, "load_ms": load_ms, **result.to_dict()}
         print(json.dumps(doc, indent=2))
         return 0
-    sys.stdout.write("\n")
+    sys.stdout.write(stream.remainder + "\n")
     print(
         f"# {len(result.prompt_ids)} prompt tokens, prefill {result.prefill_ms:.0f} ms; {len(result.token_ids)}"
         f" new tokens at {result.tokens_per_s:.1f} tokens/s ({result.decode_tokens_per_s:.1f} after the first);"

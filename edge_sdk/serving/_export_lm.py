@@ -13,7 +13,14 @@ neurons (the weights carry them). The *cache* does not allow that freedom: optim
 layers keep the same number of KV heads; the served ``config.json`` states that number (while the
 export runs, the module's config says it too), and its ``head_dim`` must be ``hidden_size //
 num_attention_heads``. A sub-network whose layers keep different KV-head counts is refused
-(:class:`ConfigError`) before any work.
+(:class:`ConfigError`) before any work, unless ``pad_kv_heads`` (what a device's deploy asks for): then
+each narrower layer is padded, in place, to the widest layer's ``g`` KV heads, exactly. With ``r``
+query heads per KV head (the ratio a sub-network of whole KV groups keeps), a layer of ``g' < g`` groups
+gets ``(g - g') r`` query heads and ``g - g'`` KV heads whose ``q``, ``k`` and ``v`` rows are zero, and
+as many zero columns of ``o_proj``. A padded query head attends to a padded KV head (head ``i`` reads KV
+head ``i // r``: the padding comes after the kept heads), whose values are zero; and its output meets
+zero columns of ``o_proj``: the layer's output is unchanged, bit for bit up to the summation order. The
+price is the padded heads' compute and cache.
 
 What is written (in a temporary folder beside ``out_dir``, renamed into place once every check passed,
 as :func:`edge_sdk.serving._export.export_onnx` does): ``model.onnx`` (fp32, checked against torch:
@@ -28,6 +35,8 @@ import contextlib
 import copy
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -59,7 +68,7 @@ from edge_sdk.serving._export_lm_checks import (
 from edge_sdk.serving._generate import GENERATION_CONFIG_NAME, load_generator
 from edge_sdk.serving._infer import MANIFEST_NAME, MODEL_FP32, MODEL_INT8, sha256_file
 
-__all__ = ["LM_TASK", "LMExportReport", "export_causal_lm", "kv_heads"]
+__all__ = ["LM_TASK", "LMExportReport", "export_causal_lm", "kv_heads", "pad_kv_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +101,15 @@ def export_causal_lm(
     manifest_extra: Mapping[str, Any] | None = None,
     opset: int = DEFAULT_OPSET,
     parity_atol: float = 1e-3,
+    pad_kv_heads: bool = False,
 ) -> LMExportReport:
     """Export ``model`` (a ``*ForCausalLM`` module) with its key/value cache to ``out_dir``.
 
     ``parity_prompts``: texts (tokenized as served) on which ``parity_steps`` greedy steps of the ONNX
     graph must match torch's logits within ``parity_atol``. ``quantize``: also write the int8 graph and
     measure its drift from fp32 on the same prompts. ``manifest_extra``: JSON facts for the manifest.
+    ``pad_kv_heads``: pad layers with fewer KV heads than the widest one (in place, exactly; see the
+    module's docstring) instead of refusing the model.
 
     Raises :class:`ConfigError` for bad arguments or a sub-network the cache cannot describe (before any
     work) and :class:`ExportError` when the export or its parity check fails; nothing is left behind.
@@ -107,32 +119,20 @@ def export_causal_lm(
     extra = _check_args(
         model, tok_dir=tok_dir, out=out, prompts=parity_prompts, steps=parity_steps, manifest_extra=manifest_extra
     )
+    if pad_kv_heads:
+        pad_kv_groups(model)
     heads = kv_heads(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        with _eval_mode(model), _config_kv_heads(model, heads):
-            _copy_tokenizer(tok_dir, tmp)
-            _write_configs(model, tmp)
-            export_optimum(model, tmp / MODEL_FP32, opset, tmp, task=OPTIMUM_TASK)
-            fp32 = load_generator(tmp, prefer_quantized=False, verify=False)
-            prompts = [fp32.encode(p) for p in parity_prompts]
-            parity, generated = check_lm_parity(model, fp32, prompts, parity_steps, parity_atol)
-        drift = None
-        if quantize:
-            quantize_lm_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
-            int8 = load_generator(tmp, prefer_quantized=True, verify=False)
-            drift = measure_lm_drift(fp32, int8, prompts, generated)
-            del int8
-        del fp32
+        parity, drift = _write_models(
+            model, tmp, tok_dir=tok_dir, heads=heads, opset=opset, prompts=parity_prompts,
+            steps=parity_steps, atol=parity_atol, quantize=quantize,
+        )  # fmt: skip
         manifest = _manifest(model, tmp, heads, opset=opset, parity=parity, drift=drift, extra=extra)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report = LMExportReport(
@@ -148,7 +148,35 @@ def export_causal_lm(
     return report
 
 
-def _decoder_layers(model: PreTrainedModel) -> Sequence[torch.nn.Module]:
+def _write_models(
+    model: PreTrainedModel,
+    tmp: Path,
+    *,
+    tok_dir: Path,
+    heads: int,
+    opset: int,
+    prompts: Sequence[str],
+    steps: int,
+    atol: float,
+    quantize: bool,
+) -> tuple[LMParityReport, LMDriftReport | None]:
+    """Write the tokenizer, configs and fp32 graph (and the int8 graph with ``quantize``) into ``tmp``;
+    check the fp32 graph's parity with ``model`` and measure the int8 graph's drift from it."""
+    with _eval_mode(model), _config_kv_heads(model, heads):
+        _copy_tokenizer(tok_dir, tmp)
+        _write_configs(model, tmp)
+        export_optimum(model, tmp / MODEL_FP32, opset, tmp, task=OPTIMUM_TASK)
+        fp32 = load_generator(tmp, prefer_quantized=False, verify=False)
+        ids = [fp32.encode(p) for p in prompts]
+        parity, generated = check_lm_parity(model, fp32, ids, steps, atol)
+    if not quantize:
+        return parity, None
+    quantize_lm_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
+    int8 = load_generator(tmp, prefer_quantized=True, verify=False)
+    return parity, measure_lm_drift(fp32, int8, ids, generated)
+
+
+def _decoder_layers(model: PreTrainedModel) -> Sequence[Any]:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ConfigError(f"{type(model).__name__} has no decoder layers at model.layers: not a Llama-like LLM")
@@ -191,6 +219,45 @@ def kv_heads(model: PreTrainedModel) -> int:
             f" {int(config.hidden_size) // int(config.num_attention_heads)}: the ONNX cache cannot be described"
         )
     return counts[0]
+
+
+def pad_kv_groups(model: PreTrainedModel) -> int:
+    """Pad every layer, in place, to the widest layer's KV heads with zero heads (exact: see the module's
+    docstring); the number of layers padded."""
+    layers = _decoder_layers(model)
+    widths = _layer_widths(model)
+    target = max(w["kv_heads"] for w in widths)
+    padded = 0
+    for layer, width in zip(layers, widths, strict=True):
+        if width["kv_heads"] == target:
+            continue
+        if width["heads"] % width["kv_heads"]:
+            raise ConfigError(f"a layer keeps {width['heads']} query heads for {width['kv_heads']} KV heads")
+        ratio, dim = width["heads"] // width["kv_heads"], width["head_dim"]
+        attn = layer.self_attn
+        attn.q_proj = _padded(attn.q_proj, rows=target * ratio * dim)
+        attn.k_proj = _padded(attn.k_proj, rows=target * dim)
+        attn.v_proj = _padded(attn.v_proj, rows=target * dim)
+        attn.o_proj = _padded(attn.o_proj, columns=target * ratio * dim)
+        padded += 1
+    if padded:
+        logger.info("padded %d layer(s) to %d KV heads for the ONNX cache", padded, target)
+    return padded
+
+
+@torch.no_grad()
+def _padded(linear: torch.nn.Module, *, rows: int | None = None, columns: int | None = None) -> torch.nn.Linear:
+    """``linear`` with zero rows (outputs) or zero columns (inputs) appended up to ``rows`` / ``columns``."""
+    assert isinstance(linear, torch.nn.Linear)
+    weight = linear.weight
+    out_f, in_f = rows or linear.out_features, columns or linear.in_features
+    new = torch.nn.Linear(in_f, out_f, bias=linear.bias is not None, dtype=weight.dtype, device=weight.device)
+    new.weight.zero_()
+    new.weight[: linear.out_features, : linear.in_features] = weight
+    if linear.bias is not None:
+        new.bias.zero_()
+        new.bias[: linear.out_features] = linear.bias
+    return new
 
 
 @contextlib.contextmanager

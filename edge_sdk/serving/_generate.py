@@ -120,22 +120,35 @@ class Generation:
 
 
 class GenerationStream:
-    """An iterator of :class:`Token` as they are produced; :attr:`result` once it is exhausted."""
+    """An iterator of :class:`Token` as they are produced; :attr:`result` once it is exhausted.
+
+    The tokens' texts hold back bytes that do not yet form a whole character; once the stream is
+    exhausted, :attr:`remainder` is what the full decode adds after them (usually "", else the
+    replacement characters of a cut multi-byte character), so pieces + remainder = ``result.text``.
+    """
 
     def __init__(self, steps: Iterator[Token], finish: Any) -> None:
         self._steps = steps
         self._finish = finish
         self._result: Generation | None = None
+        self._emitted: list[str] = []
 
     def __iter__(self) -> GenerationStream:
         return self
 
     def __next__(self) -> Token:
         try:
-            return next(self._steps)
+            token = next(self._steps)
         except StopIteration:
             self._result = self._finish()
             raise
+        self._emitted.append(token.text)
+        return token
+
+    @property
+    def remainder(self) -> str:
+        text, emitted = self.result.text, "".join(self._emitted)
+        return text[len(emitted) :] if text.startswith(emitted) else ""
 
     @property
     def result(self) -> Generation:
@@ -321,7 +334,8 @@ def _cache_inputs(session: ort.InferenceSession, model_path: Path) -> _Cache:
             )
         shapes.append((int(shape[1]), int(shape[3])))
     elem = inputs[names[0]].type
-    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(elem)
+    types: dict[str, type[np.generic]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    dtype = types.get(elem)
     if dtype is None:
         raise ModelLoadError(f"{model_path}: cache element type {elem} is not supported")
     outputs = {o.name for o in session.get_outputs()}
