@@ -242,3 +242,40 @@ def test_the_device_deploys_a_causal_lm(tmp_path: Path) -> None:
     assert np.array_equal(
         generator.generate(ids, max_new_tokens=8).token_ids, generator.generate(ids, max_new_tokens=8).token_ids
     )
+
+
+REAL_PROMPTS = [
+    "The capital of France is a city that is known for its museums, food and",
+    "Once upon a time, in a small village by the mountains, there lived an old clockmaker who",
+]
+
+
+@pytest.mark.slow
+def test_real_smollm2_greedy_generation_in_onnx_runtime_equals_torch(tmp_path: Path) -> None:
+    """The real SmolLM2-135M-Instruct: 48 greedy tokens of ONNX Runtime fp32 equal torch's ``generate``
+    after each prompt; the int8 graph's agreement is reported, not required."""
+    from transformers import LlamaForCausalLM
+
+    from .models import smollm2_dir
+
+    folder = smollm2_dir()
+    model = LlamaForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    report = export_causal_lm(model, folder, tmp_path / "m", parity_prompts=REAL_PROMPTS, quantize=True)
+    assert report.parity.tokens_equal == report.parity.steps
+    generator = load_generator(tmp_path / "m")
+    for prompt in REAL_PROMPTS:
+        ids = generator.encode(prompt)
+        expected = torch_greedy(model, ids, 48)
+        assert len(expected) >= 32
+        assert list(generator.generate(ids, max_new_tokens=48).token_ids) == expected
+    assert report.drift is not None
+    print(f"parity {report.parity.max_abs_diff:.2e}; int8 agreement {report.drift.agreement:.3f}, "
+          f"{report.drift.mean_prefix_equal:.1f} leading tokens equal")  # fmt: skip
+
+
+def test_infer_on_an_llm_folder_points_to_generate(exported: tuple) -> None:
+    from edge_sdk.serving._infer import load
+
+    _, folder, _ = exported
+    with pytest.raises(ConfigError, match="edge-sdk generate"):
+        load(folder)
