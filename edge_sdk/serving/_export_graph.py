@@ -93,7 +93,9 @@ def _expected_export_warnings_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"(transformers|optimum)\.")
+        warnings.filterwarnings(
+            "ignore", category=torch.jit.TracerWarning, module=r"(transformers|optimum|torch\.nn\.functional)"
+        )
         # a decoder's cache indexing (non-negative indices: the parity check runs the cached steps)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
         yield
