@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -127,7 +127,7 @@ class GenerationStream:
     replacement characters of a cut multi-byte character), so pieces + remainder = ``result.text``.
     """
 
-    def __init__(self, steps: Iterator[Token], finish: Any) -> None:
+    def __init__(self, steps: Iterator[Token], finish: Callable[[], Generation]) -> None:
         self._steps = steps
         self._finish = finish
         self._result: Generation | None = None
