@@ -279,3 +279,12 @@ def test_infer_on_an_llm_folder_points_to_generate(exported: tuple) -> None:
     _, folder, _ = exported
     with pytest.raises(ConfigError, match="edge-sdk generate"):
         load(folder)
+
+
+def test_the_export_is_quiet(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """optimum's tied-weight warning (the table is stored once, behind a Transpose) does not reach users."""
+    with caplog.at_level("WARNING"):
+        export_causal_lm(
+            tiny_llama(seed=5), tiny_tokenizer_dir(tmp_path / "tok"), tmp_path / "m", parity_prompts=PROMPTS[:1]
+        )
+    assert not [r for r in caplog.records if r.levelno >= 30], [r.getMessage() for r in caplog.records]

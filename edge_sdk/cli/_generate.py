@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     sys.stdout.write(stream.remainder + "\n")
+    sys.stdout.flush()  # the text ends before the summary on stderr
     print(
         f"# {len(result.prompt_ids)} prompt tokens, prefill {result.prefill_ms:.0f} ms; {len(result.token_ids)}"
         f" new tokens at {result.tokens_per_s:.1f} tokens/s ({result.decode_tokens_per_s:.1f} after the first);"

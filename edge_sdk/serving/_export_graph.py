@@ -67,9 +67,12 @@ def export_optimum(
 
     scratch = Path(tempfile.mkdtemp(prefix="optimum-", dir=scratch_parent))
     # optimum copies preprocessors from config._name_or_path (a hub id would mean network access):
-    # point it at the empty scratch folder instead.
+    # point it at an empty folder instead (not the scratch folder, where optimum writes config.json first:
+    # a Llama tokenizer then loads from the config alone, with a warning about its legacy behaviour).
+    empty = scratch / "no-preprocessors"
+    empty.mkdir()
     name_or_path = model.config._name_or_path
-    model.config._name_or_path = str(scratch)
+    model.config._name_or_path = str(empty)
     try:
         with _expected_export_warnings_silenced(), quiet_export_logs():
             onnx_export_from_model(model, scratch, opset=opset, task=task, do_validation=False)
