@@ -69,6 +69,10 @@ def test_optimum_loads_the_folder_and_generates_the_same_tokens(exported: tuple)
     ids = load_generator(folder).encode(PROMPTS[0])
     out = ort_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0)
     assert out[0, len(ids) :].tolist()[: NEW_TOKENS - 1] == torch_greedy(model, ids, NEW_TOKENS)[: NEW_TOKENS - 1]
+    int8 = ORTModelForCausalLM.from_pretrained(folder, file_name=MODEL_INT8)
+    out = int8.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, pad_token_id=0)
+    ours = load_generator(folder, prefer_quantized=True).generate(ids, max_new_tokens=8).token_ids
+    assert out[0, len(ids) : len(ids) + len(ours)].tolist() == list(ours)
 
 
 def test_streamed_pieces_are_the_decoded_text(exported: tuple) -> None:
