@@ -78,9 +78,10 @@ class Token:
 class Generation:
     """A finished greedy generation and its timings.
 
-    ``prefill_ms``: the prompt's forward pass (and the first token's choice). ``decode_tokens_per_s``:
-    tokens produced by cached steps (all but the first) per second of those steps.
-    ``tokens_per_s``: all new tokens per second from the prompt's start to the last token.
+    ``prefill_ms``: the prompt's forward pass (and the first token's choice); ``decode_ms``: the cached
+    steps after it (model and argmax only: the time a consumer of the stream spends between tokens is not
+    counted). ``tokens_per_s``: tokens chosen (the eos token that stopped it included) per second of
+    both; ``decode_tokens_per_s``: tokens chosen by the cached steps per second of those steps.
     """
 
     prompt_ids: tuple[int, ...]
