@@ -18,6 +18,7 @@ from edge_sdk._errors import EdgeFMError
 _COMMANDS: dict[str, str] = {
     "profile": "edge_sdk.cli._profile",
     "infer": "edge_sdk.cli._infer",
+    "generate": "edge_sdk.cli._generate",
     "join": "edge_sdk.cli._join",
 }
 

@@ -58,18 +58,24 @@ def export_graph(
     return "torch"
 
 
-def export_optimum(model: PreTrainedModel, path: Path, opset: int, scratch_parent: Path) -> None:
-    """optimum's exporter, run in a scratch folder under ``scratch_parent``; only the graph is kept."""
+def export_optimum(
+    model: PreTrainedModel, path: Path, opset: int, scratch_parent: Path, *, task: str = "text-classification"
+) -> None:
+    """optimum's exporter for ``task``, run in a scratch folder under ``scratch_parent``; only the graph
+    is kept (``"text-generation-with-past"``: a decoder with its key/value cache)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     scratch = Path(tempfile.mkdtemp(prefix="optimum-", dir=scratch_parent))
     # optimum copies preprocessors from config._name_or_path (a hub id would mean network access):
-    # point it at the empty scratch folder instead.
+    # point it at an empty folder instead (not the scratch folder, where optimum writes config.json first:
+    # a Llama tokenizer then loads from the config alone, with a warning about its legacy behaviour).
+    empty = scratch / "no-preprocessors"
+    empty.mkdir()
     name_or_path = model.config._name_or_path
-    model.config._name_or_path = str(scratch)
+    model.config._name_or_path = str(empty)
     try:
         with _expected_export_warnings_silenced(), quiet_export_logs():
-            onnx_export_from_model(model, scratch, opset=opset, task="text-classification", do_validation=False)
+            onnx_export_from_model(model, scratch, opset=opset, task=task, do_validation=False)
         model.eval()
         written = scratch / MODEL_FP32
         if not written.is_file():
@@ -90,7 +96,11 @@ def _expected_export_warnings_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"transformers\.")
+        warnings.filterwarnings(
+            "ignore", category=torch.jit.TracerWarning, module=r"(transformers|optimum|torch\.nn\.functional)"
+        )
+        # a decoder's cache indexing (non-negative indices: the parity check runs the cached steps)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
         yield
 
 

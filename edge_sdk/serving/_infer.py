@@ -236,6 +236,9 @@ def load(
     manifest = _read_json(root / MANIFEST_NAME) if (root / MANIFEST_NAME).is_file() else None
     if verify and manifest is not None:
         _verify(manifest, (model_path, config_path, tokenizer_path))
+    described = manifest.get("model") if manifest is not None else None
+    if isinstance(described, dict) and described.get("task") == "causal-lm":
+        raise ConfigError(f"{str(root)!r} holds a causal LM, not a classifier: generate text with `edge-sdk generate`")
 
     labels = _labels(config)
     limit = _max_length(root, config, manifest, max_length)

@@ -13,6 +13,12 @@ settings (batch, sequence length, int8 or not). :class:`Deployer` builds the mod
   ``edge_manifest.json`` with the source run and round, the widths, parity and drift) and swaps it into
   the deploy folder atomically.
 
+A causal LM (the deploy's config names a ``*ForCausalLM`` architecture, or the device's data are
+prompt/response records: ``data.task == "causal-lm"``) is exported with its key/value cache by
+:func:`edge_sdk.serving._export_lm.export_causal_lm` instead (:mod:`edge_sdk.serving._install_lm`):
+parity of greedy steps against torch on the prompts of the device's own records, int8 drift on the
+same prompts, installed for ``edge-sdk generate``.
+
 Any failure (a corrupt sub-network, a failed export or parity check) leaves the previously installed
 model in place and is reported, never raised: :meth:`Deployer.deploy` returns the DeployResult's
 ``ok``, ``metrics`` and ``message``. It is synchronous and heavy (torch, seconds): the client runs it
@@ -39,7 +45,9 @@ from edge_sdk.training._data import TextExample
 if TYPE_CHECKING:
     from edge_sdk.serving._export import ExportReport
 
-__all__ = ["DRIFT_ROWS", "PARITY_ATOL", "PARITY_ROWS", "DeployOutput", "Deployer"]
+LM_TASK = "causal-lm"
+
+__all__ = ["DRIFT_ROWS", "PARITY_ATOL", "PARITY_ROWS", "DeployOutput", "Deployer", "deploy_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +145,10 @@ class Deployer:
     def _deploy(self, deploy: Deploy, tensors: Mapping[str, np.ndarray], run_id: str | None) -> dict[str, float]:
         from edge_sdk.training._labels import bind_labels
 
+        if deploy_task(thaw_json(deploy.model_config), self.data) == LM_TASK:
+            from edge_sdk.serving._install_lm import deploy_lm
+
+            return deploy_lm(self.data, self.folder, deploy, tensors, run_id=run_id, threads=self.threads)
         bind_labels(self.data, thaw_json(deploy.model_config))  # a device may be sent a deploy before any task
         examples = self._examples()
         import torch
@@ -229,6 +241,22 @@ class Deployer:
         t0 = time.perf_counter()
         predictor.predict([text])
         return (time.perf_counter() - t0) * 1e3
+
+
+def deploy_task(config: Mapping[str, Any], data: Any) -> str | None:
+    """The task a deploy's model is built for: the one whose class the config's ``architectures`` names,
+    else the data's kind (``data.task``, e.g. ``"causal-lm"`` for prompt/response records) when the
+    family has it, else None (the family's first task)."""
+    from edge_sdk.scaling import family_for
+
+    tasks = family_for(config).task_classes
+    names = config.get("architectures")
+    for name in names if isinstance(names, list) else ():
+        found = next((task for task, cls in tasks.items() if cls == name), None)
+        if found is not None:
+            return found
+    data_task = getattr(data, "task", None)
+    return data_task if data_task in tasks else None
 
 
 def _int8_metrics(report: ExportReport) -> dict[str, float]:
