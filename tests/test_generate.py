@@ -257,14 +257,15 @@ REAL_PROMPTS = [
 @pytest.mark.slow
 def test_real_smollm2_greedy_generation_in_onnx_runtime_equals_torch(tmp_path: Path) -> None:
     """The real SmolLM2-135M-Instruct: 48 greedy tokens of ONNX Runtime fp32 equal torch's ``generate``
-    after each prompt; the int8 graph's agreement is reported, not required."""
+    after each prompt. fp32 only: the int8 export of the real model takes about two minutes, so its
+    agreement is measured by ``bench/llm.py`` (the tiny model's tests cover the int8 path)."""
     from transformers import LlamaForCausalLM
 
     from .models import smollm2_dir
 
     folder = smollm2_dir()
     model = LlamaForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-    report = export_causal_lm(model, folder, tmp_path / "m", parity_prompts=REAL_PROMPTS, quantize=True)
+    report = export_causal_lm(model, folder, tmp_path / "m", parity_prompts=REAL_PROMPTS, quantize=False)
     assert report.parity.tokens_equal == report.parity.steps
     generator = load_generator(tmp_path / "m")
     for prompt in REAL_PROMPTS:
@@ -272,9 +273,7 @@ def test_real_smollm2_greedy_generation_in_onnx_runtime_equals_torch(tmp_path: P
         expected = torch_greedy(model, ids, 48)
         assert len(expected) >= 32
         assert list(generator.generate(ids, max_new_tokens=48).token_ids) == expected
-    assert report.drift is not None
-    print(f"parity {report.parity.max_abs_diff:.2e}; int8 agreement {report.drift.agreement:.3f}, "
-          f"{report.drift.mean_prefix_equal:.1f} leading tokens equal")  # fmt: skip
+    print(f"parity {report.parity.max_abs_diff:.2e}")
 
 
 def test_infer_on_an_llm_folder_points_to_generate(exported: tuple) -> None:
