@@ -2,6 +2,7 @@
 
     python bench/llm.py [--section generation ...] [--json]
     python bench/llm.py --section generation [--threads 1 0] [--runs 5] [--new-tokens 64]
+    python bench/llm.py --section training [--budgets 3GB 2GB 900MB] [--batch 4] [--seq 64] [--steps 3]
 
 Sections (all by default):
 
@@ -15,6 +16,9 @@ Sections (all by default):
   (torch's ``get_num_threads()``, ONNX Runtime's one per physical core). Also printed: how many greedy
   tokens ONNX Runtime fp32 and int8 share with torch, the ORT prefill time and tokens/s after the first
   token, and the export's parity, sizes and int8 drift.
+- ``training``: for three training budgets, the plan the planner picks for SmolLM2-135M (levers before
+  widths) and its training peak in a fresh process, against the memory model's prediction (see
+  ``bench/_llm_training.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _llm_training import add_arguments as add_training_arguments
+from _llm_training import print_training, section_training
 from transformers import LlamaForCausalLM
 
 from edge_sdk.scaling._models import resolve_model_dir
@@ -152,6 +158,7 @@ def print_generation(doc: dict[str, Any]) -> None:
 
 SECTIONS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "generation": (section_generation, print_generation),
+    "training": (section_training, print_training),
 }
 
 
@@ -162,6 +169,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_training_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     results = {name: SECTIONS[name][0](args) for name in args.section}
