@@ -132,3 +132,14 @@ def test_real_smollm2_reordering_and_full_extraction_keep_logits() -> None:
     assert diff <= 1e-5, diff
     narrow = SubnetSpec.uniform(dims, heads=3, ffn=384, layers=range(0, 30, 2))
     assert _logits(_built(reordered, narrow), inputs).shape == (1, 8, 49152)
+
+
+def test_a_gqa_spec_round_trips_and_an_encoder_spec_is_unchanged() -> None:
+    dims = tiny_parent("llama").dims
+    spec = SubnetSpec.from_ratio(dims, 0.5)
+    assert [layer.heads for layer in spec.layers] == [2, 2, 2]  # one of two KV groups
+    assert spec.to_dict()["parent"]["kv_heads"] == 2
+    assert SubnetSpec.from_json(spec.to_json()) == spec
+    bert = SubnetSpec.full(tiny_parent("bert").dims)
+    assert "kv_heads" not in bert.to_dict()["parent"]  # what older SDKs read and write
+    assert SubnetSpec.from_json(bert.to_json()) == bert
