@@ -60,7 +60,9 @@ weight: the projections' input), the rotated queries and the keys and values rep
 
 A causal LM's loss saves log-softmax of the logits, ``L = beta*b*s*V`` (V = 49,152 for SmolLM2:
 at small widths it outweighs the layers), and its backward briefly holds two more (the gradients
-of the log-probabilities and of the logits): the step moment adds ``2L``. Parameters: q and o are
+of the log-probabilities and of the logits): the step moment adds ``2L``, and the ``4 V h``
+gradient of the output projection (the tied table's, when it trains), which backward makes first,
+while every activation is still saved. Parameters: q and o are
 ``h d_a``, k and v ``h d_kv`` (d_kv = the kept KV heads x head_dim), gate, up and down ``h d_ff``
 each; a tied ``lm_head`` is the embedding table, counted once. LoRA adapts the seven linears.
 
@@ -360,6 +362,17 @@ def trainable_params(spec: SubnetSpec, params: int, work: Workload, levers: Leve
     return trainable, frozen
 
 
+def _output_gradient_bytes(spec: SubnetSpec, work: Workload, levers: Levers) -> int:
+    """A causal LM's output projection is the first thing backward reaches: its ``V x h`` gradient
+    exists while every activation is still saved (an encoder's table gradient comes last). Tied, it
+    is the table's, made only when the table trains densely."""
+    if not work.arch.token_logits:
+        return 0
+    tied = work.arch.head == 0
+    trained = levers.embeddings == "train" if tied else True
+    return 4 * work.arch.token_logits * spec.parent.hidden if trained else 0
+
+
 def training_estimate(
     spec: SubnetSpec,
     params: int,
@@ -375,6 +388,8 @@ def training_estimate(
     held = gradients + heap if levers.micro_batches > 1 else 0
     step = int(_ACTIVATIONS * activations) + recompute_bytes(spec, work, levers) + held + _STEP_FIXED
     step += 2 * _logit_bytes(_micro(work, levers)[0])  # backward through a causal LM's loss
+    if levers.micro_batches == 1:  # (else every gradient is already held)
+        step += _output_gradient_bytes(spec, work, levers)
     largest = 4 * _largest_trainable(spec, params, work, levers)
     update = gradients + 2 * largest + heap + _UPDATE_FIXED
     return MemoryEstimate(
