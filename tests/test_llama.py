@@ -132,3 +132,60 @@ def test_real_smollm2_reordering_and_full_extraction_keep_logits() -> None:
     assert diff <= 1e-5, diff
     narrow = SubnetSpec.uniform(dims, heads=3, ffn=384, layers=range(0, 30, 2))
     assert _logits(_built(reordered, narrow), inputs).shape == (1, 8, 49152)
+
+
+def test_a_gqa_spec_round_trips_and_an_encoder_spec_is_unchanged() -> None:
+    dims = tiny_parent("llama").dims
+    spec = SubnetSpec.from_ratio(dims, 0.5)
+    assert [layer.heads for layer in spec.layers] == [2, 2, 2]  # one of two KV groups
+    assert spec.to_dict()["parent"]["kv_heads"] == 2
+    assert SubnetSpec.from_json(spec.to_json()) == spec
+    bert = SubnetSpec.full(tiny_parent("bert").dims)
+    assert "kv_heads" not in bert.to_dict()["parent"]  # what older SDKs read and write
+    assert SubnetSpec.from_json(bert.to_json()) == bert
+
+
+def test_biased_llama_reorders_and_extracts_with_its_biases() -> None:
+    torch.manual_seed(0)
+    config = tiny_llama_config(attention_bias=True, mlp_bias=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # biases start at zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    parent = parent_from_module(model)
+    inputs = tiny_inputs("llama")
+    reordered, _, _ = reorder(parent, _random_salience(parent, 3))
+    assert (_logits(_built(reordered), inputs) - _logits(model, inputs)).abs().max().item() <= 1e-5
+    state = extract(reordered, SubnetSpec.uniform(parent.dims, heads=2, ffn=24))
+    assert state["model.layers.0.self_attn.k_proj.bias"].shape == (8,)
+    assert state["model.layers.0.mlp.gate_proj.bias"].shape == (24,)
+
+
+def test_sequence_classification_head() -> None:
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)).eval()
+    parent = parent_from_module(model, task="text-classification")
+    assert "score.weight" in parent.state and parent.task == "text-classification"
+    inputs = tiny_inputs("llama")
+    reordered, _, _ = reorder(parent, weight_l1(parent))
+    spec = SubnetSpec.full(parent.dims)
+    built = build_model(spec, reordered.config, extract(reordered, spec), task="text-classification")
+    assert (_logits(built, inputs) - _logits(model, inputs)).abs().max().item() <= 1e-5
+
+
+def test_reordered_salience_is_what_the_reordered_parent_scores() -> None:
+    """Groups by their total, heads descending within each group, neurons descending."""
+    parent = tiny_parent("llama")
+    for score in (weight_l1(parent), activation_aware(parent, [tiny_inputs("llama", batch=4)])):
+        reordered, ranked, _ = reorder(parent, score)
+        again = (
+            weight_l1(reordered)
+            if score.method == "weight_l1"
+            else activation_aware(reordered, [tiny_inputs("llama", batch=4)])
+        )
+        torch.testing.assert_close(again.heads, ranked.heads, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(again.ffn, ranked.ffn, rtol=1e-4, atol=1e-6)
+        groups = ranked.heads.reshape(3, 2, 2)  # [layers, KV groups, heads in a group]
+        assert bool((groups.sum(dim=2)[:, 0] >= groups.sum(dim=2)[:, 1] - 1e-6).all())
+        assert bool((groups[..., 0] >= groups[..., 1] - 1e-6).all())

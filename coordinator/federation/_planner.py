@@ -46,6 +46,7 @@ from edge_sdk.scaling import (
     plan_training,
     training_bytes,
     training_estimate,
+    workload_for,
 )
 
 __all__ = ["BUDGET", "WIDTHS", "Planner", "WidthPolicy", "training_workload"]
@@ -95,7 +96,7 @@ class Planner:
         skeleton = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in parent.state.items()}
         self._shapes = parent.with_state(skeleton)
         self.salience = salience
-        self.work = work
+        self.work = workload_for(parent, work)  # a decoder's layout and logits (encoders: unchanged)
         self.policy = policy
         self.levers = LeverPolicy() if levers is None else levers
         self.min_margin_bytes = min_margin_bytes

@@ -67,6 +67,7 @@ _NAMES: dict[str, str] = {
     "training_bytes": "edge_sdk.scaling._budget",
     "training_estimate": "edge_sdk.scaling._memory",
     "weight_l1": "edge_sdk.scaling._salience",
+    "workload_for": "edge_sdk.scaling._memory",
 }
 
 __all__ = [
@@ -121,6 +122,7 @@ __all__ = [
     "training_bytes",
     "training_estimate",
     "weight_l1",
+    "workload_for",
 ]
 
 __getattr__, __dir__ = lazy_face(__name__, _NAMES, globals())
@@ -147,6 +149,7 @@ if TYPE_CHECKING:
         inference_estimate,
         serving_estimate,
         training_estimate,
+        workload_for,
     )
     from edge_sdk.scaling._models import resolve_model_dir
     from edge_sdk.scaling._parent import ParentModel, load_parent, parent_from_module

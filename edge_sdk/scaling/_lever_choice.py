@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from edge_sdk._errors import SpecError
 from edge_sdk._levers import Levers
 from edge_sdk._spec import SubnetSpec
-from edge_sdk.scaling._memory import MemoryEstimate, Workload, training_estimate
+from edge_sdk.scaling._memory import MemoryEstimate, Workload, training_estimate, workload_for
 from edge_sdk.scaling._parent import ParentModel
 from edge_sdk.scaling._policy import LeverPolicy
 from edge_sdk.scaling._step_time import step_macs
@@ -67,7 +67,14 @@ class LeverChooser:
         table = family.word_embedding(task)
         if table is not None and work.vocab == 0:
             work = replace(work, vocab=int(parent.state[table].shape[0]))
+        work = workload_for(parent, work)  # a decoder's layout and logits
         self.work, self.runtime, self.policy = work, runtime, policy
+        if family.tied_aliases(parent.config, task):  # the output projection reads every row of the table
+            if policy.pinned.get("embeddings") == "rows":
+                raise SpecError(
+                    f"embeddings='rows' does not apply to the {family.name} {task!r} model: its table is tied"
+                )
+            policy = replace(policy, forbid=policy.forbid | {"embedding_rows"})
         choices = policy.choices(batch=work.batch, table=table is not None, lora=bool(family.lora_targets))
         pinned = policy.pinned
         if pinned.get("lora_rank", 0) > 0:

@@ -50,6 +50,20 @@ element)::
 embeddings and task head: ``3*beta*s*b*h`` (sum, LayerNorm and dropout) and a few values per token
 and per sequence. Checked against what autograd saves (``tests/test_memory.py``): within 1.3 %.
 
+Decoders (Llama: ``Workload.arch`` says so; :func:`workload_for` fills it from a parent). A pre-norm
+layer with RMSNorm, rotary positions, grouped-query attention and a gated FFN, and no dropout,
+saves per token ``3h`` per RMSNorm block (its input, the normalized values, their product with the
+weight: the projections' input), the rotated queries and the keys and values repeated to all
+``d_a`` query dims, the attention output, and gate, silu(gate), up and their product::
+
+    beta*s*b*(6h + 4 d_a + 4 d_ff + 7r) + beta*a*s^2*b   (probabilities: eager attention only)
+
+A causal LM's loss saves log-softmax of the logits, ``L = beta*b*s*V`` (V = 49,152 for SmolLM2:
+at small widths it outweighs the layers), and its backward briefly holds two more (the gradients
+of the log-probabilities and of the logits): the step moment adds ``2L``. Parameters: q and o are
+``h d_a``, k and v ``h d_kv`` (d_kv = the kept KV heads x head_dim), gate, up and down ``h d_ff``
+each; a tied ``lm_head`` is the embedding table, counted once. LoRA adapts the seven linears.
+
 Inference (fp32 ONNX Runtime; int8 needs less) keeps the weights and a transient working set of
 one layer at a time, plus the session's own allocations; the runtime is a separate, measured
 footprint.
@@ -57,24 +71,34 @@ footprint.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from edge_sdk._levers import Levers
 from edge_sdk._spec import LayerSpec, SubnetSpec
 
+if TYPE_CHECKING:
+    from edge_sdk.scaling._parent import ParentModel
+
 __all__ = [
+    "ENCODER",
     "INFERENCE_RUNTIME_BYTES",
     "TRAINING_RUNTIME_BYTES",
+    "Architecture",
+    "LinearSums",
     "MemoryEstimate",
     "Workload",
     "activation_bytes",
     "export_estimate",
     "inference_estimate",
+    "linear_sums",
     "recompute_bytes",
     "serving_estimate",
     "trainable_params",
     "training_estimate",
+    "workload_for",
 ]
 
 # Resident bytes of the runtime itself, measured on x86-64 Linux, CPython 3.11, torch 2.13 (a device
@@ -95,6 +119,20 @@ PLAIN = Levers()  # plain training: no lever
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """What the memory model needs of a family and task beyond a spec's widths (default: a post-LN
+    encoder with biases and a pooler + 2-label classifier, as BERT, RoBERTa, DistilBERT and ViT)."""
+
+    decoder: bool = False  # pre-norm decoder layer (Llama): RMSNorm, rotary, gated FFN, no dropout
+    biases: bool = True  # the sliced linears have biases
+    token_logits: int = 0  # a causal LM's vocabulary: per-token logits and their loss (0: none)
+    head: int = -1  # task-head parameters beside the layers and the table (-1: pooler + classifier)
+
+
+ENCODER = Architecture()
+
+
+@dataclass(frozen=True)
 class Workload:
     """What one step processes: batch size, the longest row, and how tensors are stored.
 
@@ -111,6 +149,7 @@ class Workload:
     dropout: bool = True  # dropout active in training: its masks are saved for backward
     steps: int = 0  # optimizer steps of a task: bounds the embedding rows it can touch
     vocab: int = 0  # rows of the word-embedding table
+    arch: Architecture = field(default=ENCODER)  # the model's layout (:func:`workload_for`)
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 1:
@@ -143,12 +182,33 @@ class MemoryEstimate:
         return self.runtime + self.weights + self.optimizer + max(self.activations, self.gradients) + self.transient
 
 
+def workload_for(parent: ParentModel, work: Workload) -> Workload:
+    """``work`` with the architecture (and vocabulary, when unknown) of ``parent``'s family and task."""
+    family, config = parent.family, parent.config
+    if not family.rotary:
+        return work
+    table = family.word_embedding(parent.task)
+    vocab = work.vocab or (int(parent.state[table].shape[0]) if table else 0)
+    h = int(config[family.config_keys["hidden"]])
+    causal = parent.task == "causal-lm"
+    head = (0 if family.tied_aliases(config, parent.task) else vocab * h) if causal else 2 * h
+    arch = Architecture(
+        decoder=True,
+        biases=bool(config.get("attention_bias") or config.get("mlp_bias")),
+        token_logits=vocab if causal else 0,
+        head=head,
+    )
+    return replace(work, arch=arch, vocab=vocab, dropout=False)
+
+
 def _layer_bytes(layer: LayerSpec, h: int, d: int, work: Workload, *, probabilities: bool, lora: int) -> int:
-    """What one encoder layer saves for backward (module docstring)."""
+    """What one layer saves for backward (module docstring)."""
     b, s, beta = work.batch, work.seq, work.bytes_per_elem
     d_a = layer.heads * d
-    total = beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn + 6 * lora)
     probs = layer.heads * s * s * b
+    if work.arch.decoder:
+        return beta * s * b * (6 * h + 4 * d_a + 4 * layer.ffn + 7 * lora) + (beta * probs if probabilities else 0)
+    total = beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn + 6 * lora)
     if work.dropout:
         total += work.mask_bytes * 2 * s * b * h
         total += (2 * beta + work.mask_bytes) * probs if probabilities else 0
@@ -158,9 +218,17 @@ def _layer_bytes(layer: LayerSpec, h: int, d: int, work: Workload, *, probabilit
 
 
 def _outside_layers(h: int, work: Workload) -> int:
-    """Embeddings (sum, LayerNorm, dropout mask) and per-token/per-sequence odds and ends."""
+    """Embeddings (sum, LayerNorm, dropout mask) and per-token/per-sequence odds and ends; a decoder's
+    final RMSNorm, causal mask and log-probabilities (module docstring)."""
     b, s, beta = work.batch, work.seq, work.bytes_per_elem
+    if work.arch.decoder:
+        return beta * s * b * (3 * h + s + 32) + _logit_bytes(work)
     return 3 * beta * s * b * h + 32 * beta * s * b + 3 * beta * b * h
+
+
+def _logit_bytes(work: Workload) -> int:
+    """L: one ``b x s x V`` tensor of a causal LM's per-token logits (0 for other tasks)."""
+    return work.bytes_per_elem * work.batch * work.seq * work.arch.token_logits
 
 
 def _micro(work: Workload, levers: Levers) -> tuple[Workload, bool]:
@@ -199,20 +267,52 @@ def _heap_micro_batches(spec: SubnetSpec, work: Workload, levers: Levers) -> int
     return _HEAP_MICRO_BATCHES if levers.micro_batches > 1 and small else 0
 
 
-def _linear_params(spec: SubnetSpec) -> int:
-    """Weights and biases of the six linear layers of every kept encoder layer."""
-    h, d = spec.parent.hidden, spec.parent.head_dim
-    total = 0
+@dataclass(frozen=True)
+class LinearSums:
+    """Sums over the sliced linears (q, k, v, o, then the FFN's: gate, up, down for a decoder) of
+    every kept layer: ``weights`` = sum of in x out, ``outs`` = sum of out (their biases), ``sides``
+    = sum of in + out (a rank-1 adapter's parameters)."""
+
+    weights: int
+    outs: int
+    sides: int
+
+
+@functools.lru_cache(maxsize=8192)  # the planner prices each candidate spec under many lever sets
+def linear_sums(spec: SubnetSpec, decoder: bool) -> LinearSums:
+    """:class:`LinearSums` of ``spec`` (``decoder``: the FFN is gated, three linears)."""
+    h, dims = spec.parent.hidden, spec.parent
+    ffn_linears = 3 if decoder else 2
+    weights = outs = sides = 0
     for ly in spec.layers:
-        d_a, f = ly.heads * d, ly.ffn
-        total += 3 * (h * d_a + d_a) + (d_a * h + h) + (h * f + f) + (f * h + h)
-    return total
+        d_a, d_kv, f = ly.heads * dims.head_dim, dims.kv_kept(ly.heads) * dims.head_dim, ly.ffn
+        weights += 2 * h * d_a + 2 * h * d_kv + ffn_linears * h * f
+        outs += d_a + 2 * d_kv + h + (ffn_linears - 1) * f + h
+        sides += 2 * (h + d_a) + 2 * (h + d_kv) + ffn_linears * (h + f)
+    return LinearSums(weights, outs, sides)
 
 
-def _lora_params(spec: SubnetSpec, rank: int) -> int:
-    """Adapter parameters ``r (in + out)`` of the six linears of every kept layer."""
-    h, d = spec.parent.hidden, spec.parent.head_dim
-    return sum(rank * (4 * (h + ly.heads * d) + 2 * (h + ly.ffn)) for ly in spec.layers)
+def _linear_params(spec: SubnetSpec, work: Workload) -> int:
+    """Weights (and biases) of the sliced linear layers of every kept layer."""
+    sums = linear_sums(spec, work.arch.decoder)
+    return sums.weights + (sums.outs if work.arch.biases else 0)
+
+
+def _lora_params(spec: SubnetSpec, rank: int, work: Workload) -> int:
+    """Adapter parameters ``r (in + out)`` of the sliced linears of every kept layer."""
+    return rank * linear_sums(spec, work.arch.decoder).sides
+
+
+def _norm_params(spec: SubnetSpec, work: Workload) -> int:
+    """LayerNorms (weight and bias) of the layers and the embeddings, or a decoder's RMSNorms."""
+    h = spec.parent.hidden
+    return (2 * len(spec.layers) + 1) * h if work.arch.decoder else 4 * h * len(spec.layers) + 2 * h
+
+
+def _head_params(spec: SubnetSpec, work: Workload) -> int:
+    """The task head beside the table: an encoder's pooler and 2-label classifier by default."""
+    h = spec.parent.hidden
+    return h * h + h + 2 * h + 2 if work.arch.head < 0 else work.arch.head
 
 
 def _table_params(spec: SubnetSpec, params: int, work: Workload, levers: Levers) -> int:
@@ -222,14 +322,13 @@ def _table_params(spec: SubnetSpec, params: int, work: Workload, levers: Levers)
         return work.vocab * spec.parent.hidden
     if levers.embeddings != "train":
         raise ValueError(f"embeddings={levers.embeddings!r} needs the vocabulary size (Workload.vocab)")
-    h = spec.parent.hidden
-    return max(0, params - _linear_params(spec) - 4 * h * len(spec.layers) - h * h - h)
+    return max(0, params - _linear_params(spec, work) - _norm_params(spec, work) - _head_params(spec, work))
 
 
 def _largest_trainable(spec: SubnetSpec, params: int, work: Workload, levers: Levers) -> int:
     """Elements of the largest trainable tensor (AdamW's per-tensor temporaries scale with it)."""
     h, d = spec.parent.hidden, spec.parent.head_dim
-    sizes = [h * h]  # the pooler (or a head of that order)
+    sizes = [h * h if work.arch.head < 0 else work.arch.head]  # the pooler (or a head of that order)
     if not levers.lora_rank:
         sizes += [h * max(ly.ffn, ly.heads * d) for ly in spec.layers]
     if levers.embeddings == "train":
@@ -247,12 +346,10 @@ def trainable_params(spec: SubnetSpec, params: int, work: Workload, levers: Leve
     """
     trainable, frozen = params, 0
     if levers.lora_rank:
-        h = spec.parent.hidden
-        norms = 4 * h * len(spec.layers) + 2 * h  # LayerNorms of the layers and of the embeddings
-        head = h * h + h + 2 * h + 2  # pooler and a 2-label classifier
-        linear = _linear_params(spec)
+        norms, head = _norm_params(spec, work), _head_params(spec, work)  # both train with the adapters
+        linear = _linear_params(spec, work)
         other = max(0, params - linear - _table_params(spec, params, work, levers) - norms - head)
-        trainable += _lora_params(spec, levers.lora_rank) - linear - other
+        trainable += _lora_params(spec, levers.lora_rank, work) - linear - other
         frozen += linear + other
     if levers.embeddings != "train":
         table = _table_params(spec, params, work, levers)
@@ -277,6 +374,7 @@ def training_estimate(
     heap = _heap_micro_batches(spec, work, levers)
     held = gradients + heap if levers.micro_batches > 1 else 0
     step = int(_ACTIVATIONS * activations) + recompute_bytes(spec, work, levers) + held + _STEP_FIXED
+    step += 2 * _logit_bytes(_micro(work, levers)[0])  # backward through a causal LM's loss
     largest = 4 * _largest_trainable(spec, params, work, levers)
     update = gradients + 2 * largest + heap + _UPDATE_FIXED
     return MemoryEstimate(
@@ -302,8 +400,9 @@ def inference_estimate(
     """Peak bytes of serving ``spec``: weights plus the largest single layer's working set."""
     h, d = spec.parent.hidden, spec.parent.head_dim
     b, s, beta = work.batch, work.seq, work.bytes_per_elem
+    gated = 2 if work.arch.decoder else 1  # gate and up outputs
     per_layer = [
-        beta * s * b * (3 * h + 3 * layer.heads * d + layer.ffn) + 2 * beta * layer.heads * s * s * b
+        beta * s * b * (3 * h + 3 * layer.heads * d + gated * layer.ffn) + 2 * beta * layer.heads * s * s * b
         for layer in spec.layers
     ]
     return MemoryEstimate(
@@ -312,7 +411,7 @@ def inference_estimate(
         gradients=0,
         optimizer=0,
         activations=max(per_layer),
-        transient=_INFERENCE_FIXED + 2 * beta * s * b * h,
+        transient=_INFERENCE_FIXED + 2 * beta * s * b * h + _logit_bytes(work),
         runtime=runtime,
     )
 

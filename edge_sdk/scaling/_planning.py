@@ -45,6 +45,7 @@ from edge_sdk.scaling._memory import (
     Workload,
     inference_estimate,
     serving_estimate,
+    workload_for,
 )
 from edge_sdk.scaling._parent import ParentModel
 from edge_sdk.scaling._policy import LeverPolicy
@@ -90,7 +91,7 @@ def could_grow(parent: ParentModel, floor: SubnetSpec, fits: Callable[[SubnetSpe
     candidates: list[SubnetSpec] = []
     for layer in floor.layers:  # a dropped layer stays dropped: the search never adds layers back
         if layer.heads < dims.num_heads:
-            candidates.append(_grown(floor, layer.index, heads=1))
+            candidates.append(_grown(floor, layer.index, heads=dims.group))  # one more KV group
         if layer.ffn < dims.ffn:
             candidates.append(_grown(floor, layer.index, ffn_to=min(dims.ffn, (layer.ffn // step + 1) * step)))
     return any(fits(spec) for spec in candidates)
@@ -111,6 +112,8 @@ def plan_serving(
     ``runtime_footprint`` (the device's torch runtime) adds the export's constraint; None leaves it
     out (ONNX Runtime serving only, as ``edge-coordinator plan`` shows for a bare memory size).
     """
+
+    work = workload_for(parent, work)
 
     def estimate(spec: SubnetSpec, params: int) -> MemoryEstimate:
         if runtime_footprint is None:

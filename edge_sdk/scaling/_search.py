@@ -44,9 +44,11 @@ from edge_sdk.scaling._memory import (
     inference_estimate,
     serving_estimate,
     training_estimate,
+    workload_for,
 )
 from edge_sdk.scaling._parent import ParentModel
 from edge_sdk.scaling._policy import LeverPolicy
+from edge_sdk.scaling._reorder import group_order
 from edge_sdk.scaling._salience import Salience
 
 __all__ = ["Plan", "plan_inference", "plan_training"]
@@ -79,9 +81,14 @@ def _ffn_step(ffn: int) -> int:
     return max(1, ffn // 48)
 
 
-def _fractions(scores: torch.Tensor) -> torch.Tensor:
-    """Scores sorted descending -> each as a fraction of its row's total (uniform if all zero)."""
-    s = scores.double().clamp_min(0).sort(dim=1, descending=True).values
+def _fractions(scores: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """Scores in reordered order -> each as a fraction of its row's total (uniform if all zero).
+
+    The order is the reordering's: descending, or for heads in KV groups of ``group``, groups by
+    their total and heads descending within each (:func:`~edge_sdk.scaling._reorder.group_order`).
+    """
+    s = scores.double().clamp_min(0)
+    s = torch.stack([row[group_order(row, group)[1]] for row in s])
     total = s.sum(dim=1, keepdim=True)
     return torch.where(total > 0, s / total.clamp_min(1e-300), 1.0 / s.shape[1])
 
@@ -112,15 +119,15 @@ def _search(
 ) -> Plan:
     dims = parent.dims
     full = SubnetSpec.full(dims)
-    heads_f, ffn_f = _fractions(salience.heads), _fractions(salience.ffn)
-    step = _ffn_step(dims.ffn)
+    heads_f, ffn_f = _fractions(salience.heads, dims.group), _fractions(salience.ffn)
+    step, group = _ffn_step(dims.ffn), dims.group  # heads go a KV group (group query heads) at a time
     low = {layer.index: layer for layer in floor.layers} if floor else {}
-    min_heads = [low[i].heads if i in low else 1 for i in range(dims.num_layers)]
+    min_heads = [low[i].heads if i in low else group for i in range(dims.num_layers)]
     min_ffn = [low[i].ffn if i in low else step for i in range(dims.num_layers)]
 
     # Parameters are linear in each layer's widths: count them once, then add up.
     full_params = param_count(parent, full)
-    per_head = full_params - param_count(parent, _with_layer(full, 0, heads=dims.num_heads - 1))
+    per_head = (full_params - param_count(parent, _with_layer(full, 0, heads=dims.num_heads - group))) / group
     per_neuron = (full_params - param_count(parent, _with_layer(full, 0, ffn=dims.ffn - step))) / step
 
     heads = [dims.num_heads] * dims.num_layers
@@ -130,7 +137,7 @@ def _search(
         return SubnetSpec(dims, tuple(LayerSpec(i, h[i], f[i]) for i in range(dims.num_layers)))
 
     def total(h: list[int], f: list[int]) -> int:
-        params = full_params - per_head * sum(dims.num_heads - x for x in h)
+        params = full_params - round(per_head * sum(dims.num_heads - x for x in h))
         params -= round(per_neuron * sum(dims.ffn - x for x in f))
         return estimate(shape(h, f), params).total
 
@@ -148,7 +155,7 @@ def _search(
         for i in range(dims.num_layers):
             if heads[i] > min_heads[i]:
                 h = heads.copy()
-                h[i] -= 1
+                h[i] -= group
                 after = total(h, ffn)
                 ratio = loss(heads_f[i], heads[i], h[i]) / max(current - after, 1)
                 if best is None or ratio < best[0]:
@@ -200,6 +207,7 @@ def plan_training(
     """
     if policy is not None:
         return _plan_with_levers(parent, salience, budget, work, runtime=runtime, policy=policy)
+    work = workload_for(parent, work)
     plan = _search(
         parent,
         salience,
@@ -246,7 +254,7 @@ def _plan_with_levers(
 
 def _lever_budget_error(parent: ParentModel, budget: int, chooser: LeverChooser) -> BudgetError:
     dims = parent.dims
-    smallest = SubnetSpec.uniform(dims, heads=1, ffn=_ffn_step(dims.ffn))
+    smallest = SubnetSpec.uniform(dims, heads=dims.group, ffn=_ffn_step(dims.ffn))
     least = chooser.cheapest(smallest, param_count(parent, smallest))
     return BudgetError(
         f"no trainable sub-network of {dims.family} fits {format_bytes(budget)}, not even with every lever "
@@ -272,6 +280,7 @@ def plan_inference(
     With ``export_footprint`` (the device's torch runtime footprint), its export on the device must
     fit too (:func:`~edge_sdk.scaling._memory.serving_estimate`, int8 with ``quantize``).
     """
+    work = workload_for(parent, work)
     if export_footprint is None:
         estimator: Estimator = lambda spec, p: inference_estimate(spec, p, work, runtime)  # noqa: E731
     else:

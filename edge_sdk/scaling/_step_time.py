@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from edge_sdk._levers import Levers
 from edge_sdk._spec import SubnetSpec
-from edge_sdk.scaling._memory import Workload, trainable_params
+from edge_sdk.scaling._memory import Workload, linear_sums, trainable_params
 
 __all__ = ["MICRO_BATCH_OVERHEAD", "OPTIMIZER_MACS_PER_PARAM", "relative_step_time", "step_macs"]
 
@@ -29,22 +29,21 @@ MICRO_BATCH_OVERHEAD = 0.03  # of a plain forward + backward, per micro-batch be
 OPTIMIZER_MACS_PER_PARAM = 8
 
 
-def _linear_weights(spec: SubnetSpec) -> int:
-    h, d = spec.parent.hidden, spec.parent.head_dim
-    return sum(4 * h * ly.heads * d + 2 * h * ly.ffn for ly in spec.layers)
+def _linear_weights(spec: SubnetSpec, work: Workload) -> int:
+    """Weights a token multiplies: the sliced linears, and a causal LM's output projection (h x V)."""
+    return linear_sums(spec, work.arch.decoder).weights + spec.parent.hidden * work.arch.token_logits
 
 
-def _adapter_weights(spec: SubnetSpec, rank: int) -> int:
-    h, d = spec.parent.hidden, spec.parent.head_dim
-    return sum(rank * (4 * (h + ly.heads * d) + 2 * (h + ly.ffn)) for ly in spec.layers)
+def _adapter_weights(spec: SubnetSpec, rank: int, work: Workload) -> int:
+    return rank * linear_sums(spec, work.arch.decoder).sides
 
 
 def step_macs(spec: SubnetSpec, params: int, work: Workload, levers: Levers) -> float:
     """Multiply-adds of one optimizer step of ``spec`` (``params`` parameters) under ``levers``."""
     tokens = work.batch * work.seq
-    weights = _linear_weights(spec)
+    weights = _linear_weights(spec, work)
     attention = sum(2 * work.seq * ly.heads * spec.parent.head_dim for ly in spec.layers)
-    adapters = _adapter_weights(spec, levers.lora_rank) if levers.lora_rank else 0
+    adapters = _adapter_weights(spec, levers.lora_rank, work) if levers.lora_rank else 0
     forward = tokens * (weights + attention + adapters)
     backward = tokens * (weights + attention) + tokens * (adapters if levers.lora_rank else weights)
     trainable, _ = trainable_params(spec, params, work, levers)

@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edge_sdk._levers import Levers
     from edge_sdk._spec import SubnetSpec
     from edge_sdk.scaling._build import build_model, model_class
+    from edge_sdk.scaling.families import default_task, family_for
     from edge_sdk.training._data import encode, iter_batches, load_tokenizer, read_tsv
     from edge_sdk.training._train import TrainConfig, train_local
 
@@ -75,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec, config, load_file(args.folder / "weights.safetensors"), attn_implementation=levers.attention
     )
     if args.random_tokens:
-        batches = _random_batches(int(config["vocab_size"]), args.batch, args.seq)
+        causal = default_task(family_for(config)) == "causal-lm"  # a causal LM's labels are its tokens
+        batches = _random_batches(int(config["vocab_size"]), args.batch, args.seq, token_labels=causal)
     else:
         rows = read_tsv(args.data, limit=args.batch * args.steps)
         batches = iter_batches(encode(load_tokenizer(args.tokenizer, args.seq), rows), args.batch, seed=0)
@@ -136,12 +138,14 @@ def _added(name: str) -> bool:
     return "lora_" in name or name.endswith("rows_weight")
 
 
-def _random_batches(vocab: int, batch: int, seq: int) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches of ``batch`` rows of ``seq`` random token ids (no padding), labels 0/1."""
+def _random_batches(vocab: int, batch: int, seq: int, *, token_labels: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches of ``batch`` rows of ``seq`` random token ids (no padding), labels 0/1 (or, for a
+    causal LM, the tokens themselves: the loss is on every next token)."""
     rng = np.random.default_rng(0)
     while True:
         ids = rng.integers(min(1000, vocab - 1), vocab, size=(batch, seq), dtype=np.int64)
-        yield {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": rng.integers(0, 2, batch)}
+        labels = ids.copy() if token_labels else rng.integers(0, 2, batch)
+        yield {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
 
 
 if __name__ == "__main__":

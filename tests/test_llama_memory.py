@@ -1,0 +1,173 @@
+"""The memory model and the planner on Llama: GQA, the gated FFN, RMSNorm and a causal LM's logits."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from edge_sdk._levers import Levers
+from edge_sdk._spec import LayerSpec, SubnetSpec
+from edge_sdk.scaling._build import build_model
+from edge_sdk.scaling._extract import extract, param_count
+from edge_sdk.scaling._memory import (
+    TRAINING_RUNTIME_BYTES,
+    Workload,
+    activation_bytes,
+    training_estimate,
+    workload_for,
+)
+from edge_sdk.scaling._parent import ParentModel, parent_from_module
+from edge_sdk.scaling._policy import LeverPolicy
+from edge_sdk.scaling._salience import Salience
+from edge_sdk.scaling._search import plan_training
+from edge_sdk.training._probe import run_probe
+
+# SmolLM2-135M's shape (the packaged model's config.json), built on the meta device: no weights
+SMOLLM2 = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
+)  # fmt: skip
+
+
+def _llama(**config: object) -> ParentModel:
+    torch.manual_seed(0)
+    return parent_from_module(transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)))
+
+
+def _small() -> ParentModel:
+    """hidden 192, 6 heads of 32 in 2 KV groups, FFN 512, 3 layers, vocabulary 4096."""
+    return _llama(
+        vocab_size=4096, hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=256,
+    )  # fmt: skip
+
+
+def _saved_bytes(model: torch.nn.Module, batch: int, seq: int, vocab: int) -> int:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize(
+    ("layers", "batch", "seq"),
+    [([(6, 512)] * 3, 4, 64), ([(3, 100), (6, 512), (3, 300)], 2, 128)],
+)
+def test_activation_bytes_within_5_percent_of_what_autograd_saves(
+    layers: list[tuple[int, int]], batch: int, seq: int
+) -> None:
+    parent = _small()
+    spec = SubnetSpec(parent.dims, tuple(LayerSpec(i, h, f) for i, (h, f) in enumerate(layers)))
+    model = build_model(spec, parent.config, extract(parent, spec))
+    measured = _saved_bytes(model, batch, seq, 4096)
+    predicted = activation_bytes(spec, workload_for(parent, Workload(batch, seq)))
+    print(f"predicted {predicted} measured {measured} ({(predicted - measured) / measured:+.1%})")
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+
+
+def test_a_causal_lm_saves_its_log_probabilities_and_briefly_holds_two_more() -> None:
+    parent = _small()
+    work = workload_for(parent, Workload(8, 128))
+    classifier = replace(work, arch=replace(work.arch, token_logits=0))
+    narrow = SubnetSpec.uniform(parent.dims, heads=3, ffn=64)
+    logits = 4 * 8 * 128 * 4096  # one b x s x V fp32 tensor
+    assert activation_bytes(narrow, work) - activation_bytes(narrow, classifier) == logits
+    causal, other = (training_estimate(narrow, 10**6, w) for w in (work, classifier))
+    assert causal.total - other.total > logits  # saved once, and two more briefly in backward
+
+
+def test_tied_embeddings_are_counted_once() -> None:
+    parent = _small()
+    full = SubnetSpec.full(parent.dims)
+    estimate = training_estimate(full, param_count(parent, full), workload_for(parent, Workload(2, 16)))
+    model = build_model(full, parent.config, extract(parent, full))
+    assert estimate.params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow  # a fresh process imports torch and transformers: ~20-30 s
+def test_training_peak_of_a_fresh_process_is_at_or_under_the_prediction(tmp_path: Path) -> None:
+    """Plain AdamW on a 5M-parameter Llama (vocabulary 8192, GQA), batch 8 of 128 random tokens."""
+    parent = _llama(
+        vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256,
+    )  # fmt: skip
+    spec = SubnetSpec.full(parent.dims)
+    (tmp_path / "spec.json").write_text(spec.to_json())
+    (tmp_path / "config.json").write_text(json.dumps(dict(parent.config)))
+    save_file(extract(parent, spec), tmp_path / "weights.safetensors")
+    result = run_probe(tmp_path, batch=8, seq=128, steps=3)
+    runtime = int(result["runtime_rss_bytes"])
+    work = workload_for(parent, Workload(8, 128, steps=3))
+    estimate = training_estimate(spec, param_count(parent, spec), work, runtime=runtime)
+    peak = int(result["peak_rss_bytes"])
+    print(f"predicted {estimate.total} measured {peak} ({(estimate.total - peak) / peak:+.1%})")
+    assert result["trainable"] == estimate.params
+    assert peak <= estimate.total <= 1.15 * peak
+
+
+def _smollm2_shape() -> tuple[ParentModel, Salience]:
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2))
+    parent = parent_from_module(model)
+    d = parent.dims
+    g = torch.Generator().manual_seed(0)
+    heads = torch.rand(d.num_layers, d.num_heads, generator=g).sort(dim=1, descending=True).values
+    ffn = torch.rand(d.num_layers, d.ffn, generator=g).sort(dim=1, descending=True).values
+    salience = Salience(heads, ffn, "random")
+    return parent, salience
+
+
+def test_smollm2_full_fine_tuning_needs_over_2_gb_before_activations() -> None:
+    parent, _ = _smollm2_shape()
+    full = SubnetSpec.full(parent.dims)
+    params = param_count(parent, full)
+    assert params == 134_515_008
+    estimate = training_estimate(full, params, workload_for(parent, Workload(1, 1)), runtime=0)
+    assert estimate.weights + estimate.gradients + estimate.optimizer > 2_000_000_000
+
+
+@pytest.mark.parametrize(
+    "device",
+    [pytest.param(1_000_000_000, marks=pytest.mark.slow), 2_000_000_000],  # 1 GB: a 30-layer width search, ~30 s
+)
+def test_smollm2_budgets_are_planned_with_lora_and_whole_kv_groups(device: int) -> None:
+    """A 1 GB and a 2 GB device (the training runtime's footprint taken out first)."""
+    parent, salience = _smollm2_shape()
+    work = Workload(8, 64, steps=3)
+    budget = device - TRAINING_RUNTIME_BYTES
+    plan = plan_training(parent, salience, budget, work, runtime=0, policy=LeverPolicy())
+    assert plan.estimate.total <= budget
+    assert plan.levers.lora_rank > 0  # full fine-tuning does not fit, LoRA comes before width
+    assert plan.levers.embeddings != "rows"  # the tied table is read whole by the output projection
+    assert all(layer.heads % parent.dims.group == 0 for layer in plan.spec.layers)
+    if device < 2_000_000_000:
+        assert not plan.spec.is_full  # LoRA alone does not fit 1 GB: the sub-network is narrower too
+        return
+    plain = plan_training(parent, salience, budget, work, runtime=0)  # no levers: a narrower network
+    assert not plain.spec.is_full and plain.estimate.total <= budget
+    assert all(layer.heads % parent.dims.group == 0 for layer in plain.spec.layers)
+
+
+def test_lora_adapts_all_seven_linears_of_a_layer() -> None:
+    parent = _small()
+    spec = SubnetSpec.full(parent.dims)
+    work = workload_for(parent, Workload(2, 16))
+    plain = training_estimate(spec, param_count(parent, spec), work, levers=Levers()).params
+    lora = training_estimate(spec, param_count(parent, spec), work, levers=Levers(lora_rank=4, embeddings="frozen"))
+    h, d, f = 192, 32, 512
+    adapters = 3 * 4 * ((h + 6 * d) + 2 * (h + 2 * d) + (6 * d + h) + 3 * (h + f))
+    assert lora.params == adapters + 3 * 2 * h + h  # adapters and the RMSNorms
+    assert plain > lora.params
