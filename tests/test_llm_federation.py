@@ -203,6 +203,9 @@ def check_deployed(folder: Path, *, n_layers: int) -> None:
         served = folder / f"deployed-{name}"
         manifest = json.loads((served / "edge_manifest.json").read_text())
         assert len(manifest["spec"]["layers"]) == n_layers
+        # the deploy's seq_len is the served context (the KV cache was planned for it): generation stops there
+        assert manifest["inference"]["context"] == 64
+        assert json.loads((served / "config.json").read_text())["max_position_embeddings"] == 64
         code = (
             "import sys; from edge_sdk.cli import main; "
             f"rc = main(['generate', '--model', {str(served)!r}, '--max-new-tokens', '6', '--json', "
@@ -210,7 +213,7 @@ def check_deployed(folder: Path, *, n_layers: int) -> None:
             "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'"
         )
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = json.loads(out.stdout)
         assert 1 <= len(result["token_ids"]) <= 6 and result["tokens_per_s"] > 0, result
 
 
