@@ -196,6 +196,7 @@ def check_deployed(folder: Path, *, n_layers: int) -> None:
     """After the rounds every device installed its LLM (checked against torch on its own prompts), and
     ``edge-sdk generate --json`` (a fresh process that never imports torch) generates from it."""
     deployed = {d["device_id"]: d for d in json.loads((folder / "run" / "deployments.json").read_text())}
+    assert "generates" in (folder / "coordinator.log").read_text(encoding="utf-8")  # the deploy's log line
     assert sorted(deployed) == sorted(TOKENS)
     for name, d in deployed.items():
         assert d["status"] == "ok" and d["fits"], d

@@ -149,6 +149,8 @@ class DeployOutcome:
                     drift += f", accuracy drop {m['drift_accuracy_drop']:+.4f}"
                 drift += ")"
             parts.append(drift)
+        if "tokens_per_s" in m:  # a causal LM: its generation speed on the device
+            parts.append(f"generates {m['tokens_per_s']:.1f} tokens/s")
         if "export_s" in m:
             parts.append(f"export {m['export_s']:.1f} s")
         return f"{head}: ok; " + "; ".join(parts) + f"; {self.seconds:.1f} s in all"
