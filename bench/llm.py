@@ -15,6 +15,8 @@ Sections (all by default):
   (torch's ``get_num_threads()``, ONNX Runtime's one per physical core). Also printed: how many greedy
   tokens ONNX Runtime fp32 and int8 share with torch, the ORT prefill time and tokens/s after the first
   token, and the export's parity, sizes and int8 drift.
+- ``accuracy`` (``--seeds 0 [1]``, ``--local-steps N``): SST-2 label accuracy of greedy generation
+  before and after a short real federation with LoRA (bench/llm_accuracy.py's docstring).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +41,9 @@ from transformers import LlamaForCausalLM
 from edge_sdk.scaling._models import resolve_model_dir
 from edge_sdk.serving._export_lm import LMExportReport, export_causal_lm
 from edge_sdk.serving._generate import Generator, load_generator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llm_accuracy import print_accuracy, section_accuracy  # bench/llm_accuracy.py
 
 PROMPT = "Once upon a time, in a small village by the mountains, there lived an old clockmaker who"
 PARITY_PROMPTS = [PROMPT, "Review: a gorgeous, witty, seductive movie.\nSentiment:"]
@@ -152,6 +158,7 @@ def print_generation(doc: dict[str, Any]) -> None:
 
 SECTIONS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "generation": (section_generation, print_generation),
+    "accuracy": (section_accuracy, print_accuracy),
 }
 
 
@@ -162,6 +169,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="accuracy: one federation per seed")
+    parser.add_argument("--local-steps", type=int, default=8, help="accuracy: the federation's local steps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     results = {name: SECTIONS[name][0](args) for name in args.section}
