@@ -15,13 +15,16 @@ second (:data:`LM_LATENCY_TOKENS` new tokens after one prompt, loaded as ``edge-
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_sdk._errors import ConfigError
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.protocol import Deploy, thaw_json
+
+if TYPE_CHECKING:
+    from edge_sdk.serving._export_lm import LMExportReport
 
 __all__ = [
     "LM_LATENCY_TOKENS",
@@ -96,7 +99,6 @@ def deploy_lm(
     from edge_sdk.protocol import numpy_to_torch
     from edge_sdk.scaling._build import build_model
     from edge_sdk.serving._export_lm import LM_TASK, export_causal_lm
-    from edge_sdk.training._train import peak_rss_bytes
 
     if threads:
         torch.set_num_threads(threads)  # per thread under OpenMP: set it in the worker
@@ -127,13 +129,22 @@ def deploy_lm(
     )
     params = sum(p.numel() for p in model.parameters())
     del model
+    return _lm_metrics(report, params, folder, prompts[0], threads, quantized=settings.quantize)
+
+
+def _lm_metrics(
+    report: LMExportReport, params: int, folder: Any, prompt: str, threads: int | None, *, quantized: bool
+) -> dict[str, float]:
+    """The DeployResult's metrics of an installed LLM (finite values only)."""
+    from edge_sdk.training._train import peak_rss_bytes
+
     metrics: dict[str, float] = {
         "params": float(params),
         "parity_max_abs_diff": report.parity.max_abs_diff,
         "parity_tokens_equal": float(report.parity.tokens_equal),
         "onnx_bytes": float(report.fp32_bytes),
         "export_s": report.seconds,
-        "tokens_per_s": _tokens_per_s(folder, prompts[0], threads, quantized=settings.quantize),
+        "tokens_per_s": _tokens_per_s(folder, prompt, threads, quantized=quantized),
         "process_peak_rss_bytes": float(peak_rss_bytes()),
     }
     if report.int8_bytes is not None:
