@@ -19,6 +19,8 @@ Sections (all by default):
 - ``training``: for three training budgets, the plan the planner picks for SmolLM2-135M (levers before
   widths) and its training peak in a fresh process, against the memory model's prediction (see
   ``bench/_llm_training.py``).
+- ``accuracy`` (``--seeds 0 [1]``, ``--local-steps N``): SST-2 label accuracy of greedy generation
+  before and after a short real federation with LoRA (bench/_llm_accuracy.py's docstring).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _llm_accuracy import print_accuracy, section_accuracy
 from _llm_training import add_arguments as add_training_arguments
 from _llm_training import print_training, section_training
 from transformers import LlamaForCausalLM
@@ -159,6 +162,7 @@ def print_generation(doc: dict[str, Any]) -> None:
 SECTIONS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "generation": (section_generation, print_generation),
     "training": (section_training, print_training),
+    "accuracy": (section_accuracy, print_accuracy),
 }
 
 
@@ -170,6 +174,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_training_arguments(parser)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="accuracy: one federation per seed")
+    parser.add_argument("--local-steps", type=int, default=8, help="accuracy: the federation's local steps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     results = {name: SECTIONS[name][0](args) for name in args.section}

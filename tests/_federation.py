@@ -159,7 +159,10 @@ def coordinator(config: Path, log: Path, *, resume: bool = False) -> Proc:
     return Proc([*args, "--resume"] if resume else args, log, config.parent)
 
 
-def device(url: str, token: str, data: Path, budget: str, log: Path, *extra: str) -> Proc:
+def device(
+    url: str, token: str, data: Path, budget: str, log: Path, *extra: str, deploy_dir: Path | None = None
+) -> Proc:
+    """An ``edge-sdk join`` process; it refuses deploys unless ``deploy_dir`` is given (where it installs them)."""
     args = [
         sys.executable,
         "-m",
@@ -181,7 +184,8 @@ def device(url: str, token: str, data: Path, budget: str, log: Path, *extra: str
         "1",
         "--give-up-after",
         "180",
-        "--no-deploy",  # these runs test training; the demo's test covers deployment end to end
+        # these runs test training unless asked; the demo's test covers deployment end to end
+        *(["--deploy-dir", str(deploy_dir)] if deploy_dir is not None else ["--no-deploy"]),
         *extra,
     ]
     return Proc(args, log, data.parent)

@@ -9,8 +9,11 @@ policy): the largest budget at which each lever plan appears. "Within budget" co
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,11 @@ from edge_sdk._levers import Levers
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.scaling import LeverPolicy, ParentModel, Salience, param_count, plan_training, ranked_parent
 from edge_sdk.scaling._lever_choice import LeverChooser
+from edge_sdk.serving._install_lm import LM_PARITY_STEPS
 
 from ._federation import TIMEOUT_S, coordinator, device, read_port
 from ._llm import SST2_INSTRUCT, tiny_llama_dir
+from .models import ROOT
 
 MARGIN = FederationConfig().min_margin_bytes
 TOKENS = {"small": "token-small-1111", "medium": "token-medium-2222", "large": "token-large-3333"}
@@ -65,7 +70,13 @@ def lever_budgets(
 
 
 def write_llm_config(
-    folder: Path, model: Path | str, *, training: TrainingConfig, ranks: list[int], dev_rows: int
+    folder: Path,
+    model: Path | str,
+    *,
+    training: TrainingConfig,
+    ranks: list[int],
+    dev_rows: int,
+    deploy: bool = False,
 ) -> Path:
     device_lines = "".join(f'{name} = "{token}"\n' for name, token in TOKENS.items())
     text = f"""
@@ -102,6 +113,11 @@ port_file = "port"
 {device_lines}
 [run]
 dir = "run"
+
+[deploy]
+enabled = {str(deploy).lower()}
+seq_len = 64
+timeout_s = 300
 """
     path = folder / "run.toml"
     path.write_text(text, encoding="utf-8")
@@ -109,10 +125,18 @@ dir = "run"
 
 
 def run_federation(
-    folder: Path, config: Path, budgets: dict[str, int], tokenizer: str, *, rows: int, timeout: float = TIMEOUT_S
+    folder: Path,
+    config: Path,
+    budgets: dict[str, int],
+    tokenizer: str,
+    *,
+    rows: int,
+    timeout: float = TIMEOUT_S,
+    deploy: bool = False,
 ) -> list[dict[str, Any]]:
-    """Serve ``config`` to three ``edge-sdk join`` processes (their budgets: ``MARGIN + budgets``);
-    the run's history (one entry per round) once every process has exited cleanly."""
+    """Serve ``config`` to three ``edge-sdk join`` processes (their budgets: ``MARGIN + budgets``;
+    with ``deploy``, each installs its model in ``folder/deployed-NAME``); the run's history (one
+    entry per round) once every process has exited cleanly."""
     server = coordinator(config, folder / "coordinator.log")
     devices = {}
     try:
@@ -121,7 +145,8 @@ def run_federation(
             data = SST2_INSTRUCT / f"train-{k}.jsonl"
             extra = ("--tokenizer", tokenizer, "--limit", str(rows))
             budget = str(MARGIN + budgets[name])
-            devices[name] = device(f"ws://127.0.0.1:{port}", token, data, budget, folder / f"{name}.log", *extra)
+            log, target = folder / f"{name}.log", folder / f"deployed-{name}" if deploy else None
+            devices[name] = device(f"ws://127.0.0.1:{port}", token, data, budget, log, *extra, deploy_dir=target)
         assert server.wait(timeout) == 0, server.text()[-4000:]
         for name, proc in devices.items():
             assert proc.wait(timeout) == 0, f"{name}:\n{proc.text()[-3000:]}"
@@ -157,13 +182,40 @@ def test_a_tiny_llama_fine_tunes_through_the_federation_with_lora_of_two_ranks(t
     ranks = [8, 4, 2]
     parent, salience = ranked_parent(model, task="causal-lm")
     budgets = lever_budgets(parent, salience, training, LeverPolicy(lora_ranks=tuple(ranks)))
-    config = write_llm_config(tmp_path, model, training=training, ranks=ranks, dev_rows=32)
-    history = run_federation(tmp_path, config, budgets, str(model), rows=48)
+    config = write_llm_config(tmp_path, model, training=training, ranks=ranks, dev_rows=32, deploy=True)
+    history = run_federation(tmp_path, config, budgets, str(model), rows=48, deploy=True)
     for entry in history:
         levers = check_devices(entry, budgets)
         assert levers["large"].lora_rank == 0  # it fits dense training
         assert 0 < levers["small"].lora_rank < levers["medium"].lora_rank  # the other two cannot: LoRA
         assert entry["metrics"]["tokens"] == 32 * 2  # " positive" / " negative" is one token here, + eos
+    check_deployed(tmp_path, n_layers=2)
+
+
+def check_deployed(folder: Path, *, n_layers: int) -> None:
+    """After the rounds every device installed its LLM (checked against torch on its own prompts), and
+    ``edge-sdk generate --json`` (a fresh process that never imports torch) generates from it."""
+    deployed = {d["device_id"]: d for d in json.loads((folder / "run" / "deployments.json").read_text())}
+    assert "generates" in (folder / "coordinator.log").read_text(encoding="utf-8")  # the deploy's log line
+    assert sorted(deployed) == sorted(TOKENS)
+    for name, d in deployed.items():
+        assert d["status"] == "ok" and d["fits"], d
+        assert d["metrics"]["parity_tokens_equal"] == LM_PARITY_STEPS and d["metrics"]["tokens_per_s"] > 0, d
+        served = folder / f"deployed-{name}"
+        manifest = json.loads((served / "edge_manifest.json").read_text())
+        assert len(manifest["spec"]["layers"]) == n_layers
+        # the deploy's seq_len is the served context (the KV cache was planned for it): generation stops there
+        assert manifest["inference"]["context"] == 64
+        assert json.loads((served / "config.json").read_text())["max_position_embeddings"] == 64
+        code = (
+            "import sys; from edge_sdk.cli import main; "
+            f"rc = main(['generate', '--model', {str(served)!r}, '--max-new-tokens', '6', '--json', "
+            "'Review: a gorgeous, witty movie.\\nSentiment:']); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'"
+        )
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+        result = json.loads(out.stdout)
+        assert 1 <= len(result["token_ids"]) <= 6 and result["tokens_per_s"] > 0, result
 
 
 def held_out_losses(log: str, history: list[dict[str, Any]]) -> list[float]:

@@ -30,7 +30,19 @@ from coordinator.federation._config import DeployConfig
 from coordinator.federation._records import width_of
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import InferenceSettings, torch_to_numpy
-from edge_sdk.scaling import ParentModel, Plan, Salience, Workload, export_estimate, extract, plan_serving
+from edge_sdk.scaling import (
+    ParentModel,
+    Plan,
+    Salience,
+    ServingPlan,
+    Workload,
+    export_estimate,
+    extract,
+    lm_serving_estimate,
+    lm_serving_headroom,
+    plan_serving,
+    workload_for,
+)
 
 if TYPE_CHECKING:
     from coordinator.federation._engine import FederationEngine
@@ -137,6 +149,8 @@ class DeployOutcome:
                     drift += f", accuracy drop {m['drift_accuracy_drop']:+.4f}"
                 drift += ")"
             parts.append(drift)
+        if "tokens_per_s" in m:  # a causal LM: its generation speed on the device
+            parts.append(f"generates {m['tokens_per_s']:.1f} tokens/s")
         if "export_s" in m:
             parts.append(f"export {m['export_s']:.1f} s")
         return f"{head}: ok; " + "; ".join(parts) + f"; {self.seconds:.1f} s in all"
@@ -161,18 +175,33 @@ def plan_inference_for(
     with the unfused export's bytes: the largest sub-network first. The export is then fused
     (``optimize``: faster int8 serving of short inputs) only if the fused export of that sub-network fits
     the budget too; else the device exports the plain graph, which ONNX Runtime still fuses partly when
-    it loads it.
+    it loads it. A causal LM is priced by :func:`edge_sdk.scaling.lm_serving_estimate` (its KV cache at
+    ``work``'s tokens, ONNX Runtime's copy of the embedding table, its larger export) and never fused.
     """
+    causal = parent.task == "causal-lm"
+    # a causal LM's serving costs more than the encoder model counts (KV cache, ONNX Runtime's copy of the
+    # table, a larger export): searched against the budget less the most that can add, then priced exactly
+    headroom = lm_serving_headroom(parent, workload_for(parent, work), quantize=quantize) if causal else 0
     serving = plan_serving(
         parent,
         salience,
         training,
-        budget=budget_bytes,
+        budget=budget_bytes - headroom,
         work=work,
         runtime_footprint=runtime_footprint,
         quantize=quantize,
     )
     params = serving.plan.params
+    if causal:
+        return _lm_plan(
+            device_id,
+            training,
+            serving,
+            budget_bytes=budget_bytes,
+            work=workload_for(parent, work),
+            runtime_footprint=runtime_footprint,
+            quantize=quantize,
+        )
     optimize = (
         serving.fits
         and runtime_footprint is not None
@@ -187,6 +216,25 @@ def plan_inference_for(
         fits=serving.fits,
         optimize=optimize,
     )
+
+
+def _lm_plan(
+    device_id: str,
+    training: Plan,
+    serving: ServingPlan,
+    *,
+    budget_bytes: int,
+    work: Workload,
+    runtime_footprint: int | None,
+    quantize: bool,
+) -> DeployPlan:
+    """A causal LM's plan, its estimate the LLM serving model's (:func:`lm_serving_estimate`); never fused
+    (the LLM export has no transformer fusion)."""
+    plan = serving.plan
+    estimate = lm_serving_estimate(plan.spec, plan.params, work, runtime_footprint=runtime_footprint, quantize=quantize)
+    plan = dataclasses.replace(plan, estimate=estimate, budget=budget_bytes)
+    fits = serving.fits and estimate.total <= budget_bytes
+    return DeployPlan(device_id, training, plan, budget_bytes, could_grow=serving.could_grow, fits=fits)
 
 
 def plan_deployment(engine: FederationEngine, device_id: str, config: DeployConfig) -> DeployPlan:

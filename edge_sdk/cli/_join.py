@@ -17,7 +17,9 @@ the map fails the task, untrained, naming the file, line and label).
 
 When the run finishes the coordinator sends the device a larger, inference-sized sub-network: it is
 exported to ONNX, checked, and installed in ``--deploy-dir`` (default ``./edge-fm-model``), where
-``edge-sdk infer --model DIR`` serves it. A failed export keeps the previously installed model.
+``edge-sdk infer --model DIR`` serves it; a causal LM (prompt/response records) is exported with its
+key/value cache, checked on the device's prompts, and ``edge-sdk generate --model DIR "prompt"``
+serves it. A failed export keeps the previously installed model.
 
 While a training task runs, its steps are shown: a bar in a terminal, a log line every tenth of the
 task otherwise (and the coordinator's status page shows them too).

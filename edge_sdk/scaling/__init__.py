@@ -46,6 +46,8 @@ _NAMES: dict[str, str] = {
     "inference_bytes": "edge_sdk.scaling._budget",
     "inference_estimate": "edge_sdk.scaling._memory",
     "levers_line": "edge_sdk.scaling._planning",
+    "lm_serving_estimate": "edge_sdk.scaling._memory_lm",
+    "lm_serving_headroom": "edge_sdk.scaling._memory_lm",
     "load_parent": "edge_sdk.scaling._parent",
     "model_class": "edge_sdk.scaling._build",
     "param_count": "edge_sdk.scaling._extract",
@@ -101,6 +103,8 @@ __all__ = [
     "inference_bytes",
     "inference_estimate",
     "levers_line",
+    "lm_serving_estimate",
+    "lm_serving_headroom",
     "load_parent",
     "model_class",
     "param_count",
@@ -151,6 +155,7 @@ if TYPE_CHECKING:
         training_estimate,
         workload_for,
     )
+    from edge_sdk.scaling._memory_lm import lm_serving_estimate, lm_serving_headroom
     from edge_sdk.scaling._models import resolve_model_dir
     from edge_sdk.scaling._parent import ParentModel, load_parent, parent_from_module
     from edge_sdk.scaling._planning import (

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 LM_TASK = "causal-lm"
 
-__all__ = ["DRIFT_ROWS", "PARITY_ATOL", "PARITY_ROWS", "DeployOutput", "Deployer", "deploy_task"]
+__all__ = ["DRIFT_ROWS", "PARITY_ATOL", "PARITY_ROWS", "DeployOutput", "Deployer"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +143,10 @@ class Deployer:
         return DeployOutput(True, metrics, f"installed in {self.folder}")
 
     def _deploy(self, deploy: Deploy, tensors: Mapping[str, np.ndarray], run_id: str | None) -> dict[str, float]:
+        from edge_sdk.scaling.families import model_task
         from edge_sdk.training._labels import bind_labels
 
-        if deploy_task(thaw_json(deploy.model_config), self.data) == LM_TASK:
+        if model_task(thaw_json(deploy.model_config), getattr(self.data, "task", None)) == LM_TASK:
             from edge_sdk.serving._install_lm import deploy_lm
 
             return deploy_lm(self.data, self.folder, deploy, tensors, run_id=run_id, threads=self.threads)
@@ -241,22 +242,6 @@ class Deployer:
         t0 = time.perf_counter()
         predictor.predict([text])
         return (time.perf_counter() - t0) * 1e3
-
-
-def deploy_task(config: Mapping[str, Any], data: Any) -> str | None:
-    """The task a deploy's model is built for: the one whose class the config's ``architectures`` names,
-    else the data's kind (``data.task``, e.g. ``"causal-lm"`` for prompt/response records) when the
-    family has it, else None (the family's first task)."""
-    from edge_sdk.scaling import family_for
-
-    tasks = family_for(config).task_classes
-    names = config.get("architectures")
-    for name in names if isinstance(names, list) else ():
-        found = next((task for task, cls in tasks.items() if cls == name), None)
-        if found is not None:
-            return found
-    data_task = getattr(data, "task", None)
-    return data_task if data_task in tasks else None
 
 
 def _int8_metrics(report: ExportReport) -> dict[str, float]:

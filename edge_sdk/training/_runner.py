@@ -51,6 +51,7 @@ from edge_sdk.protocol import (
     torch_to_numpy,
 )
 from edge_sdk.scaling._models import packaged_model_dir
+from edge_sdk.scaling.families import model_task
 from edge_sdk.training._data import (
     Encoded,
     TextExample,
@@ -409,22 +410,6 @@ def _check_data_kind(data_task: str | None, head: str) -> None:
         raise SpecError(
             f"the run trains a {head} model but this device's data holds {have}: join with data of the run's kind"
         )
-
-
-def model_task(config: Mapping[str, Any], data_task: str | None = None) -> str | None:
-    """The task whose head a received model ``config`` is built with: the one whose class its
-    ``architectures`` names (the coordinator sends the run's), else ``data_task`` (the data's kind,
-    e.g. ``"causal-lm"`` for prompt/response records) when the family has it, else None (the
-    family's first task)."""
-    from edge_sdk.scaling import family_for
-
-    tasks = family_for(config).task_classes
-    names = config.get("architectures")
-    for name in names if isinstance(names, list) else ():
-        found = next((task for task, cls in tasks.items() if cls == name), None)
-        if found is not None:
-            return found
-    return data_task if data_task in tasks else None
 
 
 def _train_output(

@@ -12,7 +12,17 @@ from edge_sdk.scaling.families.distilbert import DISTILBERT
 from edge_sdk.scaling.families.llama import LLAMA
 from edge_sdk.scaling.families.vit import VIT
 
-__all__ = ["FAMILIES", "Family", "LayerMap", "Region", "default_task", "family_for", "modeling_modules", "register"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "LayerMap",
+    "Region",
+    "default_task",
+    "family_for",
+    "model_task",
+    "modeling_modules",
+    "register",
+]
 
 FAMILIES: dict[str, Family] = {}
 
@@ -42,6 +52,21 @@ def family_for(config: Mapping[str, Any]) -> Family:
 def default_task(family: Family) -> str:
     """The family's first task (text-classification for text encoders, image-classification for ViT)."""
     return next(iter(family.task_classes))
+
+
+def model_task(config: Mapping[str, Any], data_task: str | None = None) -> str | None:
+    """The task whose head a received model ``config`` is built with: the one whose class its
+    ``architectures`` names (the coordinator sends the run's), else ``data_task`` (the data's kind,
+    e.g. ``"causal-lm"`` for prompt/response records) when the family has it, else None (the
+    family's first task). Used by training (``edge_sdk.training._runner``) and deploys
+    (``edge_sdk.serving._install``) alike."""
+    tasks = family_for(config).task_classes
+    names = config.get("architectures")
+    for name in names if isinstance(names, list) else ():
+        found = next((task for task, cls in tasks.items() if cls == name), None)
+        if found is not None:
+            return found
+    return data_task if data_task in tasks else None
 
 
 def modeling_modules() -> tuple[str, ...]:

@@ -1,0 +1,93 @@
+"""Serving a causal LM on a device: what :mod:`edge_sdk.scaling._memory`'s serving model leaves out.
+
+A decoder is served by ``edge-sdk generate`` (ONNX Runtime, a key/value cache) after the device exports
+it with its cache (``edge_sdk.serving._export_lm``). Measured on SmolLM2-135M (134.5M parameters,
+fresh processes, peaks above the imports; docs/serving.md), three things differ from an encoder's:
+
+- **The export** peaks at 19.8 B/param fp32 and 27.3 B/param with the int8 model (2.66 GB, 3.67 GB),
+  about 12% above :func:`~edge_sdk.scaling._memory.export_estimate`'s encoder fit (17 and 23 B/param:
+  2.35, 3.31 GB): the cache's extra graph inputs and outputs and the parity run of cached steps. Here
+  :data:`LM_EXPORT_PER_PARAM` (20 and 27 B/param) with the encoder fit's fixed bytes.
+- **The key/value cache** of ``b x s`` tokens: ``2 x layers x kv_heads x head_dim x 4`` bytes a token
+  (46 KB for SmolLM2: 30 layers x 3 KV heads x 64). The export pads every layer to the widest layer's
+  KV heads, so ``kv_heads`` is the spec's largest.
+- **ONNX Runtime's second copy of the embedding table** at session load (the tied table is stored once,
+  read by the gather and, transposed, by the LM head): ``V x h x 4`` bytes (+113 MB for SmolLM2).
+
+(The prefill's ``b x s x V`` logits are already in :func:`~edge_sdk.scaling._memory.inference_estimate`
+through ``Workload.arch.token_logits``.) :func:`lm_serving_estimate` is the corrected serving
+estimate of one sub-network; :func:`lm_serving_headroom` bounds the correction over every sub-network
+of a parent (its full width), so a search run against ``budget - headroom`` with the encoder
+estimate only returns sub-networks whose corrected estimate fits ``budget``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from edge_sdk._spec import SubnetSpec
+from edge_sdk.scaling._extract import param_count
+from edge_sdk.scaling._memory import (
+    _EXPORT_FIXED,
+    _EXPORT_PER_PARAM,
+    MemoryEstimate,
+    Workload,
+    inference_estimate,
+)
+from edge_sdk.scaling._parent import ParentModel
+
+__all__ = ["LM_EXPORT_PER_PARAM", "lm_export_estimate", "lm_serving_estimate", "lm_serving_headroom"]
+
+LM_EXPORT_PER_PARAM = {False: 20, True: 27}  # quantize -> bytes per parameter of a causal LM's export
+
+
+def lm_export_estimate(params: int, *, quantize: bool) -> int:
+    """Peak bytes above the runtime footprint of exporting a ``params``-parameter causal LM with its cache."""
+    return LM_EXPORT_PER_PARAM[quantize] * params + _EXPORT_FIXED[quantize, False]
+
+
+def kv_cache_bytes(spec: SubnetSpec, work: Workload) -> int:
+    """``2 x layers x kv_heads x head_dim x bytes x b x s``: the cache of ``work``'s tokens, every layer
+    padded to the widest layer's KV heads (as exported)."""
+    dims = spec.parent
+    kv = max((dims.kv_kept(layer.heads) for layer in spec.layers), default=0)
+    return 2 * len(spec.layers) * kv * dims.head_dim * work.bytes_per_elem * work.batch * work.seq
+
+
+def embedding_copy_bytes(spec: SubnetSpec, work: Workload) -> int:
+    """``V x h x 4``: ONNX Runtime's second copy of the (tied) embedding table at session load."""
+    return work.vocab * spec.parent.hidden * work.bytes_per_elem
+
+
+def lm_serving_estimate(
+    spec: SubnetSpec, params: int, work: Workload, *, runtime_footprint: int | None, quantize: bool
+) -> MemoryEstimate:
+    """The larger of serving ``spec`` in ONNX Runtime (:func:`inference_estimate` + the KV cache + the
+    table's second copy) and exporting it (``runtime_footprint`` + :func:`lm_export_estimate`; left out
+    when None). ``work`` must carry the vocabulary (:func:`~edge_sdk.scaling._memory.workload_for`)."""
+    served = inference_estimate(spec, params, work)
+    extra = kv_cache_bytes(spec, work) + embedding_copy_bytes(spec, work)
+    served = replace(served, transient=served.transient + extra)
+    if runtime_footprint is None:
+        return served
+    export = lm_export_estimate(params, quantize=quantize)
+    if runtime_footprint + export <= served.total:
+        return served
+    return MemoryEstimate(
+        params=params,
+        weights=4 * params,
+        gradients=0,
+        optimizer=0,
+        activations=0,
+        transient=max(0, export - 4 * params),
+        runtime=runtime_footprint,
+    )
+
+
+def lm_serving_headroom(parent: ParentModel, work: Workload, *, quantize: bool) -> int:
+    """The most :func:`lm_serving_estimate` adds to the encoder serving estimate of any sub-network of
+    ``parent``: the larger of the full width's KV cache + table copy and its export's extra bytes."""
+    full = SubnetSpec.full(parent.dims)
+    params = param_count(parent, full)
+    export_extra = (LM_EXPORT_PER_PARAM[quantize] - _EXPORT_PER_PARAM[quantize, False]) * params
+    return max(kv_cache_bytes(full, work) + embedding_copy_bytes(full, work), export_extra)
