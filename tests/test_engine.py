@@ -16,7 +16,7 @@ from coordinator.federation._planner import BUDGET, WidthPolicy
 from edge_sdk import BudgetError, EdgeFMError, ProfileError
 from edge_sdk._spec import SubnetSpec
 from edge_sdk.scaling._extract import param_count
-from edge_sdk.scaling._memory import Workload, training_estimate
+from edge_sdk.scaling._memory import training_estimate
 from edge_sdk.scaling._parent import ParentModel
 from edge_sdk.scaling._policy import LeverPolicy
 from edge_sdk.scaling._reorder import reorder
@@ -167,7 +167,7 @@ def test_a_device_that_measured_a_peak_above_its_budget_gets_a_smaller_sub_netwo
     )
     dims = engine.parent.dims
     full = SubnetSpec.full(dims)
-    usable = training_estimate(full, param_count(parent, full), Workload(64, 128), runtime=0).total
+    usable = training_estimate(full, param_count(parent, full), engine.planner.work, runtime=0).total
     runtime = 400_000_000
     engine.admit("pi", hello(usable, runtime))
     engine.admit("ok", hello(usable, runtime))

@@ -48,7 +48,7 @@ def lever_budgets(
     table < LoRA of a high rank < a low rank): LoRA of rank r is planned at a budget just below the
     least any set of lower cost needs, if a rank-r set fits there. Checked against the planner itself.
     """
-    work = training_workload(parent.config, training)
+    work = training_workload(parent.config, training, deltas=True)  # the run's default: int8+zstd deltas
     full = SubnetSpec.full(parent.dims)
     chooser = LeverChooser(parent, work, 0, policy)
     params = param_count(parent, full)

@@ -148,7 +148,10 @@ class FederationEngine:
         self.parent = parent
         self.salience = salience
         self.model_config = _json_safe(parent.config)
-        work = training_workload(parent.config, training)
+        # SDK devices keep a copy of the received weights when the run grants an update encoding (deltas)
+        # or clips locally (local DP): planned for it (an older SDK keeps none: room to spare)
+        deltas = federation.update_encoding != "weights" or federation.privacy.mode == "local"
+        work = training_workload(parent.config, training, deltas=deltas)
         self.planner = Planner(
             parent,
             salience,

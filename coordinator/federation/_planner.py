@@ -171,13 +171,15 @@ def _dropout_active(dropout: float | None, config: Mapping[str, Any]) -> bool:
     return not values or any(v > 0 for v in values)
 
 
-def training_workload(config: Mapping[str, Any], training: TrainingConfig) -> Workload:
+def training_workload(config: Mapping[str, Any], training: TrainingConfig, *, deltas: bool = False) -> Workload:
     """What one local training task of the run asks of a device: batch, sequence (a ViT's patches +
-    [CLS], whatever ``seq_len`` says), dropout masks, steps and vocabulary."""
+    [CLS], whatever ``seq_len`` says), dropout masks, steps and vocabulary. ``deltas``: updates travel
+    as deltas (an update encoding is granted), so a device keeps a copy of what it trains in place."""
     return Workload(
         training.batch_size,
         image_seq_len(config) or training.seq_len,
         dropout=_dropout_active(training.dropout, config),
         steps=training.local_steps,
         vocab=int(config.get("vocab_size", 0) or 0),
+        keeps_received=deltas,
     )

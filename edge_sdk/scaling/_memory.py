@@ -152,6 +152,10 @@ class Workload:
     steps: int = 0  # optimizer steps of a task: bounds the embedding rows it can touch
     vocab: int = 0  # rows of the word-embedding table
     arch: Architecture = field(default=ENCODER)  # the model's layout (:func:`workload_for`)
+    # The device keeps a copy of every tensor training changes in place, as received, because its
+    # update travels as deltas against them (an update encoding was granted): 4 bytes per such
+    # parameter for the whole task (LoRA targets and a frozen or row-trained table are not copied).
+    keeps_received: bool = False
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 1:
@@ -362,6 +366,20 @@ def trainable_params(spec: SubnetSpec, params: int, work: Workload, levers: Leve
     return trainable, frozen
 
 
+def reference_params(spec: SubnetSpec, params: int, work: Workload, levers: Levers = PLAIN) -> int:
+    """Parameters a device copies to send deltas (``Workload.keeps_received``): the sub-network's
+    ``params`` less the LoRA targets (frozen: they come back as factors) and less a frozen or
+    row-trained table (its rows train in a compact copy); 0 when the device keeps no copy."""
+    if not work.keeps_received:
+        return 0
+    copied = params
+    if levers.lora_rank:  # the targets' weights; their biases train, so they are copied
+        copied -= linear_sums(spec, work.arch.decoder).weights
+    if levers.embeddings != "train":
+        copied -= _table_params(spec, params, work, levers)
+    return max(0, copied)
+
+
 def _output_gradient_bytes(spec: SubnetSpec, work: Workload, levers: Levers) -> int:
     """A causal LM's output projection is the first thing backward reaches: its ``V x h`` gradient
     exists while every activation is still saved (an encoder's table gradient comes last). Tied, it
@@ -383,6 +401,7 @@ def training_estimate(
     """Peak bytes of training ``spec`` (``params`` fp32 parameters) with AdamW under ``levers``."""
     trainable, frozen = trainable_params(spec, params, work, levers)
     weights, gradients, optimizer = 4 * (trainable + frozen), 4 * trainable, 8 * trainable
+    weights += 4 * reference_params(spec, params, work, levers)  # the received copy, for deltas
     activations = activation_bytes(spec, work, levers)
     heap = _heap_micro_batches(spec, work, levers)
     held = gradients + heap if levers.micro_batches > 1 else 0
