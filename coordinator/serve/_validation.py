@@ -35,6 +35,13 @@ __all__ = ["ImageValidator", "PromptValidator", "Validator", "calibration_batche
 logger = logging.getLogger(__name__)
 
 
+def _score(parent: ParentModel, batches: Iterator[dict[str, np.ndarray]]) -> Mapping[str, float]:
+    """The whole parent, built as a device builds its model, evaluated on ``batches``."""
+    model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)
+    with torch.inference_mode():
+        return evaluate(model, batches)
+
+
 class Validator:
     """Evaluates a parent model on a fixed, tokenized validation set (callable as an engine evaluator)."""
 
@@ -61,9 +68,7 @@ class Validator:
         return iter_batches(self.data, self.batch_size, seed=0, shuffle=False)
 
     def __call__(self, parent: ParentModel) -> Mapping[str, float]:
-        model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)
-        with torch.inference_mode():
-            return evaluate(model, self.batches())
+        return _score(parent, self.batches())
 
 
 class PromptValidator:
@@ -90,9 +95,7 @@ class PromptValidator:
         return iter_batches(self.data, self.batch_size, seed=0, shuffle=False)
 
     def __call__(self, parent: ParentModel) -> Mapping[str, float]:
-        model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)
-        with torch.inference_mode():
-            return evaluate(model, self.batches())
+        return _score(parent, self.batches())
 
 
 class ImageValidator:
@@ -118,9 +121,7 @@ class ImageValidator:
 
     def __call__(self, parent: ParentModel) -> Mapping[str, float]:
         self.data.fit_model(parent.config)
-        model = build_model(SubnetSpec.full(parent.dims), parent.config, parent.state, task=parent.task)
-        with torch.inference_mode():
-            return evaluate(model, self.batches())
+        return _score(parent, self.batches())
 
 
 def calibration_batches(

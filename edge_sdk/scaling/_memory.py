@@ -483,7 +483,12 @@ def serving_estimate(
     those of whichever moment is larger.
     """
     served = inference_estimate(spec, params, work)
-    export = export_estimate(params, quantize=quantize)
+    return larger_moment(served, params, export_estimate(params, quantize=quantize), runtime_footprint)
+
+
+def larger_moment(served: MemoryEstimate, params: int, export: int, runtime_footprint: int) -> MemoryEstimate:
+    """``served`` (ONNX Runtime serving the model), or the torch process exporting it when that is
+    larger: the runtime footprint, the fp32 weights and the rest of the ``export`` bytes."""
     if runtime_footprint + export <= served.total:
         return served
     return MemoryEstimate(

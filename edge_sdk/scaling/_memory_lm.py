@@ -33,6 +33,7 @@ from edge_sdk.scaling._memory import (
     MemoryEstimate,
     Workload,
     inference_estimate,
+    larger_moment,
 )
 from edge_sdk.scaling._parent import ParentModel
 
@@ -70,18 +71,7 @@ def lm_serving_estimate(
     served = replace(served, transient=served.transient + extra)
     if runtime_footprint is None:
         return served
-    export = lm_export_estimate(params, quantize=quantize)
-    if runtime_footprint + export <= served.total:
-        return served
-    return MemoryEstimate(
-        params=params,
-        weights=4 * params,
-        gradients=0,
-        optimizer=0,
-        activations=0,
-        transient=max(0, export - 4 * params),
-        runtime=runtime_footprint,
-    )
+    return larger_moment(served, params, lm_export_estimate(params, quantize=quantize), runtime_footprint)
 
 
 def lm_serving_headroom(parent: ParentModel, work: Workload, *, quantize: bool) -> int:
