@@ -152,10 +152,7 @@ class Workload:
     steps: int = 0  # optimizer steps of a task: bounds the embedding rows it can touch
     vocab: int = 0  # rows of the word-embedding table
     arch: Architecture = field(default=ENCODER)  # the model's layout (:func:`workload_for`)
-    # The device keeps a copy of every tensor training changes in place, as received, because its
-    # update travels as deltas against them (an update encoding was granted): 4 bytes per such
-    # parameter for the whole task (LoRA targets and a frozen or row-trained table are not copied).
-    keeps_received: bool = False
+    keeps_received: bool = False  # a copy of what trains in place is kept, to send deltas (reference_params)
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 1:
