@@ -111,7 +111,7 @@ async def ws_device(url: str, cafile: str | None) -> None:
         url,
         additional_headers={"Authorization": f"Bearer {TOKEN}"},
         ssl=context,
-        max_size=limits.max_frame_bytes,
+        max_size=limits.websocket_max_size,
         compression=None,
         open_timeout=30,
     ) as ws:
@@ -287,7 +287,7 @@ async def _serve_child(
         serve_one,
         "127.0.0.1",
         0,
-        max_size=limits.max_frame_bytes,
+        max_size=limits.websocket_max_size,
         max_queue=RECEIVE_QUEUE_FRAMES,
         compression=None,
         ssl=context,
@@ -445,7 +445,7 @@ async def idle_clients(port: int, count: int, server_pid: int) -> dict[str, Any]
         ws = await connect(
             f"ws://127.0.0.1:{port}",
             additional_headers={"Authorization": f"Bearer token-{i:04d}-idle"},
-            max_size=limits.max_frame_bytes,
+            max_size=limits.websocket_max_size,
             compression=None,
             open_timeout=30,
         )

@@ -226,13 +226,6 @@ def held_out_losses(log: str, history: list[dict[str, Any]]) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="known regression (stop 22, after the frame-by-frame transfer path landed): the LoRA r16 device's "
-    "connection closes with 1009 'frame with 4 bytes after reading 1048600 bytes exceeds limit of 1048600 bytes' "
-    "as it sends its update, so it misses its rounds; not yet found. The run itself, the budgets and the "
-    "falling loss are still checked when it passes.",
-    strict=False,
-)
 def test_smollm2_fine_tunes_with_lora_on_three_budgets_and_its_held_out_loss_falls(tmp_path: Path) -> None:
     """The real SmolLM2-135M (the packaged GGUF), SST-2 as instructions: one device fits full
     fine-tuning, two cannot and train LoRA of ranks 16 and 4; the held-out response loss falls."""

@@ -178,7 +178,7 @@ class CoordinatorServer:
             ssl=self._ssl,
             process_request=self._gate.process_request,
             create_connection=self._gate.connection_class(),
-            max_size=self._limits.max_frame_bytes,
+            max_size=self._limits.websocket_max_size,
             max_queue=RECEIVE_QUEUE_FRAMES,
             compression=None,
             open_timeout=min(self.config.hello_timeout_s, HANDSHAKE_TIMEOUT_S),

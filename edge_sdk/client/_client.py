@@ -261,7 +261,7 @@ class EdgeDevice:
             options.url,
             additional_headers={"Authorization": f"Bearer {options.token}"},
             ssl=self._ssl_context(),
-            max_size=self.limits.max_frame_bytes,
+            max_size=self.limits.websocket_max_size,
             compression=None,
             open_timeout=options.open_timeout_s,
             close_timeout=_CLOSE_TIMEOUT_S,

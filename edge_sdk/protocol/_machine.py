@@ -165,7 +165,7 @@ class BaseConnection:
 
     @property
     def limits(self) -> WireLimits:
-        """What this side accepts, announced to the peer (websocket ``max_size``: ``max_frame_bytes``)."""
+        """What this side accepts, announced to the peer (websocket ``max_size``: ``websocket_max_size``)."""
         return self._limits
 
     @property

@@ -44,11 +44,15 @@ def require_field(record: WireRecord, field: str, ok: bool, problem: str) -> Non
 # -------------------------------------------------------------------------------------------- parts
 
 
+MAX_CONTROL_PAYLOAD_BYTES: Final = 125  # a websocket ping, pong or close frame's payload at most
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WireLimits(WireRecord):
     """What one side accepts; each side announces its own (Hello, Welcome) and sends within the peer's.
 
-    Set the websocket ``max_size`` to :attr:`max_frame_bytes`.
+    Set the websocket ``max_size`` to :attr:`websocket_max_size` (:attr:`max_frame_bytes` plus room
+    for a control frame: see there).
     """
 
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -74,6 +78,16 @@ class WireLimits(WireRecord):
     def max_frame_bytes(self) -> int:
         """The largest websocket message this side accepts (its ``max_size``)."""
         return max(self.max_chunk_bytes + CHUNK_HEADER_BYTES, self.max_text_bytes)
+
+    @property
+    def websocket_max_size(self) -> int:
+        """The websocket library's ``max_size``: :attr:`max_frame_bytes` plus the largest control frame
+        payload (125 bytes, RFC 6455 5.5). A ping or pong may arrive between the fragments of a
+        message, and ``websockets`` counts every frame, control frames too, against what is left of the
+        message's ``max_size``: a keepalive ping (4 bytes) landing after the last piece of a full chunk
+        and before its empty final fragment closed the connection with 1009. The protocol itself still
+        refuses any chunk or text over :attr:`max_frame_bytes`."""
+        return self.max_frame_bytes + MAX_CONTROL_PAYLOAD_BYTES
 
 
 MAX_GRAD_NORM: Final = 1e6  # the largest gradient-clipping bound a task may carry
