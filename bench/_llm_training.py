@@ -18,19 +18,16 @@ added to the runtime stayed within the budget.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from edge_sdk._units import format_bytes, parse_size
 from edge_sdk.scaling import LeverPolicy, Workload, extract, load_parent, plan_training, reorder, weight_l1
 from edge_sdk.scaling._memory import training_estimate, workload_for
 from edge_sdk.scaling._models import resolve_model_dir
-from edge_sdk.training._probe import run_probe
+from edge_sdk.training._probe import run_probe, write_probe_folder
 
 DEFAULT_BUDGETS = ("3GB", "2GB", "900MB")  # the budgets of examples/llm-federation.toml's devices
 
@@ -46,10 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _measure(parent: Any, plan: Any, work: Workload, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="edge-fm-bench-llm-train-") as tmp:
-        folder = Path(tmp)
-        (folder / "spec.json").write_text(plan.spec.to_json())
-        (folder / "config.json").write_text(json.dumps(dict(parent.config)))
-        save_file(extract(parent, plan.spec), folder / "weights.safetensors")
+        folder = write_probe_folder(Path(tmp), plan.spec, parent.config, extract(parent, plan.spec))
         return run_probe(
             folder, batch=work.batch, seq=work.seq, steps=steps, levers=plan.levers.to_dict(), timeout_s=1800
         )

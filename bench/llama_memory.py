@@ -12,7 +12,6 @@ process measured), and the prediction's error. The first run converts the packag
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,6 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from safetensors.torch import save_file
 
     from edge_sdk._units import parse_size
     from edge_sdk.scaling import (
@@ -44,7 +42,7 @@ def main() -> int:
         weight_l1,
         workload_for,
     )
-    from edge_sdk.training._probe import run_probe
+    from edge_sdk.training._probe import run_probe, write_probe_folder
 
     loaded = load_parent(resolve_model_dir("SmolLM2-135M"), task="causal-lm")
     parent, salience, _ = reorder(loaded, weight_l1(loaded))
@@ -56,10 +54,7 @@ def main() -> int:
         widths = sorted({(layer.heads, layer.ffn) for layer in plan.spec.layers})
         summary = f"{plan.params / 1e6:.1f}M params, {plan.levers.describe()}"
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder)
-            (path / "spec.json").write_text(plan.spec.to_json())
-            (path / "config.json").write_text(json.dumps(dict(parent.config)))
-            save_file(extract(parent, plan.spec), path / "weights.safetensors")
+            path = write_probe_folder(Path(folder), plan.spec, parent.config, extract(parent, plan.spec))
             result = run_probe(path, batch=args.batch, seq=args.seq, steps=args.steps, levers=plan.levers.to_dict(),
                                timeout_s=1800)  # fmt: skip
         runtime, peak = int(result["runtime_rss_bytes"]), int(result["peak_rss_bytes"])

@@ -1,13 +1,11 @@
 """The memory model and the planner on Llama: GQA, the gated FFN, RMSNorm and a causal LM's logits."""
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
 
 from edge_sdk._levers import Levers
 from edge_sdk._spec import LayerSpec, SubnetSpec
@@ -24,7 +22,7 @@ from edge_sdk.scaling._parent import ParentModel, parent_from_module
 from edge_sdk.scaling._policy import LeverPolicy
 from edge_sdk.scaling._salience import Salience
 from edge_sdk.scaling._search import plan_training
-from edge_sdk.training._probe import run_probe
+from edge_sdk.training._probe import run_probe, write_probe_folder
 
 # SmolLM2-135M's shape (the packaged model's config.json), built on the meta device: no weights
 SMOLLM2 = dict(
@@ -105,10 +103,9 @@ def test_training_peak_of_a_fresh_process_is_at_or_under_the_prediction(tmp_path
         num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256,
     )  # fmt: skip
     spec = SubnetSpec.full(parent.dims)
-    (tmp_path / "spec.json").write_text(spec.to_json())
-    (tmp_path / "config.json").write_text(json.dumps(dict(parent.config)))
-    save_file(extract(parent, spec), tmp_path / "weights.safetensors")
-    result = run_probe(tmp_path, batch=8, seq=128, steps=3)
+    result = run_probe(
+        write_probe_folder(tmp_path, spec, parent.config, extract(parent, spec)), batch=8, seq=128, steps=3
+    )
     runtime = int(result["runtime_rss_bytes"])
     work = workload_for(parent, Workload(8, 128, steps=3))
     estimate = training_estimate(spec, param_count(parent, spec), work, runtime=runtime)

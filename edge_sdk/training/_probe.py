@@ -102,6 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def write_probe_folder(folder: Path, spec: Any, config: Mapping[str, Any], weights: Mapping[str, Any]) -> Path:
+    """Lay out what the probe reads, as a device receives it: ``spec.json`` (a ``SubnetSpec``),
+    ``config.json`` (the parent's config) and ``weights.safetensors`` (the extracted sub-network)."""
+    from safetensors.torch import save_file
+
+    (folder / "spec.json").write_text(spec.to_json())
+    (folder / "config.json").write_text(json.dumps(dict(config)))
+    save_file(dict(weights), folder / "weights.safetensors")
+    return folder
+
+
 def run_probe(
     folder: Path,
     *,
