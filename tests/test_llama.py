@@ -111,7 +111,12 @@ def test_reordering_keeps_logits(family: str, seed: int) -> None:
 
 @pytest.mark.slow
 def test_real_smollm2_reordering_and_full_extraction_keep_logits() -> None:
-    """Float64 (float32 rounds differently once sums change order: ~7e-5 on logits of ~20 after 30 layers)."""
+    """Parity is asserted in float64, where the reordered model computes the parent's function to 1e-5.
+
+    In float32 the two differ by ~7e-5 on logits of ~30: permuting heads and neurons changes the order
+    of the sums in o_proj and down_proj, and float32 rounds differently. The control shows this is
+    float32's own error, not the reordering's: the parent itself in float32 is as far (~6e-5) from the
+    exact (float64) function, and the reordered float32 model is no farther from it than that."""
     parent = smollm2()
     dims = parent.dims
     assert (dims.num_layers, dims.num_heads, dims.kv_heads, dims.head_dim, dims.ffn) == (30, 9, 3, 64, 1536)
@@ -124,12 +129,18 @@ def test_real_smollm2_reordering_and_full_extraction_keep_logits() -> None:
     full = (_logits(_built(parent), inputs) - _logits(model, inputs)).abs().max().item()
     print(f"SmolLM2 full-width extraction (float32): max |logit diff| {full:.3g}")
     assert full <= 1e-5
+    parent32 = _logits(model, inputs).double()
     reference = _logits(model.double(), inputs)
     del model
     reordered, _, _ = reorder(parent, weight_l1(parent))
     diff = (_logits(_built(reordered).double(), inputs) - reference).abs().max().item()
     print(f"SmolLM2 reordered by weight L1 (float64): max |logit diff| {diff:.3g}")
     assert diff <= 1e-5, diff
+    # the float32 control: the reordered model's error against the exact function is float32's own
+    reordered32 = _logits(_built(reordered), inputs).double()
+    floor, error = ((x - reference).abs().max().item() for x in (parent32, reordered32))
+    print(f"float32 against float64: parent {floor:.3g}, reordered {error:.3g}")
+    assert error <= 1.5 * floor and bool((reordered32.argmax(-1) == parent32.argmax(-1)).all())
     narrow = SubnetSpec.uniform(dims, heads=3, ffn=384, layers=range(0, 30, 2))
     assert _logits(_built(reordered, narrow), inputs).shape == (1, 8, 49152)
 
