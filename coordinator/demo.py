@@ -169,6 +169,11 @@ class _RoundZero(logging.Handler):
             print(record.getMessage().replace("round 0 (pre-trained model):", "round 0 (before training):"), flush=True)
 
 
+def _shown_by_progress(record: logging.LogRecord) -> bool:
+    """False for the engine's collapse warning: the round's progress line already says it."""
+    return not (record.name == "coordinator.federation._engine" and "COLLAPSED" in record.getMessage())
+
+
 def _federate(folder: Path, rounds: int) -> tuple[Any, dict[str, int]]:
     from coordinator._progress import RoundProgress
     from coordinator.serve import prepare_run, serve_async
@@ -332,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_shown_by_progress)
     folder = Path.cwd() / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
     try:
         run_demo(folder, args.rounds)

@@ -117,3 +117,18 @@ def test_the_installed_models_load_in_optimum_and_edge_sdk_infer_answers(demo: t
     assert result["text"] == REVIEW and result["label"] in ("negative", "positive")
     (prediction,) = load(small).predict([REVIEW])
     assert (result["label"], round(result["score"], 4)) == (prediction.label, round(prediction.score, 4))
+
+
+def test_the_demo_says_a_collapse_once_on_its_progress_line() -> None:
+    """The engine's collapse warning is dropped from the demo's log output (the round's line says it);
+    every other warning is still printed."""
+    import logging
+
+    from coordinator.demo import _shown_by_progress
+
+    def record(name: str, message: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, message, None, None)
+
+    assert not _shown_by_progress(record("coordinator.federation._engine", "round 1: the global model COLLAPSED: x"))
+    assert _shown_by_progress(record("coordinator.federation._engine", "round 1: device pi lost its round"))
+    assert _shown_by_progress(record("coordinator.serve._run", "COLLAPSED"))
