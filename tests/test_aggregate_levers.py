@@ -174,10 +174,10 @@ def test_shared_tensors_are_those_every_width_trains_whole() -> None:
         assert name in shared, name
     for name in (Q, QB, UP, "bert.encoder.layer.0.output.dense.weight"):
         assert name not in shared, name
-    assert width_fraction(SubnetSpec.full(parent.dims)) == 1.0
-    assert width_fraction(SubnetSpec.from_ratio(parent.dims, 0.5)) == pytest.approx(0.5)
+    assert width_fraction(parent, SubnetSpec.full(parent.dims)) == 1.0
+    assert width_fraction(parent, SubnetSpec.from_ratio(parent.dims, 0.5)) == pytest.approx(0.5)
     one_layer = SubnetSpec.uniform(parent.dims, heads=4, ffn=48, layers=[0])
-    assert width_fraction(one_layer) == pytest.approx(1 / 3)
+    assert width_fraction(parent, one_layer) == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize(
@@ -307,3 +307,13 @@ def test_weights_from_delta_handles_rows_and_factors() -> None:
     assert out[EMB].tolist() == [[14.0, 15.0]] and out[LN].tolist() == [1.5, 1.5]
     assert out[EMB + "@rows"] is received[EMB + "@rows"] and out[Q + "@lora_A"] is received[Q + "@lora_A"]
     assert torch.equal(out["ids"], sent["ids"])
+
+
+def test_width_fraction_counts_kv_groups_and_a_gated_ffn_by_their_elements() -> None:
+    """Tiny Llama: hidden 32, 4 query heads of 8 in 2 KV groups, gated FFN 48. Per layer q and o hold
+    32*32 each, k and v 32*16 each, gate/up/down 32*48 each: 7680. One KV group (2 heads) with the
+    whole FFN keeps q, o 512 each, k, v 256 each, and 4608: 6144 / 7680 = 0.8 (counting K/V as wide as
+    Q and a two-matrix FFN would say 5120 / 7168)."""
+    parent = tiny_parent("llama")
+    assert width_fraction(parent, SubnetSpec.uniform(parent.dims, heads=2, ffn=48)) == pytest.approx(0.8)
+    assert width_fraction(parent, SubnetSpec.full(parent.dims)) == 1.0

@@ -114,12 +114,27 @@ class SharedProtection:
         return float(samples)
 
 
-def width_fraction(spec: SubnetSpec) -> float:
-    """The fraction of the parent's sliced linear weights ``spec`` keeps (1.0 for the full model)."""
-    d = spec.parent
-    per_layer = 4 * d.hidden * d.num_heads * d.head_dim + 2 * d.hidden * d.ffn
-    kept = sum(4 * d.hidden * ly.heads * d.head_dim + 2 * d.hidden * ly.ffn for ly in spec.layers)
-    return kept / (d.num_layers * per_layer)
+def width_fraction(parent: ParentModel, spec: SubnetSpec) -> float:
+    """The fraction of the parent's sliced weights ``spec`` keeps (1.0 for the full model).
+
+    Sliced weights are the tensors not every width trains whole (:func:`shared_tensors`' complement:
+    attention and FFN projections and their biases); each counts by its elements, so under
+    grouped-query attention the key/value projections (whole KV groups) and a gated FFN's three
+    matrices weigh what they hold: sum over sliced tensors of kept elements / of parent elements.
+    """
+    shapes, whole = parent.shapes(), shared_tensors(parent)
+
+    def elements(s: SubnetSpec) -> int:
+        return sum(
+            _numel(shapes[name], region) for name, (_, region) in regions(parent, s).items() if name not in whole
+        )
+
+    total = elements(SubnetSpec.full(parent.dims))
+    return elements(spec) / total if total else 1.0
+
+
+def _numel(shape: Sequence[int], region: Sequence[slice]) -> int:
+    return math.prod(len(range(*s.indices(n))) for s, n in zip(region, shape, strict=True))
 
 
 def shared_tensors(parent: ParentModel) -> frozenset[str]:
@@ -129,7 +144,7 @@ def shared_tensors(parent: ParentModel) -> frozenset[str]:
     return frozenset(
         name
         for name, (_, region) in regions(parent, narrowest).items()
-        if all(len(range(*s.indices(n))) == n for s, n in zip(region, shapes[name], strict=True))
+        if _numel(shapes[name], region) == math.prod(shapes[name])
     )
 
 
@@ -176,13 +191,13 @@ def merge_round(
     protected = shared_tensors(parent) if shared.mode != "off" else frozenset()
     norms = [delta_norm(cs) for cs in checked]
     if noise is not None:
-        included = [_weigher(shared, protected, u, 1.0) for u in updates]
+        included = [_weigher(shared, protected, u, 1.0, parent) for u in updates]
         delta, count, scales = private_merge(floats, checked, norms, included, noise)
         return Merge(delta, count, tuple(norms), tuple(scales), tuple(1.0 for _ in updates))
     rule = rule or AggregationRule.plain()
     scales = clip_scales(norms, rule)
     samples = capped_weights([u.num_samples for u in updates], rule)
-    weighers = [_weigher(shared, protected, u, w) for u, w in zip(updates, samples, strict=True)]
+    weighers = [_weigher(shared, protected, u, w, parent) for u, w in zip(updates, samples, strict=True)]
     if rule.rule == "mean" or (rule.rule == "trimmed_mean" and rule.trim == 0):
         delta, den = _weighted_mean(floats, checked, scales, weighers)
     else:
@@ -191,10 +206,10 @@ def merge_round(
 
 
 def _weigher(
-    shared: SharedProtection, protected: frozenset[str], update: ClientUpdate, samples: float
+    shared: SharedProtection, protected: frozenset[str], update: ClientUpdate, samples: float, parent: ParentModel
 ) -> Callable[[str], float]:
     """A device's weight on a tensor: its (capped) samples, or the shared protection's weight."""
-    shared_weight = shared.weight(samples, width_fraction(update.spec)) if protected else samples
+    shared_weight = shared.weight(samples, width_fraction(parent, update.spec)) if protected else samples
     return lambda name: shared_weight if name in protected else samples
 
 
