@@ -181,11 +181,13 @@ async def ws_device(url: str, cafile: str | None, use_channel: bool = False) -> 
                 await _send(ws, conn, channel)  # as the SDK client: chunks as fragments, or on the channel
 
 
-def raw_echo(port: int, size: int, repeat: int) -> None:
+def raw_echo(port: int, size: int, repeat: int, fresh: bool = False) -> None:
     buffer = bytearray(size)
     view = memoryview(buffer)
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
         for _ in range(repeat):
+            if fresh:  # new memory for each copy, as a receiver of a model needs
+                view = memoryview(np.empty(size, dtype=np.uint8)).cast("B")
             got = 0
             while got < size:
                 n = sock.recv_into(view[got:], size - got)
@@ -415,13 +417,15 @@ async def websocket_round_trips(blob: bytes, repeat: int, tls: tuple[str, str] |
     return times
 
 
-def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
+def raw_round_trips(blob: bytes, repeat: int, fresh: bool = False) -> list[float]:
+    """``fresh``: each side reads into newly allocated memory each time (its pages faulted in as the
+    socket writes them), as a receiver of a model must; else one buffer reused."""
     times = []
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(TIMEOUT_S)
         proc = child(
             "--role",
-            "raw-echo",
+            "raw-echo-fresh" if fresh else "raw-echo",
             "--port",
             str(listener.getsockname()[1]),
             "--size",
@@ -436,6 +440,9 @@ def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
             view = memoryview(back)
             for _ in range(repeat):
                 start = time.perf_counter()
+                if fresh:
+                    back = np.empty(len(blob), dtype=np.uint8)
+                    view = memoryview(back).cast("B")
                 conn.sendall(blob)
                 got = 0
                 while got < len(blob):
@@ -444,7 +451,7 @@ def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
                         raise RuntimeError("raw echo closed early")
                     got += n
                 times.append(time.perf_counter() - start)
-            assert back == blob
+            assert bytes(back) == blob
         proc.wait(TIMEOUT_S)
     return times
 
@@ -596,7 +603,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
-        "--role", choices=("ws-device", "ws-device-channel", "ws-echo", "raw-echo"), help=argparse.SUPPRESS
+        "--role",
+        choices=("ws-device", "ws-device-channel", "ws-echo", "raw-echo", "raw-echo-fresh"),
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--cafile", help=argparse.SUPPRESS)
@@ -610,8 +619,8 @@ def main() -> None:
     if args.role == "ws-echo":
         asyncio.run(asyncio.wait_for(ws_echo(args.url, args.cafile, args.size), TIMEOUT_S))
         return
-    if args.role == "raw-echo":
-        raw_echo(args.port, args.size, args.repeat)
+    if args.role in ("raw-echo", "raw-echo-fresh"):
+        raw_echo(args.port, args.size, args.repeat, fresh=args.role == "raw-echo-fresh")
         return
 
     tensors = minilm_weights()
@@ -620,6 +629,7 @@ def main() -> None:
     rows: dict[str, float] = {}
     memory: dict[str, Trip] = {}
     rows["raw TCP socket"] = 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
+    rows["  into fresh memory"] = 2 * mb / statistics.median(raw_round_trips(blob, args.repeat, fresh=True))
     rows["codec only, no socket"] = 2 * mb / statistics.median(codec_round_trips(tensors, args.repeat))
     rows["websockets alone, ws://"] = (
         2 * mb / statistics.median(asyncio.run(websocket_round_trips(blob, args.repeat, None)))
@@ -669,7 +679,7 @@ def main() -> None:
         f" (1-minute load average {load:.2f} on {os.cpu_count()} CPUs):"
     )
     for name, value in rows.items():
-        print(f"  {name:<28} {value:8.1f} MB/s   ({value / raw:.2f} x raw)")
+        print(f"  {name:<40} {value:8.1f} MB/s   ({value / raw:.2f} x raw)")
     print("Server's peak extra resident memory, worst round trip (1 MiB chunks):")
     for label, t in memory.items():
         print(

@@ -196,7 +196,11 @@ class CoordinatorServer:
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
         if self.config.data_channel:
             self._channels = await serve_data_channels(
-                self.config.host, self.config.data_port, self._ssl, self._accept_channel
+                self.config.host,
+                self.config.data_port,
+                self._ssl,
+                self._accept_channel,
+                max_pending=self.config.max_connections,
             )
             self.data_port = int(next(iter(self._channels.sockets)).getsockname()[1])
             logger.info("data channels on port %d", self.data_port)

@@ -118,7 +118,9 @@ class DataChannel(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if not self.opened.done():
+        if not self.opened.done() and self._accept is not None:
+            self.opened.cancel()  # nobody awaits a coordinator's side
+        elif not self.opened.done():
             self.opened.set_exception(ConnectionError(f"the data channel closed during its handshake ({exc})"))
         if self._reading is not None and not self._reading.done() and self._conn is not None:
             self._events = self._conn.channel_broken(f"the socket closed during the transfer ({exc or 'EOF'})")
@@ -140,10 +142,6 @@ class DataChannel(asyncio.BufferedProtocol):
 
     # --------------------------------------------------------------------------------- public
 
-    @property
-    def is_open(self) -> bool:
-        return self.opened.done() and not self.opened.exception() and not self.closed.done()
-
     async def receive(self, conn: BaseConnection) -> list[Event]:
         """Read the transfer ``conn`` announced on this channel (``conn.channel_receiving``) into place,
         each chunk checked in a worker thread as it completes; the events once it is done (or faulted)."""
@@ -156,9 +154,9 @@ class DataChannel(asyncio.BufferedProtocol):
         try:
             await self._reading
             while self._work is not None:  # the last chunks' checks
-                work = self._work
-                await asyncio.wait({work})
-                if self._work is work:  # its done callback has not run yet
+                running = self._work
+                await asyncio.wait({running})
+                if self._work is running:  # its done callback has not run yet
                     self._work = None
         finally:
             self._stop_reading()
@@ -181,8 +179,8 @@ class DataChannel(asyncio.BufferedProtocol):
                     raise ConnectionError("the data channel closed while a transfer was sent")
                 transport.write(piece)
                 sent += len(piece)
-            if self._writable is not None and not self._writable.done():
-                await self._writable
+                if self._writable is not None and not self._writable.done():
+                    await self._writable  # below the transport's high-water mark again
         return sent
 
     def close(self) -> None:
@@ -272,11 +270,23 @@ async def open_data_channel(
 
 
 async def serve_data_channels(
-    host: str, port: int, ssl_context: ssl.SSLContext | None, accept: Accept
+    host: str, port: int, ssl_context: ssl.SSLContext | None, accept: Accept, *, max_pending: int = 256
 ) -> asyncio.Server:
-    """Listen for data channels (the coordinator); ``accept`` binds a proven token to its connection."""
+    """Listen for data channels (the coordinator); ``accept`` binds a proven token to its connection.
+    At most ``max_pending`` sockets may be waiting to send their hello: beyond, a new one is cut."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: DataChannel(accept), host, port, ssl=ssl_context)
+    pending: set[DataChannel] = set()
+
+    def make() -> DataChannel:
+        channel = DataChannel(accept)
+        if len(pending) >= max_pending:
+            loop.call_soon(channel.close)
+            return channel
+        pending.add(channel)
+        channel.opened.add_done_callback(lambda _: pending.discard(channel))
+        return channel
+
+    return await loop.create_server(make, host, port, ssl=ssl_context)
 
 
 async def device_channel(url: str, port: int, token: str, ssl_context: ssl.SSLContext | None) -> DataChannel | None:

@@ -198,7 +198,7 @@ class BaseConnection:
     @property
     def channel_receiving(self) -> bool:
         """An announced transfer's chunks are to be read from the data channel (:meth:`channel_target`)."""
-        return self._assembler is not None and self._assembler.manifest.channel != ""
+        return self._assembler is not None and bool(self._assembler.manifest.channel)
 
     def channel_target(self) -> memoryview:
         """Where the data channel reads next (see ``TensorAssembler.target``); only while
@@ -235,10 +235,8 @@ class BaseConnection:
         return self._violation(f"data channel: {reason}", CLOSE_PROTOCOL_ERROR, self._transfer_error_code)
 
     def data_to_send(self) -> list[str | bytes]:
-        """Take the queued outgoing messages, in order: ``str`` as text frames, ``bytes`` as binary frames.
-
-        Every chunk frame is made here (a copy of the tensors): a socket transport uses
-        :meth:`frames_to_send`."""
+        """Take the queued outgoing messages, in order: ``str`` as text frames, ``bytes`` as binary frames
+        (every chunk frame made here, a copy of the tensors: a socket transport uses :meth:`frames_to_send`)."""
         frames: list[str | bytes] = []
         for frame in self.frames_to_send():
             if isinstance(frame, ChannelSend):
@@ -261,7 +259,8 @@ class BaseConnection:
                 continue
             encoded, manifest = item
             if manifest.channel:
-                pieces = itertools.chain(encoded.chunk_pieces(manifest), [end_marker(manifest)])
+                chunks = encoded.chunk_pieces(manifest, max_piece_bytes=FRAGMENT_BYTES)
+                pieces = itertools.chain(chunks, [end_marker(manifest)])
                 yield ChannelSend(manifest.transfer_id, manifest.total_bytes, pieces)
             elif fragments:
                 yield from encoded.chunk_pieces(manifest, max_piece_bytes=FRAGMENT_BYTES)
