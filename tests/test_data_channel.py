@@ -255,3 +255,32 @@ def test_more_bytes_than_announced_or_a_corrupt_chunk_cost_only_that_device_its_
     assert outcome["good"] == ("ok", "")
     assert outcome["long"][0] == "failed" and "not a chunk frame" in outcome["long"][1]
     assert outcome["corrupt"][0] == "failed" and "is corrupt" in outcome["corrupt"][1]
+
+
+def test_a_device_whose_websocket_closes_mid_transfer_loses_only_its_round(tmp_path: Path) -> None:
+    """The update is announced on the channel, no chunk follows and the websocket closes: the
+    coordinator cuts the channel (it never waits on a channel its websocket outlived)."""
+    names = ["good", "stalled"]
+
+    async def main() -> None:
+        async with coordinator(tmp_path, names) as (srv, running), contextlib.AsyncExitStack() as stack:
+            devices = {}
+            for name in names:
+                ws = await stack.enter_async_context(dial(srv, name))
+                devices[name] = ChannelDevice(ws, url=f"ws://127.0.0.1:{srv.port}")
+                await devices[name].hello()
+            tasks = {name: await device.task() for name, device in devices.items()}
+            devices["stalled"].answer(tasks["stalled"])
+            await devices["stalled"].flush(lambda chunks: [])  # the Update, then nothing on the channel
+            await devices["stalled"].ws.close()
+            devices["good"].answer(tasks["good"])
+            await devices["good"].flush()
+            await asyncio.wait_for(running, TIMEOUT)
+
+    run(main())
+    outcome = outcomes(tmp_path)
+    assert outcome["good"] == ("ok", "")
+    assert outcome["stalled"] == (
+        "failed",
+        "protocol violation: data channel: the websocket closed during the transfer",
+    )

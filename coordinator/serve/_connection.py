@@ -102,7 +102,7 @@ class Connection:
                 events = session.conn.channel_broken("closed before the transfer")
             else:
                 before = channel.bytes_read
-                events = await channel.receive(session.conn)
+                events = await channel.receive(session.conn, unless=self.ws.wait_closed())
                 session.bytes_in += channel.bytes_read - before
             verdict = verdict.then(session.handle_all(events, now, owned=owned))
         return verdict

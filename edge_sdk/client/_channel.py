@@ -25,7 +25,7 @@ import asyncio
 import logging
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge_sdk._errors import ProtocolError
@@ -142,15 +142,20 @@ class DataChannel(asyncio.BufferedProtocol):
 
     # --------------------------------------------------------------------------------- public
 
-    async def receive(self, conn: BaseConnection) -> list[Event]:
+    async def receive(self, conn: BaseConnection, *, unless: Awaitable[Any] | None = None) -> list[Event]:
         """Read the transfer ``conn`` announced on this channel (``conn.channel_receiving``) into place,
-        each chunk checked in a worker thread as it completes; the events once it is done (or faulted)."""
+        each chunk checked in a worker thread as it completes; the events once it is done (or faulted).
+        ``unless`` (e.g. the websocket's ``wait_closed()``): if it ends first, the channel is cut and the
+        transfer fails (a half-open channel never outlives its websocket)."""
         assert self._transport is not None
         if self.closed.done():
             return conn.channel_broken("the socket is closed")
         self._conn, self._events = conn, []
         self._reading = self._loop.create_future()
         self._transport.resume_reading()
+        watcher = asyncio.ensure_future(unless) if unless is not None else None
+        if watcher is not None:
+            watcher.add_done_callback(self._websocket_closed)
         try:
             await self._reading
             while self._work is not None:  # the last chunks' checks
@@ -159,6 +164,8 @@ class DataChannel(asyncio.BufferedProtocol):
                 if self._work is running:  # its done callback has not run yet
                     self._work = None
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self._stop_reading()
             self._conn = None
         if self._events or not conn.channel_receiving:
@@ -211,7 +218,13 @@ class DataChannel(asyncio.BufferedProtocol):
         self._transport.write(CHANNEL_ACK)
         self.opened.set_result(None)
 
+    def _websocket_closed(self, watcher: asyncio.Future[Any]) -> None:
+        if not watcher.cancelled() and self._reading is not None and not self._reading.done():
+            self._refuse("the websocket closed during the transfer")
+
     def _refuse(self, why: str) -> None:
+        if self.closed.done():
+            return
         logger.warning("data channel from %s closed: %s", self._peer(), why)
         if self._reading is not None and not self._reading.done():
             if self._conn is not None:

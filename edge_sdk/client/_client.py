@@ -353,7 +353,10 @@ class _Session:
             await asyncio.to_thread(work)
         if self.conn.channel_receiving:  # the transfer announced comes on the data channel, read into place
             channel = self.channel
-            events += await channel.receive(self.conn) if channel else self.conn.channel_broken("it is closed")
+            if channel is None:
+                events += self.conn.channel_broken("it closed")
+            else:
+                events += await channel.receive(self.conn, unless=self.ws.wait_closed())
         for event in events:
             await self.on_event(event)
         await self.flush()
