@@ -19,7 +19,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from coordinator.federation import DeviceSession, Verdict
-from edge_sdk.client import DataChannel
+from edge_sdk import DataChannel
 from edge_sdk.protocol import ChannelSend, EncodedTensors, Fragment, prepare_tensors
 
 __all__ = [

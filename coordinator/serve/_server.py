@@ -87,9 +87,8 @@ from coordinator.serve._metrics import RunMetrics
 from coordinator.serve._operator import OperatorHTTP
 from coordinator.serve._security import TokenTable
 from coordinator.serve._status import StatusBoard
-from edge_sdk import websocket_messages
+from edge_sdk import DataChannel, serve_data_channels, websocket_messages
 from edge_sdk._errors import ProtocolError
-from edge_sdk.client import DataChannel, serve_data_channels
 from edge_sdk.protocol import (
     CLOSE_REPLACED,
     CLOSE_RUN_COMPLETE,

@@ -148,12 +148,14 @@ class DataChannel(asyncio.BufferedProtocol):
         ``unless`` (e.g. the websocket's ``wait_closed()``): if it ends first, the channel is cut and the
         transfer fails (a half-open channel never outlives its websocket)."""
         assert self._transport is not None
+        watcher = asyncio.ensure_future(unless) if unless is not None else None
         if self.closed.done():
+            if watcher is not None:
+                watcher.cancel()
             return conn.channel_broken("the socket is closed")
         self._conn, self._events = conn, []
         self._reading = self._loop.create_future()
         self._transport.resume_reading()
-        watcher = asyncio.ensure_future(unless) if unless is not None else None
         if watcher is not None:
             watcher.add_done_callback(self._websocket_closed)
         try:

@@ -83,17 +83,7 @@ class TensorAssembler:
             self._expected = lambda entries: entry_mismatches(entries, wanted)
         self._check_values = check_values
         self._max_norm = max_norm
-        tid = manifest.transfer_id
-        if manifest.total_bytes > max_total_bytes:
-            raise ProtocolError(
-                f"{what}: transfer {tid} of {manifest.total_bytes} bytes exceeds the limit of {max_total_bytes}",
-                CLOSE_MESSAGE_TOO_BIG,
-            )
-        if manifest.chunk_bytes > max_chunk_bytes:
-            raise ProtocolError(
-                f"{what}: chunks of {manifest.chunk_bytes} bytes exceed the limit of {max_chunk_bytes}",
-                CLOSE_MESSAGE_TOO_BIG,
-            )
+        _check_sizes(manifest, max_total_bytes, max_chunk_bytes, what)
         if self._expected is not None:
             self._raise_mismatches(manifest.entries, "announced manifest")
         # Allocated (uninitialized, so untouched pages cost no memory) when the first chunk arrives.
@@ -114,9 +104,7 @@ class TensorAssembler:
         self._chunk_hash = xxhash.xxh3_128()  # of the chunk being verified (per-chunk digests)
         self._lock = threading.Lock()  # verify() may run in a worker thread: one verify() at a time
         self._queue_lock = threading.Lock()  # the backlog: a data channel fills it while verify() runs
-        self._head_slot = bytearray(CHUNK_HEADER_BYTES)  # a data channel reads chunk headers here
-        self._head_got = 0
-        self._sealed = False  # a data channel transfer's end marker was read
+        self._head_slot, self._head_got, self._sealed = bytearray(CHUNK_HEADER_BYTES), 0, False  # target()
         self._scan = ValueScan()
         # Tensors in data order as announced (offsets known): scanned as their bytes complete.
         self._pending = collections.deque(
@@ -418,6 +406,21 @@ class TensorAssembler:
             array = np.frombuffer(self._buffer, dtype=dtype, count=count, offset=entry.offset)
             tensors[entry.name] = array.reshape(entry.shape)
         return tensors
+
+
+def _check_sizes(manifest: TensorManifest, max_total_bytes: int, max_chunk_bytes: int, what: str) -> None:
+    """ProtocolError (1009) for a transfer or its chunks above the receiver's limits."""
+    if manifest.total_bytes > max_total_bytes:
+        raise ProtocolError(
+            f"{what}: transfer {manifest.transfer_id} of {manifest.total_bytes} bytes exceeds the limit of"
+            f" {max_total_bytes}",
+            CLOSE_MESSAGE_TOO_BIG,
+        )
+    if manifest.chunk_bytes > max_chunk_bytes:
+        raise ProtocolError(
+            f"{what}: chunks of {manifest.chunk_bytes} bytes exceed the limit of {max_chunk_bytes}",
+            CLOSE_MESSAGE_TOO_BIG,
+        )
 
 
 def _offset_mismatches(actual: Iterable[TensorEntry], announced: Iterable[TensorEntry]) -> list[str]:
