@@ -18,7 +18,15 @@
    - websockets alone: the same bytes framed as the protocol frames them (1 MiB messages of 256 KiB
      fragments, received frame by frame), echoed by a child once it has them all, with no protocol
      work at all: the ceiling of any protocol over this websocket library.
-   Throughput = 2 x bytes / time (both directions); the median of ``--repeat`` round trips. With TLS
+   - protocol + data channel: the same round trip with the chunks on a data channel beside the websocket
+     (``edge_sdk.protocol._channel``: negotiated in the Hello/Welcome, a one-time token; chunks read
+     straight into the receive buffer, each chunk's digest and values checked in a worker thread).
+   - raw into fresh memory: the raw copy with a newly allocated buffer for each copy on both sides, as a
+     receiver of a model needs (its pages faulted in as the socket writes them).
+   Throughput = 2 x bytes / time (both directions); the median of ``--repeat`` round trips. Each row's
+   ratio is to the raw socket measured just before and just after it (their mean): on a shared machine
+   the load moves from minute to minute, and a ratio to one raw figure taken minutes apart moves with it.
+   With TLS
    available (``openssl`` on the PATH), the websocket rows are also measured over ``wss://``. The
    "codec only" row is the protocol's CPU work without any socket (prepare with digests, chunk,
    assemble with digest, header and finite/norm checks, both directions). The server's peak extra
@@ -627,32 +635,51 @@ def main() -> None:
     blob = safetensors.numpy.save(tensors)
     mb = len(blob) / 1e6
     rows: dict[str, float] = {}
+    ratios: dict[str, float] = {}  # each row against the raw socket measured just before and just after it
     memory: dict[str, Trip] = {}
-    rows["raw TCP socket"] = 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
-    rows["  into fresh memory"] = 2 * mb / statistics.median(raw_round_trips(blob, args.repeat, fresh=True))
-    rows["codec only, no socket"] = 2 * mb / statistics.median(codec_round_trips(tensors, args.repeat))
-    rows["websockets alone, ws://"] = (
-        2 * mb / statistics.median(asyncio.run(websocket_round_trips(blob, args.repeat, None)))
-    )
 
-    def protocol_rows(label: str, trips: list[Trip]) -> None:
-        rows[f"protocol, {label}"] = 2 * mb / statistics.median(t.total for t in trips)
-        rows[f"  shared encoding, {label}"] = 2 * mb / statistics.median(t.total - t.encode for t in trips)
+    def raw_now() -> float:
+        return 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
+
+    def measure(row: Callable[[], dict[str, float]]) -> None:
+        """Rows of MB/s, each as a ratio to the raw socket around it (the load moves from minute to minute)."""
+        before = raw_now()
+        values = row()
+        row_raw = (before + raw_now()) / 2
+        rows.update(values)
+        ratios.update({name: value / row_raw for name, value in values.items()})
+
+    def seconds(times: list[float]) -> float:
+        return 2 * mb / statistics.median(times)
+
+    def protocol(label: str, tls: tuple[str, str] | None, use_channel: bool) -> dict[str, float]:
+        profile = args.profile and tls is None
+        trips = asyncio.run(protocol_round_trips(tensors, args.repeat, tls, profile, use_channel=use_channel))
         memory[label] = max(trips, key=lambda t: max(t.send_extra, t.receive_extra))
+        return {
+            f"protocol, {label}": seconds([t.total for t in trips]),
+            f"  shared encoding, {label}": seconds([t.total - t.encode for t in trips]),
+        }
 
-    protocol_rows("ws://", asyncio.run(protocol_round_trips(tensors, args.repeat, None, args.profile)))
-    channel_trips = asyncio.run(protocol_round_trips(tensors, args.repeat, None, args.profile, use_channel=True))
-    protocol_rows("ws:// + data channel", channel_trips)
+    rows["raw TCP socket"] = raw_now()
+    ratios["raw TCP socket"] = 1.0
+    measure(lambda: {"  into fresh memory": seconds(raw_round_trips(blob, args.repeat, fresh=True))})
+    measure(lambda: {"codec only, no socket": seconds(codec_round_trips(tensors, args.repeat))})
+    measure(lambda: {"websockets alone, ws://": seconds(asyncio.run(websocket_round_trips(blob, args.repeat, None)))})
+    measure(lambda: protocol("ws://", None, use_channel=False))
+    measure(lambda: protocol("ws:// + data channel", None, use_channel=True))
     with tempfile.TemporaryDirectory() as tmp:
         cert = None if args.no_tls else make_certificate(Path(tmp))
         if cert is not None:
-            trips = asyncio.run(websocket_round_trips(blob, args.repeat, cert))
-            rows["websockets alone, wss://"] = 2 * mb / statistics.median(trips)
-            protocol_rows("wss://", asyncio.run(protocol_round_trips(tensors, args.repeat, cert)))
-            channel_trips = asyncio.run(protocol_round_trips(tensors, args.repeat, cert, use_channel=True))
-            protocol_rows("wss:// + data channel", channel_trips)
+            tls = cert
+            measure(
+                lambda: {
+                    "websockets alone, wss://": seconds(asyncio.run(websocket_round_trips(blob, args.repeat, tls)))
+                }
+            )
+            measure(lambda: protocol("wss://", tls, use_channel=False))
+            measure(lambda: protocol("wss:// + data channel", tls, use_channel=True))
         idle = None if args.skip_idle else run_idle(args.clients, Path(tmp))
-    raw = rows["raw TCP socket"]
     extra = {
         label: {"send_bytes": t.send_extra, "receive_bytes": t.receive_extra, "encode_s": t.encode}
         for label, t in memory.items()
@@ -663,7 +690,7 @@ def main() -> None:
                 {
                     "model_bytes": len(blob),
                     "throughput_mb_s": rows,
-                    "ratio_to_raw": {name: value / raw for name, value in rows.items()},
+                    "ratio_to_raw": ratios,
                     "server_peak_extra": extra,
                     "idle": idle,
                     "load_average": os.getloadavg()[0],
@@ -679,7 +706,7 @@ def main() -> None:
         f" (1-minute load average {load:.2f} on {os.cpu_count()} CPUs):"
     )
     for name, value in rows.items():
-        print(f"  {name:<40} {value:8.1f} MB/s   ({value / raw:.2f} x raw)")
+        print(f"  {name:<40} {value:8.1f} MB/s   ({ratios[name]:.2f} x raw)")
     print("Server's peak extra resident memory, worst round trip (1 MiB chunks):")
     for label, t in memory.items():
         print(
