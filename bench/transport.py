@@ -18,7 +18,15 @@
    - websockets alone: the same bytes framed as the protocol frames them (1 MiB messages of 256 KiB
      fragments, received frame by frame), echoed by a child once it has them all, with no protocol
      work at all: the ceiling of any protocol over this websocket library.
-   Throughput = 2 x bytes / time (both directions); the median of ``--repeat`` round trips. With TLS
+   - protocol + data channel: the same round trip with the chunks on a data channel beside the websocket
+     (``edge_sdk.protocol._channel``: negotiated in the Hello/Welcome, a one-time token; chunks read
+     straight into the receive buffer, each chunk's digest and values checked in a worker thread).
+   - raw into fresh memory: the raw copy with a newly allocated buffer for each copy on both sides, as a
+     receiver of a model needs (its pages faulted in as the socket writes them).
+   Throughput = 2 x bytes / time (both directions); the median of ``--repeat`` round trips. Each row's
+   ratio is to the raw socket measured just before and just after it (their mean): on a shared machine
+   the load moves from minute to minute, and a ratio to one raw figure taken minutes apart moves with it.
+   With TLS
    available (``openssl`` on the PATH), the websocket rows are also measured over ``wss://``. The
    "codec only" row is the protocol's CPU work without any socket (prepare with digests, chunk,
    assemble with digest, header and finite/norm checks, both directions). The server's peak extra
@@ -65,7 +73,11 @@ from websockets.exceptions import ConnectionClosedOK
 
 from coordinator.serve._server import RECEIVE_QUEUE_FRAMES
 from edge_sdk import websocket_messages
+from edge_sdk.client._channel import DataChannel, open_data_channel, serve_data_channels
 from edge_sdk.protocol import (
+    FEATURE_DATA_CHANNEL,
+    ChannelSend,
+    ChannelTokens,
     CoordinatorConnection,
     DeviceConnection,
     Fragment,
@@ -103,7 +115,33 @@ def child(*args: str, profile: str | None = None) -> subprocess.Popen[bytes]:
 # ------------------------------------------------------------------------------ roles (children)
 
 
-async def ws_device(url: str, cafile: str | None) -> None:
+async def _send(ws: Any, conn: CoordinatorConnection | DeviceConnection, channel: DataChannel | None) -> None:
+    """Everything ``conn`` queued: control messages on the websocket, chunks as fragmented messages or,
+    for a transfer announced on the data channel, on the channel."""
+    for frame in conn.frames_to_send(fragments=True):
+        if isinstance(frame, ChannelSend):
+            assert channel is not None
+            await channel.send(frame)
+        else:
+            await ws.send(frame)
+
+
+async def _feed(
+    conn: CoordinatorConnection | DeviceConnection, message: str | Fragment, channel: DataChannel | None
+) -> list[Any]:
+    """One websocket message to ``conn`` (each chunk's checks in a worker thread, as the coordinator and
+    the SDK client); a transfer it announces on the data channel is read from the channel."""
+    events = conn.receive(message)
+    work = conn.take_work()
+    if work is not None:
+        await asyncio.to_thread(work)
+    if conn.channel_receiving:
+        assert channel is not None
+        events += await channel.receive(conn)
+    return events
+
+
+async def ws_device(url: str, cafile: str | None, use_channel: bool = False) -> None:
     """Receive train tasks and answer each with an Update of the very tensors received."""
     context = ssl.create_default_context(cafile=cafile) if url.startswith("wss://") else None
     limits = WireLimits()
@@ -116,17 +154,27 @@ async def ws_device(url: str, cafile: str | None) -> None:
         open_timeout=30,
     ) as ws:
         conn = DeviceConnection(limits=limits)
-        conn.send_hello(device_id="bench", sdk_version="bench", profile={"budget": {"usable": 1 << 34}})
+        capabilities = (FEATURE_DATA_CHANNEL,) if use_channel else ()
+        conn.send_hello(
+            device_id="bench",
+            sdk_version="bench",
+            profile={"budget": {"usable": 1 << 34}},
+            capabilities=capabilities,
+        )
         for frame in conn.frames_to_send():
             await ws.send(frame)
         conn.defer_checks = True  # as the SDK client: each chunk's checks in a worker thread
+        channel: DataChannel | None = None
         with contextlib.suppress(ConnectionClosedOK):  # the server closes when done
             async for message in websocket_messages(ws):  # as the SDK client: binary messages piece by piece
-                events = conn.receive(message)
-                work = conn.take_work()
-                if work is not None:
-                    await asyncio.to_thread(work)
+                events = await _feed(conn, message, channel)
                 for event in events:
+                    if isinstance(event, WelcomeReceived) and event.welcome.data_token:
+                        host = url.split("//")[1].rsplit(":", 1)[0]
+                        channel = await open_data_channel(
+                            host, event.welcome.data_port, event.welcome.data_token, ssl_context=context
+                        )
+                        conn.channel_opened()
                     if isinstance(event, TaskReceived):
                         conn.send_update(
                             task_id=event.task.task_id,
@@ -138,15 +186,16 @@ async def ws_device(url: str, cafile: str | None) -> None:
                             train_time_s=0.0,
                             encoding="weights",
                         )
-                for frame in conn.frames_to_send(fragments=True):  # as the SDK client: chunks as fragments
-                    await ws.send(frame)
+                await _send(ws, conn, channel)  # as the SDK client: chunks as fragments, or on the channel
 
 
-def raw_echo(port: int, size: int, repeat: int) -> None:
+def raw_echo(port: int, size: int, repeat: int, fresh: bool = False) -> None:
     buffer = bytearray(size)
     view = memoryview(buffer)
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
         for _ in range(repeat):
+            if fresh:  # new memory for each copy, as a receiver of a model needs
+                view = memoryview(np.empty(size, dtype=np.uint8)).cast("B")
             got = 0
             while got < size:
                 n = sock.recv_into(view[got:], size - got)
@@ -181,15 +230,13 @@ class Trip:
         self.send_extra = self.receive_extra = 0
 
 
-async def _receive(incoming: AsyncIterator[str | Fragment], conn: CoordinatorConnection) -> UpdateReceived:
+async def _receive(
+    incoming: AsyncIterator[str | Fragment], conn: CoordinatorConnection, channel: DataChannel | None
+) -> UpdateReceived:
     """Messages (binary ones piece by piece) until the verified Update, each chunk's checks in a worker
     thread (as the coordinator)."""
     while True:
-        events = conn.receive(await anext(incoming))
-        work = conn.take_work()
-        if work is not None:
-            await asyncio.to_thread(work)
-        for event in events:
+        for event in await _feed(conn, await anext(incoming), channel):
             if isinstance(event, UpdateReceived):
                 return event
 
@@ -200,6 +247,8 @@ async def _round_trip(
     conn: CoordinatorConnection,
     tensors: dict[str, np.ndarray],
     i: int,
+    *,
+    channel: DataChannel | None,
 ) -> Trip:
     trip = Trip()
     before = _peak_reset()
@@ -215,35 +264,57 @@ async def _round_trip(
         tensors=encoded,
         max_update_norm=1e9,
     )
-    for frame in conn.frames_to_send(fragments=True):
-        await ws.send(frame)
+    await _send(ws, conn, channel)
     trip.send_extra = _peak() - before
     before = _peak_reset()
-    update = await _receive(incoming, conn)
+    update = await _receive(incoming, conn, channel)
     trip.total = time.perf_counter() - start
     trip.receive_extra = _peak() - before - update.update.weights.total_bytes
     return trip
 
 
 async def protocol_round_trips(
-    tensors: dict[str, np.ndarray], repeat: int, tls: tuple[str, str] | None, profile: bool = False
+    tensors: dict[str, np.ndarray],
+    repeat: int,
+    tls: tuple[str, str] | None,
+    profile: bool = False,
+    use_channel: bool = False,
 ) -> list[Trip]:
     trips: list[Trip] = []
+    tokens: ChannelTokens[asyncio.Future[DataChannel]] = ChannelTokens()
+
+    def accept(token: bytes, channel: DataChannel) -> bool:
+        bound = tokens.redeem(token)
+        if bound is None:
+            return False
+        bound.set_result(channel)
+        return True
+
+    context = _server_context(tls)
+    listener = await serve_data_channels("127.0.0.1", 0, context, accept)
+    data_port = next(iter(listener.sockets)).getsockname()[1]
 
     async def handler(ws: ServerConnection) -> None:
         conn = CoordinatorConnection()
         conn.defer_checks = True
         for event in conn.receive(await ws.recv()):
             assert isinstance(event, HelloReceived)
-        conn.send_welcome(run_id="bench", round=0, server_time=time.time())
+        bound: asyncio.Future[DataChannel] = asyncio.get_running_loop().create_future()
+        conn.send_welcome(
+            run_id="bench", round=0, server_time=time.time(), data_channel=(data_port, tokens.issue(bound))
+        )
         for frame in conn.frames_to_send():
             await ws.send(frame)
+        channel = None
+        if use_channel:
+            channel = await asyncio.wait_for(bound, TIMEOUT_S)
+            conn.channel_opened()
         profiler = cProfile.Profile() if profile else None
         incoming = websocket_messages(ws)
         for i in range(repeat):
             if profiler is not None and i == repeat - 1:
                 profiler.enable()
-            trips.append(await _round_trip(ws, incoming, conn, tensors, i))
+            trips.append(await _round_trip(ws, incoming, conn, tensors, i, channel=channel))
         if profiler is not None:
             profiler.disable()
             out = io.StringIO()
@@ -251,7 +322,11 @@ async def protocol_round_trips(
             print("Server side, one round trip over ws:// (cProfile, by own time):\n" + out.getvalue())
 
     device_profile = tempfile.mktemp(suffix=".prof") if profile else None
-    await _serve_child(handler, "ws-device", tls, profile=device_profile)
+    role = "ws-device-channel" if use_channel else "ws-device"
+    try:
+        await _serve_child(handler, role, tls, profile=device_profile)
+    finally:
+        listener.close()
     if device_profile is not None:
         out = io.StringIO()
         pstats.Stats(device_profile, stream=out).sort_stats("tottime").print_stats(16)
@@ -278,10 +353,7 @@ async def _serve_child(
         finally:
             done.set_result(None)
 
-    context = None
-    if tls is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(tls[0], tls[1])
+    context = _server_context(tls)
     limits = WireLimits()
     async with serve(
         serve_one,
@@ -300,6 +372,14 @@ async def _serve_child(
             await asyncio.wait_for(done, TIMEOUT_S)
         finally:
             proc.wait(TIMEOUT_S)
+
+
+def _server_context(tls: tuple[str, str] | None) -> ssl.SSLContext | None:
+    if tls is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls[0], tls[1])
+    return context
 
 
 async def ws_echo(url: str, cafile: str | None, count: int) -> None:
@@ -345,13 +425,15 @@ async def websocket_round_trips(blob: bytes, repeat: int, tls: tuple[str, str] |
     return times
 
 
-def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
+def raw_round_trips(blob: bytes, repeat: int, fresh: bool = False) -> list[float]:
+    """``fresh``: each side reads into newly allocated memory each time (its pages faulted in as the
+    socket writes them), as a receiver of a model must; else one buffer reused."""
     times = []
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(TIMEOUT_S)
         proc = child(
             "--role",
-            "raw-echo",
+            "raw-echo-fresh" if fresh else "raw-echo",
             "--port",
             str(listener.getsockname()[1]),
             "--size",
@@ -366,6 +448,9 @@ def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
             view = memoryview(back)
             for _ in range(repeat):
                 start = time.perf_counter()
+                if fresh:
+                    back = np.empty(len(blob), dtype=np.uint8)
+                    view = memoryview(back).cast("B")
                 conn.sendall(blob)
                 got = 0
                 while got < len(blob):
@@ -374,7 +459,7 @@ def raw_round_trips(blob: bytes, repeat: int) -> list[float]:
                         raise RuntimeError("raw echo closed early")
                     got += n
                 times.append(time.perf_counter() - start)
-            assert back == blob
+            assert bytes(back) == blob
         proc.wait(TIMEOUT_S)
     return times
 
@@ -525,47 +610,76 @@ def main() -> None:
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--role", choices=("ws-device", "ws-echo", "raw-echo"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--role",
+        choices=("ws-device", "ws-device-channel", "ws-echo", "raw-echo", "raw-echo-fresh"),
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--cafile", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.role == "ws-device":
-        asyncio.run(asyncio.wait_for(ws_device(args.url, args.cafile), TIMEOUT_S))
+    if args.role in ("ws-device", "ws-device-channel"):
+        use_channel = args.role == "ws-device-channel"
+        asyncio.run(asyncio.wait_for(ws_device(args.url, args.cafile, use_channel), TIMEOUT_S))
         return
     if args.role == "ws-echo":
         asyncio.run(asyncio.wait_for(ws_echo(args.url, args.cafile, args.size), TIMEOUT_S))
         return
-    if args.role == "raw-echo":
-        raw_echo(args.port, args.size, args.repeat)
+    if args.role in ("raw-echo", "raw-echo-fresh"):
+        raw_echo(args.port, args.size, args.repeat, fresh=args.role == "raw-echo-fresh")
         return
 
     tensors = minilm_weights()
     blob = safetensors.numpy.save(tensors)
     mb = len(blob) / 1e6
     rows: dict[str, float] = {}
+    ratios: dict[str, float] = {}  # each row against the raw socket measured just before and just after it
     memory: dict[str, Trip] = {}
-    rows["raw TCP socket"] = 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
-    rows["codec only, no socket"] = 2 * mb / statistics.median(codec_round_trips(tensors, args.repeat))
-    rows["websockets alone, ws://"] = (
-        2 * mb / statistics.median(asyncio.run(websocket_round_trips(blob, args.repeat, None)))
-    )
 
-    def protocol_rows(label: str, trips: list[Trip]) -> None:
-        rows[f"protocol, {label}"] = 2 * mb / statistics.median(t.total for t in trips)
-        rows[f"  shared encoding, {label}"] = 2 * mb / statistics.median(t.total - t.encode for t in trips)
+    def raw_now() -> float:
+        return 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
+
+    def measure(row: Callable[[], dict[str, float]]) -> None:
+        """Rows of MB/s, each as a ratio to the raw socket around it (the load moves from minute to minute)."""
+        before = raw_now()
+        values = row()
+        row_raw = (before + raw_now()) / 2
+        rows.update(values)
+        ratios.update({name: value / row_raw for name, value in values.items()})
+
+    def seconds(times: list[float]) -> float:
+        return 2 * mb / statistics.median(times)
+
+    def protocol(label: str, tls: tuple[str, str] | None, use_channel: bool) -> dict[str, float]:
+        profile = args.profile and tls is None
+        trips = asyncio.run(protocol_round_trips(tensors, args.repeat, tls, profile, use_channel=use_channel))
         memory[label] = max(trips, key=lambda t: max(t.send_extra, t.receive_extra))
+        return {
+            f"protocol, {label}": seconds([t.total for t in trips]),
+            f"  shared encoding, {label}": seconds([t.total - t.encode for t in trips]),
+        }
 
-    protocol_rows("ws://", asyncio.run(protocol_round_trips(tensors, args.repeat, None, args.profile)))
+    rows["raw TCP socket"] = raw_now()
+    ratios["raw TCP socket"] = 1.0
+    measure(lambda: {"  into fresh memory": seconds(raw_round_trips(blob, args.repeat, fresh=True))})
+    measure(lambda: {"codec only, no socket": seconds(codec_round_trips(tensors, args.repeat))})
+    measure(lambda: {"websockets alone, ws://": seconds(asyncio.run(websocket_round_trips(blob, args.repeat, None)))})
+    measure(lambda: protocol("ws://", None, use_channel=False))
+    measure(lambda: protocol("ws:// + data channel", None, use_channel=True))
     with tempfile.TemporaryDirectory() as tmp:
         cert = None if args.no_tls else make_certificate(Path(tmp))
         if cert is not None:
-            trips = asyncio.run(websocket_round_trips(blob, args.repeat, cert))
-            rows["websockets alone, wss://"] = 2 * mb / statistics.median(trips)
-            protocol_rows("wss://", asyncio.run(protocol_round_trips(tensors, args.repeat, cert)))
+            tls = cert
+            measure(
+                lambda: {
+                    "websockets alone, wss://": seconds(asyncio.run(websocket_round_trips(blob, args.repeat, tls)))
+                }
+            )
+            measure(lambda: protocol("wss://", tls, use_channel=False))
+            measure(lambda: protocol("wss:// + data channel", tls, use_channel=True))
         idle = None if args.skip_idle else run_idle(args.clients, Path(tmp))
-    raw = rows["raw TCP socket"]
     extra = {
         label: {"send_bytes": t.send_extra, "receive_bytes": t.receive_extra, "encode_s": t.encode}
         for label, t in memory.items()
@@ -576,7 +690,7 @@ def main() -> None:
                 {
                     "model_bytes": len(blob),
                     "throughput_mb_s": rows,
-                    "ratio_to_raw": {name: value / raw for name, value in rows.items()},
+                    "ratio_to_raw": ratios,
                     "server_peak_extra": extra,
                     "idle": idle,
                     "load_average": os.getloadavg()[0],
@@ -592,7 +706,7 @@ def main() -> None:
         f" (1-minute load average {load:.2f} on {os.cpu_count()} CPUs):"
     )
     for name, value in rows.items():
-        print(f"  {name:<28} {value:8.1f} MB/s   ({value / raw:.2f} x raw)")
+        print(f"  {name:<40} {value:8.1f} MB/s   ({ratios[name]:.2f} x raw)")
     print("Server's peak extra resident memory, worst round trip (1 MiB chunks):")
     for label, t in memory.items():
         print(

@@ -51,6 +51,8 @@ _LAZY: dict[str, str] = {
     "EdgeDevice": "edge_sdk.client",
     "DeviceOptions": "edge_sdk.client",
     "websocket_messages": "edge_sdk.client",
+    "DataChannel": "edge_sdk.client",
+    "serve_data_channels": "edge_sdk.client",
     "TextDataset": "edge_sdk.training",
     "TaskRunner": "edge_sdk.training",
     "prepare_runtime": "edge_sdk.training",
@@ -81,6 +83,7 @@ __all__ = [
     "AggregationError",
     "BudgetError",
     "ConfigError",
+    "DataChannel",
     "DataFile",
     "DataFormat",
     "DeviceClass",
@@ -137,6 +140,7 @@ __all__ = [
     "read_prompts",
     "read_rows",
     "read_tsv",
+    "serve_data_channels",
     "train_local",
     "training_estimate",
     "websocket_messages",
@@ -147,6 +151,7 @@ __getattr__, __dir__ = lazy_face(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:
+    from edge_sdk.client._channel import DataChannel, serve_data_channels
     from edge_sdk.client._client import DeviceOptions, EdgeDevice
     from edge_sdk.client._stream import websocket_messages
     from edge_sdk.device._budget import compute_budget

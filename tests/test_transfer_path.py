@@ -106,6 +106,9 @@ class _Session:
     def receive(self, frame: str | bytes, now: float) -> None:
         self.events += self.conn.receive(frame)
 
+    def owned(self) -> str | None:
+        return None
+
 
 def test_received_chunks_are_checked_in_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[str] = []

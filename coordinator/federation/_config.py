@@ -101,6 +101,8 @@ class ServerConfig:
     chunk_bytes: int = 1 << 20
     hello_timeout_s: float = 30.0
     send_concurrency: int = 4  # tasks whose weights are sent at the same time (bounds memory)
+    data_channel: bool = True  # offer devices a TCP data channel for tensor chunks (``edge_sdk.protocol._channel``)
+    data_port: int = 0  # the data channel's port (0: any free port, announced in each Welcome)
 
     @property
     def tls(self) -> bool:
@@ -202,6 +204,8 @@ def _server(t: Table) -> ServerConfig:
         chunk_bytes=chunk,
         hello_timeout_s=t.number("hello_timeout_s", 30.0, low=0.0, open_low=True),
         send_concurrency=t.integer("send_concurrency", 4, low=1),
+        data_channel=t.flag("data_channel", True),
+        data_port=t.integer("data_port", 0, low=0, high=65535),
     )
     t.done()
     return cfg

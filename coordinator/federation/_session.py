@@ -144,6 +144,7 @@ class DeviceSession:
         self._task_mark: int | None = None  # bytes_in when the outstanding training task was sent
         self._deploys = deploys
         self._wall_clock = wall_clock
+        self.data_channel: tuple[int, str] | None = None  # (port, one-time token) offered in the Welcome
 
     @property
     def ready(self) -> bool:
@@ -159,10 +160,25 @@ class DeviceSession:
         measures a host worker and subtracts what the worker itself holds).
         """
         self.bytes_in += frame_bytes(frame)
+        owned = self.owned()
+        return self.handle_all(self.conn.receive(frame), now, peak_of=peak_of, owned=owned)
+
+    def owned(self) -> str | None:
+        """The task outstanding on this connection now (see :meth:`handle`'s ``owned``)."""
         task = self.conn.outstanding_task
-        owned = task.task_id if task is not None else None
+        return task.task_id if task is not None else None
+
+    def handle_all(
+        self,
+        events: list[Event],
+        now: float,
+        *,
+        peak_of: Callable[[int], int] | None = None,
+        owned: str | None = None,
+    ) -> Verdict:
+        """:meth:`handle` each event in turn (e.g. a transfer's, read from the data channel); what follows."""
         verdict = GO_ON
-        for event in self.conn.receive(frame):
+        for event in events:
             verdict = verdict.then(self.handle(event, now, peak_of=peak_of, owned=owned))
         return verdict
 
@@ -273,6 +289,7 @@ class DeviceSession:
             server_time=self._wall_clock(),
             device_id=self.device_id,
             update_encoding=_granted(self.engine.federation.update_encoding),
+            data_channel=self.data_channel,
         )
         self.admitted = True
         _device_log.info(

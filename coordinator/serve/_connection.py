@@ -8,6 +8,7 @@ import http
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,9 +19,11 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from coordinator.federation import DeviceSession, Verdict
-from edge_sdk.protocol import EncodedTensors, Fragment, prepare_tensors
+from edge_sdk import DataChannel
+from edge_sdk.protocol import ChannelSend, EncodedTensors, Fragment, prepare_tensors
 
 __all__ = [
+    "CHANNEL_GRACE_S",
     "CLOSE_TIMEOUT_S",
     "CLOSE_TRY_AGAIN",
     "Changes",
@@ -37,6 +40,7 @@ T = TypeVar("T")
 
 CLOSE_TIMEOUT_S = 10.0
 CLOSE_TRY_AGAIN = 1013  # RFC 6455 "try again later": the device reconnects
+CHANNEL_GRACE_S = 5.0  # how long a device offered a data channel is given to open it before a task goes
 
 
 class Connection:
@@ -46,6 +50,8 @@ class Connection:
         self.ws = ws
         self.session = session
         self.send_lock = asyncio.Lock()
+        self.channel: DataChannel | None = None  # the device's data channel, once it opened one
+        self.channel_due: float | None = None  # time.monotonic() until which a task waits for the channel
         session.conn.defer_checks = True  # received chunks are checked by receive(), in a worker thread
 
     @property
@@ -54,8 +60,10 @@ class Connection:
 
     @property
     def idle(self) -> bool:
-        """Admitted, no task outstanding, and the websocket open."""
-        return self.session.ready and self.ws.state is State.OPEN
+        """Admitted, no task outstanding, the websocket open, and the data channel offered open (or
+        given up on: ``CHANNEL_GRACE_S`` after the Welcome, the task goes on the websocket)."""
+        waiting = self.channel_due is not None and self.channel is None and time.monotonic() < self.channel_due
+        return self.session.ready and self.ws.state is State.OPEN and not waiting
 
     async def flush(self) -> int:
         """Send everything the session queued, in order; returns the bytes sent.
@@ -63,11 +71,17 @@ class Connection:
         A transfer's chunks are made as the socket takes them, each sent as a fragmented message of
         the chunk header and views of the tensors' memory (pieces of at most 256 KiB): no copy of the
         tensors is queued, and a transfer in flight holds about a piece (websockets' frame and write
-        buffer) beyond the tensors.
+        buffer) beyond the tensors. A transfer announced on the device's data channel is written there
+        (ConnectionError if the channel is gone: the device cannot get its task either).
         """
         sent = 0
         async with self.send_lock:
             for frame in self.session.conn.frames_to_send(fragments=True):
+                if isinstance(frame, ChannelSend):
+                    if self.channel is None:
+                        raise ConnectionError("the data channel closed before a transfer was sent")
+                    sent += await self.channel.send(frame)
+                    continue
                 await self.ws.send(frame)
                 sent += len(frame) if isinstance(frame, (str, bytes)) else sum(len(piece) for piece in frame)
         return sent
@@ -76,11 +90,38 @@ class Connection:
         """Feed one message (or piece of one, see ``websocket_messages``) to the session; received chunks'
         checks (digest, copy, finite values, norm) run in a worker thread once a chunk is in, while the
         event loop serves the other devices."""
-        verdict = self.session.receive(frame, now)
-        work = self.session.conn.take_work()
+        session = self.session
+        owned = session.owned()
+        verdict = session.receive(frame, now)
+        work = session.conn.take_work()
         if work is not None:
             await asyncio.to_thread(work)
+        if session.conn.channel_receiving:  # the transfer this frame announced comes on the data channel
+            channel = self.channel
+            if channel is None:
+                events = session.conn.channel_broken("closed before the transfer")
+            else:
+                before = channel.bytes_read
+                events = await channel.receive(session.conn, unless=self.ws.wait_closed())
+                session.bytes_in += channel.bytes_read - before
+            verdict = verdict.then(session.handle_all(events, now, owned=owned))
         return verdict
+
+    def channel_opened(self, channel: DataChannel) -> None:
+        """The device proved this connection's token on ``channel``: its transfers go there from now on."""
+        self.channel = channel
+        self.session.conn.channel_opened()
+
+        def closed() -> None:
+            if self.channel is channel:
+                self.channel = None
+                self.session.conn.channel_closed()
+
+        channel.on_close = closed
+
+    def close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
 
 
 class SharedEncodings:

@@ -49,6 +49,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from coordinator.federation import (
     DeployConfig,
@@ -69,6 +70,7 @@ from coordinator.federation import (
     save_checkpoint,
 )
 from coordinator.serve._connection import (
+    CHANNEL_GRACE_S,
     CLOSE_TIMEOUT_S,
     CLOSE_TRY_AGAIN,
     Changes,
@@ -85,12 +87,13 @@ from coordinator.serve._metrics import RunMetrics
 from coordinator.serve._operator import OperatorHTTP
 from coordinator.serve._security import TokenTable
 from coordinator.serve._status import StatusBoard
-from edge_sdk import websocket_messages
+from edge_sdk import DataChannel, serve_data_channels, websocket_messages
 from edge_sdk._errors import ProtocolError
 from edge_sdk.protocol import (
     CLOSE_REPLACED,
     CLOSE_RUN_COMPLETE,
     DEFAULT_MAX_TRANSFER_BYTES,
+    ChannelTokens,
     ConnectionState,
     WireLimits,
 )
@@ -150,6 +153,9 @@ class CoordinatorServer:
         self.metrics = RunMetrics(tokens)  # this server's Prometheus registry (its own, not the global one)
         self.status = StatusBoard(engine, self._connections, self.deploys, self.metrics)  # the status page's view
         self._server: Server | None = None
+        self._channels: asyncio.Server | None = None  # the data channel listener (``edge_sdk.client._channel``)
+        self._channel_tokens: ChannelTokens[Connection] = ChannelTokens()
+        self.data_port: int | None = None
         self._stopping = False
         self._sends: list[asyncio.Future[None]] = []  # the open round's deliveries
         self.encodings = SharedEncodings()  # the open round's tensors, laid out once per sub-network
@@ -187,6 +193,16 @@ class CoordinatorServer:
             ping_timeout=20,
         )
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
+        if self.config.data_channel:
+            self._channels = await serve_data_channels(
+                self.config.host,
+                self.config.data_port,
+                self._ssl,
+                self._accept_channel,
+                max_pending=self.config.max_connections,
+            )
+            self.data_port = int(next(iter(self._channels.sockets)).getsockname()[1])
+            logger.info("data channels on port %d", self.data_port)
         scheme = "wss" if self._ssl is not None else "ws"
         logger.info(
             "listening on %s://%s:%d (%d devices may connect)",
@@ -242,6 +258,8 @@ class CoordinatorServer:
             closed.cancel()
         for task in goodbyes:
             task.cancel()
+        if self._channels is not None:
+            self._channels.close()
 
     async def _goodbye(self, connection: Connection, code: int, reason: str) -> None:
         with contextlib.suppress(ProtocolError, ConnectionClosed):
@@ -329,7 +347,7 @@ class CoordinatorServer:
                 return
             try:
                 sent = await connection.flush()
-            except ConnectionClosed:
+            except (ConnectionClosed, ConnectionError):
                 self.engine.task_failed(order.task_id, "disconnected while its task was sent")
                 self._changes.wake()
                 return
@@ -357,6 +375,8 @@ class CoordinatorServer:
             logger.exception("device %s: internal error", name)
             await close_quietly(ws, 1011, "internal error")
         finally:
+            self._channel_tokens.revoke(connection)
+            connection.close_channel()
             session.lost(ws.close_code, ws.close_reason or "")
             clean = ws.close_code in (1000, 1001, CLOSE_REPLACED, CLOSE_RUN_COMPLETE)
             _device_log.log(
@@ -373,6 +393,20 @@ class CoordinatorServer:
                 self.engine.registry.disconnected(name)
             self._changes.wake()
 
+    def _accept_channel(self, token: bytes, channel: DataChannel) -> bool:
+        """A data channel proved ``token``: bind it to the token's connection (one use per token)."""
+        connection = self._channel_tokens.redeem(token)
+        if (
+            connection is None
+            or connection.ws.state is not State.OPEN
+            or connection.session.conn.state is ConnectionState.CLOSED
+        ):
+            return False
+        connection.channel_opened(channel)
+        self._changes.wake()
+        logger.debug("device %s opened its data channel", connection.name)
+        return True
+
     async def _converse(self, connection: Connection) -> None:
         """Feed the device's frames to its session (the first within ``hello_timeout_s``) until a close."""
         ws, session, loop = connection.ws, connection.session, asyncio.get_running_loop()
@@ -387,9 +421,16 @@ class CoordinatorServer:
             )
             await close_quietly(ws, 1008, "no Hello in time")
             return
+        if self.data_port is not None:  # offered in the Welcome if the Hello announces the capability
+            session.data_channel = (self.data_port, self._channel_tokens.issue(connection))
         # The Hello's admission plans a sub-network: off the event loop. Nothing else touches the session
         # meanwhile: the connection is listed (for rounds, deploys and stop) only once it is handled.
         verdict = await start_thread(session.receive, first, loop.time())
+        if not session.conn.channel_offered:
+            self._channel_tokens.revoke(connection)
+        else:  # a round waits (a little) for the device to open it: its first task can then use it
+            connection.channel_due = time.monotonic() + CHANNEL_GRACE_S
+            loop.call_later(CHANNEL_GRACE_S, self._changes.wake)
         if self._stopping:
             await close_quietly(ws, 1001, "coordinator shutting down")
             return

@@ -53,11 +53,14 @@ from edge_sdk import __version__
 from edge_sdk._errors import BudgetError, ConfigError, EdgeFMError, ProtocolError
 from edge_sdk._units import format_bytes
 from edge_sdk.client._backoff import Backoff
+from edge_sdk.client._channel import DataChannel, device_channel
 from edge_sdk.client._progress import ProgressFn, StepLog, StepThrottle
 from edge_sdk.client._stream import websocket_messages
 from edge_sdk.protocol import (
     CAPABILITY_ENCODINGS,
+    FEATURE_DATA_CHANNEL,
     ByeReceived,
+    ChannelSend,
     Deploy,
     DeployReceived,
     DeviceConnection,
@@ -97,6 +100,7 @@ class DeviceOptions:
     memory_budget: int | str | None = None  # usable training budget (e.g. "1.5GB"), instead of detection
     profile_name: str | None = None  # a named device class, instead of detection
     ca_file: Path | None = None  # PEM file of the CA (or self-signed certificate) to trust for wss://
+    data_channel: bool = True  # take the coordinator's data channel for tensors, if it offers one
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     probe: bool = True  # run the ~1 s compute probe for the profile
     deploy_dir: Path | None = None  # where deployed inference models are installed (None: no deploys)
@@ -290,12 +294,18 @@ class _Session:
         self.work: asyncio.Task[None] | None = None
         self.welcomed = False
         self.run_id: str | None = None
+        self.channel: DataChannel | None = None  # the data channel, if the coordinator offered one
 
     async def flush(self) -> None:
         async with self.lock:
             # Chunk frames made one at a time as sent, each a fragmented message of views of the tensors.
             for frame in self.conn.frames_to_send(fragments=True):
-                await self.ws.send(frame)
+                if not isinstance(frame, ChannelSend):
+                    await self.ws.send(frame)
+                elif self.channel is not None:
+                    await self.channel.send(frame)
+                else:  # the transfer was announced on a channel that closed since: the coordinator must know
+                    await self.ws.close(1011, "the data channel closed")
 
     async def run(self) -> _SessionEnd:
         options = self.device.options
@@ -309,6 +319,7 @@ class _Session:
                 FEATURE_PROGRESS,
                 CAPABILITY_ENCODINGS,
                 *(("deploy",) if self.device.deployer else ()),
+                *((FEATURE_DATA_CHANNEL,) if options.data_channel else ()),
             ),
         )
         await self.flush()
@@ -321,6 +332,8 @@ class _Session:
             pass
         finally:
             await self.abandon()
+            if self.channel is not None:
+                self.channel.close()
         code, reason = self.ws.close_code, self.ws.close_reason or ""
         why = f"the connection closed (code {code}{' ' + reason if reason else ''})"
         return _SessionEnd(self.welcomed, code in STOP_CODES, why)
@@ -338,6 +351,12 @@ class _Session:
         work = self.conn.take_work()  # received chunks' digests, copies and value checks: off the loop
         if work is not None:
             await asyncio.to_thread(work)
+        if self.conn.channel_receiving:  # the transfer announced comes on the data channel, read into place
+            channel = self.channel
+            if channel is None:
+                events += self.conn.channel_broken("it closed")
+            else:
+                events += await channel.receive(self.conn, unless=self.ws.wait_closed())
         for event in events:
             await self.on_event(event)
         await self.flush()
@@ -347,6 +366,13 @@ class _Session:
             welcome = event.welcome
             self.welcomed = True
             self.run_id = welcome.run_id
+            if welcome.data_token:  # offered: open it before the next message (a task may use it)
+                self.channel = await device_channel(
+                    self.device.options.url, welcome.data_port, welcome.data_token, self.device._ssl_context()
+                )
+                if self.channel is not None:
+                    self.conn.channel_opened()
+                    self.channel.on_close = self.conn.channel_closed
             logger.info("joined run %s as %s (round %d done)", welcome.run_id, welcome.device_id, welcome.round)
         elif isinstance(event, TaskReceived):
             self.work = asyncio.ensure_future(self.do_task(event.task, dict(event.tensors)))

@@ -9,6 +9,15 @@ send; the caller owns the socket. Importing this package never imports torch.
 from __future__ import annotations
 
 from edge_sdk.protocol._assembler import TensorAssembler, decode_tensors
+from edge_sdk.protocol._channel import (
+    CHANNEL_ACK,
+    CHANNEL_HELLO_BYTES,
+    FEATURE_DATA_CHANNEL,
+    ChannelSend,
+    ChannelTokens,
+    channel_hello,
+    channel_token,
+)
 from edge_sdk.protocol._closecodes import (
     CLOSE_GOING_AWAY,
     CLOSE_REJECTED,
@@ -116,6 +125,8 @@ from edge_sdk.protocol._wire import (
 
 __all__ = [
     "CAPABILITY_ENCODINGS",
+    "CHANNEL_ACK",
+    "CHANNEL_HELLO_BYTES",
     "CHUNK_HEADER_BYTES",
     "CLOSE_GOING_AWAY",
     "CLOSE_INTERNAL_ERROR",
@@ -132,6 +143,7 @@ __all__ = [
     "DTYPES",
     "ENCODINGS",
     "FEATURE_CHUNK_XXH3",
+    "FEATURE_DATA_CHANNEL",
     "FEATURE_PROGRESS",
     "LORA_A_SUFFIX",
     "LORA_B_SUFFIX",
@@ -149,6 +161,8 @@ __all__ = [
     "STOP_CODES",
     "Bye",
     "ByeReceived",
+    "ChannelSend",
+    "ChannelTokens",
     "ConnectionLost",
     "ConnectionState",
     "CoordinatorConnection",
@@ -190,6 +204,8 @@ __all__ = [
     "Welcome",
     "WelcomeReceived",
     "WireLimits",
+    "channel_hello",
+    "channel_token",
     "check_encoding",
     "check_tensor_values",
     "chunk_blob",

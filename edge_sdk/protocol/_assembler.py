@@ -83,17 +83,7 @@ class TensorAssembler:
             self._expected = lambda entries: entry_mismatches(entries, wanted)
         self._check_values = check_values
         self._max_norm = max_norm
-        tid = manifest.transfer_id
-        if manifest.total_bytes > max_total_bytes:
-            raise ProtocolError(
-                f"{what}: transfer {tid} of {manifest.total_bytes} bytes exceeds the limit of {max_total_bytes}",
-                CLOSE_MESSAGE_TOO_BIG,
-            )
-        if manifest.chunk_bytes > max_chunk_bytes:
-            raise ProtocolError(
-                f"{what}: chunks of {manifest.chunk_bytes} bytes exceed the limit of {max_chunk_bytes}",
-                CLOSE_MESSAGE_TOO_BIG,
-            )
+        _check_sizes(manifest, max_total_bytes, max_chunk_bytes, what)
         if self._expected is not None:
             self._raise_mismatches(manifest.entries, "announced manifest")
         # Allocated (uninitialized, so untouched pages cost no memory) when the first chunk arrives.
@@ -103,15 +93,18 @@ class TensorAssembler:
         self._next = 0
         self._received_bytes = 0
         self.deferred = False  # True: the transport calls verify() itself (e.g. in a worker thread)
-        # Pieces received, not verified yet: (position in the blob, chunk index, payload, ends its chunk).
-        self._backlog: collections.deque[tuple[int, int, memoryview, bool]] = collections.deque()
+        # Pieces received, not verified yet: (position in the blob, chunk index, payload, ends its chunk);
+        # payload None: a whole chunk already in place in the buffer (read there by a data channel).
+        self._backlog: collections.deque[tuple[int, int, memoryview | None, bool]] = collections.deque()
         self._backlog_bytes = 0
         self._ended = 0  # chunks whose last piece waits in the backlog
         self._chunk: tuple[int, int] | None = None  # (index, payload bytes) of the chunk being received
         self._head = b""  # the chunk header's first bytes, when a piece ended inside it
         self._got = 0  # payload bytes of that chunk received so far
         self._chunk_hash = xxhash.xxh3_128()  # of the chunk being verified (per-chunk digests)
-        self._lock = threading.Lock()  # verify() may run in a worker thread
+        self._lock = threading.Lock()  # verify() may run in a worker thread: one verify() at a time
+        self._queue_lock = threading.Lock()  # the backlog: a data channel fills it while verify() runs
+        self._head_slot, self._head_got, self._sealed = bytearray(CHUNK_HEADER_BYTES), 0, False  # target()
         self._scan = ValueScan()
         # Tensors in data order as announced (offsets known): scanned as their bytes complete.
         self._pending = collections.deque(
@@ -179,18 +172,80 @@ class TensorAssembler:
         if self._buffer is None:
             self._buffer = np.empty(self._manifest.total_bytes, dtype=np.uint8)
         if view or fin:
-            self._backlog.append((self._received_bytes + self._got, index, view, fin))
-            self._backlog_bytes += len(view)
+            with self._queue_lock:
+                self._backlog.append((self._received_bytes + self._got, index, view, fin))
+                self._backlog_bytes += len(view)
+                self._ended += fin
         self._got = got
         if fin:
             self._chunk, self._got = None, 0
             self._next += 1
             self._received_bytes += want
-            self._ended += 1
         if not self.deferred or self._backlog_bytes > MAX_BACKLOG_CHUNKS * self._manifest.chunk_bytes or self.complete:
             self.verify()
             self._raise_fault()
         return self.complete
+
+    def target(self) -> memoryview:
+        """Where a data channel reads the transfer's next bytes (``recv_into``): the rest of the next
+        chunk header (a 24-byte slot), or the rest of the chunk's payload *in the receive buffer itself*,
+        so no byte is copied after the socket's. Never longer than what the transfer still expects:
+        after the last chunk, the 24-byte end marker (a chunk header of index ``num_chunks``, so a
+        sender's surplus bytes are caught within the transfer), then nothing."""
+        if self._sealed:
+            return memoryview(b"")
+        if self._chunk is None:
+            return memoryview(self._head_slot)[self._head_got :]
+        if self._buffer is None:
+            self._buffer = np.empty(self._manifest.total_bytes, dtype=np.uint8)
+        start = self._received_bytes + self._got
+        return self._buffer.data.cast("B")[start : start + self._chunk[1] - self._got]
+
+    def wrote(self, count: int) -> bool:
+        """``count`` bytes were read into :meth:`target` (1 to its length); a header is checked once
+        whole, a chunk whose payload is in waits for :meth:`verify` (``work_waiting``). Return True once
+        the transfer's last chunk is in; ProtocolError for a bad header or a corrupt chunk verified."""
+        self._raise_fault()
+        if self._chunk is None:
+            if self._sealed or not 0 < count <= CHUNK_HEADER_BYTES - self._head_got:
+                raise ProtocolError(f"{self._what}: wrote {count} bytes into a header slot")
+            self._head_got += count
+            if self._head_got < CHUNK_HEADER_BYTES:
+                return False
+            self._head_got = 0
+            if self.complete:
+                self._seal(bytes(self._head_slot))
+                return True
+            self._chunk = self._open_chunk(bytes(self._head_slot))
+            return False
+        index, want = self._chunk
+        if not 0 < count <= want - self._got:
+            raise ProtocolError(f"{self._what}: wrote {count} bytes into a chunk lacking {want - self._got}")
+        self._got += count
+        if self._got < want:
+            return False
+        with self._queue_lock:
+            self._backlog.append((self._received_bytes, index, None, True))
+            self._ended += 1
+        self._chunk, self._got = None, 0
+        self._next += 1
+        self._received_bytes += want
+        return False
+
+    @property
+    def sealed(self) -> bool:
+        """A data channel transfer's end marker is in (see :meth:`target`): nothing more to read."""
+        return self._sealed
+
+    def _seal(self, head: bytes) -> None:
+        tid = self._manifest.transfer_id
+        transfer_id, index, _ = decode_chunk(head)
+        if transfer_id != tid or index != self._manifest.num_chunks:
+            raise ProtocolError(
+                f"{self._what}: transfer {tid} should end with its end marker, got header {index} of {transfer_id}",
+                CLOSE_PROTOCOL_ERROR,
+            )
+        self._sealed = True
 
     def _open_chunk(self, head: bytes) -> tuple[int, int]:
         """Check a chunk header (transfer, index in order); (index, payload bytes) of the chunk it opens."""
@@ -234,16 +289,26 @@ class TensorAssembler:
 
         Never raises: a corrupt chunk is kept in :attr:`fault` (the rest of the backlog dropped) and
         raised by the next :meth:`add_fragment` or :meth:`finish`. Safe to call from a worker thread
-        while no other thread feeds this assembler; payload views keep their frames alive until then.
+        while no other thread feeds this assembler pieces, or while a data channel reads further chunks
+        into place (:meth:`wrote`); payload views keep their frames alive until then.
         """
         with self._lock:
             buffer = self._buffer
             digests = self._manifest.chunk_xxh3
-            while self._backlog and self._fault is None:
+            while self._fault is None:
+                with self._queue_lock:
+                    if not self._backlog:
+                        return
+                    position, index, piece, ends = self._backlog.popleft()
+                    self._backlog_bytes -= len(piece) if piece is not None else 0
+                    self._ended -= ends
                 assert buffer is not None
-                position, index, payload, ends = self._backlog.popleft()
-                self._backlog_bytes -= len(payload)
-                self._ended -= ends
+                in_place = piece is None
+                payload = (
+                    piece
+                    if piece is not None
+                    else buffer.data.cast("B")[position : position + self._manifest.chunk_length(index)]
+                )
                 (self._hash if self._hash is not None else self._chunk_hash).update(payload)
                 if ends and self._hash is None:
                     got, self._chunk_hash = self._chunk_hash.hexdigest(), xxhash.xxh3_128()
@@ -252,10 +317,12 @@ class TensorAssembler:
                             f"{self._what}: chunk {index} of transfer {self._manifest.transfer_id} is corrupt:"
                             f" xxh3_128 {got}, the manifest says {digests[index]}"
                         )
-                        self._backlog.clear()
+                        with self._queue_lock:
+                            self._backlog.clear()
                         return
                 end = position + len(payload)
-                buffer[position:end] = np.frombuffer(payload, dtype=np.uint8)
+                if not in_place:
+                    buffer[position:end] = np.frombuffer(payload, dtype=np.uint8)
                 if self._streamed:
                     self._scan_values(buffer, end)
 
@@ -339,6 +406,21 @@ class TensorAssembler:
             array = np.frombuffer(self._buffer, dtype=dtype, count=count, offset=entry.offset)
             tensors[entry.name] = array.reshape(entry.shape)
         return tensors
+
+
+def _check_sizes(manifest: TensorManifest, max_total_bytes: int, max_chunk_bytes: int, what: str) -> None:
+    """ProtocolError (1009) for a transfer or its chunks above the receiver's limits."""
+    if manifest.total_bytes > max_total_bytes:
+        raise ProtocolError(
+            f"{what}: transfer {manifest.transfer_id} of {manifest.total_bytes} bytes exceeds the limit of"
+            f" {max_total_bytes}",
+            CLOSE_MESSAGE_TOO_BIG,
+        )
+    if manifest.chunk_bytes > max_chunk_bytes:
+        raise ProtocolError(
+            f"{what}: chunks of {manifest.chunk_bytes} bytes exceed the limit of {max_chunk_bytes}",
+            CLOSE_MESSAGE_TOO_BIG,
+        )
 
 
 def _offset_mismatches(actual: Iterable[TensorEntry], announced: Iterable[TensorEntry]) -> list[str]:

@@ -9,6 +9,7 @@ from typing import ClassVar, TypeVar
 import numpy as np
 
 from edge_sdk._errors import ProtocolError
+from edge_sdk.protocol._channel import FEATURE_DATA_CHANNEL
 from edge_sdk.protocol._encodings import (
     CAPABILITY_ENCODINGS,
     check_encoding,
@@ -90,6 +91,7 @@ class CoordinatorConnection(BaseConnection):
         self._outstanding: _Outstanding | None = None
         self._update: Update | None = None
         self._update_encoding: str | None = None
+        self.channel_offered = False  # the Welcome offered a data channel (``_channel``)
 
     @property
     def update_encoding(self) -> str | None:
@@ -114,11 +116,13 @@ class CoordinatorConnection(BaseConnection):
         server_time: float,
         device_id: str | None = None,
         update_encoding: str | None = None,
+        data_channel: tuple[int, str] | None = None,
     ) -> Welcome:
         """Accept the device (after HelloReceived); ``device_id`` defaults to the one in its Hello.
 
         ``update_encoding`` (one of ``ENCODINGS``): granted when the Hello announced the encodings
         capability; the device then sends deltas packed with it (plain float32 weights stay accepted).
+        ``data_channel`` (port, one-time token): offered when the Hello announced ``channel:tcp``.
         """
         self._require_state("send_welcome", ConnectionState.HELLO_RECEIVED)
         assert self._hello is not None
@@ -127,6 +131,11 @@ class CoordinatorConnection(BaseConnection):
         if update_encoding is not None and CAPABILITY_ENCODINGS in self._hello.capabilities:
             features.append(encoding_feature(check_encoding(update_encoding)))
             self._update_encoding = update_encoding
+        port, token = 0, ""
+        if data_channel is not None and FEATURE_DATA_CHANNEL in self._hello.capabilities:
+            features.append(FEATURE_DATA_CHANNEL)
+            port, token = data_channel
+            self.channel_offered = True
         welcome = Welcome(
             run_id=run_id,
             device_id=device_id if device_id is not None else self._hello.device_id,
@@ -134,6 +143,8 @@ class CoordinatorConnection(BaseConnection):
             server_time=server_time,
             limits=self._limits,
             features=tuple(features),
+            data_port=port,
+            data_token=token,
         )
         self._queue(welcome)
         self._state = ConnectionState.READY

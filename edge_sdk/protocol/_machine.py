@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar
@@ -41,6 +42,7 @@ import numpy as np
 
 from edge_sdk._errors import ProtocolError
 from edge_sdk.protocol._assembler import EntryCheck, TensorAssembler
+from edge_sdk.protocol._channel import ChannelSend, end_marker
 from edge_sdk.protocol._events import ByeReceived, ConnectionLost, Event, ProtocolViolation
 from edge_sdk.protocol._messages import (
     MAX_TEXT_BYTES,
@@ -97,7 +99,8 @@ logger = logging.getLogger(__name__)
 
 TaskMessage = TrainTask | EvaluateTask | Deploy
 Tensors = Mapping[str, np.ndarray] | EncodedTensors  # what a send_* method takes: arrays, or already prepared
-OutgoingFrame = str | bytes | ChunkPieces  # text, binary, or a binary frame's pieces (a fragmented message)
+# text, binary, a binary frame's pieces (a fragmented message), or a transfer for the data channel
+OutgoingFrame = str | bytes | ChunkPieces | ChannelSend
 MAX_ERROR_TEXT = 2000  # characters of a fault's description sent back in an Error
 FRAGMENT_BYTES = 256 << 10  # the longest piece of a fragmented chunk frame (frames_to_send(fragments=True))
 _TO_DEVICE = (Welcome, TrainTask, EvaluateTask, Deploy)
@@ -156,6 +159,7 @@ class BaseConnection:
         self._assembler: TensorAssembler | None = None
         self.defer_checks = False  # True: the transport runs received chunks' checks itself (take_work)
         self._chunk_xxh3 = False  # the handshake agreed on per-chunk xxh3_128 digests (FEATURE_CHUNK_XXH3)
+        self._channel = False  # a data channel is open beside the websocket (``_channel``)
 
     # ------------------------------------------------------------------------------------ public
 
@@ -178,12 +182,67 @@ class BaseConnection:
         """What the peer accepts, once its Hello/Welcome arrived."""
         return self._peer_limits
 
-    def data_to_send(self) -> list[str | bytes]:
-        """Take the queued outgoing messages, in order: ``str`` as text frames, ``bytes`` as binary frames.
+    @property
+    def channel_open(self) -> bool:
+        """A data channel is open: transfers this side sends travel on it (``_channel``)."""
+        return self._channel
 
-        Every chunk frame is made here (a copy of the tensors): a socket transport uses
-        :meth:`frames_to_send`."""
-        return [frame if isinstance(frame, (str, bytes)) else b"".join(frame) for frame in self.frames_to_send()]
+    def channel_opened(self) -> None:
+        """The data channel opened (coordinator: its token redeemed; device: the ack received)."""
+        self._channel = True
+
+    def channel_closed(self) -> None:
+        """The data channel closed: transfers sent from now on travel on the websocket."""
+        self._channel = False
+
+    @property
+    def channel_receiving(self) -> bool:
+        """An announced transfer's chunks are to be read from the data channel (:meth:`channel_target`)."""
+        return self._assembler is not None and bool(self._assembler.manifest.channel)
+
+    def channel_target(self) -> memoryview:
+        """Where the data channel reads next (see ``TensorAssembler.target``); only while
+        :attr:`channel_receiving` (else empty)."""
+        return self._assembler.target() if self._assembler is not None else memoryview(b"")
+
+    def channel_wrote(self, count: int) -> list[Event]:
+        """``count`` bytes were read into :meth:`channel_target`: no event while the transfer goes on
+        (once it is complete, run :meth:`take_work`, then :meth:`channel_finish`); a fault (a bad header,
+        a corrupt chunk) is a :class:`ProtocolViolation`, as on the websocket. Never raises."""
+        assembler = self._assembler
+        if assembler is None or self._state is ConnectionState.CLOSED:
+            return []
+        try:
+            assembler.wrote(count)
+        except ProtocolError as exc:
+            code = self._transfer_error_code if assembler.fault is not None else ErrorCode.BAD_MESSAGE
+            return self._violation(str(exc), exc.close_code, error_code_for(exc.close_code, code))
+        return []
+
+    def channel_finish(self) -> list[Event]:
+        """The channel transfer's last chunk is in and its work done: its events. Never raises."""
+        assembler = self._assembler
+        if assembler is None or not assembler.sealed or self._state is ConnectionState.CLOSED:
+            return []
+        self._assembler = None
+        return self._complete(assembler)
+
+    def channel_broken(self, reason: str) -> list[Event]:
+        """The data channel failed while a transfer was being read from it: a violation, never raises."""
+        self._channel = False
+        if not self.channel_receiving or self._state is ConnectionState.CLOSED:
+            return []
+        return self._violation(f"data channel: {reason}", CLOSE_PROTOCOL_ERROR, self._transfer_error_code)
+
+    def data_to_send(self) -> list[str | bytes]:
+        """Take the queued outgoing messages, in order: ``str`` as text frames, ``bytes`` as binary frames
+        (every chunk frame made here, a copy of the tensors: a socket transport uses :meth:`frames_to_send`)."""
+        frames: list[str | bytes] = []
+        for frame in self.frames_to_send():
+            if isinstance(frame, ChannelSend):
+                raise ProtocolError("a transfer for the data channel: take it with frames_to_send")
+            frames.append(frame if isinstance(frame, (str, bytes)) else b"".join(frame))
+        return frames
 
     def frames_to_send(self, *, fragments: bool = False) -> Iterator[OutgoingFrame]:
         """Take the queued outgoing messages one at a time, in order, as the caller sends them.
@@ -199,7 +258,11 @@ class BaseConnection:
                 yield item
                 continue
             encoded, manifest = item
-            if fragments:
+            if manifest.channel:
+                chunks = encoded.chunk_pieces(manifest, max_piece_bytes=FRAGMENT_BYTES)
+                pieces = itertools.chain(chunks, [end_marker(manifest)])
+                yield ChannelSend(manifest.transfer_id, manifest.total_bytes, pieces)
+            elif fragments:
                 yield from encoded.chunk_pieces(manifest, max_piece_bytes=FRAGMENT_BYTES)
             else:
                 yield from encoded.frames(manifest)
@@ -316,6 +379,12 @@ class BaseConnection:
             raise ProtocolError(
                 f"binary frame of {len(frame)} bytes exceeds the limit of {limit}", CLOSE_MESSAGE_TOO_BIG
             )
+        if self._assembler is not None and self._assembler.manifest.channel:
+            raise ProtocolError(
+                f"binary frame on the websocket while transfer {self._assembler.manifest.transfer_id}"
+                " travels on the data channel",
+                CLOSE_UNSUPPORTED_DATA,
+            )
         if self._assembler is None:
             try:
                 transfer_id, index, _ = decode_chunk(frame)
@@ -335,6 +404,10 @@ class BaseConnection:
             code = error_code_for(exc.close_code, self._transfer_error_code)  # corrupt data: a bad task/update
             return self._violation(str(exc), exc.close_code, code)
         self._assembler = None
+        return self._complete(assembler)
+
+    def _complete(self, assembler: TensorAssembler) -> list[Event]:
+        """A transfer's last chunk is in: finish it (digests, header, decode) and hand it on."""
         try:
             tensors = assembler.finish()
         except ProtocolError as exc:
@@ -350,6 +423,8 @@ class BaseConnection:
                 f"{what}: chunks of {manifest.chunk_bytes} bytes are below the minimum of {MIN_CHUNK_BYTES}",
                 CLOSE_POLICY_VIOLATION,
             )
+        if manifest.channel and not self._channel:
+            raise ProtocolError(f"{what}: announced on a data channel that is not open", CLOSE_PROTOCOL_ERROR)
         self._assembler = TensorAssembler(
             manifest,
             expected=expected,
@@ -394,6 +469,8 @@ class BaseConnection:
         chunk_bytes = min(self._limits.max_chunk_bytes, peer.max_chunk_bytes)
         encoded = tensors if isinstance(tensors, EncodedTensors) else prepare_tensors(tensors, chunk_bytes=chunk_bytes)
         manifest = encoded.manifest(chunk_bytes=chunk_bytes, digest=CHUNK_XXH3 if self._chunk_xxh3 else "sha256")
+        if self._channel:
+            manifest = dataclasses.replace(manifest, channel="tcp")
         if manifest.total_bytes > peer.max_transfer_bytes:
             raise ProtocolError(
                 f"{what}: {manifest.total_bytes} bytes of tensors exceed the peer's transfer limit of"

@@ -171,12 +171,26 @@ class Welcome(Message):
     # Optional features this coordinator takes from this device (e.g. "progress"); only those the
     # device's Hello announced, so an older device never sees the field.
     features: tuple[str, ...] = dataclasses.field(default=(), metadata=OPTIONAL_ON_WIRE)
+    # The data channel granted (feature "channel:tcp", see ``_channel``): its port and one-time token.
+    data_port: int = dataclasses.field(default=0, metadata=OPTIONAL_ON_WIRE)
+    data_token: str = dataclasses.field(default="", metadata=OPTIONAL_ON_WIRE)
 
     def _validate(self) -> None:
         super()._validate()
         require_field(self, "features", len(self.features) <= 16, f"{len(self.features)} entries, at most 16")
         for feature in self.features:
             require_field(self, "features", 0 < len(feature) <= 32, "each feature is 1 to 32 characters")
+        require_field(self, "data_port", 0 <= self.data_port <= 65535, f"{self.data_port} is not a port")
+        require_field(
+            self,
+            "data_token",
+            self.data_token == ""
+            or (len(self.data_token) == 32 and all(c in "0123456789abcdef" for c in self.data_token)),
+            "expected 32 lowercase hex digits",
+        )
+        require_field(
+            self, "data_token", (self.data_port == 0) == (self.data_token == ""), "port and token go together"
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

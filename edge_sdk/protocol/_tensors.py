@@ -185,8 +185,12 @@ class TensorManifest(WireRecord):
     # the ``logical`` tensors the receiver gets back. Both absent (the default) for a plain transfer.
     encoding: str = dataclasses.field(default="", metadata=OPTIONAL_ON_WIRE)
     logical: tuple[TensorEntry, ...] = dataclasses.field(default=(), metadata=OPTIONAL_ON_WIRE)
+    # Where the chunks travel: "" on the websocket, "tcp" on the connection's data channel (``_channel``).
+    channel: str = dataclasses.field(default="", metadata=OPTIONAL_ON_WIRE)
 
     def _validate(self) -> None:
+        if self.channel not in ("", "tcp"):
+            raise self._invalid("channel", f"expected '' or 'tcp', got {self.channel[:16]!r}")
         if (self.encoding == "") != (not self.logical) or len(self.encoding) > 32:
             raise self._invalid(
                 "encoding", f"encoding {self.encoding[:32]!r} needs its logical tensors (and only then)"
