@@ -27,6 +27,8 @@ EDGE_SDK = {
     "PromptDataset", "encode_prompts", "is_prompt_file", "read_prompts",
     # a websocket's messages as the protocol takes them (the SDK client and the coordinator's server)
     "websocket_messages",
+    # the data channel for tensor chunks beside the websocket (both ends)
+    "DataChannel", "serve_data_channels",
 }  # fmt: skip
 
 COORDINATOR = {
