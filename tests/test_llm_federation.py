@@ -238,8 +238,9 @@ def test_smollm2_fine_tunes_with_lora_on_three_budgets_and_its_held_out_loss_fal
     fine-tuning, two cannot and train LoRA of ranks 16 and 4; the held-out response loss falls.
 
     Then the deploys: every device whose budget holds the export of what it trains (the LoRA r16
-    device's, 2.37 GB, among them: not with the old 20 B/param export) installs its ONNX model and ``edge-sdk generate`` generates
-    from it without torch; a device whose budget holds none is skipped, and its record says why."""
+    device's, 2.37 GB, among them: not with the old 20 B/param export) installs its ONNX model and
+    ``edge-sdk generate`` generates from it without torch; a device whose budget holds none is
+    skipped, and its record says why."""
     from edge_sdk.scaling import resolve_model_dir
 
     model = resolve_model_dir("SmolLM2-135M")  # converted once into edge-fm's cache folder
