@@ -66,7 +66,8 @@ def export_lm_graph(
 
 @contextlib.contextmanager
 def _graph_only_torch_export() -> Iterator[None]:
-    """``torch.onnx.export`` exports the graph alone while this runs (optimum resolves it at call time)."""
+    """``torch.onnx.export`` exports the graph alone while this runs (optimum resolves it at call time).
+    Process-wide: no other export may run meanwhile (a device runs one deploy at a time)."""
     original = torch.onnx.export
 
     def graph_only(*args: Any, **kwargs: Any) -> Any:
