@@ -430,3 +430,37 @@ def test_a_finished_run_resumed_waits_for_its_devices_and_deploys_to_them(
     (record,) = run(main())
     assert (record.device_id, record.status, record.round) == ("pi", "ok", 1)
     assert record.metrics == {"parity_max_abs_diff": 1e-7} and record.params >= record.train_params
+
+
+def test_a_device_whose_budget_fits_no_deploy_is_skipped_with_the_reason(
+    tmp_path: Path, parent: tuple[ParentModel, Salience], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan whose export fits not even the training sub-network (``fits`` False) is not sent: the
+    record and the log say why (before, it was sent anyway and the device could run out of memory)."""
+    from coordinator.serve import _deploys
+
+    real = _deploys.make_order
+
+    def too_small(*args: Any, **kwargs: Any) -> Any:
+        order = real(*args, **kwargs)
+        return dataclasses.replace(order, plan=dataclasses.replace(order.plan, fits=False))
+
+    monkeypatch.setattr(_deploys, "make_order", too_small)
+    folder = tmp_path / "served"
+
+    async def main() -> list[DeployOutcome]:
+        async with coordinator(tmp_path, ["new"], parent) as srv:
+            new = device(srv, "new", folder)
+            runs = asyncio.ensure_future(new.run_async())
+            await asyncio.wait_for(srv.run(), TIMEOUT)
+            await asyncio.wait_for(runs, 30)
+            assert new.deploys_done == 0
+            return srv.deployments
+
+    (skipped,) = run(main())
+    assert skipped.status == "skipped" and not skipped.fits and skipped.bytes_out == 0
+    assert skipped.reason.startswith("its budget fits no deploy: ") and "above its deploy budget of" in skipped.reason
+    assert skipped.predicted_bytes > 0 and skipped.log_line().endswith(f"skipped ({skipped.reason})")
+    (record,) = json.loads((tmp_path / "run" / DEPLOYMENTS_FILE).read_text())
+    assert record["status"] == "skipped" and record["reason"] == skipped.reason
+    assert not folder.exists()

@@ -173,7 +173,7 @@ def test_a_broken_graph_fails_parity_and_installs_nothing(tmp_path: Path, monkey
     from edge_sdk.serving import _export_lm
 
     model = tiny_llama(seed=3)
-    real = _export_lm.export_optimum
+    real = _export_lm.export_lm_graph
 
     def export_then_perturb(m: torch.nn.Module, *args: object, **kwargs: object) -> None:
         with torch.no_grad():
@@ -184,7 +184,7 @@ def test_a_broken_graph_fails_parity_and_installs_nothing(tmp_path: Path, monkey
             with torch.no_grad():
                 m.model.norm.weight.div_(1.5)
 
-    monkeypatch.setattr(_export_lm, "export_optimum", export_then_perturb)
+    monkeypatch.setattr(_export_lm, "export_lm_graph", export_then_perturb)
     with pytest.raises(ExportError, match="parity check failed"):
         export_causal_lm(model, tiny_tokenizer_dir(tmp_path / "tok"), tmp_path / "m", parity_prompts=PROMPTS)
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp-*"))
@@ -274,6 +274,28 @@ def test_real_smollm2_greedy_generation_in_onnx_runtime_equals_torch(tmp_path: P
         assert len(expected) >= 32
         assert list(generator.generate(ids, max_new_tokens=48).token_ids) == expected
     print(f"parity {report.parity.max_abs_diff:.2e}")
+
+
+def test_model_onnx_holds_each_weight_once_written_from_the_module(exported: tuple) -> None:
+    """``model.onnx`` is written one tensor at a time from the module (the torch exporter traced the
+    graph without weights): every ``Linear``'s weight is stored transposed for its ``MatMul`` (the
+    exporter's folding), the tied table once (a ``Gather`` and the ``lm_head``'s ``Transpose`` read
+    it), the values are the module's; the checks' skeleton file is not installed."""
+    import onnx
+    from onnx import numpy_helper
+
+    model, folder, _ = exported
+    graph = onnx.load(str(folder / MODEL_FP32)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    table = state["model.embed_tokens.weight"]
+    assert sum(a.shape == table.shape and np.array_equal(a, table) for a in inits.values()) == 1
+    transposed = [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits]
+    assert [n.input[0] for n in transposed] == ["model.embed_tokens.weight"]  # the tied lm_head
+    q = state["model.layers.0.self_attn.q_proj.weight"]
+    assert sum(a.shape == q.T.shape and np.array_equal(a, q.T) for a in inits.values()) == 1
+    assert sum(a.size for a in inits.values()) <= sum(p.numel() for p in model.parameters()) + 64  # + inv_freq
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".onnx") == [MODEL_FP32, MODEL_INT8]
 
 
 def test_infer_on_an_llm_folder_points_to_generate(exported: tuple) -> None:

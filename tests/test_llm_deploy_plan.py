@@ -30,9 +30,11 @@ def test_smollm2s_kv_cache_is_46_kb_a_token_and_its_table_copy_113_mb() -> None:
     # a layer keeping one KV group of three is padded to the widest layer's: the cache does not shrink
     narrow = SubnetSpec.from_dict({**full.to_dict(), "layers": [[0, 3, 1536]] + [[i, 9, 1536] for i in range(1, 30)]})
     assert kv_cache_bytes(narrow, work) == 46_080
-    # the export: 20 B/param fp32, 27 int8 (measured 19.8 and 27.3 on SmolLM2), above the encoder's 17 and 23
-    assert lm_export_estimate(134_515_008, quantize=False) > 19.8 * 134_515_008
-    assert lm_export_estimate(134_515_008, quantize=True) > 27.3 * 134_515_008
+    # the export: 11 B/param fp32, 23 int8, above what SmolLM2's export measured (10.1 and 22.2:
+    # `python bench/lm_export_memory.py [--quantize]`) and within 15 % of it
+    for quantize, measured in ((False, 10.1), (True, 22.2)):
+        predicted = lm_export_estimate(134_515_008, quantize=quantize)
+        assert measured * 134_515_008 < predicted < 1.15 * measured * 134_515_008
 
 
 def test_a_causal_lm_deploy_is_priced_by_the_llm_serving_model(tmp_path: Path) -> None:
@@ -44,15 +46,16 @@ def test_a_causal_lm_deploy_is_priced_by_the_llm_serving_model(tmp_path: Path) -
     assert training.spec == full
     encoder = serving_estimate(full, params, workload_for(parent, work), runtime_footprint=RUNTIME, quantize=False)
     llm = lm_serving_estimate(full, params, workload_for(parent, work), runtime_footprint=RUNTIME, quantize=False)
-    assert llm.total > encoder.total
+    # the KV cache and the table's copy cost more, but the export needs fewer bytes a parameter than
+    # the encoder fit counts (11 vs 17): the search prices every candidate with the LLM model itself
+    assert llm.total < encoder.total
 
     def plan(budget: int):  # type: ignore[no-untyped-def]
         return plan_inference_for(
             parent, salience, training, device_id="d", budget_bytes=budget, work=work, runtime_footprint=RUNTIME
         )
 
-    # at the encoder model's bytes the full model was planned "within budget"; it needs more
-    short = plan(encoder.total)
-    assert not short.fits and not short.optimize
-    roomy = plan(llm.total)
+    roomy = plan(llm.total)  # below the encoder model's bytes: it fits all the same
     assert roomy.fits and roomy.inference.spec == full and roomy.inference.estimate.total == llm.total
+    short = plan(llm.total - 1)
+    assert not short.fits and not short.optimize

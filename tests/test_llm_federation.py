@@ -132,11 +132,13 @@ def run_federation(
     *,
     rows: int,
     timeout: float = TIMEOUT_S,
-    deploy: bool = False,
+    deploy: bool | frozenset[str] = False,
 ) -> list[dict[str, Any]]:
     """Serve ``config`` to three ``edge-sdk join`` processes (their budgets: ``MARGIN + budgets``;
-    with ``deploy``, each installs its model in ``folder/deployed-NAME``); the run's history (one
-    entry per round) once every process has exited cleanly."""
+    with ``deploy`` (True: every device, or the names of those that deploy), each installs its model in
+    ``folder/deployed-NAME``; the others refuse deploys); the run's history (one entry per round) once
+    every process has exited cleanly."""
+    deploying = frozenset(TOKENS) if deploy is True else frozenset(deploy or ())
     server = coordinator(config, folder / "coordinator.log")
     devices = {}
     try:
@@ -145,7 +147,7 @@ def run_federation(
             data = SST2_INSTRUCT / f"train-{k}.jsonl"
             extra = ("--tokenizer", tokenizer, "--limit", str(rows))
             budget = str(MARGIN + budgets[name])
-            log, target = folder / f"{name}.log", folder / f"deployed-{name}" if deploy else None
+            log, target = folder / f"{name}.log", folder / f"deployed-{name}" if name in deploying else None
             devices[name] = device(f"ws://127.0.0.1:{port}", token, data, budget, log, *extra, deploy_dir=target)
         assert server.wait(timeout) == 0, server.text()[-4000:]
         for name, proc in devices.items():
@@ -199,23 +201,30 @@ def check_deployed(folder: Path, *, n_layers: int) -> None:
     assert "generates" in (folder / "coordinator.log").read_text(encoding="utf-8")  # the deploy's log line
     assert sorted(deployed) == sorted(TOKENS)
     for name, d in deployed.items():
-        assert d["status"] == "ok" and d["fits"], d
-        assert d["metrics"]["parity_tokens_equal"] == LM_PARITY_STEPS and d["metrics"]["tokens_per_s"] > 0, d
-        served = folder / f"deployed-{name}"
-        manifest = json.loads((served / "edge_manifest.json").read_text())
-        assert len(manifest["spec"]["layers"]) == n_layers
-        # the deploy's seq_len is the served context (the KV cache was planned for it): generation stops there
-        assert manifest["inference"]["context"] == 64
-        assert json.loads((served / "config.json").read_text())["max_position_embeddings"] == 64
-        code = (
-            "import sys; from edge_sdk.cli import main; "
-            f"rc = main(['generate', '--model', {str(served)!r}, '--max-new-tokens', '6', '--json', "
-            "'Review: a gorgeous, witty movie.\\nSentiment:']); "
-            "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'"
-        )
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
-        result = json.loads(out.stdout)
-        assert 1 <= len(result["token_ids"]) <= 6 and result["tokens_per_s"] > 0, result
+        check_installed(folder, name, d, n_layers=n_layers)
+
+
+def check_installed(folder: Path, name: str, d: dict[str, Any], *, n_layers: int) -> dict[str, Any]:
+    """``name``'s deploy record says ok, its folder is installed for a 64-token context, and
+    ``edge-sdk generate --json`` generates from it in a process that never imports torch; its output."""
+    assert d["status"] == "ok" and d["fits"], d
+    assert d["metrics"]["parity_tokens_equal"] == LM_PARITY_STEPS and d["metrics"]["tokens_per_s"] > 0, d
+    served = folder / f"deployed-{name}"
+    manifest = json.loads((served / "edge_manifest.json").read_text())
+    assert len(manifest["spec"]["layers"]) == n_layers
+    # the deploy's seq_len is the served context (the KV cache was planned for it): generation stops there
+    assert manifest["inference"]["context"] == 64
+    assert json.loads((served / "config.json").read_text())["max_position_embeddings"] == 64
+    code = (
+        "import sys; from edge_sdk.cli import main; "
+        f"rc = main(['generate', '--model', {str(served)!r}, '--max-new-tokens', '6', '--json', "
+        "'Review: a gorgeous, witty movie.\\nSentiment:']); "
+        "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    result = json.loads(out.stdout)
+    assert 1 <= len(result["token_ids"]) <= 6 and result["tokens_per_s"] > 0, result
+    return dict(result)
 
 
 def held_out_losses(log: str, history: list[dict[str, Any]]) -> list[float]:
@@ -228,7 +237,13 @@ def held_out_losses(log: str, history: list[dict[str, Any]]) -> list[float]:
 @pytest.mark.slow
 def test_smollm2_fine_tunes_with_lora_on_three_budgets_and_its_held_out_loss_falls(tmp_path: Path) -> None:
     """The real SmolLM2-135M (the packaged GGUF), SST-2 as instructions: one device fits full
-    fine-tuning, two cannot and train LoRA of ranks 16 and 4; the held-out response loss falls."""
+    fine-tuning, two cannot and train LoRA of ranks 16 and 4; the held-out response loss falls.
+
+    Then the deploys, to the two devices whose budget is not the largest (the dense device's export
+    fitted before as well; leaving it out keeps one SmolLM2 export, about a minute of CPU, out of the
+    suite): the LoRA r16 device's budget (2.37 GB, too small for the old 20 B/param export) holds the
+    export of what it trains, it installs its ONNX model and ``edge-sdk generate`` generates from it
+    without torch; the LoRA r4 device's budget holds none: it is skipped, and its record says why."""
     from edge_sdk.scaling import resolve_model_dir
 
     model = resolve_model_dir("SmolLM2-135M")  # converted once into edge-fm's cache folder
@@ -237,8 +252,9 @@ def test_smollm2_fine_tunes_with_lora_on_three_budgets_and_its_held_out_loss_fal
     parent, salience = ranked_parent(model, task="causal-lm", cache=True)
     budgets = lever_budgets(parent, salience, training, LeverPolicy(lora_ranks=tuple(ranks)))
     del parent, salience
-    config = write_llm_config(tmp_path, "SmolLM2-135M", training=training, ranks=ranks, dev_rows=32)
-    history = run_federation(tmp_path, config, budgets, "SmolLM2-135M", rows=32, timeout=900)
+    config = write_llm_config(tmp_path, "SmolLM2-135M", training=training, ranks=ranks, dev_rows=32, deploy=True)
+    deploying = frozenset({"medium", "small"})
+    history = run_federation(tmp_path, config, budgets, "SmolLM2-135M", rows=32, timeout=900, deploy=deploying)
     for entry in history:
         levers = check_devices(entry, budgets)
         assert levers["large"].lora_rank == 0 and not levers["large"].costs_accuracy  # full fine-tuning fits it
@@ -253,3 +269,27 @@ def test_smollm2_fine_tunes_with_lora_on_three_budgets_and_its_held_out_loss_fal
             }
         )
     assert losses[2] < losses[1] < losses[0]
+    check_smollm2_deploys(tmp_path, budgets)
+
+
+def check_smollm2_deploys(folder: Path, budgets: dict[str, int]) -> None:
+    """Of the deploying devices, a deploy was sent exactly where the plan's export fits the device's
+    deploy budget; each sent one generates; the others are skipped with the reason, nothing installed."""
+    deployed = {d["device_id"]: d for d in json.loads((folder / "run" / "deployments.json").read_text())}
+    assert sorted(deployed) == sorted(TOKENS)
+    large = deployed.pop("large")  # it refuses deploys (no --deploy-dir): never planned nor sent
+    assert large["status"] == "skipped" and "does not deploy models" in large["reason"], large
+    for name, d in sorted(deployed.items()):
+        print(name, d["status"], d["predicted_bytes"], d["budget_bytes"], d["reason"] or d["metrics"])
+        assert d["fits"] == (d["predicted_bytes"] <= d["budget_bytes"]), d
+        if d["fits"]:
+            check_installed(folder, name, d, n_layers=30)
+            continue
+        assert d["status"] == "skipped" and d["reason"].startswith("its budget fits no deploy: "), d
+        assert "above its deploy budget of" in d["reason"] and not (folder / f"deployed-{name}").exists()
+        assert f"deploy {d['task_id']} to {name} (round 2): skipped (its budget fits no deploy" in (
+            folder / "coordinator.log"
+        ).read_text(encoding="utf-8")
+    # the LoRA r16 device deploys now that the export needs 11, not 20, bytes a parameter; r4 cannot
+    assert deployed["medium"]["status"] == "ok" and deployed["medium"]["predicted_bytes"] < budgets["medium"]
+    assert deployed["small"]["status"] == "skipped"

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from coordinator.federation._config import DeployConfig
 from coordinator.federation._records import width_of
+from edge_sdk import SubnetSpec
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import InferenceSettings, torch_to_numpy
 from edge_sdk.scaling import (
+    MemoryEstimate,
     ParentModel,
     Plan,
     Salience,
@@ -39,7 +41,6 @@ from edge_sdk.scaling import (
     export_estimate,
     extract,
     lm_serving_estimate,
-    lm_serving_headroom,
     plan_serving,
     workload_for,
 )
@@ -70,7 +71,7 @@ class DeployPlan:
     inference: Plan
     budget_bytes: int  # what the served model's process may hold (ONNX Runtime's footprint included)
     could_grow: bool  # the budget holds more than the training sub-network
-    fits: bool = True  # False: not even the training sub-network's serving (export) fits; sent anyway
+    fits: bool = True  # False: not even the training sub-network's serving (export) fits; not sent (skipped)
     optimize: bool = False  # the export's transformer fusion fits the budget too: the device fuses
 
     @property
@@ -170,26 +171,25 @@ def plan_inference_for(
     """The inference plan for a device whose training plan is ``training`` and inference bytes ``budget_bytes``.
 
     With ``runtime_footprint`` (what the device reported), its export must fit too (int8 with
-    ``quantize``). If not even the training sub-network fits, it is served anyway (``fits`` False): a
-    device can always serve what it trained. The rule is :func:`edge_sdk.scaling._planning.plan_serving`,
-    with the unfused export's bytes: the largest sub-network first. The export is then fused
-    (``optimize``: faster int8 serving of short inputs) only if the fused export of that sub-network fits
-    the budget too; else the device exports the plain graph, which ONNX Runtime still fuses partly when
-    it loads it. A causal LM is priced by :func:`edge_sdk.scaling.lm_serving_estimate` (its KV cache at
-    ``work``'s tokens, ONNX Runtime's copy of the embedding table, its larger export) and never fused.
+    ``quantize``). If not even the training sub-network fits, the plan says so (``fits`` False) and the
+    deploy service skips the device with the reason (its export would exceed its memory). The rule is
+    :func:`edge_sdk.scaling._planning.plan_serving`, with the unfused export's bytes: the largest
+    sub-network first. The export is then fused (``optimize``: faster int8 serving of short inputs) only
+    if the fused export of that sub-network fits the budget too; else the device exports the plain
+    graph, which ONNX Runtime still fuses partly when it loads it. A causal LM is priced by
+    :func:`edge_sdk.scaling.lm_serving_estimate` (its KV cache at ``work``'s tokens, ONNX Runtime's copy
+    of the embedding table, its larger export) and never fused.
     """
     causal = parent.task == "causal-lm"
-    # a causal LM's serving costs more than the encoder model counts (KV cache, ONNX Runtime's copy of the
-    # table, a larger export): searched against the budget less the most that can add, then priced exactly
-    headroom = lm_serving_headroom(parent, workload_for(parent, work), quantize=quantize) if causal else 0
     serving = plan_serving(
         parent,
         salience,
         training,
-        budget=budget_bytes - headroom,
+        budget=budget_bytes,
         work=work,
         runtime_footprint=runtime_footprint,
         quantize=quantize,
+        estimator=_lm_estimator(parent, work, runtime_footprint, quantize) if causal else None,
     )
     params = serving.plan.params
     if causal:
@@ -216,6 +216,18 @@ def plan_inference_for(
         fits=serving.fits,
         optimize=optimize,
     )
+
+
+def _lm_estimator(
+    parent: ParentModel, work: Workload, runtime_footprint: int | None, quantize: bool
+) -> Callable[[SubnetSpec, int], MemoryEstimate]:
+    """A causal LM's own serving model (KV cache, ONNX Runtime's copy of the table, its export)."""
+    lm_work = workload_for(parent, work)
+
+    def estimate(spec: SubnetSpec, params: int) -> MemoryEstimate:
+        return lm_serving_estimate(spec, params, lm_work, runtime_footprint=runtime_footprint, quantize=quantize)
+
+    return estimate
 
 
 def _lm_plan(

@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 
 from coordinator.federation import DeployConfig, DeployOrder, DeployOutcome, FederationEngine, make_order, outcome
 from coordinator.serve._connection import CLOSE_TRY_AGAIN, Connection, close_quietly, start_thread, write_atomic
+from edge_sdk import format_bytes
 from edge_sdk._errors import EdgeFMError, ProtocolError
 from edge_sdk.protocol import EncodedTensors, prepare_tensors
 
@@ -142,6 +143,8 @@ class DeployService:
             except (EdgeFMError, KeyError) as exc:
                 reason = f"cannot plan its inference sub-network: {exc}"
                 return DeployOutcome(device_id, task_id, self.engine.round, "failed", reason)
+            if not order.plan.fits:
+                return outcome(dataclasses.replace(order, tensors={}), "skipped", _no_fit(order))
             waiter: asyncio.Future[_Answer] = loop.create_future()
             self._waiters[task_id] = waiter
             try:
@@ -206,3 +209,13 @@ class DeployService:
             except OSError as exc:
                 logger.warning("cannot write %s: %s", self._run_dir / DEPLOYMENTS_FILE, exc)
         return result
+
+
+def _no_fit(order: DeployOrder) -> str:
+    """Why a deploy whose export fits not even the device's training sub-network is not sent."""
+    plan = order.plan
+    return (
+        f"its budget fits no deploy: the smallest it may serve (the {plan.training.params / 1e6:.1f}M-parameter"
+        f" sub-network it trains) is predicted at {format_bytes(plan.inference.estimate.total)} to export and"
+        f" serve, above its deploy budget of {format_bytes(plan.budget_bytes)}"
+    )

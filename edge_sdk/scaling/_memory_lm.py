@@ -4,10 +4,12 @@ A decoder is served by ``edge-sdk generate`` (ONNX Runtime, a key/value cache) a
 it with its cache (``edge_sdk.serving._export_lm``). Measured on SmolLM2-135M (134.5M parameters,
 fresh processes, peaks above the imports; docs/serving.md), three things differ from an encoder's:
 
-- **The export** peaks at 19.8 B/param fp32 and 27.3 B/param with the int8 model (2.66 GB, 3.67 GB),
-  about 12% above :func:`~edge_sdk.scaling._memory.export_estimate`'s encoder fit (17 and 23 B/param:
-  2.35, 3.31 GB): the cache's extra graph inputs and outputs and the parity run of cached steps. Here
-  :data:`LM_EXPORT_PER_PARAM` (20 and 27 B/param) with the encoder fit's fixed bytes.
+- **The export** peaks at 10.1 B/param fp32 and 22.2 B/param with the int8 model (1.36 GB, 2.98 GB;
+  ``python bench/lm_export_memory.py [--quantize]``): the graph is traced without its weights and
+  ``model.onnx`` written one tensor at a time from the module's memory, the checks' ONNX Runtime session
+  reads the weights from that file (``edge_sdk.serving._export_lm_graph``), so the peak is the module's
+  weights plus one session, not the torch exporter's five copies (19.8 and 27.3 B/param before). Here
+  :data:`LM_EXPORT_PER_PARAM` (11 and 23 B/param) with the encoder fit's fixed bytes.
 - **The key/value cache** of ``b x s`` tokens: ``2 x layers x kv_heads x head_dim x 4`` bytes a token
   (46 KB for SmolLM2: 30 layers x 3 KV heads x 64). The export pads every layer to the widest layer's
   KV heads, so ``kv_heads`` is the spec's largest.
@@ -39,7 +41,7 @@ from edge_sdk.scaling._parent import ParentModel
 
 __all__ = ["LM_EXPORT_PER_PARAM", "lm_export_estimate", "lm_serving_estimate", "lm_serving_headroom"]
 
-LM_EXPORT_PER_PARAM = {False: 20, True: 27}  # quantize -> bytes per parameter of a causal LM's export
+LM_EXPORT_PER_PARAM = {False: 11, True: 23}  # quantize -> bytes per parameter of a causal LM's export
 
 
 def lm_export_estimate(params: int, *, quantize: bool) -> int:
@@ -76,8 +78,9 @@ def lm_serving_estimate(
 
 def lm_serving_headroom(parent: ParentModel, work: Workload, *, quantize: bool) -> int:
     """The most :func:`lm_serving_estimate` adds to the encoder serving estimate of any sub-network of
-    ``parent``: the larger of the full width's KV cache + table copy and its export's extra bytes."""
+    ``parent``: the larger of the full width's KV cache + table copy and its export's extra bytes (none
+    when the LLM export needs fewer bytes a parameter than the encoder fit counts)."""
     full = SubnetSpec.full(parent.dims)
     params = param_count(parent, full)
     export_extra = (LM_EXPORT_PER_PARAM[quantize] - _EXPORT_PER_PARAM[quantize, False]) * params
-    return max(kv_cache_bytes(full, work) + embedding_copy_bytes(full, work), export_extra)
+    return max(kv_cache_bytes(full, work) + embedding_copy_bytes(full, work), export_extra, 0)

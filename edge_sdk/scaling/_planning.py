@@ -106,23 +106,35 @@ def plan_serving(
     work: Workload,
     runtime_footprint: int | None,
     quantize: bool = False,
+    estimator: Callable[[SubnetSpec, int], MemoryEstimate] | None = None,
 ) -> ServingPlan:
     """The inference sub-network for inference bytes ``budget``, never smaller than ``training``'s.
 
     ``runtime_footprint`` (the device's torch runtime) adds the export's constraint; None leaves it
     out (ONNX Runtime serving only, as ``edge-coordinator plan`` shows for a bare memory size).
+    ``estimator`` (spec, params -> estimate) prices every sub-network instead (a causal LM's serving
+    model, :func:`~edge_sdk.scaling._memory_lm.lm_serving_estimate`).
     """
 
     work = workload_for(parent, work)
 
     def estimate(spec: SubnetSpec, params: int) -> MemoryEstimate:
+        if estimator is not None:
+            return estimator(spec, params)
         if runtime_footprint is None:
             return inference_estimate(spec, params, work, INFERENCE_RUNTIME_BYTES)
         return serving_estimate(spec, params, work, runtime_footprint=runtime_footprint, quantize=quantize)
 
     try:
         plan = plan_inference(
-            parent, salience, budget, work, floor=training.spec, export_footprint=runtime_footprint, quantize=quantize
+            parent,
+            salience,
+            budget,
+            work,
+            floor=training.spec,
+            export_footprint=runtime_footprint,
+            quantize=quantize,
+            estimator=estimator,
         )
     except BudgetError:
         served = dataclasses.replace(training, estimate=estimate(training.spec, training.params), budget=budget)

@@ -274,18 +274,23 @@ def plan_inference(
     runtime: int = INFERENCE_RUNTIME_BYTES,
     export_footprint: int | None = None,
     quantize: bool = False,
+    estimator: Estimator | None = None,
 ) -> Plan:
     """The largest sub-network whose inference fits ``budget``, never smaller than ``floor``.
 
     With ``export_footprint`` (the device's torch runtime footprint), its export on the device must
-    fit too (:func:`~edge_sdk.scaling._memory.serving_estimate`, int8 with ``quantize``).
+    fit too (:func:`~edge_sdk.scaling._memory.serving_estimate`, int8 with ``quantize``). ``estimator``
+    (spec, params -> estimate) prices sub-networks instead (a causal LM's serving model).
     """
     work = workload_for(parent, work)
-    if export_footprint is None:
-        estimator: Estimator = lambda spec, p: inference_estimate(spec, p, work, runtime)  # noqa: E731
+    price: Estimator
+    if estimator is not None:
+        price = estimator
+    elif export_footprint is None:
+        price = lambda spec, p: inference_estimate(spec, p, work, runtime)  # noqa: E731
     else:
         footprint = export_footprint
-        estimator = lambda spec, p: serving_estimate(  # noqa: E731
+        price = lambda spec, p: serving_estimate(  # noqa: E731
             spec, p, work, runtime_footprint=footprint, quantize=quantize
         )
-    return _search(parent, salience, budget, estimator, floor=floor, what="servable")
+    return _search(parent, salience, budget, price, floor=floor, what="servable")

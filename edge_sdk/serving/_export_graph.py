@@ -59,10 +59,17 @@ def export_graph(
 
 
 def export_optimum(
-    model: PreTrainedModel, path: Path, opset: int, scratch_parent: Path, *, task: str = "text-classification"
+    model: PreTrainedModel,
+    path: Path,
+    opset: int,
+    scratch_parent: Path,
+    *,
+    task: str = "text-classification",
+    post_process: bool = True,
 ) -> None:
     """optimum's exporter for ``task``, run in a scratch folder under ``scratch_parent``; only the graph
-    is kept (``"text-generation-with-past"``: a decoder with its key/value cache)."""
+    is kept (``"text-generation-with-past"``: a decoder with its key/value cache). ``post_process``:
+    optimum's (tied-weight de-duplication, which reads the weights from the file)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     scratch = Path(tempfile.mkdtemp(prefix="optimum-", dir=scratch_parent))
@@ -75,7 +82,9 @@ def export_optimum(
     model.config._name_or_path = str(empty)
     try:
         with _expected_export_warnings_silenced(), quiet_export_logs():
-            onnx_export_from_model(model, scratch, opset=opset, task=task, do_validation=False)
+            onnx_export_from_model(
+                model, scratch, opset=opset, task=task, do_validation=False, no_post_process=not post_process
+            )
         model.eval()
         written = scratch / MODEL_FP32
         if not written.is_file():

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import shutil
@@ -57,7 +58,6 @@ from edge_sdk.serving._export import (
     _eval_mode,
     _publish,
 )
-from edge_sdk.serving._export_graph import export_optimum
 from edge_sdk.serving._export_lm_checks import (
     LMDriftReport,
     LMParityReport,
@@ -65,6 +65,7 @@ from edge_sdk.serving._export_lm_checks import (
     measure_lm_drift,
     quantize_lm_int8,
 )
+from edge_sdk.serving._export_lm_graph import export_lm_graph
 from edge_sdk.serving._generate import GENERATION_CONFIG_NAME, load_generator
 from edge_sdk.serving._infer import MANIFEST_NAME, MODEL_FP32, MODEL_INT8, sha256_file
 
@@ -74,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 LM_TASK = "causal-lm"
 OPTIMUM_TASK = "text-generation-with-past"
+SKELETON = "model.weights-in-model-onnx.onnx"  # model.onnx's graph, its weights external data in model.onnx
 
 
 @dataclass(frozen=True)
@@ -161,19 +163,30 @@ def _write_models(
     quantize: bool,
 ) -> tuple[LMParityReport, LMDriftReport | None]:
     """Write the tokenizer, configs and fp32 graph (and the int8 graph with ``quantize``) into ``tmp``;
-    check the fp32 graph's parity with ``model`` and measure the int8 graph's drift from it."""
-    with _eval_mode(model), _config_kv_heads(model, heads):
-        _copy_tokenizer(tok_dir, tmp)
-        _write_configs(model, tmp)
-        export_optimum(model, tmp / MODEL_FP32, opset, tmp, task=OPTIMUM_TASK)
-        fp32 = load_generator(tmp, prefer_quantized=False, verify=False)
-        ids = [fp32.encode(p) for p in prompts]
-        parity, generated = check_lm_parity(model, fp32, ids, steps, atol)
-    if not quantize:
-        return parity, None
-    quantize_lm_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
-    int8 = load_generator(tmp, prefer_quantized=True, verify=False)
-    return parity, measure_lm_drift(fp32, int8, ids, generated)
+    check the fp32 graph's parity with ``model`` and measure the int8 graph's drift from it.
+
+    The fp32 checks read ``model.onnx``'s weights through its skeleton (:data:`SKELETON`, removed
+    before the folder is published): an ONNX Runtime session of less memory. No fp32 session is open
+    while the int8 pass runs (it loads the model more than once); the drift opens one again."""
+    skeleton = tmp / SKELETON
+    try:
+        with _eval_mode(model), _config_kv_heads(model, heads):
+            _copy_tokenizer(tok_dir, tmp)
+            _write_configs(model, tmp)
+            export_lm_graph(model, tmp / MODEL_FP32, opset, tmp, task=OPTIMUM_TASK, skeleton=skeleton)
+            fp32 = load_generator(tmp, verify=False, model_file=SKELETON)
+            ids = [fp32.encode(p) for p in prompts]
+            parity, generated = check_lm_parity(model, fp32, ids, steps, atol)
+        if not quantize:
+            return parity, None
+        del fp32
+        gc.collect()
+        quantize_lm_int8(tmp / MODEL_FP32, tmp / MODEL_INT8)
+        fp32 = load_generator(tmp, verify=False, model_file=SKELETON)
+        int8 = load_generator(tmp, prefer_quantized=True, verify=False)
+        return parity, measure_lm_drift(fp32, int8, ids, generated)
+    finally:
+        skeleton.unlink(missing_ok=True)
 
 
 def _decoder_layers(model: PreTrainedModel) -> Sequence[Any]:

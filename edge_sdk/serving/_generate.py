@@ -365,20 +365,28 @@ def is_generation_folder(model_dir: str | Path) -> bool:
 
 
 def load_generator(
-    model_dir: str | Path, *, threads: int | None = None, prefer_quantized: bool = False, verify: bool = True
+    model_dir: str | Path,
+    *,
+    threads: int | None = None,
+    prefer_quantized: bool = False,
+    verify: bool = True,
+    model_file: str | None = None,
 ) -> Generator:
     """Load a generation folder.
 
     ``threads``: ONNX Runtime intra-op threads (None: its default). ``prefer_quantized``: serve
     ``model_quantized.onnx`` when present (default: the fp32 ``model.onnx``, whose tokens match torch;
     either falls back to the file that exists). ``verify``: check the files against the manifest's sha256.
+    ``model_file``: load this file of the folder instead (the export's checks: its skeleton of
+    ``model.onnx``).
     """
     root = Path(model_dir)
     if not root.is_dir():
         raise ConfigError(f"model folder {str(root)!r} does not exist or is not a directory")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
-    order = (MODEL_INT8, MODEL_FP32) if prefer_quantized else (MODEL_FP32, MODEL_INT8)
+    order: tuple[str, ...] = (MODEL_INT8, MODEL_FP32) if prefer_quantized else (MODEL_FP32, MODEL_INT8)
+    order = (model_file,) if model_file is not None else order
     model_path = next((root / n for n in order if (root / n).is_file()), None)
     if model_path is None:
         raise ConfigError(f"{str(root)!r} holds no ONNX model (expected {MODEL_FP32} or {MODEL_INT8})")
