@@ -29,6 +29,7 @@ import contextlib
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -67,18 +68,22 @@ def export_lm_graph(
 @contextlib.contextmanager
 def _graph_only_torch_export() -> Iterator[None]:
     """``torch.onnx.export`` exports the graph alone while this runs (optimum resolves it at call time).
-    Process-wide: no other export may run meanwhile (a device runs one deploy at a time)."""
-    original = torch.onnx.export
+    The patch is process-wide, so LLM exports in one process take turns (``_TORCH_EXPORT_PATCH``)."""
+    with _TORCH_EXPORT_PATCH:
+        original = torch.onnx.export
 
-    def graph_only(*args: Any, **kwargs: Any) -> Any:
-        kwargs.update(export_params=False, do_constant_folding=False)
-        return original(*args, **kwargs)
+        def graph_only(*args: Any, **kwargs: Any) -> Any:
+            kwargs.update(export_params=False, do_constant_folding=False)
+            return original(*args, **kwargs)
 
-    torch.onnx.export = graph_only
-    try:
-        yield
-    finally:
-        torch.onnx.export = original
+        torch.onnx.export = graph_only
+        try:
+            yield
+        finally:
+            torch.onnx.export = original
+
+
+_TORCH_EXPORT_PATCH = threading.Lock()
 
 
 def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
