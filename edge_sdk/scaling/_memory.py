@@ -376,7 +376,7 @@ def _backward_end(spec: SubnetSpec, work: Workload, levers: Levers, gradients: i
     """A decoder's end of backward beyond weights and moments (:mod:`~edge_sdk.scaling._memory_decoder`)."""
     micro, probabilities = _micro(work, levers)
     h, d = spec.parent.hidden, spec.parent.head_dim
-    small = small_bytes(spec.layers, h, d, micro, levers, probabilities=probabilities)
+    small = small_bytes(spec.layers, h, d, micro, levers, probabilities=probabilities, group=spec.parent.group)
     tied = _output_gradient_bytes(spec, work, levers) if work.arch.head == 0 else 0
     big = activation_bytes(spec, work, levers) - small + 2 * _logit_bytes(micro) if levers.micro_batches > 1 else 0
     return backward_end_bytes(gradients, tied, small, big)

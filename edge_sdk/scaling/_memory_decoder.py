@@ -36,6 +36,14 @@ gradient exists, for two reasons an encoder never shows.
   interleave with freed activations, so the heap cannot shrink below them; the upper end of the
   ranges above, which vary by up to 100 MiB from step to step and run to run).
 
+**LoRA at one micro-batch** churns the heap more: each of the seven adapters of a layer makes, and
+drops, ``3 x b s out`` in forward (B's output, its scaled copy, the sum with the base output), and
+its small factor gradients, made in every layer's backward, pin the heap above them, so checkpointing
+does not help. Measured at batch 4 with LoRA r16: 521-640 MiB with the table trained (plain: 278-377)
+and 461 MiB with checkpointing and a frozen table (without LoRA: 180-193); those temporaries under the
+threshold (186 MiB) join ``A_small``. With micro-batches the measured heap showed no such growth
+(248-252 MiB at 4 micro-batches of 1 row), so they are not counted there.
+
 So a decoder's third moment is ``S + G + [tied and trained: 8 V h] + H_0 + rho * A_small``. With
 ``k > 1`` micro-batches, ``A_small`` is one micro-batch's, and the heap is not trimmed between them:
 the next micro-batch's forward runs on the retained heap with every gradient held, so its mmapped
@@ -111,18 +119,38 @@ def _small(tensors: Sequence[tuple[int, int]]) -> int:
 
 
 def small_bytes(
-    layers: Sequence[LayerSpec], h: int, d: int, micro: Workload, levers: Levers, *, probabilities: bool
+    layers: Sequence[LayerSpec],
+    h: int,
+    d: int,
+    micro: Workload,
+    levers: Levers,
+    *,
+    probabilities: bool,
+    group: int = 1,
 ) -> int:
     """``A_small``: saved activation bytes of one micro-batch in tensors under the mmap threshold. With
-    checkpointing, the layers' inputs (``b x s x h`` each) and the largest rebuilt layer's."""
+    checkpointing, the layers' inputs (``b x s x h`` each) and the largest rebuilt layer's. With LoRA and
+    one micro-batch, plus every layer's adapter temporaries under it (:func:`_adapter_outputs`), even
+    with checkpointing: each layer's backward leaves its adapters' small gradients on top of them."""
     per_layer = [
         _small(decoder_layer_tensors(ly, h, d, micro, probabilities=probabilities, lora=levers.lora_rank))
         for ly in layers
     ]
+    adapters = 0
+    if levers.lora_rank and levers.micro_batches == 1:
+        adapters = sum(_small(_adapter_outputs(ly, h, d, group, micro)) for ly in layers)
     if not levers.checkpointing:
-        return sum(per_layer)
+        return sum(per_layer) + adapters
     inputs = _small([(len(layers), micro.batch * micro.seq * micro.bytes_per_elem * h)])
-    return inputs + max(per_layer, default=0)
+    return inputs + max(per_layer, default=0) + adapters
+
+
+def _adapter_outputs(layer: LayerSpec, h: int, d: int, group: int, work: Workload) -> list[tuple[int, int]]:
+    """LoRA's forward temporaries, not saved: per target, B's output, its scaled copy and the sum with
+    the base output, ``3 x b s out`` (out: q d_a, k and v d_kv, o h, gate and up d_ff, down h)."""
+    tokens = work.batch * work.seq * work.bytes_per_elem
+    d_kv = layer.heads // group * d
+    return [(3, tokens * out) for out in (layer.heads * d, d_kv, d_kv, h, layer.ffn, layer.ffn, h)]
 
 
 def backward_end_bytes(gradients: int, table: int, small: int, big: int = 0) -> int:
