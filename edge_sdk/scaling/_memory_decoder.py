@@ -3,9 +3,9 @@
 Measured on the real SmolLM2-135M in fresh processes (batch 4 x 64 and 8 x 64; plain, checkpointing
 with a frozen table, 4 micro-batches with a frozen table and LoRA r16): the resident set sampled at
 the forward, backward and optimizer-step boundaries, ``VmHWM`` reset between them
-(``/proc/self/clear_refs``), and the heap read with ``mallinfo2`` (``bench/training_phases.py``). The peak is not where the encoder
-model puts it (the start of backward, or AdamW's step): it is the *end of backward*, when every
-gradient exists, for two reasons an encoder never shows.
+(``/proc/self/clear_refs``), and the heap read with ``mallinfo2`` (``bench/training_phases.py``).
+The peak is not where the encoder model puts it (the start of backward, or AdamW's step): it is the
+*end of backward*, when every gradient exists, for two reasons an encoder never shows.
 
 * **The tied table's gradient is held three times.** The output projection's gradient of a tied
   ``V x h`` table reaches the table's accumulator first and waits in autograd's input buffer (a
