@@ -3,6 +3,7 @@
     python bench/llm.py [--section generation ...] [--json]
     python bench/llm.py --section generation [--threads 1 0] [--runs 5] [--new-tokens 64]
     python bench/llm.py --section training [--budgets 3GB 2GB 900MB] [--batch 4] [--seq 64] [--steps 3]
+                        [--device-budgets 4GB 1GB] [--device-batch 8]
 
 Sections (all by default):
 
@@ -16,9 +17,9 @@ Sections (all by default):
   (torch's ``get_num_threads()``, ONNX Runtime's one per physical core). Also printed: how many greedy
   tokens ONNX Runtime fp32 and int8 share with torch, the ORT prefill time and tokens/s after the first
   token, and the export's parity, sizes and int8 drift.
-- ``training``: for three training budgets, the plan the planner picks for SmolLM2-135M (levers before
-  widths) and its training peak in a fresh process, against the memory model's prediction (see
-  ``bench/_llm_training.py``).
+- ``training``: for three training budgets at batch 4 (and two device budgets at batch 8), the plan the
+  planner picks for SmolLM2-135M and its training peak in a fresh process, against the memory model's
+  prediction (see ``bench/_llm_training.py``).
 - ``accuracy`` (``--seeds 0 [1]``, ``--local-steps N``): SST-2 label accuracy of greedy generation
   before and after a short real federation with LoRA (bench/_llm_accuracy.py's docstring).
 """

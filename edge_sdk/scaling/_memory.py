@@ -50,21 +50,15 @@ element)::
 embeddings and task head: ``3*beta*s*b*h`` (sum, LayerNorm and dropout) and a few values per token
 and per sequence. Checked against what autograd saves (``tests/test_memory.py``): within 1.3 %.
 
-Decoders (Llama: ``Workload.arch`` says so; :func:`workload_for` fills it from a parent). A pre-norm
-layer with RMSNorm, rotary positions, grouped-query attention and a gated FFN, and no dropout,
-saves per token ``3h`` per RMSNorm block (its input, the normalized values, their product with the
-weight: the projections' input), the rotated queries and the keys and values repeated to all
-``d_a`` query dims, the attention output, and gate, silu(gate), up and their product::
-
-    beta*s*b*(6h + 4 d_a + 4 d_ff + 7r) + beta*a*s^2*b   (probabilities: eager attention only)
-
-A causal LM's loss saves log-softmax of the logits, ``L = beta*b*s*V`` (V = 49,152 for SmolLM2:
-at small widths it outweighs the layers), and its backward briefly holds two more (the gradients
-of the log-probabilities and of the logits): the step moment adds ``2L``, and the ``4 V h``
-gradient of the output projection (the tied table's, when it trains), which backward makes first,
-while every activation is still saved. Parameters: q and o are
-``h d_a``, k and v ``h d_kv`` (d_kv = the kept KV heads x head_dim), gate, up and down ``h d_ff``
-each; a tied ``lm_head`` is the embedding table, counted once. LoRA adapts the seven linears.
+Decoders (Llama: ``Workload.arch``, which :func:`workload_for` fills from a parent): a pre-norm layer
+(RMSNorm, rotary, GQA, gated FFN, no dropout) saves ``beta*s*b*(6h + 4 d_a + 4 d_ff + 7r)`` plus
+``beta*a*s^2*b`` with eager attention (the tensors: :func:`~edge_sdk.scaling._memory_decoder.
+decoder_layer_tensors`). A causal LM's loss saves log-softmax of the logits, ``L = beta*b*s*V``, and
+backward briefly holds two more (the step moment adds ``2L``) and first makes the ``4 V h`` gradient
+of the output projection (the tied table's, when it trains) while every activation is saved. A third
+moment, the end of backward (a tied table's gradient held three times, the heap's small
+activations), is :mod:`edge_sdk.scaling._memory_decoder`'s. Parameters: q and o are ``h d_a``, k and
+v ``h d_kv``, gate, up and down ``h d_ff``; a tied ``lm_head`` is counted once; LoRA adapts all seven.
 
 Inference (fp32 ONNX Runtime; int8 needs less) keeps the weights and a transient working set of
 one layer at a time, plus the session's own allocations; the runtime is a separate, measured
@@ -80,6 +74,7 @@ from typing import TYPE_CHECKING
 
 from edge_sdk._levers import Levers
 from edge_sdk._spec import LayerSpec, SubnetSpec
+from edge_sdk.scaling._memory_decoder import Architecture, backward_end_bytes, decoder_layer_bytes, small_bytes
 
 if TYPE_CHECKING:
     from edge_sdk.scaling._parent import ParentModel
@@ -118,17 +113,6 @@ _HEAP_MICRO_BATCHES = 50_000_000  # H
 _HEAP_TENSOR_BYTES = 1 << 20  # the allocator's mmap threshold: smaller tensors come from the heap
 
 PLAIN = Levers()  # plain training: no lever
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What the memory model needs of a family and task beyond a spec's widths (default: a post-LN
-    encoder with biases and a pooler + 2-label classifier, as BERT, RoBERTa, DistilBERT and ViT)."""
-
-    decoder: bool = False  # pre-norm decoder layer (Llama): RMSNorm, rotary, gated FFN, no dropout
-    biases: bool = True  # the sliced linears have biases
-    token_logits: int = 0  # a causal LM's vocabulary: per-token logits and their loss (0: none)
-    head: int = -1  # task-head parameters beside the layers and the table (-1: pooler + classifier)
 
 
 ENCODER = Architecture()
@@ -210,7 +194,7 @@ def _layer_bytes(layer: LayerSpec, h: int, d: int, work: Workload, *, probabilit
     d_a = layer.heads * d
     probs = layer.heads * s * s * b
     if work.arch.decoder:
-        return beta * s * b * (6 * h + 4 * d_a + 4 * layer.ffn + 7 * lora) + (beta * probs if probabilities else 0)
+        return decoder_layer_bytes(layer, h, d, work, probabilities=probabilities, lora=lora)
     total = beta * s * b * (4 * h + 4 * d_a + 2 * layer.ffn + 6 * lora)
     if work.dropout:
         total += work.mask_bytes * 2 * s * b * h
@@ -388,6 +372,16 @@ def _output_gradient_bytes(spec: SubnetSpec, work: Workload, levers: Levers) -> 
     return 4 * work.arch.token_logits * spec.parent.hidden if trained else 0
 
 
+def _backward_end(spec: SubnetSpec, work: Workload, levers: Levers, gradients: int) -> int:
+    """A decoder's end of backward beyond weights and moments (:mod:`~edge_sdk.scaling._memory_decoder`)."""
+    micro, probabilities = _micro(work, levers)
+    h, d = spec.parent.hidden, spec.parent.head_dim
+    small = small_bytes(spec.layers, h, d, micro, levers, probabilities=probabilities, group=spec.parent.group)
+    tied = _output_gradient_bytes(spec, work, levers) if work.arch.head == 0 else 0
+    big = activation_bytes(spec, work, levers) - small + 2 * _logit_bytes(micro) if levers.micro_batches > 1 else 0
+    return backward_end_bytes(gradients, tied, small, big)
+
+
 def training_estimate(
     spec: SubnetSpec,
     params: int,
@@ -408,6 +402,8 @@ def training_estimate(
         step += _output_gradient_bytes(spec, work, levers)
     largest = 4 * _largest_trainable(spec, params, work, levers)
     update = gradients + 2 * largest + heap + _UPDATE_FIXED
+    if work.arch.decoder:  # a third moment, the end of backward (_memory_decoder)
+        update = max(update, _backward_end(spec, work, levers, gradients))
     return MemoryEstimate(
         params=trainable,
         weights=weights,
