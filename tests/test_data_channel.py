@@ -15,7 +15,6 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -33,7 +32,7 @@ from edge_sdk.protocol import (
 )
 
 from ._federation import free_port, self_signed_certificate
-from .test_server import TIMEOUT, coordinator, dial, run
+from .test_server import TIMEOUT, coordinator, dial, honest_update, run
 
 
 class ChannelDevice:
@@ -96,17 +95,7 @@ class ChannelDevice:
         return event
 
     def answer(self, received: TaskReceived) -> None:
-        trained = {n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in received.tensors.items()}
-        self.conn.send_update(
-            task_id=received.task.task_id,
-            tensors=trained,
-            num_samples=4,
-            metrics={"loss": 0.3},
-            peak_rss_bytes=10,
-            step_time_s=0.1,
-            train_time_s=0.2,
-            encoding="weights",
-        )
+        honest_update(self.conn, received)
 
     async def close_code(self) -> int | None:
         with contextlib.suppress(ConnectionClosed, asyncio.TimeoutError):

@@ -85,6 +85,21 @@ def dial(srv: CoordinatorServer, name: str, **kwargs: Any) -> Any:
     )
 
 
+def honest_update(conn: DeviceConnection, received: TaskReceived) -> None:
+    """Queue the task's Update: every weight moved by 0.01 (a small, honest-looking change)."""
+    trained = {n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in received.tensors.items()}
+    conn.send_update(
+        task_id=received.task.task_id,
+        tensors=trained,
+        num_samples=4,
+        metrics={"loss": 0.3},
+        peak_rss_bytes=10,
+        step_time_s=0.1,
+        train_time_s=0.2,
+        encoding="weights",
+    )
+
+
 class Device:
     """A device driven by hand: the real DeviceConnection, or raw frames."""
 
@@ -115,18 +130,7 @@ class Device:
         return event
 
     def answer(self, received: TaskReceived) -> None:
-        """Queue the task's Update: every weight moved by 0.01 (a small, honest-looking change)."""
-        trained = {n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in received.tensors.items()}
-        self.conn.send_update(
-            task_id=received.task.task_id,
-            tensors=trained,
-            num_samples=4,
-            metrics={"loss": 0.3},
-            peak_rss_bytes=10,
-            step_time_s=0.1,
-            train_time_s=0.2,
-            encoding="weights",
-        )
+        honest_update(self.conn, received)
 
     async def closed(self) -> tuple[int | None, list[Error]]:
         """Read until the coordinator closes: its close code and the Errors it sent first."""
