@@ -1,5 +1,7 @@
 """What a device is planned from the budget it reports: one rule for the coordinator and ``edge-sdk profile``."""
 
+from pathlib import Path
+
 import pytest
 
 from edge_sdk import BudgetError
@@ -105,3 +107,45 @@ def test_the_devices_export_must_fit_too() -> None:
         == 45_000_000
     )
     assert export_estimate(0, quantize=False) < export_estimate(0, quantize=True)
+
+
+def test_a_causal_lm_is_planned_to_serve_with_its_own_serving_model() -> None:
+    """``plan_device`` (as ``edge-sdk profile --model`` calls it) prices a causal LM's inference
+    sub-network as the coordinator's deploys do: KV cache, the table's second copy, the LLM export."""
+    from edge_sdk.scaling._memory import Workload, workload_for
+    from edge_sdk.scaling._memory_lm import lm_serving_estimate
+
+    parent, _ = reorder(tiny_parent("llama"), weight_l1(tiny_parent("llama")))[:2]
+    salience = weight_l1(parent)
+    infer = Workload(1, 64)
+    plans = plan_device(
+        parent, salience, usable=2**30, runtime_footprint=400 * 2**20, train=Workload(4, 32), infer=infer
+    )
+    served = plans.inference
+    expected = lm_serving_estimate(
+        served.spec, served.params, workload_for(parent, infer), runtime_footprint=400 * 2**20, quantize=False
+    )
+    assert served.estimate.total == expected.total
+
+
+def test_the_plan_cli_prices_a_causal_lm_with_its_serving_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``edge-coordinator plan`` on a Llama folder: the inference estimate is the LLM serving model's."""
+    import json
+
+    from coordinator.cli._main import main
+    from edge_sdk.scaling._memory import Workload, workload_for
+    from edge_sdk.scaling._memory_lm import lm_serving_estimate
+    from edge_sdk.scaling._ranked import ranked_parent
+
+    from ._llm import tiny_llama_dir
+
+    model = tiny_llama_dir(tmp_path / "llama")
+    assert main(["plan", "--model", str(model), "--memory", "1GB", "--seq", "32", "--no-cache", "--json"]) == 0
+    infer = json.loads(capsys.readouterr().out)["inference"]
+    parent, _ = ranked_parent(model)
+    spec = SubnetSpec.full(parent.dims)
+    work = workload_for(parent, Workload(1, 32))
+    expected = lm_serving_estimate(spec, param_count(parent, spec), work, runtime_footprint=None, quantize=False)
+    assert infer["params_fraction"] == 1 and infer["predicted_peak_bytes"] == expected.total

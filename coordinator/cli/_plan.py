@@ -19,6 +19,7 @@ from edge_sdk.scaling import (
     Workload,
     add_lever_arguments,
     describe_policy,
+    lm_serving_estimator,
     plan_dict,
     plan_inference,
     plan_table,
@@ -61,13 +62,16 @@ def run(args: argparse.Namespace) -> int:
     training = plan_training(
         parent, salience, args.memory, train_work, runtime=args.runtime or TRAINING_RUNTIME_BYTES, policy=policy
     )
+    infer_work = Workload(args.infer_batch, args.seq)
+    causal = parent.task == "causal-lm"  # an LLM serves with its KV cache and the table's second copy
     inference = plan_inference(
         parent,
         salience,
         args.memory,
-        Workload(args.infer_batch, args.seq),
+        infer_work,
         floor=training.spec,
         runtime=INFERENCE_RUNTIME_BYTES,
+        estimator=lm_serving_estimator(parent, infer_work, runtime_footprint=None, quantize=False) if causal else None,
     )
     if args.json:
         print(

@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from coordinator.federation._config import DeployConfig
 from coordinator.federation._records import width_of
-from edge_sdk import SubnetSpec
 from edge_sdk._units import format_bytes
 from edge_sdk.protocol import InferenceSettings, torch_to_numpy
 from edge_sdk.scaling import (
-    MemoryEstimate,
     ParentModel,
     Plan,
     Salience,
@@ -189,7 +187,6 @@ def plan_inference_for(
         work=work,
         runtime_footprint=runtime_footprint,
         quantize=quantize,
-        estimator=_lm_estimator(parent, work, runtime_footprint, quantize) if causal else None,
     )
     params = serving.plan.params
     if causal:
@@ -216,18 +213,6 @@ def plan_inference_for(
         fits=serving.fits,
         optimize=optimize,
     )
-
-
-def _lm_estimator(
-    parent: ParentModel, work: Workload, runtime_footprint: int | None, quantize: bool
-) -> Callable[[SubnetSpec, int], MemoryEstimate]:
-    """A causal LM's own serving model (KV cache, ONNX Runtime's copy of the table, its export)."""
-    lm_work = workload_for(parent, work)
-
-    def estimate(spec: SubnetSpec, params: int) -> MemoryEstimate:
-        return lm_serving_estimate(spec, params, lm_work, runtime_footprint=runtime_footprint, quantize=quantize)
-
-    return estimate
 
 
 def _lm_plan(

@@ -47,6 +47,7 @@ from edge_sdk.scaling._memory import (
     serving_estimate,
     workload_for,
 )
+from edge_sdk.scaling._memory_lm import lm_serving_estimate
 from edge_sdk.scaling._parent import ParentModel
 from edge_sdk.scaling._policy import LeverPolicy
 from edge_sdk.scaling._salience import Salience
@@ -57,6 +58,7 @@ __all__ = [
     "ServingPlan",
     "could_grow",
     "levers_line",
+    "lm_serving_estimator",
     "plan_device",
     "plan_dict",
     "plan_serving",
@@ -97,6 +99,19 @@ def could_grow(parent: ParentModel, floor: SubnetSpec, fits: Callable[[SubnetSpe
     return any(fits(spec) for spec in candidates)
 
 
+def lm_serving_estimator(
+    parent: ParentModel, work: Workload, *, runtime_footprint: int | None, quantize: bool
+) -> Callable[[SubnetSpec, int], MemoryEstimate]:
+    """A causal LM's serving model as an estimator (spec, params -> estimate): serving in ONNX Runtime
+    with its KV cache at ``work``'s tokens and the table's second copy, or its export, the larger."""
+    lm_work = workload_for(parent, work)
+
+    def estimate(spec: SubnetSpec, params: int) -> MemoryEstimate:
+        return lm_serving_estimate(spec, params, lm_work, runtime_footprint=runtime_footprint, quantize=quantize)
+
+    return estimate
+
+
 def plan_serving(
     parent: ParentModel,
     salience: Salience,
@@ -112,10 +127,14 @@ def plan_serving(
 
     ``runtime_footprint`` (the device's torch runtime) adds the export's constraint; None leaves it
     out (ONNX Runtime serving only, as ``edge-coordinator plan`` shows for a bare memory size).
-    ``estimator`` (spec, params -> estimate) prices every sub-network instead (a causal LM's serving
-    model, :func:`~edge_sdk.scaling._memory_lm.lm_serving_estimate`).
+    ``estimator`` (spec, params -> estimate) prices every sub-network instead; a causal LM's default is
+    its own serving model (:func:`lm_serving_estimator`: the KV cache, ONNX Runtime's copy of the
+    table, the LLM export), so every caller (a run's deploys, ``edge-sdk profile --model``) prices an
+    LLM alike.
     """
 
+    if estimator is None and parent.task == "causal-lm":
+        estimator = lm_serving_estimator(parent, work, runtime_footprint=runtime_footprint, quantize=quantize)
     work = workload_for(parent, work)
 
     def estimate(spec: SubnetSpec, params: int) -> MemoryEstimate:
