@@ -27,12 +27,11 @@ from edge_sdk.protocol import (
     DeviceConnection,
     Event,
     TaskReceived,
-    TrainTask,
     WelcomeReceived,
 )
 
 from ._federation import free_port, self_signed_certificate
-from .test_server import TIMEOUT, coordinator, dial, honest_update, run
+from .test_server import TIMEOUT, coordinator, dial, honest_update, one_task, run
 
 
 class ChannelDevice:
@@ -90,9 +89,7 @@ class ChannelDevice:
             self.conn.channel_opened()
 
     async def task(self) -> TaskReceived:
-        (event,) = await self.events()
-        assert isinstance(event, TaskReceived) and isinstance(event.task, TrainTask)
-        return event
+        return one_task(await self.events())
 
     def answer(self, received: TaskReceived) -> None:
         honest_update(self.conn, received)
@@ -205,6 +202,16 @@ def test_a_wrong_or_replayed_token_is_refused(tmp_path: Path) -> None:
     assert outcomes(tmp_path) == {"a": ("ok", "")}
 
 
+async def _joined(stack: contextlib.AsyncExitStack, srv: Any, names: list[str]) -> dict[str, ChannelDevice]:
+    """One ChannelDevice per name, dialled and past its Hello (the channel open)."""
+    devices = {}
+    for name in names:
+        ws = await stack.enter_async_context(dial(srv, name))
+        devices[name] = ChannelDevice(ws, url=f"ws://127.0.0.1:{srv.port}")
+        await devices[name].hello()
+    return devices
+
+
 def _longer_first_chunk(chunks: list[tuple[bytes, ...]]) -> list[tuple[bytes, ...]]:
     head, *payload = chunks[0]
     return [(head, *payload, b"\x00" * 100), *chunks[1:]]
@@ -224,11 +231,7 @@ def test_more_bytes_than_announced_or_a_corrupt_chunk_cost_only_that_device_its_
     async def main() -> dict[str, Any]:
         codes: dict[str, Any] = {}
         async with coordinator(tmp_path, names) as (srv, running), contextlib.AsyncExitStack() as stack:
-            devices = {}
-            for name in names:
-                ws = await stack.enter_async_context(dial(srv, name))
-                devices[name] = ChannelDevice(ws, url=f"ws://127.0.0.1:{srv.port}")
-                await devices[name].hello()
+            devices = await _joined(stack, srv, names)
             tasks = {name: await device.task() for name, device in devices.items()}
             for name, device in devices.items():
                 device.answer(tasks[name])
@@ -253,11 +256,7 @@ def test_a_device_whose_websocket_closes_mid_transfer_loses_only_its_round(tmp_p
 
     async def main() -> None:
         async with coordinator(tmp_path, names) as (srv, running), contextlib.AsyncExitStack() as stack:
-            devices = {}
-            for name in names:
-                ws = await stack.enter_async_context(dial(srv, name))
-                devices[name] = ChannelDevice(ws, url=f"ws://127.0.0.1:{srv.port}")
-                await devices[name].hello()
+            devices = await _joined(stack, srv, names)
             tasks = {name: await device.task() for name, device in devices.items()}
             devices["stalled"].answer(tasks["stalled"])
             await devices["stalled"].flush(lambda chunks: [])  # the Update, then nothing on the channel

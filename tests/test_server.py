@@ -85,6 +85,13 @@ def dial(srv: CoordinatorServer, name: str, **kwargs: Any) -> Any:
     )
 
 
+def one_task(events: list[Event]) -> TaskReceived:
+    """The single event a stand-in device received, a training task."""
+    (event,) = events
+    assert isinstance(event, TaskReceived) and isinstance(event.task, TrainTask)
+    return event
+
+
 def honest_update(conn: DeviceConnection, received: TaskReceived) -> None:
     """Queue the task's Update: every weight moved by 0.01 (a small, honest-looking change)."""
     trained = {n: a + np.float32(0.01) if a.dtype.kind == "f" else a for n, a in received.tensors.items()}
@@ -125,9 +132,7 @@ class Device:
         assert isinstance(event, WelcomeReceived)
 
     async def task(self) -> TaskReceived:
-        (event,) = await self.events()
-        assert isinstance(event, TaskReceived) and isinstance(event.task, TrainTask)
-        return event
+        return one_task(await self.events())
 
     def answer(self, received: TaskReceived) -> None:
         honest_update(self.conn, received)
