@@ -34,13 +34,10 @@ from edge_sdk.scaling import (
     ParentModel,
     Plan,
     Salience,
-    ServingPlan,
     Workload,
     export_estimate,
     extract,
-    lm_serving_estimate,
     plan_serving,
-    workload_for,
 )
 
 if TYPE_CHECKING:
@@ -178,7 +175,6 @@ def plan_inference_for(
     :func:`edge_sdk.scaling.lm_serving_estimate` (its KV cache at ``work``'s tokens, ONNX Runtime's copy
     of the embedding table, its larger export) and never fused.
     """
-    causal = parent.task == "causal-lm"
     serving = plan_serving(
         parent,
         salience,
@@ -189,18 +185,9 @@ def plan_inference_for(
         quantize=quantize,
     )
     params = serving.plan.params
-    if causal:
-        return _lm_plan(
-            device_id,
-            training,
-            serving,
-            budget_bytes=budget_bytes,
-            work=workload_for(parent, work),
-            runtime_footprint=runtime_footprint,
-            quantize=quantize,
-        )
-    optimize = (
-        serving.fits
+    optimize = (  # a causal LM's export has no transformer fusion
+        parent.task != "causal-lm"
+        and serving.fits
         and runtime_footprint is not None
         and runtime_footprint + export_estimate(params, quantize=quantize, optimize=True) <= budget_bytes
     )
@@ -213,25 +200,6 @@ def plan_inference_for(
         fits=serving.fits,
         optimize=optimize,
     )
-
-
-def _lm_plan(
-    device_id: str,
-    training: Plan,
-    serving: ServingPlan,
-    *,
-    budget_bytes: int,
-    work: Workload,
-    runtime_footprint: int | None,
-    quantize: bool,
-) -> DeployPlan:
-    """A causal LM's plan, its estimate the LLM serving model's (:func:`lm_serving_estimate`); never fused
-    (the LLM export has no transformer fusion)."""
-    plan = serving.plan
-    estimate = lm_serving_estimate(plan.spec, plan.params, work, runtime_footprint=runtime_footprint, quantize=quantize)
-    plan = dataclasses.replace(plan, estimate=estimate, budget=budget_bytes)
-    fits = serving.fits and estimate.total <= budget_bytes
-    return DeployPlan(device_id, training, plan, budget_bytes, could_grow=serving.could_grow, fits=fits)
 
 
 def plan_deployment(engine: FederationEngine, device_id: str, config: DeployConfig) -> DeployPlan:
