@@ -114,15 +114,16 @@ class SharedProtection:
         return float(samples)
 
 
-def width_fraction(parent: ParentModel, spec: SubnetSpec) -> float:
+def width_fraction(parent: ParentModel, spec: SubnetSpec, whole: frozenset[str] | None = None) -> float:
     """The fraction of the parent's sliced weights ``spec`` keeps (1.0 for the full model).
 
     Sliced weights are the tensors not every width trains whole (:func:`shared_tensors`' complement:
     attention and FFN projections and their biases); each counts by its elements, so under
     grouped-query attention the key/value projections (whole KV groups) and a gated FFN's three
     matrices weigh what they hold: sum over sliced tensors of kept elements / of parent elements.
+    ``whole``: :func:`shared_tensors` of ``parent``, if the caller has it already.
     """
-    shapes, whole = parent.shapes(), shared_tensors(parent)
+    shapes, whole = parent.shapes(), shared_tensors(parent) if whole is None else whole
 
     def elements(s: SubnetSpec) -> int:
         return sum(
@@ -209,7 +210,7 @@ def _weigher(
     shared: SharedProtection, protected: frozenset[str], update: ClientUpdate, samples: float, parent: ParentModel
 ) -> Callable[[str], float]:
     """A device's weight on a tensor: its (capped) samples, or the shared protection's weight."""
-    shared_weight = shared.weight(samples, width_fraction(parent, update.spec)) if protected else samples
+    shared_weight = shared.weight(samples, width_fraction(parent, update.spec, protected)) if protected else samples
     return lambda name: shared_weight if name in protected else samples
 
 
