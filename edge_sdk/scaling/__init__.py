@@ -48,7 +48,6 @@ _NAMES: dict[str, str] = {
     "levers_line": "edge_sdk.scaling._planning",
     "lm_serving_estimate": "edge_sdk.scaling._memory_lm",
     "lm_serving_estimator": "edge_sdk.scaling._planning",
-    "lm_serving_headroom": "edge_sdk.scaling._memory_lm",
     "load_parent": "edge_sdk.scaling._parent",
     "model_class": "edge_sdk.scaling._build",
     "param_count": "edge_sdk.scaling._extract",
@@ -106,7 +105,6 @@ __all__ = [
     "levers_line",
     "lm_serving_estimate",
     "lm_serving_estimator",
-    "lm_serving_headroom",
     "load_parent",
     "model_class",
     "param_count",
@@ -157,7 +155,7 @@ if TYPE_CHECKING:
         training_estimate,
         workload_for,
     )
-    from edge_sdk.scaling._memory_lm import lm_serving_estimate, lm_serving_headroom
+    from edge_sdk.scaling._memory_lm import lm_serving_estimate
     from edge_sdk.scaling._models import resolve_model_dir
     from edge_sdk.scaling._parent import ParentModel, load_parent, parent_from_module
     from edge_sdk.scaling._planning import (

@@ -17,10 +17,9 @@ fresh processes, peaks above the imports; docs/serving.md), three things differ 
   read by the gather and, transposed, by the LM head): ``V x h x 4`` bytes (+113 MB for SmolLM2).
 
 (The prefill's ``b x s x V`` logits are already in :func:`~edge_sdk.scaling._memory.inference_estimate`
-through ``Workload.arch.token_logits``.) :func:`lm_serving_estimate` is the corrected serving
-estimate of one sub-network; :func:`lm_serving_headroom` bounds the correction over every sub-network
-of a parent (its full width), so a search run against ``budget - headroom`` with the encoder
-estimate only returns sub-networks whose corrected estimate fits ``budget``.
+through ``Workload.arch.token_logits``.) :func:`lm_serving_estimate` is the serving estimate of one
+sub-network; the deploy search prices every candidate with it
+(:func:`~edge_sdk.scaling._planning.lm_serving_estimator`).
 """
 
 from __future__ import annotations
@@ -28,18 +27,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from edge_sdk._spec import SubnetSpec
-from edge_sdk.scaling._extract import param_count
 from edge_sdk.scaling._memory import (
     _EXPORT_FIXED,
-    _EXPORT_PER_PARAM,
     MemoryEstimate,
     Workload,
     inference_estimate,
     larger_moment,
 )
-from edge_sdk.scaling._parent import ParentModel
 
-__all__ = ["LM_EXPORT_PER_PARAM", "lm_export_estimate", "lm_serving_estimate", "lm_serving_headroom"]
+__all__ = ["LM_EXPORT_PER_PARAM", "lm_export_estimate", "lm_serving_estimate"]
 
 LM_EXPORT_PER_PARAM = {False: 11, True: 23}  # quantize -> bytes per parameter of a causal LM's export
 
@@ -74,13 +70,3 @@ def lm_serving_estimate(
     if runtime_footprint is None:
         return served
     return larger_moment(served, params, lm_export_estimate(params, quantize=quantize), runtime_footprint)
-
-
-def lm_serving_headroom(parent: ParentModel, work: Workload, *, quantize: bool) -> int:
-    """The most :func:`lm_serving_estimate` adds to the encoder serving estimate of any sub-network of
-    ``parent``: the larger of the full width's KV cache + table copy and its export's extra bytes (none
-    when the LLM export needs fewer bytes a parameter than the encoder fit counts)."""
-    full = SubnetSpec.full(parent.dims)
-    params = param_count(parent, full)
-    export_extra = (LM_EXPORT_PER_PARAM[quantize] - _EXPORT_PER_PARAM[quantize, False]) * params
-    return max(kv_cache_bytes(full, work) + embedding_copy_bytes(full, work), export_extra, 0)
