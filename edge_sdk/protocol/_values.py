@@ -74,7 +74,8 @@ def _block_sum_squares(block: np.ndarray) -> tuple[float, int]:
         square_sum = float(np.dot(fast, fast))
     if math.isfinite(square_sum):
         return square_sum, 0
-    wide = block.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN (a peer's arbitrary bytes) is counted below
+        wide = block.astype(np.float64)
     finite = np.isfinite(wide)
     bad = int(wide.size - np.count_nonzero(finite))
     return (float(np.dot(wide, wide)) if bad == 0 else 0.0), bad

@@ -413,3 +413,16 @@ def test_torch_helpers_round_trip() -> None:
     assert torch.equal(back["w"], state["w"]) and torch.equal(back["n"], state["n"])
     err = _raises(torch_to_numpy, {"x": torch.zeros(2, dtype=torch.bfloat16)})
     assert err.close_code == 1003 and "bfloat16" in str(err)
+
+
+def test_a_signalling_nan_from_a_peer_is_counted_without_a_warning() -> None:
+    """Arbitrary bytes may hold a signalling NaN: widening it to float64 raised numpy's RuntimeWarning
+    (seen in the fuzz test); it is refused as non-finite, silently."""
+    import warnings
+
+    bits = np.array([0x7F800001, 0x3F800000], dtype=np.uint32)  # a signalling NaN, then 1.0
+    values = np.frombuffer(bits.tobytes(), dtype=np.float32).copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ProtocolError, match="non-finite values"):
+            check_tensor_values({"w": values})
