@@ -1,6 +1,6 @@
 """Transport benchmark: model transfer over the real protocol vs a raw socket, and idle-client memory.
 
-    python bench/transport.py [--repeat 5] [--clients 200] [--no-tls] [--skip-idle] [--profile] [--json]
+    python bench/transport.py [--repeat 9] [--clients 200] [--no-tls] [--skip-idle] [--profile] [--json]
 
 1. Throughput. The all-MiniLM-L6-v2 weights (90.9 MB of safetensors) make a round trip over loopback:
    - protocol: a websocket server in this process sends them as a TrainTask the way the coordinator
@@ -622,7 +622,7 @@ dir = "run"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
