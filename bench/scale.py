@@ -1,6 +1,7 @@
 """Scale benchmark: a thousand devices on one coordinator, one round trained by a hundred of them.
 
-    python bench/scale.py [--devices 1000] [--train 100] [--procs 4] [--idle-s 10] [--ping-every 2] [--json]
+    python bench/scale.py [--devices 1000] [--train 100] [--procs 4] [--idle-s 10] [--ping-every 2]
+                          [--no-data-channel] [--json]
 
 Three kinds of process, all on 127.0.0.1 (multiprocessing, spawn):
 
@@ -15,7 +16,10 @@ Three kinds of process, all on 127.0.0.1 (multiprocessing, spawn):
   (``accept_update``), the merge and checkpoint done (``finish_round``).
 - **``--procs`` device processes**, the devices split between them: each device is a websocket
   (the ``websockets`` asyncio client) driven by the SDK's sans-I/O ``DeviceConnection``: Hello with
-  a 4 GiB budget, then tasks. A device given a task trains it for real with the SDK's ``TaskRunner``
+  a 4 GiB budget, then tasks. As the SDK client does by default, each device also opens the data channel
+  the coordinator offers in its Welcome (a second TCP connection for tensor chunks, read straight into
+  place), so an idle device costs the coordinator two sockets; ``--no-data-channel`` keeps every device
+  on its websocket alone. A device given a task trains it for real with the SDK's ``TaskRunner``
   (two AdamW steps on synthetic token batches, one training thread per process) and answers with
   the Update the SDK would send. Every device pings the coordinator every ``--ping-every`` seconds
   (random phase) and times the pong: "late" above 1 s, "unanswered" after 20 s (the coordinator's
@@ -434,14 +438,14 @@ class DeviceStats:
         self.stalls = Stalls()
 
 
-def devices_main(port: int, names: list[str], ping_every: float, pipe: Connection) -> None:
+def devices_main(port: int, names: list[str], ping_every: float, data_channel: bool, pipe: Connection) -> None:
     """A device process: connect ``names``, report when all have a Welcome, serve tasks until closed.
 
     Niced (``DEVICE_NICE``): the devices stand for other machines, so they yield the CPU to the
     coordinator, whose stalls this measures.
     """
     os.nice(DEVICE_NICE)
-    fleet = Fleet(port, len(names), ping_every)
+    fleet = Fleet(port, len(names), ping_every, data_channel)
     asyncio.run(fleet.run(names, pipe))
     stats = fleet.stats
     report = {k: v for k, v in vars(stats).items() if k != "stalls"}
@@ -451,7 +455,7 @@ def devices_main(port: int, names: list[str], ping_every: float, pipe: Connectio
 class Fleet:
     """One device process's devices: each a websocket and a ``DeviceConnection``, sharing one trainer."""
 
-    def __init__(self, port: int, count: int, ping_every: float) -> None:
+    def __init__(self, port: int, count: int, ping_every: float, data_channel: bool) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from edge_sdk import TaskRunner
@@ -459,6 +463,7 @@ class Fleet:
         self.port = port
         self.count = count
         self.ping_every = ping_every
+        self.data_channel = data_channel
         self.stats = DeviceStats()
         self.runner = TaskRunner(Tokens(), threads=1)  # type: ignore[arg-type]
         self.trainer = ThreadPoolExecutor(1, thread_name_prefix="train")  # one training at a time
@@ -483,19 +488,28 @@ class Fleet:
         from websockets.exceptions import ConnectionClosed
 
         from edge_sdk import __version__
-        from edge_sdk.protocol import DeviceConnection, TaskReceived, WelcomeReceived, WireLimits
+        from edge_sdk.client import open_data_channel
+        from edge_sdk.protocol import FEATURE_DATA_CHANNEL, DeviceConnection, TaskReceived, WelcomeReceived, WireLimits
 
         stats, limits = self.stats, WireLimits()
         conn = DeviceConnection(limits=limits)
+        channel = None
         try:
             async with self.opening:
                 ws = await _open(self.port, name, limits, stats)
                 profile = {"budget": {"usable": USABLE_BYTES}, "data": {"num_samples": SAMPLES}}
-                conn.send_hello(device_id=name, sdk_version=__version__, profile=profile)
-                await _flush(ws, conn)
+                features = (FEATURE_DATA_CHANNEL,) if self.data_channel else ()
+                conn.send_hello(device_id=name, sdk_version=__version__, profile=profile, capabilities=features)
+                await _flush(ws, conn, None)
                 events = conn.receive(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
-                if not any(isinstance(e, WelcomeReceived) for e in events):
+                welcome = next((e.welcome for e in events if isinstance(e, WelcomeReceived)), None)
+                if welcome is None:
                     raise RuntimeError(f"no Welcome: {events}")
+                if welcome.data_token:  # as the SDK client does
+                    channel = await open_data_channel(
+                        "127.0.0.1", welcome.data_port, welcome.data_token, ssl_context=None
+                    )
+                    conn.channel_opened()
         except Exception as exc:  # reported, not raised: the other devices go on
             stats.refused.append(f"{name}: {exc!r}"[:300])
             self._answered()
@@ -506,17 +520,22 @@ class Fleet:
         loop = asyncio.get_running_loop()
         try:
             async for frame in ws:
-                for event in conn.receive(frame):
+                events = conn.receive(frame)
+                if conn.channel_receiving:  # the transfer this message announced comes on the data channel
+                    events += await channel.receive(conn) if channel is not None else conn.channel_broken("none")
+                for event in events:
                     if isinstance(event, TaskReceived):
                         stats.tasks += 1
                         out = await loop.run_in_executor(self.trainer, self.runner.train, event.task, event.tensors)
                         out.send(conn, event.task.task_id)
                         stats.updates += 1
-                await _flush(ws, conn)
+                await _flush(ws, conn, channel)
         except ConnectionClosed:
             pass
         finally:
             pinger.cancel()
+            if channel is not None:
+                channel.close()
             code = str(ws.close_code)
             stats.closes[code] = stats.closes.get(code, 0) + 1
 
@@ -544,9 +563,15 @@ async def _open(port: int, name: str, limits: Any, stats: DeviceStats) -> Any:
     raise AssertionError("unreachable")
 
 
-async def _flush(ws: Any, conn: Any) -> None:
-    for frame in conn.data_to_send():
-        await ws.send(frame)
+async def _flush(ws: Any, conn: Any, channel: Any) -> None:
+    """Everything ``conn`` queued: messages on the websocket, a transfer announced on the data channel there."""
+    from edge_sdk.protocol import ChannelSend
+
+    for frame in conn.frames_to_send(fragments=True):
+        if isinstance(frame, ChannelSend):
+            await channel.send(frame)
+        else:
+            await ws.send(frame)
 
 
 async def _pings(ws: Any, every: float, stats: DeviceStats) -> None:
@@ -589,6 +614,7 @@ class Options:
     ping_every: float = 2.0  # seconds between a device's pings
     profile: bool = False  # cProfile the coordinator's event loop (folder/coordinator-profile.txt)
     freeze: bool = True  # freeze the startup heap out of garbage collection, as serve_async does
+    data_channel: bool = True  # devices take the data channel the coordinator offers (the SDK's default)
 
 
 def run(options: Options, folder: Path) -> dict[str, Any]:
@@ -597,7 +623,7 @@ def run(options: Options, folder: Path) -> dict[str, Any]:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # children inherit the limit
-    want = min(hard, max(soft, 2 * devices + 256))
+    want = min(hard, max(soft, 3 * devices + 256))  # a websocket and a data channel per device
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -614,7 +640,9 @@ def run(options: Options, folder: Path) -> dict[str, Any]:
         for k in range(procs):
             mine, child = spawn.Pipe()
             proc = spawn.Process(
-                target=devices_main, args=(port, names[k::procs], options.ping_every, child), daemon=True
+                target=devices_main,
+                args=(port, names[k::procs], options.ping_every, options.data_channel, child),
+                daemon=True,
             )
             proc.start()
             children.append(proc)
@@ -644,6 +672,7 @@ def _summary(options: Options, coordinated: dict[str, Any], welcomed: list[Any],
         "devices": options.devices,
         "train": options.train,
         "procs": options.procs,
+        "data_channel": options.data_channel,
         "coordinator": coordinated,
         "devices_side": {
             **total,
@@ -668,7 +697,8 @@ def text(result: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"{result['devices']} devices in {result['procs']} processes, {d['welcomed']} welcomed"
-            f" ({d['retries']} retried connects), one round on {result['train']} (tiny BERT, 2 AdamW steps each)",
+            f" ({d['retries']} retried connects), one round on {result['train']} (tiny BERT, 2 AdamW steps each);"
+            f" {'a websocket and a data channel' if result.get('data_channel') else 'a websocket alone'} per device",
             f"coordinator RSS: {c['rss_before'] / 2**20:.1f} MiB before, {c['rss_idle'] / 2**20:.1f} MiB with all"
             f" connected and idle: {c['rss_per_device'] / 1024:.1f} KiB per device"
             f" (second half alone: {c['rss_per_device_marginal'] / 1024:.1f} KiB); peak in the round"
@@ -695,6 +725,7 @@ def main() -> None:
     parser.add_argument("--ping-every", type=float, default=2.0, help="seconds between a device's pings")
     parser.add_argument("--profile", action="store_true", help="cProfile the coordinator's event loop (with --keep)")
     parser.add_argument("--no-freeze", action="store_true", help="leave the startup heap to the collector")
+    parser.add_argument("--no-data-channel", action="store_true", help="devices keep their websocket alone")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", type=Path, default=None, help="run in this folder (kept: the coordinator's log)")
     args = parser.parse_args()
@@ -704,7 +735,14 @@ def main() -> None:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         options = Options(
-            args.devices, args.train, args.procs, args.idle_s, args.ping_every, args.profile, not args.no_freeze
+            args.devices,
+            args.train,
+            args.procs,
+            args.idle_s,
+            args.ping_every,
+            args.profile,
+            not args.no_freeze,
+            not args.no_data_channel,
         )
         result = run(options, folder)
     print(json.dumps(result, indent=1) if args.json else text(result))

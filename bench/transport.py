@@ -1,6 +1,6 @@
 """Transport benchmark: model transfer over the real protocol vs a raw socket, and idle-client memory.
 
-    python bench/transport.py [--repeat 5] [--clients 200] [--no-tls] [--skip-idle] [--profile] [--json]
+    python bench/transport.py [--repeat 9] [--clients 200] [--no-tls] [--skip-idle] [--profile] [--json]
 
 1. Throughput. The all-MiniLM-L6-v2 weights (90.9 MB of safetensors) make a round trip over loopback:
    - protocol: a websocket server in this process sends them as a TrainTask the way the coordinator
@@ -23,7 +23,8 @@
      straight into the receive buffer, each chunk's digest and values checked in a worker thread).
    - raw into fresh memory: the raw copy with a newly allocated buffer for each copy on both sides, as a
      receiver of a model needs (its pages faulted in as the socket writes them).
-   Throughput = 2 x bytes / time (both directions); the median of ``--repeat`` round trips. Each row's
+   Throughput = 2 x bytes / time (both directions); the median of ``--repeat`` round trips, each row's
+   first round trip (a warm-up: the connection's socket buffers grow, fresh pages fault in) left out. Each row's
    ratio is to the raw socket measured just before and just after it (their mean): on a shared machine
    the load moves from minute to minute, and a ratio to one raw figure taken minutes apart moves with it.
    With TLS
@@ -47,6 +48,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import io
 import json
 import os
@@ -60,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,7 @@ from edge_sdk.protocol import (
 from edge_sdk.protocol._machine import FRAGMENT_BYTES
 
 TIMEOUT_S = 300.0
+WARMUP = 1  # round trips run before the timed ones on each connection, the same for every row
 MiB = 1 << 20
 TOKEN = "bench-token-0000"
 
@@ -249,8 +253,10 @@ async def _round_trip(
     i: int,
     *,
     channel: DataChannel | None,
+    previous: list[weakref.ref[Any]],
 ) -> Trip:
     trip = Trip()
+    await _released(previous)
     before = _peak_reset()
     start = time.perf_counter()
     encoded = await asyncio.to_thread(prepare_tensors, tensors)
@@ -270,7 +276,18 @@ async def _round_trip(
     update = await _receive(incoming, conn, channel)
     trip.total = time.perf_counter() - start
     trip.receive_extra = _peak() - before - update.update.weights.total_bytes
+    previous[:] = [weakref.ref(array.base if array.base is not None else array) for array in update.tensors.values()]
     return trip
+
+
+async def _released(buffers: list[weakref.ref[Any]]) -> None:
+    """Wait (at most 5 s) until the buffers of the previous update are freed: the last reference may go
+    with a worker thread's finished job, and a peak reset taken before that would count the model's
+    bytes freed after it as a peak of this round trip."""
+    deadline = time.monotonic() + 5.0
+    while any(ref() is not None for ref in buffers) and time.monotonic() < deadline:
+        gc.collect()
+        await asyncio.sleep(0.001)
 
 
 async def protocol_round_trips(
@@ -311,10 +328,11 @@ async def protocol_round_trips(
             conn.channel_opened()
         profiler = cProfile.Profile() if profile else None
         incoming = websocket_messages(ws)
+        previous: list[weakref.ref[Any]] = []
         for i in range(repeat):
             if profiler is not None and i == repeat - 1:
                 profiler.enable()
-            trips.append(await _round_trip(ws, incoming, conn, tensors, i, channel=channel))
+            trips.append(await _round_trip(ws, incoming, conn, tensors, i, channel=channel, previous=previous))
         if profiler is not None:
             profiler.disable()
             out = io.StringIO()
@@ -604,7 +622,7 @@ dir = "run"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--no-tls", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
@@ -634,12 +652,13 @@ def main() -> None:
     tensors = minilm_weights()
     blob = safetensors.numpy.save(tensors)
     mb = len(blob) / 1e6
+    runs = args.repeat + WARMUP
     rows: dict[str, float] = {}
     ratios: dict[str, float] = {}  # each row against the raw socket measured just before and just after it
     memory: dict[str, Trip] = {}
 
     def raw_now() -> float:
-        return 2 * mb / statistics.median(raw_round_trips(blob, args.repeat))
+        return seconds(raw_round_trips(blob, runs))
 
     def measure(row: Callable[[], dict[str, float]]) -> None:
         """Rows of MB/s, each as a ratio to the raw socket around it (the load moves from minute to minute)."""
@@ -650,11 +669,13 @@ def main() -> None:
         ratios.update({name: value / row_raw for name, value in values.items()})
 
     def seconds(times: list[float]) -> float:
-        return 2 * mb / statistics.median(times)
+        """MB/s of the median round trip, the first ``WARMUP`` left out (a new connection's first transfer
+        grows its socket buffers and faults in fresh pages on both sides)."""
+        return 2 * mb / statistics.median(times[WARMUP:])
 
     def protocol(label: str, tls: tuple[str, str] | None, use_channel: bool) -> dict[str, float]:
         profile = args.profile and tls is None
-        trips = asyncio.run(protocol_round_trips(tensors, args.repeat, tls, profile, use_channel=use_channel))
+        trips = asyncio.run(protocol_round_trips(tensors, runs, tls, profile, use_channel=use_channel))
         memory[label] = max(trips, key=lambda t: max(t.send_extra, t.receive_extra))
         return {
             f"protocol, {label}": seconds([t.total for t in trips]),
@@ -663,20 +684,16 @@ def main() -> None:
 
     rows["raw TCP socket"] = raw_now()
     ratios["raw TCP socket"] = 1.0
-    measure(lambda: {"  into fresh memory": seconds(raw_round_trips(blob, args.repeat, fresh=True))})
-    measure(lambda: {"codec only, no socket": seconds(codec_round_trips(tensors, args.repeat))})
-    measure(lambda: {"websockets alone, ws://": seconds(asyncio.run(websocket_round_trips(blob, args.repeat, None)))})
+    measure(lambda: {"  into fresh memory": seconds(raw_round_trips(blob, runs, fresh=True))})
+    measure(lambda: {"codec only, no socket": seconds(codec_round_trips(tensors, runs))})
+    measure(lambda: {"websockets alone, ws://": seconds(asyncio.run(websocket_round_trips(blob, runs, None)))})
     measure(lambda: protocol("ws://", None, use_channel=False))
     measure(lambda: protocol("ws:// + data channel", None, use_channel=True))
     with tempfile.TemporaryDirectory() as tmp:
         cert = None if args.no_tls else make_certificate(Path(tmp))
         if cert is not None:
             tls = cert
-            measure(
-                lambda: {
-                    "websockets alone, wss://": seconds(asyncio.run(websocket_round_trips(blob, args.repeat, tls)))
-                }
-            )
+            measure(lambda: {"websockets alone, wss://": seconds(asyncio.run(websocket_round_trips(blob, runs, tls)))})
             measure(lambda: protocol("wss://", tls, use_channel=False))
             measure(lambda: protocol("wss:// + data channel", tls, use_channel=True))
         idle = None if args.skip_idle else run_idle(args.clients, Path(tmp))
@@ -702,7 +719,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(
         f"Model transfer, all-MiniLM-L6-v2 weights ({mb:.1f} MB), loopback round trip,"
-        f" median of {args.repeat}"
+        f" median of {args.repeat} after {WARMUP} warm-up"
         f" (1-minute load average {load:.2f} on {os.cpu_count()} CPUs):"
     )
     for name, value in rows.items():

@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0  # the coordinator's wait for a new channel's hello; the device's wait for the ack
 _WORK_BYTES = 8 << 20  # bytes read between two hand-offs of the chunks' checks to a worker thread
-_SINK_BYTES = 1 << 16  # where bytes go that no transfer wants (read only to notice a closed socket)
+# Where bytes go that no transfer wants (read only to be refused, or to notice a closed socket): their
+# content is never looked at, so every channel of the process shares one (an idle channel holds no buffer).
+_SINK = memoryview(bytearray(1 << 16))
 
 Accept = Callable[[bytes, "DataChannel"], bool]  # the coordinator's check of a token (True: bound)
 
@@ -62,7 +64,6 @@ class DataChannel(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._handshake = bytearray(CHANNEL_HELLO_BYTES if accept is not None else len(CHANNEL_ACK))
         self._handshake_got = 0
-        self._sink = bytearray(_SINK_BYTES)
         self._conn: BaseConnection | None = None  # the connection whose transfer is being read
         self._events: list[Event] = []
         self._loop = asyncio.get_running_loop()
@@ -91,7 +92,7 @@ class DataChannel(asyncio.BufferedProtocol):
             view = self._conn.channel_target()
             if view:
                 return view
-        return memoryview(self._sink)
+        return _SINK
 
     def buffer_updated(self, nbytes: int) -> None:
         if not self.opened.done():

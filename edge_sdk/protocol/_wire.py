@@ -21,7 +21,7 @@ import json
 import math
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from edge_sdk._errors import EdgeFMError, ProtocolError
@@ -227,16 +227,9 @@ def thaw_json(value: Any) -> Any:
     return value
 
 
-_FIELD_TYPES: dict[type, dict[str, Any]] = {}
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = _FIELD_TYPES.get(cls)
-    if hints is None:
-        hints = _FIELD_TYPES[cls] = get_type_hints(cls)
-    return hints
-
-
+# A field's check, compiled once per annotation: (value, path) -> the normalized, frozen value.
+Coercer = Callable[[object, str], Any]
+_COERCERS: dict[Any, Coercer] = {}
 _SCALARS: tuple[type, ...] = (str, bool, int, float)
 
 
@@ -274,43 +267,138 @@ def _coerce_dict_record(value: object, ann: Any, path: str) -> Any:
         raise _fail(path, str(exc)) from None
 
 
-def _coerce(value: object, ann: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``ann`` and return its normalized, frozen form."""
+def _coercer(ann: Any) -> Coercer:
+    """The check of values annotated ``ann`` (compiled on first use, then kept)."""
+    found = _COERCERS.get(ann)
+    if found is None:
+        found = _COERCERS[ann] = _compile(ann)
+    return found
+
+
+def _compile(ann: Any) -> Coercer:
+    """Build the check for one annotation; the common case of each kind is a single type test."""
     if ann is Any:
-        return freeze_json(value, path)
+        return freeze_json
     if ann in _SCALARS:
-        return _coerce_scalar(value, ann, path)
+        return _scalar_coercer(ann)
     if isinstance(ann, type) and issubclass(ann, WireRecord):
-        return value if isinstance(value, ann) else ann.from_json(value, path)
+        record: type[WireRecord] = ann
+        return lambda value, path: value if isinstance(value, record) else record.from_json(value, path)
     if _is_dict_record(ann):
-        return _coerce_dict_record(value, ann, path)
+        return lambda value, path: _coerce_dict_record(value, ann, path)
     origin, args = get_origin(ann), get_args(ann)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
         (inner,) = (arg for arg in args if arg is not type(None))
-        return _coerce(value, inner, path)
+        present = _coercer(inner)
+        return lambda value, path: None if value is None else present(value, path)
     if origin is Literal:
-        for choice in args:
-            if type(value) is type(choice) and value == choice:
-                return value
-        raise _fail(path, f"expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return lambda value, path: _literal(value, args, path)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return _tuple_coercer(args[0])
+    if origin is Mapping and args and args[0] is str:
+        return _mapping_coercer(args[1])
+    raise TypeError(f"unsupported field annotation {ann!r}")  # a bug in a record definition
+
+
+def _scalar_coercer(ann: type) -> Coercer:
+    """One exact type test for the common case (an in-range int, a finite float); else the full check."""
+    if ann is int:
+        return _int
+    if ann is float:
+        return _float
+
+    def coerce(value: object, path: str) -> Any:
+        return value if type(value) is ann else _coerce_scalar(value, ann, path)
+
+    return coerce
+
+
+def _int(value: object, path: str) -> Any:
+    if type(value) is int and -MAX_JSON_INT <= value <= MAX_JSON_INT:
+        return value
+    return _coerce_scalar(value, int, path)
+
+
+def _float(value: object, path: str) -> Any:
+    if type(value) is float and math.isfinite(value):
+        return value
+    return _coerce_scalar(value, float, path)
+
+
+def _literal(value: object, choices: tuple[Any, ...], path: str) -> Any:
+    for choice in choices:
+        if type(value) is type(choice) and value == choice:
+            return value
+    raise _fail(path, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _tuple_coercer(item_ann: Any) -> Coercer:
+    item = _coercer(item_ann)
+    exact = item_ann if item_ann in (str, int) else None
+
+    def coerce(value: object, path: str) -> tuple[Any, ...]:
         if not isinstance(value, (list, tuple)):
             raise _fail(path, f"expected an array, got {json_type_name(value)}")
-        return tuple(_coerce(item, args[0], f"{path}[{i}]") for i, item in enumerate(value))
-    if origin is Mapping and args and args[0] is str:
+        if _all_exact(value, exact):  # shapes, names: no per-item path
+            return tuple(value)
+        return tuple(item(x, f"{path}[{i}]") for i, x in enumerate(value))
+
+    return coerce
+
+
+def _all_exact(items: list[Any] | tuple[Any, ...], exact: type | None) -> bool:
+    """Every item is exactly a ``str``, or exactly an ``int`` within range (the fast path of arrays)."""
+    if exact is None or not all(type(x) is exact for x in items):
+        return False
+    return exact is str or all(-MAX_JSON_INT <= x <= MAX_JSON_INT for x in items)
+
+
+def _mapping_coercer(item_ann: Any) -> Coercer:
+    item = _coercer(item_ann)
+
+    def coerce(value: object, path: str) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
             raise _fail(path, f"expected an object, got {json_type_name(value)}")
-        if args[1] is Any:
+        if item_ann is Any:
             return freeze_json(value, path)
         out: dict[str, Any] = {}
-        for key, item in value.items():
+        for key, x in value.items():
             if not isinstance(key, str):
                 raise _fail(path, f"object keys must be strings, got {type(key).__name__}")
-            out[key] = _coerce(item, args[1], f"{path}[{key!r}]")
+            out[key] = item(x, f"{path}[{key!r}]")
         return types.MappingProxyType(out)
-    raise TypeError(f"{path}: unsupported field annotation {ann!r}")  # a bug in a record definition
+
+    return coerce
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A record class's fields as its checks need them (built once per class)."""
+
+    coercers: tuple[tuple[str, Coercer], ...]
+    names: frozenset[str]
+    required: tuple[str, ...]
+    defaults: tuple[tuple[str, Any], ...]  # every field with a default, and the default
+    optional: tuple[tuple[str, Any], ...]  # wire-optional fields and their defaults
+
+
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type) -> _Plan:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        hints = get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        optional = tuple((f.name, f.default) for f in fields if f.metadata.get(WIRE_OPTIONAL))
+        plan = _PLANS[cls] = _Plan(
+            coercers=tuple((f.name, _coercer(hints[f.name])) for f in fields),
+            names=frozenset(f.name for f in fields),
+            required=tuple(f.name for f in fields if not f.metadata.get(WIRE_OPTIONAL)),
+            defaults=tuple((f.name, f.default) for f in fields if f.default is not dataclasses.MISSING),
+            optional=optional,
+        )
+    return plan
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -318,11 +406,9 @@ class WireRecord:
     """Base of every frozen record that travels as JSON; fields are validated on construction."""
 
     def __post_init__(self) -> None:
-        hints = _field_types(type(self))
         name = type(self).__name__
-        for field in dataclasses.fields(self):
-            value = _coerce(getattr(self, field.name), hints[field.name], f"{name}.{field.name}")
-            object.__setattr__(self, field.name, value)
+        for field, coerce in _plan(type(self)).coercers:
+            object.__setattr__(self, field, coerce(getattr(self, field), f"{name}.{field}"))
         self._validate()
 
     def _validate(self) -> None:
@@ -333,26 +419,29 @@ class WireRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The record as plain JSON-ready ``dict``/``list`` values (wire-optional fields only when set)."""
-        return {
-            field.name: thaw_json(getattr(self, field.name))
-            for field in dataclasses.fields(self)
-            if not (field.metadata.get(WIRE_OPTIONAL) and getattr(self, field.name) == field.default)
-        }
+        plan = _plan(type(self))
+        unset = {field for field, default in plan.optional if getattr(self, field) == default}
+        return {field: thaw_json(getattr(self, field)) for field, _ in plan.coercers if field not in unset}
 
     @classmethod
     def from_json(cls: type[_R], obj: object, path: str | None = None) -> _R:
-        """Build the record from a decoded JSON object: exactly the record's fields, each well typed."""
+        """Build the record from a decoded JSON object: exactly the record's fields, each well typed
+        (each checked once, under ``path``; then the record's own constraints)."""
         path = path or cls.__name__
         if not isinstance(obj, Mapping):
             raise _fail(path, f"expected an object, got {json_type_name(obj)}")
-        names = [field.name for field in dataclasses.fields(cls)]
-        optional = {field.name for field in dataclasses.fields(cls) if field.metadata.get(WIRE_OPTIONAL)}
-        missing = [name for name in names if name not in obj and name not in optional]
-        unknown = sorted(key for key in obj if key not in names)
+        plan = _plan(cls)
+        missing = [name for name in plan.required if name not in obj]
+        unknown = sorted(key for key in obj if key not in plan.names)
         if missing or unknown:
             problems = [f"missing field {name!r}" for name in missing]
             problems += [f"unknown field {name!r}" for name in unknown]
             raise _fail(path, "; ".join(problems))
-        hints = _field_types(cls)
-        values = {name: _coerce(obj[name], hints[name], f"{path}.{name}") for name in names if name in obj}
-        return cls(**values)
+        record = cls.__new__(cls)  # the checked values go straight in: not checked a second time
+        for name, default in plan.defaults:
+            object.__setattr__(record, name, default)
+        for name, coerce in plan.coercers:
+            if name in obj:
+                object.__setattr__(record, name, coerce(obj[name], f"{path}.{name}"))
+        record._validate()
+        return record

@@ -399,3 +399,31 @@ def test_any_json_profile_round_trips(profile: dict[str, Any]) -> None:
     assert decoded == hello
     assert isinstance(decoded, Hello)
     assert json.dumps(thaw_json(decoded.profile), sort_keys=True) == json.dumps(profile, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"shape": [4, True]}, "W.shape[1]: expected an integer, got boolean"),
+        ({"shape": [2**60, 4]}, "W.shape[0]: integer out of range"),
+        ({"shape": [4, "4"]}, "W.shape[1]: expected an integer, got string"),
+        ({"shape": [-1, 4]}, "negative dimension"),  # the record's own constraint, after the field checks
+        ({"offset": 0, "length": 3}, "3 bytes, but (4, 4) F32 is 64"),
+        ({"offset": 0}, "offset and length must be given together"),
+    ],
+)
+def test_decoded_records_get_every_field_check_and_their_own_constraints(change: dict[str, Any], fragment: str) -> None:
+    """Decoding checks each field once (no second pass through the constructor) and still runs the
+    record's cross-field constraints; an array's fast path (all plain ints) never hides a bad item."""
+    obj = {"name": "w", "shape": [4, 4], "dtype": "F32", "offset": None, "length": None, **change}
+    with pytest.raises(ProtocolError) as info:
+        TensorEntry.from_json(obj, "W")
+    assert fragment in str(info.value)
+
+
+def test_a_decoded_record_equals_the_one_built_in_python() -> None:
+    for message in SAMPLES:
+        again = decode_message(encode_message(message))
+        assert again == message
+        assert type(again) is type(message)
+        assert again.to_json() == message.to_json()
