@@ -152,3 +152,46 @@ def test_device_options_are_checked() -> None:
         DeviceOptions(url="ws://x", token="t", ca_file=Path("ca.pem"))
     with pytest.raises(ConfigError, match="token"):
         DeviceOptions(url="ws://x", token="")
+
+
+@pytest.mark.parametrize("take", [True, False])
+def test_a_device_takes_the_data_channel_unless_told_not_to(tmp_path: Path, monkeypatch: Any, take: bool) -> None:
+    """The SDK announces the data channel (the coordinator then offers it and the device opens it) by
+    default; ``DeviceOptions(data_channel=False)`` (``edge-sdk join --no-data-channel``) never does, and
+    its tasks and updates travel on the websocket. Either way the round is merged."""
+    import edge_sdk.client._client as client
+
+    opened: list[object] = []
+    real = client.device_channel
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:  # records what the real function returns
+        channel = await real(*args, **kwargs)
+        opened.append(channel)
+        return channel
+
+    monkeypatch.setattr(client, "device_channel", spy)
+
+    async def main() -> int:
+        async with coordinator(tmp_path, ["mine"], rounds=1) as (srv, running):
+            device = EdgeDevice(options(srv, "mine", data_channel=take), RandomTokens())
+            done = await asyncio.wait_for(device.run_async(), 60)
+            await asyncio.wait_for(running, 30)
+            return done
+
+    assert run(main()) == 1
+    assert len(opened) == (1 if take else 0) and all(channel is not None for channel in opened)
+    state = load_checkpoint(latest_checkpoint(tmp_path))  # type: ignore[arg-type]
+    assert [d["status"] for entry in state.history for d in entry["devices"]] == ["ok"]
+
+
+def test_join_no_data_channel_flag() -> None:
+    import argparse
+
+    from edge_sdk.cli import _join
+
+    parser = argparse.ArgumentParser()
+    _join.add_parser(parser.add_subparsers())
+    base = ["join", "ws://127.0.0.1:1", "--token", "t", "--data", "rows.csv", "--memory-budget", "1GB"]
+    assert _join.device_options(parser.parse_args(base)).data_channel is True
+    declined = _join.device_options(parser.parse_args([*base, "--no-data-channel"]))
+    assert declined.data_channel is False and declined.memory_budget == 10**9

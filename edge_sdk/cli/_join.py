@@ -6,7 +6,7 @@
                   [--response-column NAME] [--image-processor DIR]
                   [--tokenizer DIR] [--ca-file PEM] [--threads N] [--limit N] [--device-id NAME]
                   [--retry-initial S] [--retry-max S] [--give-up-after S] [--no-probe]
-                  [--deploy-dir DIR | --no-deploy] [--holdout N]
+                  [--no-data-channel] [--deploy-dir DIR | --no-deploy] [--holdout N]
 
 ``--data`` is a CSV, TSV, JSON Lines or Parquet file (docs/data.md); its columns are read when the
 device starts. A file with prompt and response columns (or ``--prompt-column`` / ``--response-column``)
@@ -21,6 +21,11 @@ exported to ONNX, checked, and installed in ``--deploy-dir`` (default ``./edge-f
 key/value cache, checked on the device's prompts, and ``edge-sdk generate --model DIR "prompt"``
 serves it. A failed export keeps the previously installed model.
 
+Tensors travel on a data channel beside the websocket (a second TCP connection, to the port the
+coordinator's Welcome names) when the coordinator offers one; a device that cannot reach that port
+falls back to the websocket after logging why, and ``--no-data-channel`` declines it outright (only the
+websocket's port is reachable, e.g. behind an HTTP proxy).
+
 While a training task runs, its steps are shown: a bar in a terminal, a log line every tenth of the
 task otherwise (and the coordinator's status page shows them too).
 
@@ -34,11 +39,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_sdk._errors import ConfigError
 from edge_sdk._units import parse_size
 from edge_sdk.client._backoff import Backoff
+
+if TYPE_CHECKING:
+    from edge_sdk.client._client import DeviceOptions
 
 __all__ = ["DEFAULT_DEPLOY_DIR", "add_parser", "run"]
 
@@ -90,6 +98,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="stop after this many seconds without a working connection (default 3600)",
     )
     p.add_argument("--no-probe", action="store_true", help="skip the ~1 s compute probe")
+    p.add_argument(
+        "--no-data-channel",
+        action="store_true",
+        help="keep tensors on the websocket even when the coordinator offers a data channel (a second TCP"
+        " connection to its data port: decline it where only the websocket's port is reachable)",
+    )
     deploy = p.add_mutually_exclusive_group()
     deploy.add_argument(
         "--deploy-dir",
@@ -156,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_sdk.device._allocator import tune_allocator
 
     tune_allocator()  # before anything large is allocated (see edge_sdk.device._allocator)
-    from edge_sdk.client._client import DeviceOptions, EdgeDevice
+    from edge_sdk.client._client import EdgeDevice
     from edge_sdk.client._progress import step_display
     from edge_sdk.training._formats import read_rows
     from edge_sdk.training._images import ImageDataset
@@ -167,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("a token is required: --token T or EDGE_FM_TOKEN")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    budget = parse_size(args.memory_budget) if args.memory_budget is not None else None
+    options = device_options(args)
     if args.data.is_dir():  # an image folder (ImageFolder layout), for an image-classification model
         data: Any = ImageDataset.from_folder(args.data, args.image_processor, limit=args.limit, holdout=args.holdout)
     elif is_prompt_file(args.data, data_format(args)):  # prompt/response records, for a causal-LM run
@@ -176,14 +190,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows = read_rows(args.data, data_format(args), limit=args.limit)
         data = TextDataset(rows, args.tokenizer, holdout=args.holdout)
-    options = DeviceOptions(
+    EdgeDevice(options, data, on_progress=step_display(sys.stderr)).run()
+    return 0
+
+
+def device_options(args: argparse.Namespace) -> DeviceOptions:
+    """The :class:`~edge_sdk.client.DeviceOptions` of a ``join`` command line."""
+    from edge_sdk.client._client import DeviceOptions
+
+    return DeviceOptions(
         url=args.url,
         token=args.token,
-        memory_budget=budget,
+        memory_budget=parse_size(args.memory_budget) if args.memory_budget is not None else None,
         profile_name=args.profile,
         ca_file=args.ca_file,
         threads=args.threads,
         probe=not args.no_probe,
+        data_channel=not args.no_data_channel,
         deploy_dir=None if args.no_deploy else args.deploy_dir.expanduser().absolute(),
         backoff=Backoff(
             initial_s=args.retry_initial,
@@ -192,5 +215,3 @@ def run(args: argparse.Namespace) -> int:
         ),
         **({"device_id": args.device_id} if args.device_id else {}),
     )
-    EdgeDevice(options, data, on_progress=step_display(sys.stderr)).run()
-    return 0
