@@ -378,11 +378,21 @@ class _Plan:
     coercers: tuple[tuple[str, Coercer], ...]
     names: frozenset[str]
     required: tuple[str, ...]
-    defaults: tuple[tuple[str, Any], ...]  # every field with a default, and the default
+    defaults: tuple[tuple[str, Callable[[], Any]], ...]  # every field with a default: its default's maker
     optional: tuple[tuple[str, Any], ...]  # wire-optional fields and their defaults
 
 
 _PLANS: dict[type, _Plan] = {}
+
+
+def _default_maker(field: dataclasses.Field[Any]) -> Callable[[], Any] | None:
+    """What makes a field's default (its ``default_factory``, or one returning its ``default``)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+        return lambda: default
+    return None
 
 
 def _plan(cls: type) -> _Plan:
@@ -391,11 +401,12 @@ def _plan(cls: type) -> _Plan:
         hints = get_type_hints(cls)
         fields = dataclasses.fields(cls)
         optional = tuple((f.name, f.default) for f in fields if f.metadata.get(WIRE_OPTIONAL))
+        makers = [(f.name, _default_maker(f)) for f in fields]
         plan = _PLANS[cls] = _Plan(
             coercers=tuple((f.name, _coercer(hints[f.name])) for f in fields),
             names=frozenset(f.name for f in fields),
             required=tuple(f.name for f in fields if not f.metadata.get(WIRE_OPTIONAL)),
-            defaults=tuple((f.name, f.default) for f in fields if f.default is not dataclasses.MISSING),
+            defaults=tuple((name, make) for name, make in makers if make is not None),
             optional=optional,
         )
     return plan
@@ -403,7 +414,12 @@ def _plan(cls: type) -> _Plan:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WireRecord:
-    """Base of every frozen record that travels as JSON; fields are validated on construction."""
+    """Base of every frozen record that travels as JSON; fields are validated on construction.
+
+    A record's own constraints (ranges, formats, fields that go together) belong in :meth:`_validate`:
+    :meth:`from_json` checks each field once and then calls it, without the constructor (so a
+    subclass must not override ``__post_init__``).
+    """
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -438,8 +454,9 @@ class WireRecord:
             problems += [f"unknown field {name!r}" for name in unknown]
             raise _fail(path, "; ".join(problems))
         record = cls.__new__(cls)  # the checked values go straight in: not checked a second time
-        for name, default in plan.defaults:
-            object.__setattr__(record, name, default)
+        for name, make in plan.defaults:
+            if name not in obj:
+                object.__setattr__(record, name, make())
         for name, coerce in plan.coercers:
             if name in obj:
                 object.__setattr__(record, name, coerce(obj[name], f"{path}.{name}"))
