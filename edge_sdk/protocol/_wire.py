@@ -400,14 +400,20 @@ def _plan(cls: type) -> _Plan:
     if plan is None:
         hints = get_type_hints(cls)
         fields = dataclasses.fields(cls)
-        optional = tuple((f.name, f.default) for f in fields if f.metadata.get(WIRE_OPTIONAL))
-        makers = [(f.name, _default_maker(f)) for f in fields]
+        makers = {f.name: _default_maker(f) for f in fields}
+        optional: list[tuple[str, Any]] = []
+        for f in fields:
+            if f.metadata.get(WIRE_OPTIONAL):
+                make = makers[f.name]
+                if make is None:  # a bug in the record's definition
+                    raise TypeError(f"{cls.__name__}.{f.name}: a field optional on the wire needs a default")
+                optional.append((f.name, make()))
         plan = _PLANS[cls] = _Plan(
             coercers=tuple((f.name, _coercer(hints[f.name])) for f in fields),
             names=frozenset(f.name for f in fields),
             required=tuple(f.name for f in fields if not f.metadata.get(WIRE_OPTIONAL)),
-            defaults=tuple((name, make) for name, make in makers if make is not None),
-            optional=optional,
+            defaults=tuple((name, make) for name, make in makers.items() if make is not None),
+            optional=tuple(optional),
         )
     return plan
 

@@ -427,3 +427,19 @@ def test_a_decoded_record_equals_the_one_built_in_python() -> None:
         assert again == message
         assert type(again) is type(message)
         assert again.to_json() == message.to_json()
+
+
+def test_an_absent_wire_optional_field_decodes_to_its_default_or_factory() -> None:
+    from edge_sdk.protocol._wire import OPTIONAL_ON_WIRE, WireRecord
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Tagged(WireRecord):
+        name: str
+        tags: tuple[str, ...] = dataclasses.field(default_factory=tuple, metadata=OPTIONAL_ON_WIRE)
+        weight: float = dataclasses.field(default=1.0, metadata=OPTIONAL_ON_WIRE)
+
+    assert Tagged.from_json({"name": "x"}) == Tagged(name="x")
+    assert Tagged.from_json({"name": "x"}).to_json() == {"name": "x"}
+    assert Tagged.from_json({"name": "x", "tags": ["a"], "weight": 2}) == Tagged(name="x", tags=("a",), weight=2.0)
+    with pytest.raises(ProtocolError, match=r"Tagged.tags\[0\]: expected a string, got number"):
+        Tagged.from_json({"name": "x", "tags": [1]})
