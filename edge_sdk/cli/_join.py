@@ -86,24 +86,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         " (default: the packaged all-MiniLM-L6-v2)",
     )
     p.add_argument("--image-processor", type=Path, default=None, metavar="DIR", help=_PROCESSOR_HELP)
-    p.add_argument("--ca-file", type=Path, default=None, help="PEM certificate(s) to trust for wss://")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     p.add_argument("--device-id", default=None, help="a name for logs (the token decides the identity)")
-    p.add_argument("--retry-initial", type=float, default=0.5, help="first reconnection delay, s (default 0.5)")
-    p.add_argument("--retry-max", type=float, default=30.0, help="longest reconnection delay, s (default 30)")
-    p.add_argument(
-        "--give-up-after",
-        type=float,
-        default=3600.0,
-        help="stop after this many seconds without a working connection (default 3600)",
-    )
+    add_connection_options(p)
     p.add_argument("--no-probe", action="store_true", help="skip the ~1 s compute probe")
-    p.add_argument(
-        "--no-data-channel",
-        action="store_true",
-        help="keep tensors on the websocket even when the coordinator offers a data channel (a second TCP"
-        " connection to its data port: decline it where only the websocket's port is reachable)",
-    )
     deploy = p.add_mutually_exclusive_group()
     deploy.add_argument(
         "--deploy-dir",
@@ -121,6 +107,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         " drift is measured on them (default 0: on the last local examples)",
     )
     return p
+
+
+def add_connection_options(p: argparse.ArgumentParser) -> None:
+    """How the device reaches the coordinator: TLS trust, reconnection, the data channel."""
+    p.add_argument("--ca-file", type=Path, default=None, help="PEM certificate(s) to trust for wss://")
+    p.add_argument("--retry-initial", type=float, default=0.5, help="first reconnection delay, s (default 0.5)")
+    p.add_argument("--retry-max", type=float, default=30.0, help="longest reconnection delay, s (default 30)")
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        default=3600.0,
+        help="stop after this many seconds without a working connection (default 3600)",
+    )
+    p.add_argument(
+        "--no-data-channel",
+        action="store_true",
+        help="keep tensors on the websocket even when the coordinator offers a data channel (a second TCP"
+        " connection to its data port: decline it where only the websocket's port is reachable)",
+    )
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
