@@ -35,7 +35,9 @@
    the task (above what it held before) and while it receives the update (above that and the
    update's own bytes), in MiB (a chunk is 1 MiB). ``--profile`` prints where the server's time
    goes over one ws:// round trip and the device's over all of them (cProfile).
-2. Idle clients. ``edge-coordinator serve`` (the real daemon, holding MiniLM) runs as a child process;
+2. Control messages: the time to decode and check the JSON side of a transfer (a TrainTask announcing
+   the MiniLM weights, their safetensors header), as a ratio to ``json.loads`` of the same text.
+3. Idle clients. ``edge-coordinator serve`` (the real daemon, holding MiniLM) runs as a child process;
    ``--clients`` devices, all in this one process, connect, say Hello and stay idle (the run waits for
    one more device, so no round starts). Its resident set before and after, per client.
 
@@ -88,11 +90,15 @@ from edge_sdk.protocol import (
     TaskReceived,
     TensorAssembler,
     TrainSettings,
+    TrainTask,
     UpdateReceived,
     WelcomeReceived,
     WireLimits,
     check_tensor_values,
+    decode_message,
+    encode_message,
     prepare_tensors,
+    read_safetensors_header,
 )
 from edge_sdk.protocol._machine import FRAGMENT_BYTES
 
@@ -502,6 +508,43 @@ def codec_round_trips(tensors: dict[str, np.ndarray], repeat: int) -> list[float
     return times
 
 
+def control_messages(tensors: dict[str, np.ndarray], repeat: int = 51) -> dict[str, dict[str, float]]:
+    """Milliseconds (median of ``repeat``) to decode the control side of a transfer against the plain
+    ``json.loads`` of the same text: a TrainTask announcing these tensors (``decode_message``: strict
+    JSON, then every field of the task and its manifest checked) and their safetensors header
+    (``read_safetensors_header``: each tensor's entry checked, the ranges tiling the data)."""
+    task = TrainTask(
+        task_id="t",
+        round=1,
+        spec={},
+        model_config={},
+        settings=TrainSettings(local_steps=1, lr=1e-4, batch_size=1, seq_len=1),
+        weights=prepare_tensors(tensors).manifest(),
+    )
+    text = encode_message(task)
+    blob = memoryview(safetensors.numpy.save(tensors))
+    header = bytes(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+
+    def ms(work: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    return {
+        f"TrainTask ({len(text) / 1e3:.1f} kB of JSON)": {
+            "ours": ms(lambda: decode_message(text)),
+            "json.loads": ms(lambda: json.loads(text)),
+        },
+        f"safetensors header ({len(tensors)} tensors)": {
+            "ours": ms(lambda: read_safetensors_header(blob)),
+            "json.loads": ms(lambda: json.loads(header)),
+        },
+    }
+
+
 def make_certificate(folder: Path) -> tuple[str, str] | None:
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -697,6 +740,7 @@ def main() -> None:
             measure(lambda: protocol("wss://", tls, use_channel=False))
             measure(lambda: protocol("wss:// + data channel", tls, use_channel=True))
         idle = None if args.skip_idle else run_idle(args.clients, Path(tmp))
+    messages = control_messages(tensors)
     extra = {
         label: {"send_bytes": t.send_extra, "receive_bytes": t.receive_extra, "encode_s": t.encode}
         for label, t in memory.items()
@@ -709,6 +753,7 @@ def main() -> None:
                     "throughput_mb_s": rows,
                     "ratio_to_raw": ratios,
                     "server_peak_extra": extra,
+                    "control_messages_ms": messages,
                     "idle": idle,
                     "load_average": os.getloadavg()[0],
                 },
@@ -731,6 +776,10 @@ def main() -> None:
             f" receiving the update {t.receive_extra / 2**20:6.1f} MiB beyond its own"
             f" {mb:.1f} MB; encoding took {t.encode * 1e3:.0f} ms"
         )
+    print("Control messages, decoded and checked (median ms) against json.loads of the same text:")
+    for what, figures in messages.items():
+        ratio = figures["ours"] / figures["json.loads"]
+        print(f"  {what:<40} {figures['ours']:6.2f} ms ({ratio:.1f} x json.loads, {figures['json.loads']:.2f} ms)")
     if idle is not None:
         print(
             f"Coordinator RSS with {idle['clients']} idle connected clients (all clients in one process,"
