@@ -430,6 +430,7 @@ class DeviceStats:
         self.retries = 0
         self.tasks = 0
         self.updates = 0
+        self.on_channel = 0  # transfers received on the data channel (tasks whose weights came there)
         self.pings = 0
         self.late = 0
         self.unanswered = 0
@@ -522,6 +523,7 @@ class Fleet:
             async for frame in ws:
                 events = conn.receive(frame)
                 if conn.channel_receiving:  # the transfer this message announced comes on the data channel
+                    stats.on_channel += 1
                     events += await channel.receive(conn) if channel is not None else conn.channel_broken("none")
                 for event in events:
                     if isinstance(event, TaskReceived):
@@ -662,7 +664,7 @@ def run(options: Options, folder: Path) -> dict[str, Any]:
 def _summary(options: Options, coordinated: dict[str, Any], welcomed: list[Any], reports: list[Any]) -> dict[str, Any]:
     total = {
         key: sum(r[key] for r in reports)
-        for key in ("welcomed", "retries", "tasks", "updates", "pings", "late", "unanswered")
+        for key in ("welcomed", "retries", "tasks", "updates", "on_channel", "pings", "late", "unanswered")
     }
     closes: dict[str, int] = {}
     for r in reports:
@@ -711,7 +713,8 @@ def text(result: dict[str, Any]) -> str:
             f"pings: {d['pings']} answered, worst {d['worst_pong_s'] * 1000:.0f} ms, {d['late']} later than"
             f" {PING_LATE_S:.0f} s, {d['unanswered']} unanswered (device processes' own worst stall"
             f" {d['stall_worst_s'] * 1000:.0f} ms)",
-            f"device tasks: {d['tasks']} received, {d['updates']} answered; close codes {d['closes']}",
+            f"device tasks: {d['tasks']} received ({d['on_channel']} on the data channel), {d['updates']} answered;"
+            f" close codes {d['closes']}",
         ]
     )
 

@@ -1,8 +1,9 @@
 """Many devices on one coordinator: ``bench/scale.py`` at a reduced size, and the daemon's frozen heap.
 
 The load test runs the benchmark itself in a subprocess (its own processes: the real coordinator and
-two device processes on 127.0.0.1): 200 devices connect and say Hello, one round trains 20 of them
-for real (the SDK's TaskRunner), and every device pings the coordinator throughout. Asserted: every
+two device processes on 127.0.0.1): 200 devices connect, say Hello and open the data channel the
+coordinator offers (as the SDK does), one round trains 20 of them for real (the SDK's TaskRunner),
+their tasks travel on the channel, and every device pings the coordinator throughout. Asserted: every
 device welcomed, every task sent, answered and merged, every ping answered, every device told the
 run is complete. The times and stalls are printed, never asserted (a loaded CI machine decides them).
 """
@@ -53,6 +54,7 @@ def test_two_hundred_devices_connect_and_twenty_train_one_round(tmp_path: Path) 
     coordinator, devices = result["coordinator"], result["devices_side"]
     assert devices["welcomed"] == DEVICES and devices["refused"] == []
     assert coordinator["tasks_sent"] == TRAIN and devices["tasks"] == devices["updates"] == TRAIN
+    assert result["data_channel"] and devices["on_channel"] == TRAIN  # as the SDK: tasks on the data channel
     assert coordinator["outcomes"] == {"ok": TRAIN}  # every reply merged
     assert devices["pings"] > DEVICES and devices["unanswered"] == 0
     assert devices["closes"] == {str(CLOSE_RUN_COMPLETE): DEVICES}  # all still connected when the run ended
