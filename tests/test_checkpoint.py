@@ -157,3 +157,36 @@ def test_state_digest_sees_every_byte_name_and_dtype() -> None:
     assert state_digest({"a": torch.zeros(3, dtype=torch.float64), "b": torch.arange(4)}) != digest
     assert state_digest({"c": torch.zeros(3), "b": torch.arange(4)}) != digest
     assert np.asarray(bytes.fromhex(digest)).size == 1
+
+
+def test_a_crash_while_pruning_leaves_every_round_folder_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed halfway through deleting an old checkpoint: no ``round-*`` folder lacks its files."""
+    engine = make_engine(["a"], rounds=4)
+    engine.admit("a", hello(FULL_BUDGET))
+    save_checkpoint(tmp_path, engine.snapshot(), keep=2)
+    run_round(engine, 0.1)
+    save_checkpoint(tmp_path, engine.snapshot(), keep=2)
+    run_round(engine, 0.1)
+
+    def die_halfway(path: Path, ignore_errors: bool = False) -> None:
+        files = sorted(Path(path).iterdir()) if Path(path).exists() else []
+        if not files:
+            return
+        (Path(path) / "state.json").unlink()  # the first file gone, then the process "dies"
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(_checkpoint.shutil, "rmtree", die_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, engine.snapshot(), keep=2)
+    monkeypatch.undo()
+
+    root = tmp_path / "checkpoints"
+    names = sorted(p.name for p in root.glob("round-*"))
+    assert names == ["round-000001", "round-000002"]
+    for name in names:
+        load_checkpoint(root / name)  # every one whole: its digests check
+    assert latest_checkpoint(tmp_path) == root / "round-000002"
+    run_round(engine, 0.1)
+    save_checkpoint(tmp_path, engine.snapshot(), keep=2)  # the next save removes the half-deleted leftover
+    assert not list(root.glob(".tmp-*"))
+    assert sorted(p.name for p in root.glob("round-*")) == ["round-000002", "round-000003"]

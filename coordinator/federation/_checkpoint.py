@@ -11,8 +11,10 @@ Layout under the run directory::
 A checkpoint is written into a temporary folder (``checkpoints/.tmp-...``), each file flushed and
 fsynced, then the folder is renamed into place with ``os.replace``, and only then is ``LATEST``
 replaced (again temp file + ``os.replace``). A crash at any point leaves ``LATEST`` naming the previous
-complete checkpoint; leftovers of an interrupted write are removed by the next save. Loading checks
-both files' sha256 against ``state.json``. Nothing is pickled.
+complete checkpoint; leftovers of an interrupted write are removed by the next save. Old checkpoints
+are pruned the same way: each folder is renamed to ``.tmp-pruned-...`` before it is deleted, so no
+``round-*`` folder is ever left half-deleted. Loading checks both files' sha256 against
+``state.json``. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -181,9 +183,18 @@ def save_checkpoint(run_dir: str | Path, state: EngineState, *, keep: int = 3) -
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest checkpoints, each renamed out of the way before it is deleted.
+
+    Deleting a folder file by file is not atomic: a process killed halfway would leave a
+    ``round-*`` folder without its ``state.json``. Renamed first (atomic), a folder is either a whole
+    checkpoint or a ``.tmp-*`` leftover that the next save removes.
+    """
     rounds = sorted(p for p in root.glob("round-*") if p.is_dir())
     for old in rounds[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f".tmp-pruned-{old.name}"
+        shutil.rmtree(doomed, ignore_errors=True)  # a leftover of the same name would refuse the rename
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
