@@ -190,3 +190,26 @@ def test_a_crash_while_pruning_leaves_every_round_folder_whole(tmp_path: Path, m
     save_checkpoint(tmp_path, engine.snapshot(), keep=2)  # the next save removes the half-deleted leftover
     assert not list(root.glob(".tmp-*"))
     assert sorted(p.name for p in root.glob("round-*")) == ["round-000002", "round-000003"]
+
+
+def test_without_a_valid_latest_the_newest_complete_folder_is_the_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run directory with whole checkpoints never looks empty: a new run would write over them."""
+    assert latest_checkpoint(tmp_path) is None  # no folder at all
+    engine = make_engine(["a"], rounds=4)
+    engine.admit("a", hello(FULL_BUDGET))
+    save_checkpoint(tmp_path, engine.snapshot())
+    run_round(engine, 0.1)
+    newest = save_checkpoint(tmp_path, engine.snapshot())
+    root = tmp_path / "checkpoints"
+    (root / "round-000009").mkdir()  # an incomplete folder is never taken
+    for latest_text in (None, b"\xff\xfe", b"round-000042\n", b"round-000001/../../x\n"):
+        if latest_text is None:
+            (root / "LATEST").unlink()
+        else:
+            (root / "LATEST").write_bytes(latest_text)
+        caplog.clear()
+        assert latest_checkpoint(tmp_path) == newest
+        assert "names no complete checkpoint" in caplog.text
+    assert load_checkpoint(newest).round == 1

@@ -30,3 +30,9 @@ def test_sigterm_stops_the_daemon_and_a_used_run_dir_needs_resume(tmp_path: Path
     second = coordinator(config, tmp_path / "second.log")
     assert second.wait() == 2, second.text()[-3000:]
     assert "already holds a run (checkpoint round-000000): pass --resume" in second.text(), second.text()[-3000:]
+
+    (tmp_path / "run" / "checkpoints" / "LATEST").unlink()  # lost by hand or by a damaged disk
+    third = coordinator(config, tmp_path / "third.log")
+    assert third.wait() == 2, third.text()[-3000:]  # still refused: the run's folders are not written over
+    assert "names no complete checkpoint" in third.text(), third.text()[-3000:]
+    assert "already holds a run (checkpoint round-000000): pass --resume" in third.text(), third.text()[-3000:]

@@ -13,7 +13,8 @@ fsynced, then the folder is renamed into place with ``os.replace``, and only the
 replaced (again temp file + ``os.replace``). A crash at any point leaves ``LATEST`` naming the previous
 complete checkpoint; leftovers of an interrupted write are removed by the next save. Old checkpoints
 are pruned the same way: each folder is renamed to ``.tmp-pruned-...`` before it is deleted, so no
-``round-*`` folder is ever left half-deleted. Loading checks both files' sha256 against
+``round-*`` folder is ever left half-deleted. Should ``LATEST`` itself be lost, the newest complete
+folder stands in for it (:func:`latest_checkpoint`). Loading checks both files' sha256 against
 ``state.json``. Nothing is pickled.
 """
 
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -54,6 +56,7 @@ _LATEST = "LATEST"
 _WEIGHTS = "weights.safetensors"
 _SERVER = "server.safetensors"
 _STATE = "state.json"
+_ROUND_NAME = re.compile(r"round-[0-9]{6,}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,15 +200,37 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _complete(root: Path, name: str) -> bool:
+    return _ROUND_NAME.fullmatch(name) is not None and (root / name / _STATE).is_file()
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The folder ``LATEST`` names, or None when the run directory has no complete checkpoint."""
+    """The folder ``LATEST`` names, or None when the run directory has no complete checkpoint.
+
+    When ``LATEST`` is missing, unreadable or names no complete folder (a file deleted by hand, a
+    damaged disk, a crash before a new run's first ``LATEST``) while complete ``round-*`` folders
+    exist, the newest of them is the answer, with a warning: a folder only ever appears whole (it is
+    renamed into place), so it is a checkpoint the run reached, and a run directory holding one must
+    never look empty (a new run would write over it).
+    """
     root = Path(run_dir) / "checkpoints"
     try:
         name = (root / _LATEST).read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
+        name = ""
+    if _complete(root, name):
+        return root / name
+    found = sorted(p.name for p in root.glob("round-*") if _complete(root, p.name)) if root.is_dir() else []
+    if not found:
         return None
-    path = root / name
-    return path if name.startswith("round-") and (path / _STATE).is_file() else None
+    logger.warning(
+        "%s: %s names no complete checkpoint (%r); taking the newest complete folder, %s",
+        root,
+        _LATEST,
+        name,
+        found[-1],
+    )
+    return root / found[-1]
 
 
 def load_checkpoint(path: str | Path) -> EngineState:
