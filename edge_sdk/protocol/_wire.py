@@ -378,21 +378,21 @@ class _Plan:
     coercers: tuple[tuple[str, Coercer], ...]
     names: frozenset[str]
     required: tuple[str, ...]
-    defaults: tuple[tuple[str, Callable[[], Any]], ...]  # every field with a default: its default's maker
-    optional: tuple[tuple[str, Any], ...]  # wire-optional fields and their defaults
+    absent: Mapping[str, Callable[[], Any]]  # each wire-optional field: what makes its default
+    unset: tuple[tuple[str, Any], ...]  # each wire-optional field and its default (left off the wire)
 
 
 _PLANS: dict[type, _Plan] = {}
 
 
-def _default_maker(field: dataclasses.Field[Any]) -> Callable[[], Any] | None:
-    """What makes a field's default (its ``default_factory``, or one returning its ``default``)."""
+def _default_maker(cls: type, field: dataclasses.Field[Any]) -> Callable[[], Any]:
+    """What makes a wire-optional field's default (its ``default_factory``, or one returning its ``default``)."""
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory
     if field.default is not dataclasses.MISSING:
         default = field.default
         return lambda: default
-    return None
+    raise TypeError(f"{cls.__name__}.{field.name}: a field optional on the wire needs a default")  # a bug
 
 
 def _plan(cls: type) -> _Plan:
@@ -400,20 +400,13 @@ def _plan(cls: type) -> _Plan:
     if plan is None:
         hints = get_type_hints(cls)
         fields = dataclasses.fields(cls)
-        makers = {f.name: _default_maker(f) for f in fields}
-        optional: list[tuple[str, Any]] = []
-        for f in fields:
-            if f.metadata.get(WIRE_OPTIONAL):
-                make = makers[f.name]
-                if make is None:  # a bug in the record's definition
-                    raise TypeError(f"{cls.__name__}.{f.name}: a field optional on the wire needs a default")
-                optional.append((f.name, make()))
+        absent = {f.name: _default_maker(cls, f) for f in fields if f.metadata.get(WIRE_OPTIONAL)}
         plan = _PLANS[cls] = _Plan(
             coercers=tuple((f.name, _coercer(hints[f.name])) for f in fields),
             names=frozenset(f.name for f in fields),
-            required=tuple(f.name for f in fields if not f.metadata.get(WIRE_OPTIONAL)),
-            defaults=tuple((name, make) for name, make in makers.items() if make is not None),
-            optional=tuple(optional),
+            required=tuple(f.name for f in fields if f.name not in absent),
+            absent=types.MappingProxyType(absent),
+            unset=tuple((name, make()) for name, make in absent.items()),
         )
     return plan
 
@@ -442,7 +435,7 @@ class WireRecord:
     def to_json(self) -> dict[str, Any]:
         """The record as plain JSON-ready ``dict``/``list`` values (wire-optional fields only when set)."""
         plan = _plan(type(self))
-        unset = {field for field, default in plan.optional if getattr(self, field) == default}
+        unset = {field for field, default in plan.unset if getattr(self, field) == default}
         return {field: thaw_json(getattr(self, field)) for field, _ in plan.coercers if field not in unset}
 
     @classmethod
@@ -460,11 +453,8 @@ class WireRecord:
             problems += [f"unknown field {name!r}" for name in unknown]
             raise _fail(path, "; ".join(problems))
         record = cls.__new__(cls)  # the checked values go straight in: not checked a second time
-        for name, make in plan.defaults:
-            if name not in obj:
-                object.__setattr__(record, name, make())
-        for name, coerce in plan.coercers:
-            if name in obj:
-                object.__setattr__(record, name, coerce(obj[name], f"{path}.{name}"))
+        for name, coerce in plan.coercers:  # an absent field is wire-optional: its default, checked alike
+            value = obj[name] if name in obj else plan.absent[name]()
+            object.__setattr__(record, name, coerce(value, f"{path}.{name}"))
         record._validate()
         return record
